@@ -1,0 +1,36 @@
+"""alkey: cache keys that invalidate themselves when SQLAlchemy rows change.
+
+Bind once, then build keys wherever you cache::
+
+    alkey.bind(Session)
+    key = alkey.CacheKeyGenerator()(user, "sidebar")
+
+The key changes after any transaction that wrote ``user`` commits, and at no other time.
+"""
+
+from __future__ import annotations
+
+from alkey.cache import CacheKeyGenerator, get_cache_key_generator, get_token
+from alkey.client import get_redis_client, get_redis_config
+from alkey.constants import GLOBAL_WRITE_TOKEN
+from alkey.events import bind, unbind
+from alkey.identity import parse_identifier, row_identifier, table_identifier
+from alkey.tokens import RedisTokenStore, TokenStore
+
+__all__ = [
+    "GLOBAL_WRITE_TOKEN",
+    "CacheKeyGenerator",
+    "RedisTokenStore",
+    "TokenStore",
+    "bind",
+    "get_cache_key_generator",
+    "get_redis_client",
+    "get_redis_config",
+    "get_token",
+    "parse_identifier",
+    "row_identifier",
+    "table_identifier",
+    "unbind",
+]
+
+__version__ = "1.0.0.dev0"

@@ -1,0 +1,130 @@
+"""Cache keys that change by themselves when the rows they depend on are written.
+
+A key is a hash of the arguments, in which every model instance, mapped class, table or
+identifier is replaced by its identifier *and its current token*. A committed write bumps
+the token, so the next key differs and the cached value is regenerated; nothing else
+changes a key, so everything else keeps hitting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Final
+
+from alkey import identity
+from alkey._canonical import Chunk, TokenRef, encode_arguments
+from alkey.client import get_redis_client
+from alkey.constants import MAX_KEY_LENGTH
+from alkey.tokens import RedisClient, TokenStore, store_for
+
+__all__ = ["CacheKeyGenerator", "get_cache_key_generator", "get_token"]
+
+#: Hex digits of the SHA-256 digest that ends every key.
+DIGEST_LENGTH: Final = 64
+#: Longest prefix that still keeps a key within :data:`~alkey.constants.MAX_KEY_LENGTH`.
+MAX_PREFIX_LENGTH: Final = MAX_KEY_LENGTH - DIGEST_LENGTH
+# Versioned, so that a future change of the encoding can never collide with old keys.
+_DOMAIN: Final = b"alkey.cache-key.v1\x00"
+
+
+def _check_prefix(prefix: str) -> str:
+    if len(prefix) > MAX_PREFIX_LENGTH:
+        raise ValueError(
+            f"prefix is {len(prefix)} characters long; at most {MAX_PREFIX_LENGTH} keep keys "
+            f"within {MAX_KEY_LENGTH} bytes"
+        )
+    bad = [char for char in prefix if not ("!" <= char <= "~")]
+    if bad:
+        raise ValueError(
+            f"prefix {prefix!r} contains {bad[0]!r}; use printable ASCII without spaces "
+            "(memcached and most caches reject the rest)"
+        )
+    return prefix
+
+
+class CacheKeyGenerator:
+    """Generate cache keys from any mix of model instances, identifiers and plain values.
+
+    ``key_generator(user, 'sidebar')`` returns the same key until a transaction that
+    wrote ``user`` commits, and a new one after. Arguments may be:
+
+    * model instances (their row; an instance without a primary key stands for its table),
+    * identifiers such as ``'alkey:users#1'`` or ``'alkey:users#*'``,
+    * mapped classes or :class:`~sqlalchemy.schema.Table` objects (their table),
+    * :data:`~alkey.constants.GLOBAL_WRITE_TOKEN` (any write at all),
+    * plain values -- strings, numbers, bytes, dates, UUIDs, enums, ``None``, and lists,
+      tuples, dicts and sets of them (nested model instances count as instances too), and
+      objects with a meaningful ``str()``.
+
+    Keys are deterministic across processes and runs, distinct argument lists never share
+    a key, and every key is at most 250 printable ASCII characters: ``prefix`` followed by
+    a 64-digit SHA-256. One call costs one Redis round trip however many instances it
+    names, and none when it names none.
+
+    Errors name the argument: a string that starts with ``alkey:`` but is not a valid
+    identifier raises :class:`ValueError` (a typo must not make a key that never
+    invalidates); a value with no stable text raises :class:`TypeError`.
+
+    ``redis_client`` or ``tokens`` choose where tokens live; with neither, the client from
+    :func:`alkey.client.get_redis_client` is used, looked up on first use.
+    """
+
+    def __init__(
+        self,
+        redis_client: RedisClient | None = None,
+        *,
+        tokens: TokenStore | None = None,
+        prefix: str = "",
+    ) -> None:
+        if tokens is not None and redis_client is not None:
+            raise ValueError("pass either redis_client or tokens, not both")
+        self._tokens = (
+            tokens
+            if tokens is not None
+            else (store_for(redis_client) if redis_client is not None else None)
+        )
+        self.prefix = _check_prefix(prefix)
+
+    @property
+    def tokens(self) -> TokenStore:
+        """The token store this generator reads."""
+        if self._tokens is None:
+            self._tokens = store_for(get_redis_client())
+        return self._tokens
+
+    def __call__(self, *args: object) -> str:
+        chunks = encode_arguments(args)
+        identifiers = list(dict.fromkeys(c.identifier for c in chunks if isinstance(c, TokenRef)))
+        tokens = dict(zip(identifiers, self.tokens.fetch(identifiers), strict=True))
+        return self.prefix + _digest(chunks, tokens)
+
+
+def _digest(chunks: list[Chunk], tokens: dict[str, str]) -> str:
+    sha = hashlib.sha256(_DOMAIN)
+    for chunk in chunks:
+        if isinstance(chunk, TokenRef):
+            identifier = chunk.identifier.encode("ascii")
+            token = tokens[chunk.identifier].encode("ascii")
+            sha.update(b"k%d:%s%d:%s" % (len(identifier), identifier, len(token), token))
+        else:
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def get_cache_key_generator(request: Any = None, *, prefix: str = "") -> CacheKeyGenerator:
+    """A :class:`CacheKeyGenerator` on the Redis client for ``request``.
+
+    With a Pyramid ``request`` (or anything with a ``registry``), a registered
+    :class:`~alkey.interfaces.IRedisClientFactory` or
+    :class:`~alkey.interfaces.IRedisConnectionPool` is used; otherwise the process's
+    default client, configured from the environment.
+    """
+    return CacheKeyGenerator(get_redis_client(request), prefix=prefix)
+
+
+def get_token(redis_client: RedisClient, x: object) -> str:
+    """The current token of an instance, class, table or identifier (created if missing).
+
+    Useful to build keys by other means, or to watch invalidation happen.
+    """
+    return store_for(redis_client).fetch([identity.identifier_for(x)])[0]

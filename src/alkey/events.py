@@ -1,0 +1,155 @@
+"""Bind alkey to SQLAlchemy sessions: record writes at flush, bump tokens at commit.
+
+Write path: ``after_flush`` records the identifiers of every inserted, updated or deleted
+instance against the session's current transaction (in process memory, see
+:mod:`alkey.tracking`), ``after_commit`` and ``after_transaction_end`` decide what
+survived, and the outermost commit bumps it all with one call to the token store. A flush
+costs no Redis round trip, and a transaction that wrote nothing costs none at its commit.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.orm import Session, SessionTransaction, UOWTransaction, scoped_session, sessionmaker
+from sqlalchemy.orm.attributes import instance_state
+
+from alkey.client import get_redis_client
+from alkey.identity import write_identifiers
+from alkey.tokens import RedisClient, TokenStore, store_for
+from alkey.tracking import changes_of
+
+__all__ = ["Binding", "bind", "unbind"]
+
+_bindings: weakref.WeakKeyDictionary[Any, Binding] = weakref.WeakKeyDictionary()
+_bindings_lock = threading.Lock()
+
+
+def _resolve(target: object) -> Session | type[Session]:
+    if isinstance(target, scoped_session):
+        target = target.session_factory
+    if isinstance(target, sessionmaker):
+        target = target.class_
+    if isinstance(target, Session) or (isinstance(target, type) and issubclass(target, Session)):
+        return target
+    raise TypeError(
+        f"alkey.events.bind() takes a Session class, a sessionmaker, a scoped_session or a "
+        f"Session instance, not {type(target).__qualname__}"
+    )
+
+
+class Binding:
+    """The listeners alkey attached to one session target, and the store they bump.
+
+    Created by :func:`bind`; one per target however often ``bind`` is called.
+    """
+
+    def __init__(self, target: Session | type[Session], tokens: TokenStore | None) -> None:
+        self.target = target
+        self._tokens = tokens
+
+    @property
+    def tokens(self) -> TokenStore:
+        """The token store bumped at commit (the default client's, looked up on first use)."""
+        if self._tokens is None:
+            self._tokens = store_for(get_redis_client())
+        return self._tokens
+
+    @tokens.setter
+    def tokens(self, tokens: TokenStore) -> None:
+        self._tokens = tokens
+
+    def _owns(self, session: Session) -> bool:
+        # A session may match several bindings (its own, its class's, a base class's);
+        # the most specific one acts, so that each write is bumped exactly once.
+        return _binding_for(session) is self
+
+    def after_flush(self, session: Session, flush_context: UOWTransaction) -> None:
+        if not self._owns(session):
+            return
+        written: set[str] = set()
+        for obj in session.new:
+            written |= write_identifiers(instance_state(obj))
+        for obj in session.dirty:
+            if session.is_modified(obj):
+                written |= write_identifiers(instance_state(obj))
+        for obj in session.deleted:
+            written |= write_identifiers(instance_state(obj))
+        if written:
+            changes_of(session).record(session, written)
+
+    def after_commit(self, session: Session) -> None:
+        if self._owns(session):
+            changes_of(session).committed(session)
+
+    def after_transaction_end(self, session: Session, transaction: SessionTransaction) -> None:
+        if not self._owns(session):
+            return
+        committed = changes_of(session).ended(transaction)
+        if committed:
+            self.tokens.bump(committed)
+
+    def listen(self) -> None:
+        for name in _EVENTS:
+            event.listen(self.target, name, getattr(self, name))
+
+    def remove(self) -> None:
+        for name in _EVENTS:
+            event.remove(self.target, name, getattr(self, name))
+
+
+_EVENTS = ("after_flush", "after_commit", "after_transaction_end")
+
+
+def _binding_for(session: Session) -> Binding | None:
+    binding = _bindings.get(session)
+    if binding is not None:
+        return binding
+    for cls in type(session).__mro__:
+        binding = _bindings.get(cls)
+        if binding is not None:
+            return binding
+    return None
+
+
+def bind(
+    target: object,
+    *,
+    redis_client: RedisClient | None = None,
+    tokens: TokenStore | None = None,
+) -> Binding:
+    """Invalidate alkey tokens when sessions made from ``target`` commit writes.
+
+    ``target`` is a Session class (``bind(Session)`` covers every session), a
+    ``sessionmaker``, a ``scoped_session`` or a single Session instance. Binding the
+    same target again adds no listeners; it returns the existing :class:`Binding`, switched
+    to the new ``redis_client`` or ``tokens`` if one is given.
+
+    Tokens live in ``tokens``, else in ``redis_client``, else in the client from
+    :func:`alkey.client.get_redis_client`, looked up at the first commit that writes.
+    """
+    if tokens is not None and redis_client is not None:
+        raise ValueError("pass either redis_client or tokens, not both")
+    if redis_client is not None:
+        tokens = store_for(redis_client)
+    resolved = _resolve(target)
+    with _bindings_lock:
+        binding = _bindings.get(resolved)
+        if binding is None:
+            binding = _bindings[resolved] = Binding(resolved, tokens)
+            binding.listen()
+        elif tokens is not None:
+            binding.tokens = tokens
+    return binding
+
+
+def unbind(target: object) -> None:
+    """Remove the listeners that :func:`bind` attached to ``target`` (no-op if none)."""
+    resolved = _resolve(target)
+    with _bindings_lock:
+        binding = _bindings.pop(resolved, None)
+    if binding is not None:
+        binding.remove()

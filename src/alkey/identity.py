@@ -1,0 +1,289 @@
+"""Identifiers: the names of the tokens alkey keeps, derived from SQLAlchemy's mappers.
+
+An identifier names one token:
+
+* ``alkey:users#1`` -- one row (here the row of table ``users`` whose primary key is 1);
+* ``alkey:users#*`` -- one table;
+* ``alkey:*#*`` -- everything (:data:`alkey.constants.GLOBAL_WRITE_TOKEN`).
+
+The row part comes from the mapper's identity (any primary key: integer, string, UUID,
+composite), never from an ``id`` attribute, and the table part from the mapped
+:class:`~sqlalchemy.schema.Table` (schema included), never from ``__tablename__``.
+
+The encoding is unambiguous, so two different rows never share a token:
+
+* every character outside ``A-Z a-z 0-9 _ -`` (and ``.`` in row values) is written as
+  ``%XX``, the upper-case hex of its UTF-8 bytes; a ``#``, ``,``, ``:`` or ``*`` inside a
+  table name or a key value therefore never reads as a separator;
+* a schema-qualified table is ``schema.table`` (a ``.`` inside a name is ``%2E``);
+* a composite key joins its encoded values with ``,`` in primary-key column order;
+* an empty string is written ``~`` (and a real ``~`` as ``%7E``).
+
+Each row, table and value has exactly one spelling; :func:`parse_identifier` rejects every
+other spelling (lower-case hex, needless escapes), because a second spelling of a row would
+name a second token that no write ever bumps.
+"""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import enum
+import re
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import inspect
+from sqlalchemy.orm import InstanceState, Mapper
+from sqlalchemy.schema import Table
+from sqlalchemy.sql.expression import FromClause
+
+from alkey.constants import ALL_ROWS, GLOBAL_WRITE_TOKEN, NAMESPACE, ROW_SEPARATOR
+
+__all__ = [
+    "Identifier",
+    "identifier_for",
+    "is_identifier",
+    "parse_identifier",
+    "row_identifier",
+    "table_identifier",
+    "table_name",
+    "write_identifiers",
+]
+
+_PREFIX = NAMESPACE + ":"
+_TABLE_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+_VALUE_SAFE = _TABLE_SAFE | frozenset(b".")
+_EMPTY_VALUE = "~"
+_ESCAPED = r"(?:%[0-9A-F]{2})"
+_NAME = rf"(?:[A-Za-z0-9_-]|{_ESCAPED})+"
+_VALUE = rf"(?:(?:[A-Za-z0-9_.-]|{_ESCAPED})+|~)"
+_IDENTIFIER_RE = re.compile(
+    rf"alkey:(?P<table>{_NAME}(?:\.{_NAME})*)#(?P<row>\*|{_VALUE}(?:,{_VALUE})*)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Identifier:
+    """A parsed identifier: ``table`` is ``None`` for the global token, ``key`` is ``None``
+    for a table (or the global) token and the decoded primary-key values for a row."""
+
+    table: str | None
+    key: tuple[str, ...] | None
+
+    def __str__(self) -> str:
+        if self.table is None:
+            return GLOBAL_WRITE_TOKEN
+        if self.key is None:
+            return table_identifier(self.table)
+        return _format(self.table, [_quote(value, _VALUE_SAFE) for value in self.key])
+
+
+def _quote(text: str, safe: frozenset[int]) -> str:
+    if not text:
+        return _EMPTY_VALUE
+    raw = text.encode("utf-8", "surrogatepass")
+    if all(byte in safe for byte in raw):
+        return text
+    return "".join(chr(byte) if byte in safe else f"%{byte:02X}" for byte in raw)
+
+
+def _unquote(text: str) -> str:
+    if text == _EMPTY_VALUE:
+        return ""
+    raw = bytearray()
+    index = 0
+    while index < len(text):
+        if text[index] == "%":
+            raw.append(int(text[index + 1 : index + 3], 16))
+            index += 3
+        else:
+            raw.append(ord(text[index]))
+            index += 1
+    return raw.decode("utf-8", "surrogatepass")
+
+
+def _encode_table(name: str) -> str:
+    return ".".join(_quote(part, _TABLE_SAFE) for part in name.split("."))
+
+
+def _encode_value(value: Any) -> str:
+    """One primary-key value as text: the same row always gives the same text."""
+    if isinstance(value, bool):
+        text = str(int(value))
+    elif isinstance(value, int):
+        text = str(value)
+    elif isinstance(value, str):
+        text = value
+    elif isinstance(value, uuid.UUID):
+        text = str(value)
+    elif isinstance(value, decimal.Decimal):
+        # Decimal('1.0') and Decimal('1.00') name the same row.
+        text = format(value.normalize(), "f")
+    elif isinstance(value, float):
+        text = repr(value)
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        text = bytes(value).hex()
+    elif isinstance(value, (datetime.date, datetime.time)):
+        text = value.isoformat()
+    elif isinstance(value, enum.Enum):
+        return _encode_value(value.value)
+    elif value is None:
+        raise ValueError(
+            "a primary-key value is None: flush the instance first, or use its table "
+            "identifier (alkey.identity.table_identifier) to stand for it"
+        )
+    else:
+        text = str(value)
+    return _quote(text, _VALUE_SAFE)
+
+
+def _format(table: str, encoded_key: Sequence[str]) -> str:
+    return f"{_PREFIX}{_encode_table(table)}{ROW_SEPARATOR}{','.join(encoded_key)}"
+
+
+def table_name(table: FromClause) -> str:
+    """The name alkey uses for ``table``: ``schema.name`` when it has a schema."""
+    if isinstance(table, Table):
+        return table.fullname
+    name = getattr(table, "name", None)
+    if not isinstance(name, str):
+        raise TypeError(f"{table!r} is not a named table; pass a Table or a mapped class")
+    return name
+
+
+def table_identifier(table: str | FromClause) -> str:
+    """The identifier of a table's token, e.g. ``table_identifier('users') == 'alkey:users#*'``.
+
+    Accepts a table name (``'schema.table'`` when qualified) or a :class:`Table`.
+    """
+    name = table if isinstance(table, str) else table_name(table)
+    if not name:
+        raise ValueError("a table name must not be empty")
+    return f"{_PREFIX}{_encode_table(name)}{ROW_SEPARATOR}{ALL_ROWS}"
+
+
+def row_identifier(table: str | FromClause, *key: Any) -> str:
+    """The identifier of one row's token, e.g. ``row_identifier('users', 1) == 'alkey:users#1'``.
+
+    Pass every primary-key value, in the order of the table's primary-key columns, for a
+    composite key. Use this instead of formatting strings by hand whenever a table name or
+    key value may contain characters that need escaping.
+    """
+    name = table if isinstance(table, str) else table_name(table)
+    if not name:
+        raise ValueError("a table name must not be empty")
+    if not key:
+        raise ValueError(f"row_identifier({name!r}) needs the row's primary-key value(s)")
+    return _format(name, [_encode_value(value) for value in key])
+
+
+def is_identifier(value: object) -> bool:
+    """True when ``value`` is a string in the alkey namespace (valid or not).
+
+    Such strings are always treated as identifiers, never as plain values, so that a typo
+    raises instead of silently producing a key that never invalidates.
+    """
+    return isinstance(value, str) and value.startswith(_PREFIX)
+
+
+def parse_identifier(text: str) -> Identifier:
+    """Parse and validate an identifier; raise :class:`ValueError` naming the problem."""
+    if text == GLOBAL_WRITE_TOKEN:
+        return Identifier(None, None)
+    match = _IDENTIFIER_RE.fullmatch(text)
+    problem = None
+    if match is None:
+        problem = "it must look like 'alkey:table#id', 'alkey:table#*' or 'alkey:*#*'"
+    else:
+        try:
+            table = ".".join(_unquote(part) for part in match["table"].split("."))
+            row = match["row"]
+            key = None if row == ALL_ROWS else tuple(_unquote(v) for v in row.split(","))
+            parsed = Identifier(table, key)
+        except UnicodeDecodeError:
+            problem = "its %XX escapes are not UTF-8"
+        else:
+            canonical = str(parsed)
+            if canonical == text:
+                return parsed
+            problem = f"its canonical spelling is {canonical!r}"
+    raise ValueError(
+        f"{text!r} is not a valid alkey identifier: {problem}. Build identifiers with "
+        "alkey.identity.row_identifier() / table_identifier() to get the escaping right."
+    )
+
+
+def _instance_identifier(state: InstanceState[Any]) -> str:
+    mapper = state.mapper
+    table = table_name(mapper.local_table)
+    if state.key is None:
+        # Pending or transient: no row yet, so it stands for its table (as in alkey 0.3).
+        return table_identifier(table)
+    return _format(table, [_encode_value(value) for value in state.key[1]])
+
+
+def identifier_for(obj: object) -> str:
+    """The identifier that ``obj`` stands for in a cache key.
+
+    * a persistent model instance: its row (``alkey:users#1``), identified by the mapper's
+      identity and the table that maps its class (for joined-table inheritance, the
+      subclass's own table);
+    * an instance without a primary key yet, a mapped class or a :class:`Table`: the table;
+    * an identifier string: itself, once validated.
+
+    Raises :class:`TypeError` for anything else, so callers can tell values from tokens.
+    """
+    if isinstance(obj, str):
+        if is_identifier(obj):
+            parse_identifier(obj)
+            return obj
+        raise TypeError(f"{obj!r} is not an alkey identifier")
+    if isinstance(obj, Table):
+        return table_identifier(obj)
+    insp = inspect(obj, raiseerr=False)
+    if isinstance(insp, InstanceState):
+        return _instance_identifier(insp)
+    if isinstance(insp, Mapper):
+        return table_identifier(table_name(insp.local_table))
+    raise TypeError(f"{type(obj).__qualname__} is neither a mapped class, an instance nor a table")
+
+
+def _current_key(state: InstanceState[Any]) -> tuple[Any, ...] | None:
+    """The primary key the instance has now (after an INSERT or a key change)."""
+    mapper = state.mapper
+    values = []
+    for column in mapper.primary_key:
+        value = state.dict.get(mapper.get_property_by_column(column).key)
+        if value is None:
+            return None
+        values.append(value)
+    return tuple(values)
+
+
+def write_identifiers(state: InstanceState[Any]) -> set[str]:
+    """Every identifier a write of this instance invalidates.
+
+    The row in each table of its inheritance hierarchy (a joined-table subclass row lives in
+    several tables), under its old and its new primary key when the key changed, each of
+    those tables, and the global token.
+    """
+    mapper = state.mapper
+    keys: set[tuple[Any, ...]] = set()
+    if state.key is not None:
+        keys.add(tuple(state.key[1]))
+    current = _current_key(state)
+    if current is not None:
+        keys.add(current)
+    identifiers = {GLOBAL_WRITE_TOKEN}
+    for name in _hierarchy_tables(mapper):
+        identifiers.add(table_identifier(name))
+        for key in keys:
+            identifiers.add(_format(name, [_encode_value(value) for value in key]))
+    return identifiers
+
+
+def _hierarchy_tables(mapper: Mapper[Any]) -> Iterable[str]:
+    return {table_name(table) for table in mapper.tables}

@@ -1,0 +1,336 @@
+"""Cache keys: deterministic, injective, bounded, and tied to the right tokens."""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import enum
+import os
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sqlalchemy.orm import Session
+
+from alkey import GLOBAL_WRITE_TOKEN
+from alkey.cache import CacheKeyGenerator, get_cache_key_generator, get_token
+from alkey.constants import MAX_KEY_LENGTH
+from alkey.tokens import RedisClient
+
+from .models import Tag, User
+
+
+class Colour(enum.Enum):
+    RED = 1
+
+
+class Named:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Opaque:
+    pass
+
+
+class Broken:
+    def __str__(self) -> str:
+        raise RuntimeError("no text for you")
+
+
+def commit_users(session: Session, *names: str) -> list[User]:
+    users = [User(name=name) for name in names]
+    session.add_all(users)
+    session.commit()
+    return users
+
+
+def test_a_key_names_the_row_so_only_that_rows_commit_changes_it(
+    session: Session, key_generator: CacheKeyGenerator
+) -> None:
+    ada, bob = commit_users(session, "ada", "bob")
+    keys = {
+        "instance": key_generator(ada),
+        "identifier": key_generator("alkey:users#1"),
+        "other row": key_generator(bob),
+        "table": key_generator(User),
+        "table identifier": key_generator("alkey:users#*"),
+        "global": key_generator(GLOBAL_WRITE_TOKEN),
+        "other table": key_generator(Tag),
+    }
+    ada.name = "grace"
+    session.commit()
+    after = {
+        "instance": key_generator(ada),
+        "identifier": key_generator("alkey:users#1"),
+        "other row": key_generator(bob),
+        "table": key_generator(User),
+        "table identifier": key_generator("alkey:users#*"),
+        "global": key_generator(GLOBAL_WRITE_TOKEN),
+        "other table": key_generator(Tag),
+    }
+    assert {name for name in keys if keys[name] != after[name]} == {
+        "instance",
+        "identifier",
+        "table",
+        "table identifier",
+        "global",
+    }
+
+
+def test_an_instance_and_its_identifier_share_one_token(
+    session: Session, redis_client: RedisClient
+) -> None:
+    (ada,) = commit_users(session, "ada")
+    assert get_token(redis_client, ada) == get_token(redis_client, "alkey:users#1")
+    assert get_token(redis_client, User) == get_token(redis_client, "alkey:users#*")
+
+
+def test_tokens_are_random_128_bit_values_not_counters_or_timestamps(
+    redis_client: RedisClient,
+) -> None:
+    tokens = {get_token(redis_client, f"alkey:t#{index}") for index in range(50)}
+    assert len(tokens) == 50
+    for token in tokens:
+        assert len(token) >= 22  # 16 random bytes, URL-safe base64
+        assert not token.isdigit()
+
+
+def test_a_missing_token_is_created_once_with_the_configured_ttl(
+    redis_client: RedisClient,
+) -> None:
+    first = get_token(redis_client, "alkey:users#9")
+    assert get_token(redis_client, "alkey:users#9") == first
+    assert 0 < redis_client.ttl("alkey:users#9") <= 24 * 60 * 60
+
+
+def test_nested_instances_count_as_instances(
+    session: Session, key_generator: CacheKeyGenerator
+) -> None:
+    users = commit_users(session, "ada", "bob")
+    key = key_generator({"people": users}, "list")
+    users[1].name = "robert"
+    session.commit()
+    assert key_generator({"people": users}, "list") != key
+
+
+def test_an_unflushed_instance_keys_on_its_table(
+    session: Session, key_generator: CacheKeyGenerator
+) -> None:
+    assert key_generator(User(name="draft")) == key_generator(User)
+
+
+@pytest.mark.parametrize(
+    ("left", "right"),
+    [
+        (("a", "b"), ("a/b",)),
+        (("x",), ("x", "")),
+        ((1,), ("1",)),
+        ((1,), (1.0,)),
+        ((1,), (True,)),
+        ((None,), ("None",)),
+        ((b"a",), ("a",)),
+        (([1, 2],), ((1, 2),)),
+        (({"a": 1},), ([("a", 1)],)),
+        (({1, 2},), ([1, 2],)),
+        ((Named("x"),), ("x",)),
+        ((Colour.RED,), (1,)),
+        (("\ud800",), ("\ufffd",)),
+        ((0.0,), (-0.0,)),
+    ],
+)
+def test_different_arguments_never_share_a_key(
+    key_generator: CacheKeyGenerator, left: tuple[Any, ...], right: tuple[Any, ...]
+) -> None:
+    assert key_generator(*left) != key_generator(*right)
+
+
+def test_dicts_and_sets_key_the_same_in_any_order(key_generator: CacheKeyGenerator) -> None:
+    assert key_generator({"a": 1, "b": 2}) == key_generator({"b": 2, "a": 1})
+    assert key_generator({"x", "y", "z"}) == key_generator({"z", "y", "x"})
+
+
+KEY_SCRIPT = """
+import datetime, decimal, sys, uuid
+from alkey.cache import CacheKeyGenerator
+from alkey.tokens import TokenStore
+
+class FixedTokens:
+    def fetch(self, identifiers):
+        return ["token-" + identifier for identifier in identifiers]
+    def bump(self, identifiers):
+        raise AssertionError
+
+kg = CacheKeyGenerator(tokens=FixedTokens(), prefix="page:")
+print(kg("alkey:users#1", {"b": [1, 2.5, None], "a": {"x", "y"}}, b"raw",
+         uuid.UUID(int=7), decimal.Decimal("1.10"), datetime.date(2024, 1, 2)))
+"""
+
+
+def test_keys_are_identical_across_processes_and_hash_seeds() -> None:
+    keys = set()
+    for seed in ("1", "2", "random"):
+        environment = {**os.environ, "PYTHONHASHSEED": seed}
+        result = subprocess.run(
+            [sys.executable, "-c", KEY_SCRIPT],
+            env=environment,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        keys.add(result.stdout.strip())
+    assert len(keys) == 1
+    (key,) = keys
+    assert key.startswith("page:")
+
+
+def test_a_key_is_bounded_printable_ascii_with_an_optional_prefix(
+    redis_client: RedisClient,
+) -> None:
+    plain = CacheKeyGenerator(redis_client)
+    prefixed = CacheKeyGenerator(redis_client, prefix="fragment:sidebar:")
+    for generator in (plain, prefixed):
+        key = generator("x" * 1_000_000, list(range(10_000)), "ünïcode")
+        assert len(key) <= MAX_KEY_LENGTH
+        assert all("!" <= char <= "~" for char in key)
+    assert prefixed("a").startswith("fragment:sidebar:")
+    assert plain("a") == prefixed("a").removeprefix("fragment:sidebar:")
+
+
+@pytest.mark.parametrize(
+    ("prefix", "message"),
+    [("has space", "contains ' '"), ("x" * 200, "at most 186"), ("é", "contains 'é'")],
+)
+def test_an_unusable_prefix_is_refused_with_the_fix(
+    redis_client: RedisClient, prefix: str, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        CacheKeyGenerator(redis_client, prefix=prefix)
+
+
+@pytest.mark.parametrize(
+    ("argument", "error", "message"),
+    [
+        ("alkey:users", ValueError, "argument 2: 'alkey:users' is not a valid alkey identifier"),
+        (["ok", "alkey:Users Table#1"], ValueError, "argument 2: .* not a valid"),
+        (Opaque(), TypeError, "argument 2: Opaque has no stable text form"),
+        (Broken(), TypeError, r"argument 2: str\(\) of Broken failed \(RuntimeError"),
+    ],
+)
+def test_bad_input_raises_an_error_naming_the_argument(
+    key_generator: CacheKeyGenerator, argument: object, error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        key_generator("fine", argument)
+
+
+def test_a_reference_cycle_is_refused_not_recursed_forever(
+    key_generator: CacheKeyGenerator,
+) -> None:
+    cycle: list[Any] = []
+    cycle.append(cycle)
+    with pytest.raises(ValueError, match="nested deeper than 64 levels"):
+        key_generator(cycle)
+
+
+def test_get_cache_key_generator_uses_the_client_registered_for_the_request(
+    redis_client: RedisClient,
+) -> None:
+    from zope.interface.registry import Components
+
+    from alkey.interfaces import IRedisClientFactory
+
+    class Request:
+        registry = Components()
+
+    Request.registry.registerUtility(lambda: redis_client, IRedisClientFactory)
+    generator = get_cache_key_generator(Request(), prefix="p:")
+    generator("alkey:users#5")
+    assert redis_client.exists("alkey:users#5") == 1
+
+
+# -- properties ---------------------------------------------------------------------------
+
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False)
+    | st.text()
+    | st.binary()
+    | st.decimals(allow_nan=False, allow_infinity=False)
+    | st.uuids()
+    | st.dates()
+    | st.datetimes()
+)
+values = st.recursive(
+    scalars.filter(lambda v: not (isinstance(v, str) and v.startswith("alkey:"))),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.tuples(children, children)
+        | st.dictionaries(st.text(max_size=5), children, max_size=4)
+        | st.frozensets(st.integers() | st.text(max_size=5), max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+class NoTokens:
+    """Arguments here hold no identifiers, so no token is ever fetched."""
+
+    def fetch(self, identifiers: Any) -> list[str]:
+        assert not identifiers
+        return []
+
+    def bump(self, identifiers: Any) -> None:  # pragma: no cover - never bumped
+        raise AssertionError
+
+
+OFFLINE = CacheKeyGenerator(tokens=NoTokens())
+
+
+def _normal(value: Any) -> Any:
+    """A form where equal inputs compare equal and distinct ones differ, for the check."""
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_normal(item) for item in value))
+    if isinstance(value, dict):
+        return ("dict", frozenset((_normal(k), _normal(v)) for k, v in value.items()))
+    if isinstance(value, frozenset):
+        return ("set", frozenset(_normal(item) for item in value))
+    if isinstance(value, float) and value == 0:
+        return ("float", str(value))
+    if isinstance(value, decimal.Decimal):
+        return ("decimal", str(value))
+    if isinstance(value, datetime.datetime):
+        return ("datetime", value.isoformat())
+    return (type(value).__name__, value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(values, max_size=4), st.lists(values, max_size=4))
+def test_property_distinct_argument_lists_get_distinct_bounded_keys(
+    left: list[Any], right: list[Any]
+) -> None:
+    left_key, right_key = OFFLINE(*left), OFFLINE(*right)
+    for key in (left_key, right_key):
+        assert len(key) <= MAX_KEY_LENGTH
+        assert key.isascii()
+    assert (left_key == right_key) == (_normal(left) == _normal(right))
+
+
+def test_no_two_of_100_000_distinct_random_inputs_share_a_key() -> None:
+    import random
+
+    rng = random.Random(20261127)
+    seen: dict[str, tuple[Any, ...]] = {}
+    for index in range(100_000):
+        arguments = (rng.choice(["", "a", "a/b", "a,b"]), index, rng.random())
+        key = OFFLINE(*arguments)
+        assert seen.setdefault(key, arguments) == arguments
+    assert len(seen) == 100_000

@@ -1,0 +1,146 @@
+"""A Redis outage never breaks the application's database work, and loses no bump."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import pytest
+import redis
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session, sessionmaker
+
+import alkey
+from alkey.cache import CacheKeyGenerator
+from alkey.embedded import EmbeddedRedis
+from alkey.tokens import RedisClient, RedisTokenStore
+
+from .models import User
+
+
+@pytest.fixture
+def private_redis() -> Iterator[EmbeddedRedis]:
+    """A Redis of this test's own, to pause and stop."""
+    with EmbeddedRedis() as server:
+        yield server
+
+
+def quick_client(url: str) -> RedisClient:
+    client: RedisClient = redis.Redis.from_url(
+        url, socket_timeout=0.3, socket_connect_timeout=0.3, retry=None
+    )
+    return client
+
+
+@pytest.fixture
+def store(private_redis: EmbeddedRedis) -> Iterator[RedisTokenStore]:
+    client = quick_client(private_redis.url)
+    yield RedisTokenStore(client)
+    client.close()
+
+
+@pytest.fixture
+def factory(tables: Engine, store: RedisTokenStore) -> Iterator[sessionmaker[Session]]:
+    factory = sessionmaker(tables, expire_on_commit=False)
+    alkey.bind(factory, tokens=store)
+    yield factory
+    alkey.unbind(factory)
+
+
+def test_a_commit_during_an_outage_succeeds_and_its_bump_is_replayed_before_the_next_key(
+    factory: sessionmaker[Session],
+    store: RedisTokenStore,
+    private_redis: EmbeddedRedis,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    key_generator = CacheKeyGenerator(tokens=store)
+    with factory() as session:
+        user = User(name="ada")
+        session.add(user)
+        session.commit()
+        key_before = key_generator(user)
+
+        private_redis.pause()
+        try:
+            with caplog.at_level(logging.INFO, logger="alkey"):
+                user.name = "grace"
+                session.commit()  # must not raise
+                outage_keys = {key_generator(user) for _ in range(3)}
+        finally:
+            private_redis.resume()
+        assert store.pending == {"alkey:users#1", "alkey:users#*", alkey.GLOBAL_WRITE_TOKEN}
+        assert key_before not in outage_keys, "during the outage every key is a miss"
+        assert len(outage_keys) == 3
+
+        with caplog.at_level(logging.INFO, logger="alkey"):
+            key_after = key_generator(user)
+        assert key_after != key_before, "the replayed bump reached Redis first"
+        assert key_generator(user) == key_after, "and keys are stable again"
+        assert store.pending == frozenset()
+
+    with factory() as session:
+        assert session.scalars(select(User.name)).one() == "grace"
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 2, messages
+    assert "Redis unavailable" in messages[0]
+    assert "3 bump(s) kept for replay" in messages[0]
+    assert "replayed 3 bump(s)" in messages[1]
+
+
+def test_key_generation_with_redis_stopped_returns_misses_quickly(
+    store: RedisTokenStore, private_redis: EmbeddedRedis
+) -> None:
+    key_generator = CacheKeyGenerator(tokens=store)
+    key = key_generator("alkey:users#1")
+    private_redis.stop()
+    assert key_generator("alkey:users#1") != key
+    assert key_generator("alkey:users#1") != key_generator("alkey:users#1")
+
+
+def test_the_raise_policy_lets_redis_errors_through_after_the_database_commit(
+    tables: Engine, private_redis: EmbeddedRedis
+) -> None:
+    client = quick_client(private_redis.url)
+    store = RedisTokenStore(client, on_error="raise")
+    factory = sessionmaker(tables)
+    alkey.bind(factory, tokens=store)
+    try:
+        private_redis.stop()
+        with pytest.raises(redis.ConnectionError):
+            CacheKeyGenerator(tokens=store)("alkey:users#1")
+        with factory() as session:
+            session.add(User(name="ada"))
+            with pytest.raises(redis.ConnectionError):
+                session.commit()
+            assert session.get_transaction() is None, "the session is clean after the error"
+            assert session.scalars(select(User.name)).one() == "ada"
+    finally:
+        alkey.unbind(factory)
+        client.close()
+
+
+def test_outage_logs_never_contain_the_password(
+    tables: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    with EmbeddedRedis() as server:
+        url = server.url.replace("redis://", "redis://app:s3cret-pw@")
+    client = quick_client(url)  # the server is gone: connection refused
+    factory = sessionmaker(tables)
+    alkey.bind(factory, tokens=RedisTokenStore(client))
+    try:
+        with caplog.at_level(logging.DEBUG, logger="alkey"), factory() as session:
+            session.add(User(name="ada"))
+            session.commit()
+    finally:
+        alkey.unbind(factory)
+        client.close()
+    assert caplog.records, "the outage was logged"
+    assert all("s3cret-pw" not in record.getMessage() for record in caplog.records)
+
+
+def test_a_store_rejects_settings_that_cannot_work() -> None:
+    client: RedisClient = redis.Redis()
+    with pytest.raises(ValueError, match="ttl must be a positive number of seconds"):
+        RedisTokenStore(client, ttl=0)
+    with pytest.raises(ValueError, match="on_error must be 'degrade' or 'raise'"):
+        RedisTokenStore(client, on_error="ignore")  # type: ignore[arg-type]

@@ -1,0 +1,311 @@
+"""Tokens are bumped by the outermost commit, and by nothing else."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+from sqlalchemy import event, select
+from sqlalchemy.orm import Session, scoped_session, sessionmaker
+
+import alkey
+from alkey import GLOBAL_WRITE_TOKEN
+from alkey.cache import CacheKeyGenerator, get_token
+from alkey.events import Binding
+from alkey.tokens import RedisClient
+
+from .conftest import commands_processed, set_calls, token_keys, tokens_of
+from .models import User
+
+USER_1 = ("alkey:users#1", "alkey:users#*", GLOBAL_WRITE_TOKEN)
+
+
+def snapshot(client: RedisClient, identifiers: tuple[str, ...] = USER_1) -> dict[str, Any]:
+    """Current tokens, creating missing ones the way a reader would."""
+    for identifier in identifiers:
+        get_token(client, identifier)
+    return tokens_of(client, *identifiers)
+
+
+def changed(before: dict[str, Any], after: dict[str, Any]) -> set[str]:
+    return {identifier for identifier in before if before[identifier] != after[identifier]}
+
+
+def add_user(session: Session, name: str = "ada") -> User:
+    user = User(name=name)
+    session.add(user)
+    session.commit()
+    return user
+
+
+@pytest.mark.parametrize("write", ["insert", "update", "delete"])
+def test_a_committed_write_bumps_the_row_table_and_global_tokens(
+    session: Session, redis_client: RedisClient, write: str
+) -> None:
+    if write != "insert":
+        add_user(session)
+    before = snapshot(redis_client)
+    if write == "insert":
+        session.add(User(id=1, name="ada"))
+    elif write == "update":
+        session.get_one(User, 1).name = "grace"
+    else:
+        session.delete(session.get_one(User, 1))
+    session.commit()
+    assert changed(before, snapshot(redis_client)) == set(USER_1)
+
+
+def test_a_flush_neither_bumps_nor_talks_to_redis(
+    session: Session, redis_client: RedisClient
+) -> None:
+    user = add_user(session)
+    before = snapshot(redis_client)
+    user.name = "grace"
+    commands = commands_processed(redis_client)
+    session.flush()
+    assert commands_processed(redis_client) == commands + 1  # only the INFO call itself
+    assert tokens_of(redis_client, *USER_1) == before
+    session.commit()
+    assert changed(before, snapshot(redis_client)) == set(USER_1)
+
+
+def test_a_read_only_commit_sends_nothing_to_redis(
+    session: Session, redis_client: RedisClient
+) -> None:
+    add_user(session)
+    commands = commands_processed(redis_client)
+    session.scalars(select(User)).all()
+    session.get_one(User, 1).name = "ada"  # set to the same value: no net change
+    session.commit()
+    assert commands_processed(redis_client) == commands + 1
+
+
+def test_a_rolled_back_transaction_bumps_nothing(
+    session: Session, redis_client: RedisClient
+) -> None:
+    user = add_user(session)
+    before = snapshot(redis_client)
+    user.name = "grace"
+    session.add(User(name="bob"))
+    session.flush()
+    session.rollback()
+    session.commit()
+    assert tokens_of(redis_client, *USER_1) == before
+    assert "alkey:users#2" not in token_keys(redis_client)
+
+
+def test_a_released_savepoint_counts_at_the_outer_commit(
+    session: Session, redis_client: RedisClient
+) -> None:
+    user = add_user(session)
+    before = snapshot(redis_client)
+    with session.begin_nested():
+        user.name = "grace"
+    assert tokens_of(redis_client, *USER_1) == before, "nothing before the outer commit"
+    session.commit()
+    assert changed(before, snapshot(redis_client)) == set(USER_1)
+
+
+def test_a_rolled_back_savepoint_drops_only_its_own_changes(
+    session: Session, redis_client: RedisClient
+) -> None:
+    add_user(session, "ada")
+    add_user(session, "bob")
+    identifiers = ("alkey:users#1", "alkey:users#2")
+    before = snapshot(redis_client, identifiers)
+    session.get_one(User, 1).name = "outer"
+    session.flush()
+    savepoint = session.begin_nested()
+    session.get_one(User, 2).name = "inner"
+    session.flush()
+    savepoint.rollback()
+    session.commit()
+    assert changed(before, snapshot(redis_client, identifiers)) == {"alkey:users#1"}
+
+
+def test_nested_savepoints_merge_upwards_and_roll_back_level_by_level(
+    session: Session, redis_client: RedisClient
+) -> None:
+    for name in ("a", "b", "c"):
+        add_user(session, name)
+    identifiers = ("alkey:users#1", "alkey:users#2", "alkey:users#3")
+    before = snapshot(redis_client, identifiers)
+    with session.begin_nested():
+        session.get_one(User, 1).name = "level 1"
+        with session.begin_nested():
+            session.get_one(User, 2).name = "level 2"
+        inner = session.begin_nested()
+        session.get_one(User, 3).name = "level 2, rolled back"
+        session.flush()
+        inner.rollback()
+    session.commit()
+    assert changed(before, snapshot(redis_client, identifiers)) == {
+        "alkey:users#1",
+        "alkey:users#2",
+    }
+
+
+def test_a_savepoint_released_inside_a_rolled_back_transaction_bumps_nothing(
+    session: Session, redis_client: RedisClient
+) -> None:
+    user = add_user(session)
+    before = snapshot(redis_client)
+    with session.begin_nested():
+        user.name = "grace"
+    session.rollback()
+    assert tokens_of(redis_client, *USER_1) == before
+
+
+def test_closing_a_session_without_commit_bumps_nothing_and_leaves_no_residue(
+    session_factory: sessionmaker[Session], redis_client: RedisClient
+) -> None:
+    """zope.sqlalchemy aborts with close(): after_transaction_end without after_rollback."""
+    with session_factory() as session:
+        add_user(session)
+    before = snapshot(redis_client)
+    session = session_factory()
+    rollbacks: list[object] = []
+    event.listen(session, "after_rollback", lambda s: rollbacks.append(s))
+    session.get_one(User, 1).name = "aborted"
+    session.flush()
+    session.close()
+    assert rollbacks == [], "this path must not rely on after_rollback"
+    session.get_one(User, 1)  # a new transaction on the same session object
+    session.commit()
+    assert tokens_of(redis_client, *USER_1) == before
+    assert session.info["alkey.changes"].__bool__() is False
+
+
+def test_rows_that_were_not_written_keep_their_tokens(
+    session: Session, redis_client: RedisClient
+) -> None:
+    add_user(session, "ada")
+    add_user(session, "bob")
+    before = snapshot(redis_client, ("alkey:users#2",))
+    session.get_one(User, 1).name = "grace"
+    session.commit()
+    assert snapshot(redis_client, ("alkey:users#2",)) == before
+
+
+def test_changing_a_primary_key_bumps_the_old_and_the_new_row(
+    session: Session, redis_client: RedisClient
+) -> None:
+    user = add_user(session)
+    identifiers = ("alkey:users#1", "alkey:users#7")
+    before = snapshot(redis_client, identifiers)
+    user.id = 7
+    session.commit()
+    assert changed(before, snapshot(redis_client, identifiers)) == set(identifiers)
+
+
+def test_a_commit_bumps_each_token_once_however_often_bind_was_called(
+    session_factory: sessionmaker[Session], redis_client: RedisClient
+) -> None:
+    first = alkey.bind(session_factory, redis_client=redis_client)
+    again = alkey.bind(session_factory)
+    assert first is again
+    assert event.contains(first.target, "after_flush", first.after_flush)
+    with session_factory() as session:
+        sets_before = set_calls(redis_client)
+        add_user(session)
+    assert set_calls(redis_client) - sets_before == len(USER_1)
+
+
+def test_a_subclass_bound_as_well_as_its_base_bumps_once(
+    session_factory: sessionmaker[Session], redis_client: RedisClient
+) -> None:
+    class AppSession(session_factory.class_):  # type: ignore[name-defined,misc]
+        pass
+
+    sub = alkey.bind(AppSession, redis_client=redis_client)
+    try:
+        with AppSession(bind=session_factory.kw["bind"]) as session:
+            sets_before = set_calls(redis_client)
+            add_user(session)
+        assert set_calls(redis_client) - sets_before == len(USER_1)
+    finally:
+        alkey.unbind(AppSession)
+    assert not event.contains(AppSession, "after_flush", sub.after_flush)
+
+
+@pytest.mark.parametrize("kind", ["class", "sessionmaker", "scoped_session", "instance"])
+def test_bind_accepts_every_kind_of_session_target(
+    tables: Any, redis_client: RedisClient, kind: str
+) -> None:
+    class AppSession(Session):
+        pass
+
+    factory = sessionmaker(tables, class_=AppSession)
+    targets: dict[str, Any] = {
+        "class": AppSession,
+        "sessionmaker": factory,
+        "scoped_session": scoped_session(factory),
+        "instance": factory(),
+    }
+    target = targets[kind]
+    binding = alkey.bind(target, redis_client=redis_client)
+    try:
+        session = target if kind == "instance" else factory()
+        before = snapshot(redis_client)
+        add_user(session)
+        assert changed(before, snapshot(redis_client)) == set(USER_1)
+        session.close()
+    finally:
+        alkey.unbind(target)
+    assert isinstance(binding, Binding)
+
+
+def test_bind_rejects_what_is_not_a_session_target() -> None:
+    with pytest.raises(TypeError, match="Session class, a sessionmaker"):
+        alkey.bind("Session")
+
+
+def test_concurrent_sessions_in_threads_never_cancel_each_others_changes(
+    session_factory: sessionmaker[Session], redis_client: RedisClient
+) -> None:
+    with session_factory() as session:
+        for index in range(8):
+            add_user(session, f"user {index}")
+    identifiers = tuple(f"alkey:users#{index}" for index in range(1, 9))
+    before = snapshot(redis_client, identifiers)
+    barrier = threading.Barrier(8)
+    errors: list[BaseException] = []
+
+    def work(user_id: int) -> None:
+        try:
+            barrier.wait()
+            with session_factory() as session:
+                session.get_one(User, user_id).name = "changed"
+                session.flush()
+                # Even-numbered threads roll back while odd ones commit. (SQLite
+                # serialises the writers; PostgreSQL runs them side by side.)
+                if user_id % 2:
+                    session.commit()
+                else:
+                    session.rollback()
+        except BaseException as error:  # pragma: no cover - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(index,)) for index in range(1, 9)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert changed(before, snapshot(redis_client, identifiers)) == {
+        f"alkey:users#{index}" for index in range(1, 9, 2)
+    }
+
+
+def test_a_key_changes_after_commit_and_only_then(
+    session: Session, key_generator: CacheKeyGenerator
+) -> None:
+    user = add_user(session)
+    key = key_generator(user, "sidebar")
+    assert key_generator(user, "sidebar") == key
+    user.name = "grace"
+    session.flush()
+    assert key_generator(user, "sidebar") == key
+    session.commit()
+    assert key_generator(user, "sidebar") != key
