@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench bench-smoke clean
+.PHONY: demo test lint bench bench-smoke example clean
 
 demo: $(VENV)/.installed-embedded  ## run the guided demo (embedded Redis + SQLite, or REDIS_URL)
 	$(BIN)/python -m alkey demo
@@ -15,6 +15,15 @@ lint: $(VENV)/.installed-dev  ## ruff and mypy --strict
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+bench: $(VENV)/.installed-bench  ## full benchmark: writes docs/benchmarks.md and .png
+	$(BIN)/python -m benchmarks
+
+bench-smoke: $(VENV)/.installed-test  ## seconds: fails if a round-trip target regresses
+	$(BIN)/python -m benchmarks --smoke
+
+example: $(VENV)/.installed-example  ## the Pyramid example app on http://localhost:6543
+	PYTHONPATH=examples/pyramid_app $(BIN)/pserve examples/pyramid_app/development.ini
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -10,8 +10,11 @@
 
 from __future__ import annotations
 
+import importlib
 import os
-from collections.abc import Iterator
+import re
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
 import alkey
+from alkey import client as alkey_client
 from alkey.cache import CacheKeyGenerator
 from alkey.embedded import EmbeddedRedis
 from alkey.tokens import RedisClient
@@ -28,6 +32,7 @@ from alkey.tokens import RedisClient
 from .models import SCHEMA, Base
 
 DATABASE_URL = os.environ.get("ALKEY_TEST_DATABASE_URL", "")
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def pytest_report_header() -> list[str]:
@@ -116,3 +121,62 @@ def set_calls(client: RedisClient) -> int:
     """How many SET commands the server has run so far."""
     stats: dict[str, Any] = client.info("commandstats")
     return int(stats.get("cmdstat_set", {}).get("calls", 0))
+
+
+def readme_section(heading: str) -> str:
+    """The README's text under ``## heading``, up to the next ``## `` heading."""
+    markdown = README.read_text(encoding="utf-8")
+    start = markdown.index(f"\n## {heading}\n")
+    end = markdown.find("\n## ", start + 1)
+    return markdown[start : end if end != -1 else None]
+
+
+def python_blocks(markdown: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", markdown, re.DOTALL)
+
+
+def run_python_examples(markdown: str, directory: Path) -> None:
+    """Run every ```python block of ``markdown``, in order, as a reader would.
+
+    A block whose first line is ``# path/to/module.py`` is that file: it is written under
+    ``directory`` (which must be on ``sys.path``) and imported. Any other block runs as a
+    script, importing what it needs from those modules.
+    """
+    blocks = python_blocks(markdown)
+    files = [re.fullmatch(r"# ([\w/]+\.py)", block.splitlines()[0]) for block in blocks]
+    for block, file in zip(blocks, files, strict=True):  # all files first, like a project
+        if file:
+            path = directory / file.group(1)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(block, encoding="utf-8")
+    importlib.invalidate_caches()
+    for number, (block, file) in enumerate(zip(blocks, files, strict=True), start=1):
+        if file:
+            module = file.group(1).removesuffix(".py").removesuffix("/__init__")
+            importlib.import_module(module.replace("/", "."))
+        else:
+            script = compile(block, f"README.md python block {number}", "exec")
+            exec(script, {"__name__": "docs_example"})
+
+
+@pytest.fixture
+def docs_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """An importable directory for the docs' modules, forgotten after the test."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    imported_before = set(sys.modules)
+    yield tmp_path
+    for name in set(sys.modules) - imported_before:
+        del sys.modules[name]
+
+
+@pytest.fixture
+def environment_redis(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], None]]:
+    """Point REDIS_URL somewhere, with a fresh process default client that is closed after."""
+    monkeypatch.setattr(alkey_client, "_default_client", None)
+
+    def use(url: str) -> None:
+        monkeypatch.setenv("REDIS_URL", url)
+
+    yield use
+    if alkey_client._default_client is not None:
+        alkey_client._default_client.close()

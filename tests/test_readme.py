@@ -1,42 +1,49 @@
-"""Every Python example in the README runs, in order, against the test Redis."""
+"""Every Python example in the README runs, in order, against the test Redis.
+
+The Pyramid and Flask-SQLAlchemy sections describe applications of their own; their
+examples run in tests/test_pyramid.py and tests/test_flask.py.
+"""
 
 from __future__ import annotations
 
-import re
 import sys
 import types
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 import alkey
-from alkey import client as alkey_client
 
-README = Path(__file__).resolve().parent.parent / "README.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.DOTALL)
+from .conftest import README, python_blocks, readme_section
+
+OWN_TESTS = ("Pyramid", "Flask-SQLAlchemy")
+
+
+def core_blocks() -> list[str]:
+    markdown = README.read_text(encoding="utf-8")
+    for heading in OWN_TESTS:
+        markdown = markdown.replace(readme_section(heading), "\n")
+    return python_blocks(markdown)
 
 
 def test_the_readme_has_python_examples() -> None:
-    assert len(BLOCKS) >= 5
+    assert len(core_blocks()) >= 5
 
 
 def test_every_readme_example_runs_and_its_assertions_hold(
-    redis_url: str, redis_client: Any, monkeypatch: pytest.MonkeyPatch
+    redis_url: str,
+    redis_client: Any,
+    environment_redis: Callable[[str], None],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("REDIS_URL", redis_url)
-    monkeypatch.setattr(alkey_client, "_default_client", None)
+    environment_redis(redis_url)
     # SQLAlchemy resolves annotations through sys.modules, so the examples need a module.
     module = types.ModuleType("readme_examples")
     monkeypatch.setitem(sys.modules, module.__name__, module)
-    namespace: dict[str, Any] = module.__dict__
     try:
-        for number, block in enumerate(BLOCKS, start=1):
-            code = compile(block, f"README.md python block {number}", "exec")
-            exec(code, namespace)
+        for number, block in enumerate(core_blocks(), start=1):
+            exec(compile(block, f"README.md python block {number}", "exec"), module.__dict__)
     finally:
-        if "Session" in namespace:
-            alkey.unbind(namespace["Session"])
-        default = alkey_client._default_client
-        if default is not None:
-            default.close()
+        if hasattr(module, "Session"):
+            alkey.unbind(module.Session)

@@ -10,6 +10,8 @@ The key changes after any transaction that wrote ``user`` commits, and at no oth
 
 from __future__ import annotations
 
+from typing import Any
+
 from alkey.cache import CacheKeyGenerator, get_cache_key_generator, get_token
 from alkey.client import get_redis_client, get_redis_config
 from alkey.constants import GLOBAL_WRITE_TOKEN
@@ -27,6 +29,7 @@ __all__ = [
     "get_redis_client",
     "get_redis_config",
     "get_token",
+    "includeme",
     "parse_identifier",
     "row_identifier",
     "table_identifier",
@@ -34,3 +37,13 @@ __all__ = [
 ]
 
 __version__ = "1.0.0.dev0"
+
+
+def includeme(config: Any) -> None:
+    """Pyramid's ``config.include('alkey')``: see :mod:`alkey.pyramid`.
+
+    Imported here lazily so that the core never imports a web framework.
+    """
+    from alkey.pyramid import includeme as include_pyramid
+
+    include_pyramid(config)

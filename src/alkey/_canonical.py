@@ -7,8 +7,9 @@ Dictionaries and sets are written in the order of their encoded items, so insert
 and ``PYTHONHASHSEED`` never change a key. Nothing depends on ``hash()`` or ``id()``.
 
 Model instances, mapped classes, tables and identifier strings -- wherever they appear,
-nested or not -- become :class:`TokenRef` placeholders that the key generator replaces by
-the identifier and its current token before hashing.
+nested or not -- become token references: the chunk list holds the identifier itself as a
+``str`` (every other chunk is ``bytes``), and the key generator replaces it by the
+identifier and its current token before hashing.
 """
 
 from __future__ import annotations
@@ -18,29 +19,23 @@ import decimal
 import enum
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any, Final
 
 from sqlalchemy import inspect
 from sqlalchemy.orm import InstanceState, Mapper
+from sqlalchemy.orm.base import DEFAULT_STATE_ATTR
 from sqlalchemy.schema import Table
 
 from alkey import identity
 
-__all__ = ["MAX_DEPTH", "TokenRef", "encode_arguments"]
+__all__ = ["MAX_DEPTH", "Chunk", "encode_arguments"]
 
 #: Deeper nesting is refused: it is almost always a reference cycle.
 MAX_DEPTH: Final = 64
 
 
-@dataclass(frozen=True, slots=True)
-class TokenRef:
-    """Stands for the current token of ``identifier`` inside an encoded argument list."""
-
-    identifier: str
-
-
-Chunk = bytes | TokenRef
+#: ``bytes``: encoded data; ``str``: a validated identifier whose token goes here.
+Chunk = bytes | str
 
 
 def _framed(tag: bytes, body: bytes) -> bytes:
@@ -79,24 +74,32 @@ class _Encoder:
         return error(f"cache key argument {self.position + 1}: {problem}")
 
     def encode(self, value: object, depth: int = 0) -> None:
-        if depth > MAX_DEPTH:
-            raise self._fail(ValueError, f"nested deeper than {MAX_DEPTH} levels (a cycle?)")
+        # Ordered by frequency in real keys: strings and model instances first.
         kind = type(value)
-        if value is None:
+        if kind is str:
+            self._string(value)  # type: ignore[arg-type]
+            return
+        state = getattr(value, DEFAULT_STATE_ATTR, None)
+        if isinstance(state, InstanceState):
+            self.chunks.append(identity.instance_identifier(state))
+            return
+        encode_scalar = _SCALARS.get(kind)
+        if encode_scalar is not None:
+            self.chunks.append(encode_scalar(value))
+        elif value is None:
             self.chunks.append(b"N")
         elif kind is bool:
             self.chunks.append(b"1" if value else b"0")
-        elif kind is str:
-            assert isinstance(value, str)
-            self._string(value)
-        elif kind in _SCALARS:
-            self.chunks.append(_SCALARS[kind](value))
-        elif isinstance(value, (list, tuple)):
-            self._sequence(b"l" if isinstance(value, list) else b"(", value, depth)
-        elif isinstance(value, Mapping):
-            self._unordered(b"m", [(k, v) for k, v in value.items()], depth)
+        elif depth >= MAX_DEPTH:
+            raise self._fail(ValueError, f"nested deeper than {MAX_DEPTH} levels (a cycle?)")
+        elif kind is list or kind is tuple:
+            self._sequence(b"l" if kind is list else b"(", value, depth)  # type: ignore[arg-type]
+        elif kind is dict or isinstance(value, Mapping):
+            self._unordered(b"m", list(value.items()), depth)  # type: ignore[attr-defined]
         elif isinstance(value, (set, frozenset)):
             self._unordered(b"S", [(item,) for item in value], depth)
+        elif isinstance(value, (list, tuple)):
+            self._sequence(b"l" if isinstance(value, list) else b"(", value, depth)
         else:
             self._other(value, depth)
 
@@ -106,7 +109,7 @@ class _Encoder:
                 identity.parse_identifier(value)
             except ValueError as error:
                 raise self._fail(ValueError, str(error)) from None
-            self.chunks.append(TokenRef(value))
+            self.chunks.append(value)
         else:
             self.chunks.append(_framed(b"s", _text(value)))
 
@@ -123,7 +126,7 @@ class _Encoder:
             for part in entry:
                 sub.encode(part, depth + 1)
             encoded.append(sub.chunks)
-        # Order by a byte form in which a TokenRef sorts by its identifier: stable, and
+        # Order by a byte form in which a token reference sorts by its identifier: stable, and
         # independent of the token values fetched later.
         encoded.sort(key=_sort_key)
         self.chunks.append(tag + str(len(encoded)).encode("ascii") + b"{")
@@ -137,11 +140,10 @@ class _Encoder:
             self.encode(value.value, depth + 1)
             return
         if isinstance(value, Table):
-            self.chunks.append(TokenRef(identity.table_identifier(value)))
+            self.chunks.append(identity.table_identifier(value))
             return
-        insp = inspect(value, raiseerr=False)
-        if isinstance(insp, (InstanceState, Mapper)):
-            self.chunks.append(TokenRef(identity.identifier_for(value)))
+        if isinstance(inspect(value, raiseerr=False), Mapper):
+            self.chunks.append(identity.identifier_for(value))
             return
         kind = type(value)
         if kind.__str__ is object.__str__ and kind.__repr__ is object.__repr__:
@@ -169,7 +171,7 @@ def _qualified_name(kind: type) -> str:
 
 def _sort_key(chunks: list[Chunk]) -> bytes:
     return b"".join(
-        chunk if isinstance(chunk, bytes) else _framed(b"k", chunk.identifier.encode("ascii"))
+        chunk if type(chunk) is bytes else _framed(b"k", chunk.encode("ascii"))  # type: ignore[union-attr]
         for chunk in chunks
     )
 
@@ -178,6 +180,11 @@ def encode_arguments(args: tuple[object, ...]) -> list[Chunk]:
     """Encode a whole argument list; raise TypeError/ValueError naming the bad argument."""
     chunks: list[Chunk] = [b"A" + str(len(args)).encode("ascii") + b"["]
     for position, arg in enumerate(args):
+        # Fast path for the commonest argument, a model instance.
+        state = getattr(arg, DEFAULT_STATE_ATTR, None)
+        if type(state) is InstanceState:
+            chunks.append(identity.instance_identifier(state))
+            continue
         encoder = _Encoder(position)
         encoder.encode(arg)
         chunks.extend(encoder.chunks)

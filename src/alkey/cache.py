@@ -12,7 +12,7 @@ import hashlib
 from typing import Any, Final
 
 from alkey import identity
-from alkey._canonical import Chunk, TokenRef, encode_arguments
+from alkey._canonical import Chunk, encode_arguments
 from alkey.client import get_redis_client
 from alkey.constants import MAX_KEY_LENGTH
 from alkey.tokens import RedisClient, TokenStore, store_for
@@ -94,21 +94,20 @@ class CacheKeyGenerator:
 
     def __call__(self, *args: object) -> str:
         chunks = encode_arguments(args)
-        identifiers = list(dict.fromkeys(c.identifier for c in chunks if isinstance(c, TokenRef)))
+        identifiers = list(dict.fromkeys([chunk for chunk in chunks if type(chunk) is str]))
         tokens = dict(zip(identifiers, self.tokens.fetch(identifiers), strict=True))
         return self.prefix + _digest(chunks, tokens)
 
 
 def _digest(chunks: list[Chunk], tokens: dict[str, str]) -> str:
-    sha = hashlib.sha256(_DOMAIN)
-    for chunk in chunks:
-        if isinstance(chunk, TokenRef):
-            identifier = chunk.identifier.encode("ascii")
-            token = tokens[chunk.identifier].encode("ascii")
-            sha.update(b"k%d:%s%d:%s" % (len(identifier), identifier, len(token), token))
-        else:
-            sha.update(chunk)
-    return sha.hexdigest()
+    # Each identifier's chunk becomes its length-prefixed identifier and token.
+    references = {
+        identifier: b"k%d:%s%d:%s"
+        % (len(identifier), identifier.encode(), len(token), token.encode())
+        for identifier, token in tokens.items()
+    }
+    parts = [references[chunk] if type(chunk) is str else chunk for chunk in chunks]
+    return hashlib.sha256(_DOMAIN + b"".join(parts)).hexdigest()  # type: ignore[arg-type]
 
 
 def get_cache_key_generator(request: Any = None, *, prefix: str = "") -> CacheKeyGenerator:

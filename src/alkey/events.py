@@ -70,14 +70,11 @@ class Binding:
     def after_flush(self, session: Session, flush_context: UOWTransaction) -> None:
         if not self._owns(session):
             return
-        written: set[str] = set()
-        for obj in session.new:
-            written |= write_identifiers(instance_state(obj))
-        for obj in session.dirty:
-            if session.is_modified(obj):
-                written |= write_identifiers(instance_state(obj))
-        for obj in session.deleted:
-            written |= write_identifiers(instance_state(obj))
+        # session.dirty also lists instances whose attributes were set to equal values.
+        updated = [obj for obj in session.dirty if session.is_modified(obj)]
+        written = write_identifiers(
+            instance_state(obj) for obj in [*session.new, *updated, *session.deleted]
+        )
         if written:
             changes_of(session).record(session, written)
 

@@ -30,8 +30,9 @@ import datetime
 import decimal
 import enum
 import re
+import string
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +46,7 @@ from alkey.constants import ALL_ROWS, GLOBAL_WRITE_TOKEN, NAMESPACE, ROW_SEPARAT
 __all__ = [
     "Identifier",
     "identifier_for",
+    "instance_identifier",
     "is_identifier",
     "parse_identifier",
     "row_identifier",
@@ -54,8 +56,6 @@ __all__ = [
 ]
 
 _PREFIX = NAMESPACE + ":"
-_TABLE_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
-_VALUE_SAFE = _TABLE_SAFE | frozenset(b".")
 _EMPTY_VALUE = "~"
 _ESCAPED = r"(?:%[0-9A-F]{2})"
 _NAME = rf"(?:[A-Za-z0-9_-]|{_ESCAPED})+"
@@ -78,16 +78,27 @@ class Identifier:
             return GLOBAL_WRITE_TOKEN
         if self.key is None:
             return table_identifier(self.table)
-        return _format(self.table, [_quote(value, _VALUE_SAFE) for value in self.key])
+        return _format(self.table, [_quote_value(value) for value in self.key])
 
 
-def _quote(text: str, safe: frozenset[int]) -> str:
-    if not text:
-        return _EMPTY_VALUE
-    raw = text.encode("utf-8", "surrogatepass")
-    if all(byte in safe for byte in raw):
-        return text
-    return "".join(chr(byte) if byte in safe else f"%{byte:02X}" for byte in raw)
+def _quoter(safe_characters: str) -> Callable[[str], str]:
+    """A function escaping every character outside ``safe_characters`` as ``%XX``."""
+    safe = frozenset(safe_characters.encode("ascii"))
+    already_safe = re.compile(f"[{re.escape(safe_characters)}]+").fullmatch
+
+    def quote(text: str) -> str:
+        if not text:
+            return _EMPTY_VALUE
+        if already_safe(text):
+            return text
+        raw = text.encode("utf-8", "surrogatepass")
+        return "".join(chr(byte) if byte in safe else f"%{byte:02X}" for byte in raw)
+
+    return quote
+
+
+_quote_name = _quoter(string.ascii_letters + string.digits + "_-")
+_quote_value = _quoter(string.ascii_letters + string.digits + "_.-")
 
 
 def _unquote(text: str) -> str:
@@ -106,7 +117,7 @@ def _unquote(text: str) -> str:
 
 
 def _encode_table(name: str) -> str:
-    return ".".join(_quote(part, _TABLE_SAFE) for part in name.split("."))
+    return ".".join(_quote_name(part) for part in name.split("."))
 
 
 def _encode_value(value: Any) -> str:
@@ -137,7 +148,7 @@ def _encode_value(value: Any) -> str:
         )
     else:
         text = str(value)
-    return _quote(text, _VALUE_SAFE)
+    return _quote_value(text)
 
 
 def _format(table: str, encoded_key: Sequence[str]) -> str:
@@ -216,13 +227,31 @@ def parse_identifier(text: str) -> Identifier:
     )
 
 
-def _instance_identifier(state: InstanceState[Any]) -> str:
-    mapper = state.mapper
-    table = table_name(mapper.local_table)
-    if state.key is None:
+# Mappers live as long as their classes, normally the whole process: a plain dict is the
+# fastest cache for this hot path.
+_row_prefixes: dict[Mapper[Any], str] = {}
+
+
+def _row_prefix(mapper: Mapper[Any]) -> str:
+    """``'alkey:<table>#'`` for the table that maps ``mapper``'s class, computed once."""
+    prefix = _row_prefixes.get(mapper)
+    if prefix is None:
+        encoded = _encode_table(table_name(mapper.local_table))
+        prefix = _row_prefixes[mapper] = f"{_PREFIX}{encoded}{ROW_SEPARATOR}"
+    return prefix
+
+
+def instance_identifier(state: InstanceState[Any]) -> str:
+    """The identifier of a model instance, given its state (the key generator's hot path)."""
+    prefix = _row_prefix(state.mapper)
+    key = state.key
+    if key is None:
         # Pending or transient: no row yet, so it stands for its table (as in alkey 0.3).
-        return table_identifier(table)
-    return _format(table, [_encode_value(value) for value in state.key[1]])
+        return prefix + ALL_ROWS
+    values = key[1]
+    if len(values) == 1 and type(values[0]) is int:
+        return prefix + str(values[0])
+    return prefix + ",".join([_encode_value(value) for value in values])
 
 
 def identifier_for(obj: object) -> str:
@@ -245,45 +274,65 @@ def identifier_for(obj: object) -> str:
         return table_identifier(obj)
     insp = inspect(obj, raiseerr=False)
     if isinstance(insp, InstanceState):
-        return _instance_identifier(insp)
+        return instance_identifier(insp)
     if isinstance(insp, Mapper):
         return table_identifier(table_name(insp.local_table))
     raise TypeError(f"{type(obj).__qualname__} is neither a mapped class, an instance nor a table")
 
 
-def _current_key(state: InstanceState[Any]) -> tuple[Any, ...] | None:
-    """The primary key the instance has now (after an INSERT or a key change)."""
-    mapper = state.mapper
-    values = []
-    for column in mapper.primary_key:
-        value = state.dict.get(mapper.get_property_by_column(column).key)
-        if value is None:
-            return None
-        values.append(value)
-    return tuple(values)
+@dataclass(frozen=True, slots=True)
+class _WritePlan:
+    """What a write of one mapper's instances touches, worked out once per mapper."""
+
+    key_attributes: tuple[str, ...]
+    row_prefixes: tuple[str, ...]
+    table_identifiers: frozenset[str]
 
 
-def write_identifiers(state: InstanceState[Any]) -> set[str]:
-    """Every identifier a write of this instance invalidates.
+_write_plans: dict[Mapper[Any], _WritePlan] = {}
 
-    The row in each table of its inheritance hierarchy (a joined-table subclass row lives in
-    several tables), under its old and its new primary key when the key changed, each of
-    those tables, and the global token.
+
+def _write_plan(mapper: Mapper[Any]) -> _WritePlan:
+    plan = _write_plans.get(mapper)
+    if plan is None:
+        names = sorted({table_name(table) for table in mapper.tables})
+        plan = _write_plans[mapper] = _WritePlan(
+            key_attributes=tuple(
+                mapper.get_property_by_column(column).key for column in mapper.primary_key
+            ),
+            row_prefixes=tuple(f"{_PREFIX}{_encode_table(name)}{ROW_SEPARATOR}" for name in names),
+            table_identifiers=frozenset(table_identifier(name) for name in names),
+        )
+    return plan
+
+
+def _encode_key(values: Sequence[Any]) -> str:
+    if len(values) == 1 and type(values[0]) is int:
+        return str(values[0])
+    return ",".join([_encode_value(value) for value in values])
+
+
+def write_identifiers(states: Iterable[InstanceState[Any]]) -> set[str]:
+    """Every identifier that writing these instances invalidates.
+
+    For each instance: its row in each table of its inheritance hierarchy (a joined-table
+    subclass row lives in several tables) under its old and, when the key changed or was
+    just assigned by an INSERT, its new primary key; each of those tables. And the global
+    token, once any instance was written.
     """
-    mapper = state.mapper
-    keys: set[tuple[Any, ...]] = set()
-    if state.key is not None:
-        keys.add(tuple(state.key[1]))
-    current = _current_key(state)
-    if current is not None:
-        keys.add(current)
-    identifiers = {GLOBAL_WRITE_TOKEN}
-    for name in _hierarchy_tables(mapper):
-        identifiers.add(table_identifier(name))
-        for key in keys:
-            identifiers.add(_format(name, [_encode_value(value) for value in key]))
+    identifiers: set[str] = set()
+    add = identifiers.add
+    for state in states:
+        plan = _write_plans.get(state.mapper) or _write_plan(state.mapper)
+        identifiers.update(plan.table_identifiers)
+        old = _encode_key(state.key[1]) if state.key is not None else None
+        current = [state.dict.get(attribute) for attribute in plan.key_attributes]
+        new = _encode_key(current) if None not in current else None
+        for prefix in plan.row_prefixes:
+            if old is not None:
+                add(prefix + old)
+            if new is not None and new != old:
+                add(prefix + new)
+    if identifiers:
+        add(GLOBAL_WRITE_TOKEN)
     return identifiers
-
-
-def _hierarchy_tables(mapper: Mapper[Any]) -> Iterable[str]:
-    return {table_name(table) for table in mapper.tables}

@@ -8,13 +8,15 @@ Why no MULTI/WATCH is needed (the reasoning of alkey 0.3's ``invalidate_tokens``
 every bump replaces a token by a *fresh random value*, independently for each key. Two
 writers bumping the same token in any interleaving both leave a value that differs from
 every value a reader saw before either commit, and that is all a cache key needs. A
-missing token is created with ``SET NX``, so concurrent readers agree on the first one
-written, and a token lost to eviction, expiry or a Redis restart comes back as a new
-random value: keys built on it change, they never revert to an old key.
+missing token is created inside the fetch script, which Redis runs atomically, so
+concurrent readers agree on the first one written; a token lost to eviction, expiry or a
+Redis restart comes back as a new random value: keys built on it change, they never
+revert to an old key.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import secrets
 import threading
@@ -23,7 +25,7 @@ from collections.abc import Collection, Sequence
 from typing import Any, Literal, Protocol, TypeAlias, runtime_checkable
 
 import redis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from alkey.constants import DEFAULT_TOKEN_TTL, TOKEN_BYTES
 
@@ -44,6 +46,8 @@ ErrorPolicy: TypeAlias = Literal["degrade", "raise"]
 #: The synchronous redis-py client type alkey works with.
 RedisClient: TypeAlias = redis.Redis
 
+_Call: TypeAlias = "tuple[_Script, list[str], tuple[int, str]]"
+
 
 def new_token() -> str:
     """A fresh random token (128 bits, URL-safe text)."""
@@ -63,15 +67,59 @@ class TokenStore(Protocol):
         ...
 
 
+# KEYS: token keys. ARGV[1]: TTL in seconds, ARGV[2]: a fresh random base. Returns the
+# token of every key, creating missing ones as <base>.<position>: unique per key and call,
+# and unpredictable, because the base is 128 random bits drawn for this call.
+_FETCH_SCRIPT = """
+local tokens = redis.call('MGET', unpack(KEYS))
+for i = 1, #KEYS do
+  if not tokens[i] then
+    tokens[i] = ARGV[2] .. '.' .. i
+    redis.call('SET', KEYS[i], tokens[i], 'EX', ARGV[1])
+  end
+end
+return tokens
+"""
+
+# KEYS: token keys. ARGV as above. Gives every key a new token.
+_BUMP_SCRIPT = """
+for i = 1, #KEYS do
+  redis.call('SET', KEYS[i], ARGV[2] .. '.' .. i, 'EX', ARGV[1])
+end
+return #KEYS
+"""
+
+#: Keys per script call. Larger bumps are split into several calls sent in one pipeline
+#: (still one round trip), which bounds the size of each command and of each script run.
+CHUNK_SIZE = 1000
+
+
+class _Script:
+    __slots__ = ("sha", "source")
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode("ascii")).hexdigest()
+
+
+_FETCH = _Script(_FETCH_SCRIPT)
+_BUMP = _Script(_BUMP_SCRIPT)
+
+
 class RedisTokenStore:
     """Tokens in Redis, one string key per identifier, one round trip per call.
 
-    ``fetch`` sends ``SET key <random> NX EX ttl`` for every identifier and one ``MGET``
-    in a single pipeline: existing tokens are untouched, missing ones are created
-    atomically (the first writer wins), and all values come back in the same round trip.
-    No Lua script is involved, so there is no ``NOSCRIPT`` case after a Redis restart.
+    ``fetch`` runs one small Lua script over all the keys: existing tokens are returned
+    untouched, missing ones are created atomically (``SET`` inside the script, so
+    concurrent readers agree on the first one written). ``bump`` runs another that gives
+    every key a new random token. The first call of each script sends its source
+    (``EVAL``, which also loads it), later ones only its SHA (``EVALSHA``); after a Redis
+    restart or ``SCRIPT FLUSH`` one call is answered ``NOSCRIPT`` and sent again with the
+    source. No call ever pays for a ``SCRIPT EXISTS`` round trip.
 
-    ``bump`` sends ``SET key <random> EX ttl`` for every identifier in one pipeline.
+    Scripts need all their keys on one node. A cluster-aware store groups keys by hash slot
+    and sends one such call per slot in one pipeline per node, behind the same
+    :class:`TokenStore` protocol.
 
     With ``on_error="degrade"`` (the default), a Redis error never reaches the caller:
 
@@ -109,6 +157,7 @@ class RedisTokenStore:
         self._pending: set[str] = set()
         self._dropped = 0
         self._failing = False
+        self._loaded: frozenset[str] = frozenset()
         self._lock = threading.Lock()
 
     @property
@@ -120,39 +169,77 @@ class RedisTokenStore:
     def fetch(self, identifiers: Sequence[str]) -> list[str]:
         if not identifiers:
             return []
-        replay = self.pending
-        keys = [self.key_prefix + identifier for identifier in identifiers]
-        pipe = self.client.pipeline(transaction=False)
-        self._queue_bumps(pipe, replay)
-        for key in keys:
-            pipe.set(key, new_token(), nx=True, ex=self.ttl)
-        pipe.mget(keys)
+        replay = self.pending if self._pending else frozenset()
+        calls = self._bump_calls(replay)
+        calls.extend(self._calls(_FETCH, identifiers))
         try:
-            values = pipe.execute()[-1]
+            results = self._run(calls)
         except RedisError as error:
             self._failed(error, "fetch tokens")
             return [new_token() for _ in identifiers]
         self._succeeded(replay)
-        return [_text(value) for value in values]
+        tokens: list[str] = []
+        for values in results[len(calls) - _chunks(len(identifiers)) :]:
+            tokens.extend([v.decode("ascii") if type(v) is bytes else v for v in values])
+        return tokens
 
     def bump(self, identifiers: Collection[str]) -> None:
-        replay = self.pending
-        todo = replay.union(identifiers)
+        replay = self.pending if self._pending else frozenset()
+        todo = replay.union(identifiers) if replay else identifiers
         if not todo:
             return
-        pipe = self.client.pipeline(transaction=False)
-        self._queue_bumps(pipe, todo)
         try:
-            pipe.execute()
+            self._run(self._bump_calls(todo))
         except RedisError as error:
             self._keep(identifiers)
             self._failed(error, f"bump {len(todo)} token(s)")
             return
         self._succeeded(replay)
 
-    def _queue_bumps(self, pipe: Any, identifiers: Collection[str]) -> None:
-        for identifier in identifiers:
-            pipe.set(self.key_prefix + identifier, new_token(), ex=self.ttl)
+    def _calls(self, script: _Script, identifiers: Collection[str]) -> list[_Call]:
+        prefix = self.key_prefix
+        keys = [prefix + identifier for identifier in identifiers] if prefix else list(identifiers)
+        return [
+            (script, keys[start : start + CHUNK_SIZE], (self.ttl, new_token()))
+            for start in range(0, len(keys), CHUNK_SIZE)
+        ]
+
+    def _bump_calls(self, identifiers: Collection[str]) -> list[_Call]:
+        return self._calls(_BUMP, identifiers) if identifiers else []
+
+    def _run(self, calls: list[_Call]) -> list[Any]:
+        """Send the script calls in one round trip.
+
+        A script this store has not run yet goes out as ``EVAL`` with its source, which
+        also loads it; after that, ``EVALSHA``. If Redis has forgotten it (restart,
+        ``SCRIPT FLUSH``), the ``NOSCRIPT`` answer costs one more round trip, once.
+        """
+        try:
+            results = self._send(calls, self._loaded)
+        except NoScriptError:
+            self._loaded = frozenset()
+            results = self._send(calls, self._loaded)
+        self._loaded = self._loaded.union(script.sha for script, _, _ in calls)
+        return results
+
+    def _send(self, calls: list[_Call], loaded: frozenset[str]) -> list[Any]:
+        client = self.client
+        if len(calls) == 1:
+            ((script, keys, args),) = calls
+            if script.sha in loaded:
+                return [client.evalsha(script.sha, len(keys), *keys, *args)]
+            return [client.eval(script.source, len(keys), *keys, *args)]
+        pipe = client.pipeline(transaction=False)
+        for script, keys, args in calls:
+            if script.sha in loaded:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            else:
+                pipe.eval(script.source, len(keys), *keys, *args)
+        results: list[Any] = pipe.execute(raise_on_error=False)
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return results
 
     def _keep(self, identifiers: Collection[str]) -> None:
         with self._lock:
@@ -199,11 +286,8 @@ class RedisTokenStore:
             )
 
 
-def _text(value: bytes | str | None) -> str:
-    if value is None:  # pragma: no cover - SET NX in the same pipeline makes it exist
-        # Only possible if the key expired between SET NX and MGET: a miss, never stale.
-        return new_token()
-    return value.decode("ascii") if isinstance(value, bytes) else value
+def _chunks(count: int) -> int:
+    return -(-count // CHUNK_SIZE)
 
 
 _stores: weakref.WeakKeyDictionary[Any, RedisTokenStore] = weakref.WeakKeyDictionary()

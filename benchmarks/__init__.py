@@ -1,0 +1,1 @@
+"""Benchmarks for alkey: run ``python -m benchmarks`` (see README, "Performance")."""
