@@ -9,6 +9,7 @@ changes a key, so everything else keeps hitting.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from typing import Any, Final
 
 from alkey import identity
@@ -17,7 +18,7 @@ from alkey.client import get_redis_client
 from alkey.constants import MAX_KEY_LENGTH
 from alkey.tokens import RedisClient, TokenStore, store_for
 
-__all__ = ["CacheKeyGenerator", "get_cache_key_generator", "get_token"]
+__all__ = ["CacheKeyGenerator", "KeyPlan", "get_cache_key_generator", "get_token"]
 
 #: Hex digits of the SHA-256 digest that ends every key.
 DIGEST_LENGTH: Final = 64
@@ -93,21 +94,41 @@ class CacheKeyGenerator:
         return self._tokens
 
     def __call__(self, *args: object) -> str:
-        chunks = encode_arguments(args)
-        identifiers = list(dict.fromkeys([chunk for chunk in chunks if type(chunk) is str]))
-        tokens = dict(zip(identifiers, self.tokens.fetch(identifiers), strict=True))
-        return self.prefix + _digest(chunks, tokens)
+        plan = self.plan(*args)
+        return plan.finish(self.tokens.fetch(plan.identifiers))
+
+    def plan(self, *args: object) -> KeyPlan:
+        """Encode ``args`` and list the identifiers whose tokens the key needs.
+
+        The first half of a key generation, without I/O: an asyncio generator fetches the
+        tokens with ``await`` and calls :meth:`KeyPlan.finish`, so both produce the same
+        key from the same tokens.
+        """
+        return KeyPlan(self.prefix, encode_arguments(args))
 
 
-def _digest(chunks: list[Chunk], tokens: dict[str, str]) -> str:
-    # Each identifier's chunk becomes its length-prefixed identifier and token.
-    references = {
-        identifier: b"k%d:%s%d:%s"
-        % (len(identifier), identifier.encode(), len(token), token.encode())
-        for identifier, token in tokens.items()
-    }
-    parts = [references[chunk] if type(chunk) is str else chunk for chunk in chunks]
-    return hashlib.sha256(_DOMAIN + b"".join(parts)).hexdigest()  # type: ignore[arg-type]
+class KeyPlan:
+    """The encoded arguments of one key, waiting for their tokens."""
+
+    __slots__ = ("_chunks", "identifiers", "prefix")
+
+    def __init__(self, prefix: str, chunks: list[Chunk]) -> None:
+        self.prefix = prefix
+        self._chunks = chunks
+        #: Each identifier once, in order of first appearance.
+        self.identifiers: list[str] = list(dict.fromkeys([c for c in chunks if type(c) is str]))
+
+    def finish(self, tokens: Sequence[str]) -> str:
+        """The key, given the current token of each of :attr:`identifiers`, in order."""
+        # Each identifier's chunk becomes its length-prefixed identifier and token.
+        references = {
+            identifier: b"k%d:%s%d:%s"
+            % (len(identifier), identifier.encode(), len(token), token.encode())
+            for identifier, token in zip(self.identifiers, tokens, strict=True)
+        }
+        parts = [references[c] if type(c) is str else c for c in self._chunks]
+        digest = hashlib.sha256(_DOMAIN + b"".join(parts)).hexdigest()  # type: ignore[arg-type]
+        return self.prefix + digest
 
 
 def get_cache_key_generator(request: Any = None, *, prefix: str = "") -> CacheKeyGenerator:

@@ -9,6 +9,7 @@ costs no Redis round trip, and a transaction that wrote nothing costs none at it
 
 from __future__ import annotations
 
+import sys
 import threading
 import weakref
 from typing import Any
@@ -29,6 +30,12 @@ _bindings_lock = threading.Lock()
 
 
 def _resolve(target: object) -> Session | type[Session]:
+    if "sqlalchemy.ext.asyncio" in sys.modules:
+        # Only then can target be an asyncio session object; importing it earlier would
+        # make greenlet a requirement of the core.
+        from alkey.asyncio import sync_target
+
+        target = sync_target(target)
     if isinstance(target, scoped_session):
         target = target.session_factory
     if isinstance(target, sessionmaker):
@@ -37,7 +44,7 @@ def _resolve(target: object) -> Session | type[Session]:
         return target
     raise TypeError(
         f"alkey.events.bind() takes a Session class, a sessionmaker, a scoped_session or a "
-        f"Session instance, not {type(target).__qualname__}"
+        f"Session instance (or their asyncio forms), not {type(target).__qualname__}"
     )
 
 

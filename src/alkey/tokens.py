@@ -30,8 +30,11 @@ from redis.exceptions import NoScriptError, RedisError
 from alkey.constants import DEFAULT_TOKEN_TTL, TOKEN_BYTES
 
 __all__ = [
+    "CHUNK_SIZE",
     "ErrorPolicy",
+    "OutageLedger",
     "RedisTokenStore",
+    "ScriptCalls",
     "TokenStore",
     "new_token",
     "store_for",
@@ -106,58 +109,28 @@ _FETCH = _Script(_FETCH_SCRIPT)
 _BUMP = _Script(_BUMP_SCRIPT)
 
 
-class RedisTokenStore:
-    """Tokens in Redis, one string key per identifier, one round trip per call.
+class OutageLedger:
+    """What a token store owes Redis while it is unreachable, and the policy for it.
 
-    ``fetch`` runs one small Lua script over all the keys: existing tokens are returned
-    untouched, missing ones are created atomically (``SET`` inside the script, so
-    concurrent readers agree on the first one written). ``bump`` runs another that gives
-    every key a new random token. The first call of each script sends its source
-    (``EVAL``, which also loads it), later ones only its SHA (``EVALSHA``); after a Redis
-    restart or ``SCRIPT FLUSH`` one call is answered ``NOSCRIPT`` and sent again with the
-    source. No call ever pays for a ``SCRIPT EXISTS`` round trip.
+    Shared by the sync and asyncio stores, so they behave identically in an outage:
 
-    Scripts need all their keys on one node. A cluster-aware store groups keys by hash slot
-    and sends one such call per slot in one pipeline per node, behind the same
-    :class:`TokenStore` protocol.
+    * ``on_error="degrade"``: :meth:`failed` logs the first failure of an incident and
+      returns; the store then answers with fresh random tokens (a guaranteed miss) or keeps
+      the bump with :meth:`keep`, up to ``max_pending`` identifiers, for :meth:`replay`;
+    * ``on_error="raise"``: :meth:`failed` re-raises the error.
 
-    With ``on_error="degrade"`` (the default), a Redis error never reaches the caller:
-
-    * ``fetch`` returns fresh random tokens, so the key is a guaranteed cache miss;
-    * ``bump`` keeps the identifiers (up to ``max_pending``) and sends them again in front
-      of the next ``fetch`` or ``bump`` of this store, in the same pipeline. A key this
-      process generates after Redis recovers therefore never reuses a token from before
-      a write that committed during the outage.
-
-    Each outage is logged once when it starts and once when it ends, on the
-    ``alkey.tokens`` logger, with counts.
-
-    Share one store per Redis (``store_for(client)`` does this) so that the key generator
-    sees the bumps that the session listeners could not send yet.
+    A store sends :meth:`replay` in front of its next call, in the same round trip, and
+    reports with :meth:`succeeded`, which logs the end of the incident.
     """
 
-    def __init__(
-        self,
-        client: RedisClient,
-        *,
-        ttl: int = DEFAULT_TOKEN_TTL,
-        key_prefix: str = "",
-        on_error: ErrorPolicy = "degrade",
-        max_pending: int = 100_000,
-    ) -> None:
-        if ttl <= 0:
-            raise ValueError(f"ttl must be a positive number of seconds, not {ttl!r}")
+    def __init__(self, on_error: ErrorPolicy = "degrade", max_pending: int = 100_000) -> None:
         if on_error not in ("degrade", "raise"):
             raise ValueError(f"on_error must be 'degrade' or 'raise', not {on_error!r}")
-        self.client = client
-        self.ttl = ttl
-        self.key_prefix = key_prefix
         self.on_error: ErrorPolicy = on_error
         self.max_pending = max_pending
         self._pending: set[str] = set()
         self._dropped = 0
         self._failing = False
-        self._loaded: frozenset[str] = frozenset()
         self._lock = threading.Lock()
 
     @property
@@ -166,82 +139,11 @@ class RedisTokenStore:
         with self._lock:
             return frozenset(self._pending)
 
-    def fetch(self, identifiers: Sequence[str]) -> list[str]:
-        if not identifiers:
-            return []
-        replay = self.pending if self._pending else frozenset()
-        calls = self._bump_calls(replay)
-        calls.extend(self._calls(_FETCH, identifiers))
-        try:
-            results = self._run(calls)
-        except RedisError as error:
-            self._failed(error, "fetch tokens")
-            return [new_token() for _ in identifiers]
-        self._succeeded(replay)
-        tokens: list[str] = []
-        for values in results[len(calls) - _chunks(len(identifiers)) :]:
-            tokens.extend([v.decode("ascii") if type(v) is bytes else v for v in values])
-        return tokens
+    def replay(self) -> frozenset[str]:
+        """The bumps to send in front of the next call (usually none: no lock taken)."""
+        return self.pending if self._pending else frozenset()
 
-    def bump(self, identifiers: Collection[str]) -> None:
-        replay = self.pending if self._pending else frozenset()
-        todo = replay.union(identifiers) if replay else identifiers
-        if not todo:
-            return
-        try:
-            self._run(self._bump_calls(todo))
-        except RedisError as error:
-            self._keep(identifiers)
-            self._failed(error, f"bump {len(todo)} token(s)")
-            return
-        self._succeeded(replay)
-
-    def _calls(self, script: _Script, identifiers: Collection[str]) -> list[_Call]:
-        prefix = self.key_prefix
-        keys = [prefix + identifier for identifier in identifiers] if prefix else list(identifiers)
-        return [
-            (script, keys[start : start + CHUNK_SIZE], (self.ttl, new_token()))
-            for start in range(0, len(keys), CHUNK_SIZE)
-        ]
-
-    def _bump_calls(self, identifiers: Collection[str]) -> list[_Call]:
-        return self._calls(_BUMP, identifiers) if identifiers else []
-
-    def _run(self, calls: list[_Call]) -> list[Any]:
-        """Send the script calls in one round trip.
-
-        A script this store has not run yet goes out as ``EVAL`` with its source, which
-        also loads it; after that, ``EVALSHA``. If Redis has forgotten it (restart,
-        ``SCRIPT FLUSH``), the ``NOSCRIPT`` answer costs one more round trip, once.
-        """
-        try:
-            results = self._send(calls, self._loaded)
-        except NoScriptError:
-            self._loaded = frozenset()
-            results = self._send(calls, self._loaded)
-        self._loaded = self._loaded.union(script.sha for script, _, _ in calls)
-        return results
-
-    def _send(self, calls: list[_Call], loaded: frozenset[str]) -> list[Any]:
-        client = self.client
-        if len(calls) == 1:
-            ((script, keys, args),) = calls
-            if script.sha in loaded:
-                return [client.evalsha(script.sha, len(keys), *keys, *args)]
-            return [client.eval(script.source, len(keys), *keys, *args)]
-        pipe = client.pipeline(transaction=False)
-        for script, keys, args in calls:
-            if script.sha in loaded:
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
-            else:
-                pipe.eval(script.source, len(keys), *keys, *args)
-        results: list[Any] = pipe.execute(raise_on_error=False)
-        for result in results:
-            if isinstance(result, Exception):
-                raise result
-        return results
-
-    def _keep(self, identifiers: Collection[str]) -> None:
+    def keep(self, identifiers: Collection[str]) -> None:
         with self._lock:
             for identifier in identifiers:
                 if len(self._pending) >= self.max_pending and identifier not in self._pending:
@@ -249,7 +151,7 @@ class RedisTokenStore:
                 else:
                     self._pending.add(identifier)
 
-    def _failed(self, error: RedisError, action: str) -> None:
+    def failed(self, error: Exception, action: str) -> None:
         if self.on_error == "raise":
             raise error
         with self._lock:
@@ -270,7 +172,7 @@ class RedisTokenStore:
                 self.max_pending,
             )
 
-    def _succeeded(self, replayed: frozenset[str]) -> None:
+    def succeeded(self, replayed: frozenset[str]) -> None:
         if not self._failing and not replayed:
             return
         with self._lock:
@@ -286,8 +188,153 @@ class RedisTokenStore:
             )
 
 
-def _chunks(count: int) -> int:
-    return -(-count // CHUNK_SIZE)
+class ScriptCalls:
+    """Builds the script calls of a fetch or bump, and reads a fetch's answer.
+
+    Pure bookkeeping, no I/O: the sync and asyncio stores send the calls themselves.
+    """
+
+    def __init__(self, ttl: int = DEFAULT_TOKEN_TTL, key_prefix: str = "") -> None:
+        if ttl <= 0:
+            raise ValueError(f"ttl must be a positive number of seconds, not {ttl!r}")
+        self.ttl = ttl
+        self.key_prefix = key_prefix
+
+    def _calls(self, script: _Script, identifiers: Collection[str]) -> list[_Call]:
+        prefix = self.key_prefix
+        keys = [prefix + identifier for identifier in identifiers] if prefix else list(identifiers)
+        return [
+            (script, keys[start : start + CHUNK_SIZE], (self.ttl, new_token()))
+            for start in range(0, len(keys), CHUNK_SIZE)
+        ]
+
+    def bump(self, identifiers: Collection[str]) -> list[_Call]:
+        return self._calls(_BUMP, identifiers) if identifiers else []
+
+    def fetch(self, identifiers: Sequence[str], replay: Collection[str]) -> list[_Call]:
+        """The replayed bumps first, then the fetch."""
+        return [*self.bump(replay), *self._calls(_FETCH, identifiers)]
+
+    @staticmethod
+    def tokens(results: list[Any], identifiers: Sequence[str]) -> list[str]:
+        """The fetched tokens, in order, from the results of :meth:`fetch`'s calls."""
+        tokens: list[str] = []
+        for values in results[len(results) - -(-len(identifiers) // CHUNK_SIZE) :]:
+            tokens.extend([v.decode("ascii") if type(v) is bytes else v for v in values])
+        return tokens
+
+    @staticmethod
+    def loaded_after(loaded: frozenset[str], calls: list[_Call]) -> frozenset[str]:
+        return loaded.union(script.sha for script, _, _ in calls)
+
+
+class RedisTokenStore:
+    """Tokens in Redis, one string key per identifier, one round trip per call.
+
+    ``fetch`` runs one small Lua script over all the keys: existing tokens are returned
+    untouched, missing ones are created atomically (``SET`` inside the script, so
+    concurrent readers agree on the first one written). ``bump`` runs another that gives
+    every key a new random token. The first call of each script sends its source
+    (``EVAL``, which also loads it), later ones only its SHA (``EVALSHA``); after a Redis
+    restart or ``SCRIPT FLUSH`` one call is answered ``NOSCRIPT`` and sent again with the
+    source. No call ever pays for a ``SCRIPT EXISTS`` round trip.
+
+    Scripts need all their keys on one node. A cluster-aware store groups keys by hash slot
+    and sends one such call per slot in one pipeline per node, behind the same
+    :class:`TokenStore` protocol.
+
+    With ``on_error="degrade"`` (the default), a Redis error never reaches the caller:
+
+    * ``fetch`` returns fresh random tokens, so the key is a guaranteed cache miss;
+    * ``bump`` keeps the identifiers (up to ``max_pending``) and sends them again in front
+      of the next ``fetch`` or ``bump`` of this store, in the same round trip. A key this
+      process generates after Redis recovers therefore never reuses a token from before
+      a write that committed during the outage.
+
+    Each outage is logged once when it starts and once when it ends, on the
+    ``alkey.tokens`` logger, with counts (see :class:`OutageLedger`).
+
+    Share one store per Redis (``store_for(client)`` does this) so that the key generator
+    sees the bumps that the session listeners could not send yet.
+    """
+
+    def __init__(
+        self,
+        client: RedisClient,
+        *,
+        ttl: int = DEFAULT_TOKEN_TTL,
+        key_prefix: str = "",
+        on_error: ErrorPolicy = "degrade",
+        max_pending: int = 100_000,
+    ) -> None:
+        self.client = client
+        self.calls = ScriptCalls(ttl, key_prefix)
+        self.outage = OutageLedger(on_error, max_pending)
+        self._loaded: frozenset[str] = frozenset()
+
+    @property
+    def pending(self) -> frozenset[str]:
+        """Identifiers whose bump is waiting for Redis to answer again."""
+        return self.outage.pending
+
+    def fetch(self, identifiers: Sequence[str]) -> list[str]:
+        if not identifiers:
+            return []
+        replay = self.outage.replay()
+        try:
+            results = self._run(self.calls.fetch(identifiers, replay))
+        except RedisError as error:
+            self.outage.failed(error, "fetch tokens")
+            return [new_token() for _ in identifiers]
+        self.outage.succeeded(replay)
+        return self.calls.tokens(results, identifiers)
+
+    def bump(self, identifiers: Collection[str]) -> None:
+        replay = self.outage.replay()
+        todo = replay.union(identifiers) if replay else identifiers
+        if not todo:
+            return
+        try:
+            self._run(self.calls.bump(todo))
+        except RedisError as error:
+            self.outage.keep(identifiers)
+            self.outage.failed(error, f"bump {len(todo)} token(s)")
+            return
+        self.outage.succeeded(replay)
+
+    def _run(self, calls: list[_Call]) -> list[Any]:
+        """Send the script calls in one round trip.
+
+        A script this store has not run yet goes out as ``EVAL`` with its source, which
+        also loads it; after that, ``EVALSHA``. If Redis has forgotten it (restart,
+        ``SCRIPT FLUSH``), the ``NOSCRIPT`` answer costs one more round trip, once.
+        """
+        try:
+            results = self._send(calls, self._loaded)
+        except NoScriptError:
+            self._loaded = frozenset()
+            results = self._send(calls, self._loaded)
+        self._loaded = ScriptCalls.loaded_after(self._loaded, calls)
+        return results
+
+    def _send(self, calls: list[_Call], loaded: frozenset[str]) -> list[Any]:
+        client = self.client
+        if len(calls) == 1:
+            ((script, keys, args),) = calls
+            if script.sha in loaded:
+                return [client.evalsha(script.sha, len(keys), *keys, *args)]
+            return [client.eval(script.source, len(keys), *keys, *args)]
+        pipe = client.pipeline(transaction=False)
+        for script, keys, args in calls:
+            if script.sha in loaded:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            else:
+                pipe.eval(script.source, len(keys), *keys, *args)
+        results: list[Any] = pipe.execute(raise_on_error=False)
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return results
 
 
 _stores: weakref.WeakKeyDictionary[Any, RedisTokenStore] = weakref.WeakKeyDictionary()
