@@ -14,9 +14,11 @@ identifier and its current token before hashing.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import decimal
 import enum
+import re
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any, Final
@@ -146,12 +148,13 @@ class _Encoder:
             self.chunks.append(identity.identifier_for(value))
             return
         kind = type(value)
-        if kind.__str__ is object.__str__ and kind.__repr__ is object.__repr__:
-            raise self._fail(
-                TypeError,
-                f"{kind.__qualname__} has no stable text form (its repr contains a memory "
-                "address); define __str__ or pass a value that identifies it",
-            )
+        fields = _record_fields(value)
+        if fields is not None:
+            # Field by field, so that instances and sets inside are encoded as such,
+            # not through a repr that hides them or depends on hash order.
+            self.chunks.append(_framed(b"r", _text(_qualified_name(kind))))
+            self._sequence(b"(", [(name, getattr(value, name)) for name in fields], depth)
+            return
         try:
             text = str(value)
         except Exception as error:
@@ -160,9 +163,27 @@ class _Encoder:
                 f"str() of {kind.__qualname__} failed ({type(error).__name__}: {error}); "
                 "pass a value that can be turned into text",
             ) from error
-        if not isinstance(text, str):  # pragma: no cover - str() guarantees str
-            raise self._fail(TypeError, f"str() of {kind.__qualname__} did not return text")
+        if _MEMORY_ADDRESS.search(text):
+            raise self._fail(
+                TypeError,
+                f"{kind.__qualname__} has no stable text form (its text contains a memory "
+                "address, which differs between processes); define __str__ or pass a value "
+                "that identifies it",
+            )
         self.chunks.append(_framed(b"o", _text(_qualified_name(kind))) + _framed(b"s", _text(text)))
+
+
+_MEMORY_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def _record_fields(value: object) -> list[str] | None:
+    """Field names of a dataclass or attrs instance, else None."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [field.name for field in dataclasses.fields(value)]
+    attributes = getattr(type(value), "__attrs_attrs__", None)
+    if attributes is not None:
+        return [attribute.name for attribute in attributes]
+    return None
 
 
 def _qualified_name(kind: type) -> str:

@@ -55,8 +55,14 @@ class Binding:
     """
 
     def __init__(self, target: Session | type[Session], tokens: TokenStore | None) -> None:
-        self.target = target
+        # Weak: a binding must not keep a bound Session instance alive.
+        self._target = weakref.ref(target)
         self._tokens = tokens
+
+    @property
+    def target(self) -> Session | type[Session] | None:
+        """What was bound (``None`` once a bound Session instance is gone)."""
+        return self._target()
 
     @property
     def tokens(self) -> TokenStore:
@@ -79,11 +85,20 @@ class Binding:
             return
         # session.dirty also lists instances whose attributes were set to equal values.
         updated = [obj for obj in session.dirty if session.is_modified(obj)]
-        written = write_identifiers(
-            instance_state(obj) for obj in [*session.new, *updated, *session.deleted]
-        )
+        states = [instance_state(obj) for obj in [*session.new, *updated, *session.deleted]]
+        # The unit of work also deletes rows the session lists nowhere: delete-orphans.
+        states += [
+            state
+            for state, (is_delete, list_only) in getattr(flush_context, "states", {}).items()
+            if is_delete and not list_only
+        ]
+        written = write_identifiers(states)
         if written:
             changes_of(session).record(session, written)
+
+    def before_commit(self, session: Session) -> None:
+        if self._owns(session):
+            changes_of(session).committing(session)
 
     def after_commit(self, session: Session) -> None:
         if self._owns(session):
@@ -101,11 +116,13 @@ class Binding:
             event.listen(self.target, name, getattr(self, name))
 
     def remove(self) -> None:
-        for name in _EVENTS:
-            event.remove(self.target, name, getattr(self, name))
+        target = self.target
+        if target is not None:
+            for name in _EVENTS:
+                event.remove(target, name, getattr(self, name))
 
 
-_EVENTS = ("after_flush", "after_commit", "after_transaction_end")
+_EVENTS = ("after_flush", "before_commit", "after_commit", "after_transaction_end")
 
 
 def _binding_for(session: Session) -> Binding | None:

@@ -15,7 +15,8 @@ The encoding is unambiguous, so two different rows never share a token:
 * every character outside ``A-Z a-z 0-9 _ -`` (and ``.`` in row values) is written as
   ``%XX``, the upper-case hex of its UTF-8 bytes; a ``#``, ``,``, ``:`` or ``*`` inside a
   table name or a key value therefore never reads as a separator;
-* a schema-qualified table is ``schema.table`` (a ``.`` inside a name is ``%2E``);
+* a schema-qualified table is ``schema.table`` (a ``.`` inside a schema or table name is
+  ``%2E``, so ``Table('a.b')`` and ``Table('b', schema='a')`` stay apart);
 * a composite key joins its encoded values with ``,`` in primary-key column order;
 * an empty string is written ``~`` (and a real ``~`` as ``%7E``).
 
@@ -51,7 +52,6 @@ __all__ = [
     "parse_identifier",
     "row_identifier",
     "table_identifier",
-    "table_name",
     "write_identifiers",
 ]
 
@@ -61,24 +61,32 @@ _ESCAPED = r"(?:%[0-9A-F]{2})"
 _NAME = rf"(?:[A-Za-z0-9_-]|{_ESCAPED})+"
 _VALUE = rf"(?:(?:[A-Za-z0-9_.-]|{_ESCAPED})+|~)"
 _IDENTIFIER_RE = re.compile(
-    rf"alkey:(?P<table>{_NAME}(?:\.{_NAME})*)#(?P<row>\*|{_VALUE}(?:,{_VALUE})*)"
+    rf"alkey:(?P<table>{_NAME}(?:\.{_NAME})?)#(?P<row>\*|{_VALUE}(?:,{_VALUE})*)"
 )
 
 
 @dataclass(frozen=True, slots=True)
 class Identifier:
-    """A parsed identifier: ``table`` is ``None`` for the global token, ``key`` is ``None``
-    for a table (or the global) token and the decoded primary-key values for a row."""
+    """A parsed identifier.
+
+    ``table`` is the table's name (``None`` for the global token), ``schema`` its schema if
+    qualified, and ``key`` the decoded primary-key values of a row (``None`` for a table
+    or the global token).
+    """
 
     table: str | None
     key: tuple[str, ...] | None
+    schema: str | None = None
 
     def __str__(self) -> str:
         if self.table is None:
             return GLOBAL_WRITE_TOKEN
+        part = _quote_name(self.table)
+        if self.schema is not None:
+            part = f"{_quote_name(self.schema)}.{part}"
         if self.key is None:
-            return table_identifier(self.table)
-        return _format(self.table, [_quote_value(value) for value in self.key])
+            return f"{_PREFIX}{part}{ROW_SEPARATOR}{ALL_ROWS}"
+        return _format(part, [_quote_value(value) for value in self.key])
 
 
 def _quoter(safe_characters: str) -> Callable[[str], str]:
@@ -116,8 +124,21 @@ def _unquote(text: str) -> str:
     return raw.decode("utf-8", "surrogatepass")
 
 
-def _encode_table(name: str) -> str:
-    return ".".join(_quote_name(part) for part in name.split("."))
+def _table_part(table: str | FromClause) -> str:
+    """The encoded table part of an identifier: ``name`` or ``schema.name``."""
+    if isinstance(table, str):
+        parts = table.split(".")
+        if len(parts) > 2 or not all(parts):
+            raise ValueError(
+                f"{table!r} is not 'table' or 'schema.table'; pass the Table object itself "
+                "for a name that contains dots"
+            )
+        return ".".join(_quote_name(part) for part in parts)
+    name = getattr(table, "name", None)
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{table!r} is not a named table; pass a Table or a mapped class")
+    schema = getattr(table, "schema", None)
+    return f"{_quote_name(schema)}.{_quote_name(name)}" if schema else _quote_name(name)
 
 
 def _encode_value(value: Any) -> str:
@@ -137,6 +158,9 @@ def _encode_value(value: Any) -> str:
         text = repr(value)
     elif isinstance(value, (bytes, bytearray, memoryview)):
         text = bytes(value).hex()
+    elif isinstance(value, datetime.datetime) and value.utcoffset() is not None:
+        # One instant, one spelling, whatever the session's time zone.
+        text = value.astimezone(datetime.timezone.utc).isoformat()
     elif isinstance(value, (datetime.date, datetime.time)):
         text = value.isoformat()
     elif isinstance(value, enum.Enum):
@@ -151,18 +175,8 @@ def _encode_value(value: Any) -> str:
     return _quote_value(text)
 
 
-def _format(table: str, encoded_key: Sequence[str]) -> str:
-    return f"{_PREFIX}{_encode_table(table)}{ROW_SEPARATOR}{','.join(encoded_key)}"
-
-
-def table_name(table: FromClause) -> str:
-    """The name alkey uses for ``table``: ``schema.name`` when it has a schema."""
-    if isinstance(table, Table):
-        return table.fullname
-    name = getattr(table, "name", None)
-    if not isinstance(name, str):
-        raise TypeError(f"{table!r} is not a named table; pass a Table or a mapped class")
-    return name
+def _format(table_part: str, encoded_key: Sequence[str]) -> str:
+    return f"{_PREFIX}{table_part}{ROW_SEPARATOR}{','.join(encoded_key)}"
 
 
 def table_identifier(table: str | FromClause) -> str:
@@ -170,10 +184,7 @@ def table_identifier(table: str | FromClause) -> str:
 
     Accepts a table name (``'schema.table'`` when qualified) or a :class:`Table`.
     """
-    name = table if isinstance(table, str) else table_name(table)
-    if not name:
-        raise ValueError("a table name must not be empty")
-    return f"{_PREFIX}{_encode_table(name)}{ROW_SEPARATOR}{ALL_ROWS}"
+    return f"{_PREFIX}{_table_part(table)}{ROW_SEPARATOR}{ALL_ROWS}"
 
 
 def row_identifier(table: str | FromClause, *key: Any) -> str:
@@ -183,12 +194,10 @@ def row_identifier(table: str | FromClause, *key: Any) -> str:
     composite key. Use this instead of formatting strings by hand whenever a table name or
     key value may contain characters that need escaping.
     """
-    name = table if isinstance(table, str) else table_name(table)
-    if not name:
-        raise ValueError("a table name must not be empty")
+    part = _table_part(table)
     if not key:
-        raise ValueError(f"row_identifier({name!r}) needs the row's primary-key value(s)")
-    return _format(name, [_encode_value(value) for value in key])
+        raise ValueError(f"row_identifier({table!r}) needs the row's primary-key value(s)")
+    return _format(part, [_encode_value(value) for value in key])
 
 
 def is_identifier(value: object) -> bool:
@@ -210,10 +219,10 @@ def parse_identifier(text: str) -> Identifier:
         problem = "it must look like 'alkey:table#id', 'alkey:table#*' or 'alkey:*#*'"
     else:
         try:
-            table = ".".join(_unquote(part) for part in match["table"].split("."))
+            *schema, table = [_unquote(part) for part in match["table"].split(".")]
             row = match["row"]
             key = None if row == ALL_ROWS else tuple(_unquote(v) for v in row.split(","))
-            parsed = Identifier(table, key)
+            parsed = Identifier(table, key, schema[0] if schema else None)
         except UnicodeDecodeError:
             problem = "its %XX escapes are not UTF-8"
         else:
@@ -236,8 +245,8 @@ def _row_prefix(mapper: Mapper[Any]) -> str:
     """``'alkey:<table>#'`` for the table that maps ``mapper``'s class, computed once."""
     prefix = _row_prefixes.get(mapper)
     if prefix is None:
-        encoded = _encode_table(table_name(mapper.local_table))
-        prefix = _row_prefixes[mapper] = f"{_PREFIX}{encoded}{ROW_SEPARATOR}"
+        part = _table_part(mapper.local_table)
+        prefix = _row_prefixes[mapper] = f"{_PREFIX}{part}{ROW_SEPARATOR}"
     return prefix
 
 
@@ -276,7 +285,7 @@ def identifier_for(obj: object) -> str:
     if isinstance(insp, InstanceState):
         return instance_identifier(insp)
     if isinstance(insp, Mapper):
-        return table_identifier(table_name(insp.local_table))
+        return table_identifier(insp.local_table)
     raise TypeError(f"{type(obj).__qualname__} is neither a mapped class, an instance nor a table")
 
 
@@ -295,13 +304,15 @@ _write_plans: dict[Mapper[Any], _WritePlan] = {}
 def _write_plan(mapper: Mapper[Any]) -> _WritePlan:
     plan = _write_plans.get(mapper)
     if plan is None:
-        names = sorted({table_name(table) for table in mapper.tables})
+        parts = sorted({_table_part(table) for table in mapper.tables})
         plan = _write_plans[mapper] = _WritePlan(
             key_attributes=tuple(
                 mapper.get_property_by_column(column).key for column in mapper.primary_key
             ),
-            row_prefixes=tuple(f"{_PREFIX}{_encode_table(name)}{ROW_SEPARATOR}" for name in names),
-            table_identifiers=frozenset(table_identifier(name) for name in names),
+            row_prefixes=tuple(f"{_PREFIX}{part}{ROW_SEPARATOR}" for part in parts),
+            table_identifiers=frozenset(
+                f"{_PREFIX}{part}{ROW_SEPARATOR}{ALL_ROWS}" for part in parts
+            ),
         )
     return plan
 

@@ -20,7 +20,6 @@ import hashlib
 import logging
 import secrets
 import threading
-import weakref
 from collections.abc import Collection, Sequence
 from typing import Any, Literal, Protocol, TypeAlias, runtime_checkable
 
@@ -34,6 +33,7 @@ __all__ = [
     "ErrorPolicy",
     "OutageLedger",
     "RedisTokenStore",
+    "Replay",
     "ScriptCalls",
     "TokenStore",
     "new_token",
@@ -128,7 +128,10 @@ class OutageLedger:
             raise ValueError(f"on_error must be 'degrade' or 'raise', not {on_error!r}")
         self.on_error: ErrorPolicy = on_error
         self.max_pending = max_pending
-        self._pending: set[str] = set()
+        # identifier -> generation of its latest failed bump. A replay only clears the
+        # generations it sent, so a bump that failed meanwhile stays owed.
+        self._pending: dict[str, int] = {}
+        self._generation = 0
         self._dropped = 0
         self._failing = False
         self._lock = threading.Lock()
@@ -139,17 +142,21 @@ class OutageLedger:
         with self._lock:
             return frozenset(self._pending)
 
-    def replay(self) -> frozenset[str]:
+    def replay(self) -> Replay:
         """The bumps to send in front of the next call (usually none: no lock taken)."""
-        return self.pending if self._pending else frozenset()
+        if not self._pending:
+            return _NOTHING
+        with self._lock:
+            return Replay(self._pending)
 
     def keep(self, identifiers: Collection[str]) -> None:
         with self._lock:
+            self._generation += 1
             for identifier in identifiers:
                 if len(self._pending) >= self.max_pending and identifier not in self._pending:
                     self._dropped += 1
                 else:
-                    self._pending.add(identifier)
+                    self._pending[identifier] = self._generation
 
     def failed(self, error: Exception, action: str) -> None:
         if self.on_error == "raise":
@@ -172,11 +179,13 @@ class OutageLedger:
                 self.max_pending,
             )
 
-    def succeeded(self, replayed: frozenset[str]) -> None:
+    def succeeded(self, replayed: Replay) -> None:
         if not self._failing and not replayed:
             return
         with self._lock:
-            self._pending.difference_update(replayed)
+            for identifier, generation in replayed.generations.items():
+                if self._pending.get(identifier) == generation:
+                    del self._pending[identifier]
             recovered, self._failing = self._failing, False
             dropped, self._dropped = self._dropped, 0
         if recovered:
@@ -186,6 +195,20 @@ class OutageLedger:
                 len(replayed),
                 dropped,
             )
+
+
+class Replay(frozenset[str]):
+    """Identifiers to bump again, remembering which failure of each is being replayed."""
+
+    generations: dict[str, int]
+
+    def __new__(cls, generations: dict[str, int]) -> Replay:
+        replay = super().__new__(cls, generations)
+        replay.generations = dict(generations)
+        return replay
+
+
+_NOTHING = Replay({})
 
 
 class ScriptCalls:
@@ -271,6 +294,7 @@ class RedisTokenStore:
         self.calls = ScriptCalls(ttl, key_prefix)
         self.outage = OutageLedger(on_error, max_pending)
         self._loaded: frozenset[str] = frozenset()
+        _register(self)
 
     @property
     def pending(self) -> frozenset[str]:
@@ -337,19 +361,31 @@ class RedisTokenStore:
         return results
 
 
-_stores: weakref.WeakKeyDictionary[Any, RedisTokenStore] = weakref.WeakKeyDictionary()
-_stores_lock = threading.Lock()
+_stores_lock = threading.RLock()
+# The store lives on its connection pool: as long as the pool, and no longer.
+_POOL_ATTRIBUTE = "_alkey_token_store"
+
+
+def _register(store: RedisTokenStore) -> None:
+    with _stores_lock:
+        setattr(store.client.connection_pool, _POOL_ATTRIBUTE, store)
 
 
 def store_for(client: RedisClient) -> RedisTokenStore:
     """The process's shared :class:`RedisTokenStore` for ``client``'s connection pool.
 
-    Clients created per request from one pool share one store, and with it the bumps
-    that wait for an outage to end.
+    That is the store most recently created on this pool -- so a store configured with
+    ``RedisTokenStore(client, ttl=..., key_prefix=...)`` is the one that
+    ``CacheKeyGenerator(client)``, ``get_token(client, ...)`` and
+    ``bind(..., redis_client=client)`` use too -- or a new one with default settings.
+    Clients created per request from one pool share it, and with it the bumps that wait
+    for an outage to end.
     """
-    pool = client.connection_pool
+    store = getattr(client.connection_pool, _POOL_ATTRIBUTE, None)
+    if isinstance(store, RedisTokenStore):
+        return store
     with _stores_lock:
-        store = _stores.get(pool)
-        if store is None:
-            store = _stores[pool] = RedisTokenStore(client)
+        store = getattr(client.connection_pool, _POOL_ATTRIBUTE, None)
+        if not isinstance(store, RedisTokenStore):
+            store = RedisTokenStore(client)
         return store

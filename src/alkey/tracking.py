@@ -16,9 +16,12 @@ the part alkey 0.3 got wrong -- small enough to read in one sitting:
   a zope.sqlalchemy abort, which fires ``after_transaction_end`` but not
   ``after_rollback``) drops only the changes recorded against itself.
 
-Commits are detected positively (``after_commit``), and everything else is a discard. So a
-path that ends a transaction without telling us how can only cost a missed invalidation
-of work that was in fact rolled back, never keep changes of work that was rolled back.
+Commits are detected positively (``after_commit``). One exception keeps the promise when
+a commit goes wrong half-way: once the root transaction has *started* committing
+(``before_commit``), ending without the confirmation -- another ``after_commit`` listener
+raised, or the second database of a multi-bind session failed its COMMIT after the first
+succeeded -- counts as committed. The database may hold the changes, so bumping them is
+the safe side: at worst a few extra cache misses for work that was rolled back after all.
 """
 
 from __future__ import annotations
@@ -40,11 +43,12 @@ class TransactionChanges:
     processes, and needs no lock.
     """
 
-    __slots__ = ("_committed", "_pending")
+    __slots__ = ("_committed", "_committing", "_pending")
 
     def __init__(self) -> None:
         self._pending: dict[SessionTransaction, set[str]] = {}
         self._committed: dict[SessionTransaction, set[str]] = {}
+        self._committing: set[SessionTransaction] = set()
 
     def record(self, session: Session, identifiers: Iterable[str]) -> None:
         """Record writes against the session's innermost savepoint or its root transaction."""
@@ -52,6 +56,17 @@ class TransactionChanges:
         if owner is None:  # pragma: no cover - SQLAlchemy always has one while writing
             raise RuntimeError("alkey recorded a write outside any transaction")
         self._pending.setdefault(owner, set()).update(identifiers)
+
+    def committing(self, session: Session) -> None:
+        """Handle ``before_commit``: note that the root transaction began to commit.
+
+        ``session.commit()`` commits the savepoints first, so when none is open this is
+        the root's own commit.
+        """
+        if session.get_nested_transaction() is None:
+            root = session.get_transaction()
+            if root is not None:
+                self._committing.add(root)
 
     def committed(self, session: Session) -> None:
         """Handle ``after_commit`` (a released savepoint or the root transaction).
@@ -75,11 +90,16 @@ class TransactionChanges:
 
         Whatever else was recorded against the transaction was not committed: dropped.
         """
-        self._pending.pop(transaction, None)
-        return self._committed.pop(transaction, None)
+        unconfirmed = self._pending.pop(transaction, None)
+        committed = self._committed.pop(transaction, None)
+        if transaction in self._committing:
+            self._committing.discard(transaction)
+            if committed is None:
+                return unconfirmed
+        return committed
 
     def __bool__(self) -> bool:
-        return bool(self._pending or self._committed)
+        return bool(self._pending or self._committed or self._committing)
 
 
 def _real_parent(transaction: SessionTransaction) -> SessionTransaction:
