@@ -180,8 +180,10 @@ class View:
 
 
 def test_a_dataclass_argument_is_keyed_field_by_field_and_sees_instances_inside(
-    session: Session, key_generator: CacheKeyGenerator
+    session_factory: sessionmaker[Session], redis_client: RedisClient
 ) -> None:
+    session = session_factory()
+    key_generator = CacheKeyGenerator(redis_client)
     user = User(id=1, name="ada")
     session.add(user)
     session.commit()
@@ -191,6 +193,7 @@ def test_a_dataclass_argument_is_keyed_field_by_field_and_sees_instances_inside(
     user.name = "grace"
     session.commit()
     assert key_generator(View(user, frozenset({"a", "b"}), 1)) != key
+    session.close()
 
 
 DATACLASS_KEY_SCRIPT = """
@@ -231,10 +234,10 @@ def plain_function() -> None:  # pragma: no cover - never called
     "argument", [plain_function, functools.partial(plain_function), Parent().__repr__, lambda: 0]
 )
 def test_a_value_whose_text_holds_a_memory_address_is_refused(
-    key_generator: CacheKeyGenerator, argument: object
+    redis_client: RedisClient, argument: object
 ) -> None:
     with pytest.raises(TypeError, match=r"argument 1: .* no stable text form"):
-        key_generator(argument)
+        CacheKeyGenerator(redis_client)(argument)
 
 
 def test_a_configured_ttl_applies_to_created_and_bumped_tokens(redis_client: RedisClient) -> None:

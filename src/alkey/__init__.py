@@ -14,10 +14,12 @@ from typing import Any
 
 from alkey.cache import CacheKeyGenerator, get_cache_key_generator, get_token
 from alkey.client import get_redis_client, get_redis_config
+from alkey.connections import bind_engine, unbind_engine
 from alkey.constants import GLOBAL_WRITE_TOKEN
 from alkey.events import bind, unbind
 from alkey.identity import parse_identifier, row_identifier, table_identifier
 from alkey.tokens import RedisTokenStore, TokenStore
+from alkey.writes import invalidate, touch
 
 __all__ = [
     "GLOBAL_WRITE_TOKEN",
@@ -25,15 +27,19 @@ __all__ = [
     "RedisTokenStore",
     "TokenStore",
     "bind",
+    "bind_engine",
     "get_cache_key_generator",
     "get_redis_client",
     "get_redis_config",
     "get_token",
     "includeme",
+    "invalidate",
     "parse_identifier",
     "row_identifier",
     "table_identifier",
+    "touch",
     "unbind",
+    "unbind_engine",
 ]
 
 __version__ = "1.0.0.dev0"

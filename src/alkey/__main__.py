@@ -71,7 +71,9 @@ def demo(out: Callable[[str], None] = print) -> None:
             _story(make_session, CacheKeyGenerator(tokens=tokens, prefix="profile:"), out)
         finally:
             alkey.unbind(make_session)
-            client.delete(*client.keys(DEMO_KEY_PREFIX + "*"))
+            leftovers = client.keys(DEMO_KEY_PREFIX + "*")
+            if leftovers:
+                client.delete(*leftovers)
 
 
 def _story(

@@ -16,6 +16,7 @@ from alkey import identity
 from alkey._canonical import Chunk, encode_arguments
 from alkey.client import get_redis_client
 from alkey.constants import MAX_KEY_LENGTH
+from alkey.identity import UNKNOWN_WRITES, dependencies
 from alkey.tokens import RedisClient, TokenStore, store_for
 
 __all__ = ["CacheKeyGenerator", "KeyPlan", "get_cache_key_generator", "get_token"]
@@ -108,25 +109,46 @@ class CacheKeyGenerator:
 
 
 class KeyPlan:
-    """The encoded arguments of one key, waiting for their tokens."""
+    """The encoded arguments of one key, waiting for their tokens.
 
-    __slots__ = ("_chunks", "identifiers", "prefix")
+    :attr:`identifiers` lists every token to fetch: those the arguments name, the
+    unknown-rows tokens that their rows depend on (see
+    :func:`alkey.identity.dependencies`), and, once anything is named, the token that
+    writes to unknown tables bump.
+    """
+
+    __slots__ = ("_chunks", "_named", "identifiers", "prefix")
 
     def __init__(self, prefix: str, chunks: list[Chunk]) -> None:
         self.prefix = prefix
         self._chunks = chunks
-        #: Each identifier once, in order of first appearance.
-        self.identifiers: list[str] = list(dict.fromkeys([c for c in chunks if type(c) is str]))
+        named = dict.fromkeys([chunk for chunk in chunks if type(chunk) is str])
+        self._named = {identifier: dependencies(identifier) for identifier in named}
+        wanted = dict(named)
+        for needs in self._named.values():
+            wanted.update(dict.fromkeys(needs))
+        if wanted:
+            wanted[UNKNOWN_WRITES] = None
+        #: Each token to fetch once, in a fixed order.
+        self.identifiers: list[str] = list(wanted)
 
     def finish(self, tokens: Sequence[str]) -> str:
         """The key, given the current token of each of :attr:`identifiers`, in order."""
-        # Each identifier's chunk becomes its length-prefixed identifier and token.
-        references = {
-            identifier: b"k%d:%s%d:%s"
-            % (len(identifier), identifier.encode(), len(token), token.encode())
-            for identifier, token in zip(self.identifiers, tokens, strict=True)
-        }
+        current = dict(zip(self.identifiers, tokens, strict=True))
+        # Each named identifier's chunk becomes its length-prefixed identifier and the
+        # tokens it depends on.
+        references = {}
+        for identifier, needs in self._named.items():
+            token = current[identifier] + "".join(" " + current[need] for need in needs)
+            references[identifier] = b"k%d:%s%d:%s" % (
+                len(identifier),
+                identifier.encode(),
+                len(token),
+                token.encode(),
+            )
         parts = [references[c] if type(c) is str else c for c in self._chunks]
+        if self._named:
+            parts.append(b"w" + current[UNKNOWN_WRITES].encode())
         digest = hashlib.sha256(_DOMAIN + b"".join(parts)).hexdigest()  # type: ignore[arg-type]
         return self.prefix + digest
 

@@ -1,10 +1,12 @@
 """Bind alkey to SQLAlchemy sessions: record writes at flush, bump tokens at commit.
 
 Write path: ``after_flush`` records the identifiers of every inserted, updated or deleted
-instance against the session's current transaction (in process memory, see
-:mod:`alkey.tracking`), ``after_commit`` and ``after_transaction_end`` decide what
-survived, and the outermost commit bumps it all with one call to the token store. A flush
-costs no Redis round trip, and a transaction that wrote nothing costs none at its commit.
+instance (and of its related parents), ``do_orm_execute`` those of bulk statements and raw
+SQL run through the session -- see :mod:`alkey.writes` -- against the session's current
+transaction, in process memory (:mod:`alkey.tracking`). ``after_commit`` and
+``after_transaction_end`` decide what survived, and the outermost commit bumps it all with
+one call to the token store. A flush costs no Redis round trip, and a transaction that
+wrote nothing costs none at its commit.
 """
 
 from __future__ import annotations
@@ -15,13 +17,22 @@ import weakref
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.orm import Session, SessionTransaction, UOWTransaction, scoped_session, sessionmaker
-from sqlalchemy.orm.attributes import instance_state
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import (
+    ORMExecuteState,
+    Session,
+    SessionTransaction,
+    UOWTransaction,
+    scoped_session,
+    sessionmaker,
+)
+from sqlalchemy.sql.elements import TextClause
 
 from alkey.client import get_redis_client
-from alkey.identity import write_identifiers
+from alkey.connections import claim_connection, release_connections, session_statement
 from alkey.tokens import RedisClient, TokenStore, store_for
 from alkey.tracking import changes_of
+from alkey.writes import flushed, raw_sql_writes, statement_writes
 
 __all__ = ["Binding", "bind", "unbind"]
 
@@ -54,10 +65,15 @@ class Binding:
     Created by :func:`bind`; one per target however often ``bind`` is called.
     """
 
-    def __init__(self, target: Session | type[Session], tokens: TokenStore | None) -> None:
+    def __init__(
+        self, target: Session | type[Session], tokens: TokenStore | None, touch_parents: bool
+    ) -> None:
         # Weak: a binding must not keep a bound Session instance alive.
         self._target = weakref.ref(target)
         self._tokens = tokens
+        #: Whether writing a child invalidates its many-to-one parents (and many-to-many
+        #: partners); per relationship, ``info={"alkey_touch": False}`` opts out.
+        self.touch_parents = touch_parents
 
     @property
     def target(self) -> Session | type[Session] | None:
@@ -83,18 +99,39 @@ class Binding:
     def after_flush(self, session: Session, flush_context: UOWTransaction) -> None:
         if not self._owns(session):
             return
-        # session.dirty also lists instances whose attributes were set to equal values.
-        updated = [obj for obj in session.dirty if session.is_modified(obj)]
-        states = [instance_state(obj) for obj in [*session.new, *updated, *session.deleted]]
-        # The unit of work also deletes rows the session lists nowhere: delete-orphans.
-        states += [
-            state
-            for state, (is_delete, list_only) in getattr(flush_context, "states", {}).items()
-            if is_delete and not list_only
-        ]
-        written = write_identifiers(states)
+        written = flushed(session, flush_context, self.touch_parents)
         if written:
             changes_of(session).record(session, written)
+
+    def do_orm_execute(self, state: ORMExecuteState) -> Any:
+        """Statements run through ``Session.execute``: bulk DML, and raw SQL."""
+        session = state.session
+        if state.is_select or not self._owns(session):
+            return None
+        statement = state.statement
+        if state.is_update or state.is_delete or state.is_insert:
+            with session_statement(session):
+                result = state.invoke_statement()
+            written = statement_writes(state, result)
+        elif isinstance(statement, TextClause):
+            bind = session.get_bind(mapper=state.bind_mapper)
+            written = raw_sql_writes(statement, bind.dialect)
+            if not written:
+                return None
+            with session_statement(session):
+                result = state.invoke_statement()
+        else:
+            return None
+        # After running it: a statement that fails writes nothing, and the session's
+        # transaction has begun by now.
+        changes_of(session).record(session, written)
+        return result
+
+    def after_begin(
+        self, session: Session, transaction: SessionTransaction, connection: Connection
+    ) -> None:
+        if self._owns(session):
+            claim_connection(session, connection)
 
     def before_commit(self, session: Session) -> None:
         if self._owns(session):
@@ -107,6 +144,8 @@ class Binding:
     def after_transaction_end(self, session: Session, transaction: SessionTransaction) -> None:
         if not self._owns(session):
             return
+        if transaction.parent is None:
+            release_connections(session)
         committed = changes_of(session).ended(transaction)
         if committed:
             self.tokens.bump(committed)
@@ -122,7 +161,14 @@ class Binding:
                 event.remove(target, name, getattr(self, name))
 
 
-_EVENTS = ("after_flush", "before_commit", "after_commit", "after_transaction_end")
+_EVENTS = (
+    "after_begin",
+    "after_flush",
+    "do_orm_execute",
+    "before_commit",
+    "after_commit",
+    "after_transaction_end",
+)
 
 
 def _binding_for(session: Session) -> Binding | None:
@@ -141,6 +187,7 @@ def bind(
     *,
     redis_client: RedisClient | None = None,
     tokens: TokenStore | None = None,
+    touch_parents: bool = True,
 ) -> Binding:
     """Invalidate alkey tokens when sessions made from ``target`` commit writes.
 
@@ -151,6 +198,10 @@ def bind(
 
     Tokens live in ``tokens``, else in ``redis_client``, else in the client from
     :func:`alkey.client.get_redis_client`, looked up at the first commit that writes.
+
+    With ``touch_parents`` (the default), writing a row also invalidates the rows it
+    references many-to-one -- the old and the new one when the reference moves -- and both
+    sides of a changed many-to-many association.
     """
     if tokens is not None and redis_client is not None:
         raise ValueError("pass either redis_client or tokens, not both")
@@ -160,10 +211,12 @@ def bind(
     with _bindings_lock:
         binding = _bindings.get(resolved)
         if binding is None:
-            binding = _bindings[resolved] = Binding(resolved, tokens)
+            binding = _bindings[resolved] = Binding(resolved, tokens, touch_parents)
             binding.listen()
-        elif tokens is not None:
-            binding.tokens = tokens
+        else:
+            binding.touch_parents = touch_parents
+            if tokens is not None:
+                binding.tokens = tokens
     return binding
 
 

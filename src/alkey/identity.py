@@ -35,7 +35,7 @@ import string
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from sqlalchemy import inspect
 from sqlalchemy.orm import InstanceState, Mapper
@@ -45,13 +45,20 @@ from sqlalchemy.sql.expression import FromClause
 from alkey.constants import ALL_ROWS, GLOBAL_WRITE_TOKEN, NAMESPACE, ROW_SEPARATOR
 
 __all__ = [
+    "UNKNOWN_ROWS",
+    "UNKNOWN_WRITES",
     "Identifier",
+    "bulk_identifiers",
+    "dependencies",
+    "encode_table",
     "identifier_for",
     "instance_identifier",
     "is_identifier",
     "parse_identifier",
     "row_identifier",
     "table_identifier",
+    "table_part",
+    "table_write_identifiers",
     "write_identifiers",
 ]
 
@@ -124,7 +131,7 @@ def _unquote(text: str) -> str:
     return raw.decode("utf-8", "surrogatepass")
 
 
-def _table_part(table: str | FromClause) -> str:
+def encode_table(table: str | FromClause) -> str:
     """The encoded table part of an identifier: ``name`` or ``schema.name``."""
     if isinstance(table, str):
         parts = table.split(".")
@@ -184,7 +191,7 @@ def table_identifier(table: str | FromClause) -> str:
 
     Accepts a table name (``'schema.table'`` when qualified) or a :class:`Table`.
     """
-    return f"{_PREFIX}{_table_part(table)}{ROW_SEPARATOR}{ALL_ROWS}"
+    return f"{_PREFIX}{encode_table(table)}{ROW_SEPARATOR}{ALL_ROWS}"
 
 
 def row_identifier(table: str | FromClause, *key: Any) -> str:
@@ -194,7 +201,7 @@ def row_identifier(table: str | FromClause, *key: Any) -> str:
     composite key. Use this instead of formatting strings by hand whenever a table name or
     key value may contain characters that need escaping.
     """
-    part = _table_part(table)
+    part = encode_table(table)
     if not key:
         raise ValueError(f"row_identifier({table!r}) needs the row's primary-key value(s)")
     return _format(part, [_encode_value(value) for value in key])
@@ -245,9 +252,45 @@ def _row_prefix(mapper: Mapper[Any]) -> str:
     """``'alkey:<table>#'`` for the table that maps ``mapper``'s class, computed once."""
     prefix = _row_prefixes.get(mapper)
     if prefix is None:
-        part = _table_part(mapper.local_table)
+        part = encode_table(mapper.local_table)
         prefix = _row_prefixes[mapper] = f"{_PREFIX}{part}{ROW_SEPARATOR}"
+        # A row of a joined-table subclass lives in every table of its hierarchy: a write
+        # to any of them whose rows are unknown must reach its keys.
+        _unknown_rows_of_prefix[prefix] = tuple(
+            sorted(
+                f"{_PREFIX}{encode_table(table)}{ROW_SEPARATOR}{UNKNOWN_ROWS}"
+                for table in mapper.tables
+            )
+        )
     return prefix
+
+
+#: The row part of a table's unknown-rows token. A write that reaches a table without
+#: saying which rows (a bulk UPDATE without RETURNING, raw SQL) bumps ``alkey:users#?``;
+#: every key that names a row of ``users`` also depends on it, fetched in the same round
+#: trip. These tokens are internal: identifiers that users pass never end in ``#?``.
+UNKNOWN_ROWS: Final = "?"
+
+#: Bumped by a write whose tables are unknown (raw SQL that cannot be parsed, a stored
+#: procedure); every key that names any token also depends on it.
+UNKNOWN_WRITES: Final = f"{_PREFIX}*{ROW_SEPARATOR}{UNKNOWN_ROWS}"
+
+_unknown_rows_of_prefix: dict[str, tuple[str, ...]] = {}
+
+
+def dependencies(identifier: str) -> tuple[str, ...]:
+    """The unknown-rows tokens a key that names ``identifier`` also depends on.
+
+    A row depends on its table's (and, for an instance of a joined-table subclass, on
+    every table of its hierarchy's) unknown-rows token. Tables and the global token need
+    none: every write to a table bumps its table token.
+    """
+    prefix, _, row = identifier.rpartition(ROW_SEPARATOR)
+    if row == ALL_ROWS:
+        return ()
+    prefix += ROW_SEPARATOR
+    known = _unknown_rows_of_prefix.get(prefix)
+    return known if known is not None else (prefix + UNKNOWN_ROWS,)
 
 
 def instance_identifier(state: InstanceState[Any]) -> str:
@@ -304,7 +347,7 @@ _write_plans: dict[Mapper[Any], _WritePlan] = {}
 def _write_plan(mapper: Mapper[Any]) -> _WritePlan:
     plan = _write_plans.get(mapper)
     if plan is None:
-        parts = sorted({_table_part(table) for table in mapper.tables})
+        parts = sorted({encode_table(table) for table in mapper.tables})
         plan = _write_plans[mapper] = _WritePlan(
             key_attributes=tuple(
                 mapper.get_property_by_column(column).key for column in mapper.primary_key
@@ -321,6 +364,51 @@ def _encode_key(values: Sequence[Any]) -> str:
     if len(values) == 1 and type(values[0]) is int:
         return str(values[0])
     return ",".join([_encode_value(value) for value in values])
+
+
+def _family_prefixes(mapper: Mapper[Any]) -> tuple[str, ...]:
+    """Row prefixes of every table of ``mapper`` and of all its subclasses' mappers."""
+    parts = {encode_table(t) for m in mapper.self_and_descendants for t in m.tables}
+    return tuple(sorted(f"{_PREFIX}{part}{ROW_SEPARATOR}" for part in parts))
+
+
+def bulk_identifiers(mapper: Mapper[Any], keys: Iterable[Sequence[Any]] | None) -> set[str]:
+    """What a bulk statement against ``mapper`` invalidates.
+
+    ``keys`` are the primary keys of the rows it wrote, when known (``RETURNING``, or
+    given in the parameters); ``None`` when not, and then the unknown-rows token of every
+    table the statement can reach -- including the tables of subclasses, whose rows the
+    base table's rows are -- changes every row key of those tables.
+    """
+    prefixes = _family_prefixes(mapper)
+    identifiers = {GLOBAL_WRITE_TOKEN, *(prefix + ALL_ROWS for prefix in prefixes)}
+    if keys is None:
+        identifiers.update(prefix + UNKNOWN_ROWS for prefix in prefixes)
+    else:
+        for key in keys:
+            encoded = _encode_key(key)
+            identifiers.update(prefix + encoded for prefix in prefixes)
+    return identifiers
+
+
+def table_write_identifiers(table_parts: Iterable[str] | None) -> set[str]:
+    """What a write to these encoded table parts, rows unknown, invalidates.
+
+    ``None`` means the tables are unknown too: then everything changes.
+    """
+    if table_parts is None:
+        return {GLOBAL_WRITE_TOKEN, UNKNOWN_WRITES}
+    identifiers = {GLOBAL_WRITE_TOKEN}
+    for part in table_parts:
+        prefix = f"{_PREFIX}{part}{ROW_SEPARATOR}"
+        identifiers.update((prefix + ALL_ROWS, prefix + UNKNOWN_ROWS))
+    return identifiers
+
+
+def table_part(schema: str | None, name: str) -> str:
+    """The encoded table part of an identifier for ``schema.name`` (``name`` alone if no
+    schema), for callers that know a table only by its name, such as parsed SQL."""
+    return f"{_quote_name(schema)}.{_quote_name(name)}" if schema else _quote_name(name)
 
 
 def write_identifiers(states: Iterable[InstanceState[Any]]) -> set[str]:

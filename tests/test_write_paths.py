@@ -1,0 +1,517 @@
+"""Every write path invalidates what it wrote, and only that.
+
+The matrix test below runs each write path against real SQLite or PostgreSQL and records
+which keys changed; the README's "Write paths" table must equal it (set
+ALKEY_UPDATE_README=1 to rewrite the table from a run).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+
+import pytest
+from sqlalchemy import (
+    Column,
+    Engine,
+    ForeignKey,
+    MetaData,
+    String,
+    Table,
+    delete,
+    insert,
+    text,
+    update,
+)
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    mapped_column,
+    relationship,
+    sessionmaker,
+)
+
+import alkey
+from alkey.cache import CacheKeyGenerator
+from alkey.sql import written_tables
+from alkey.tokens import RedisClient
+
+from .conftest import README
+from .models import Employee, Manager, Tag, User
+
+# -- models for relationships ----------------------------------------------------------------
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData()
+
+
+book_tags = Table(
+    "book_tags",
+    Base.metadata,
+    Column("book_id", ForeignKey("books.id"), primary_key=True),
+    Column("label_id", ForeignKey("labels.id"), primary_key=True),
+)
+
+
+class Author(Base):
+    __tablename__ = "authors"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    books: Mapped[list[Book]] = relationship(back_populates="author")
+
+
+class Book(Base):
+    __tablename__ = "books"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    title: Mapped[str] = mapped_column(String(50), default="")
+    author_id: Mapped[int | None] = mapped_column(ForeignKey("authors.id"))
+    author: Mapped[Author | None] = relationship(back_populates="books")
+    labels: Mapped[list[Label]] = relationship(secondary=book_tags, back_populates="books")
+
+
+class Label(Base):
+    __tablename__ = "labels"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    books: Mapped[list[Book]] = relationship(secondary=book_tags, back_populates="labels")
+
+
+class Review(Base):
+    """Writing a review does not touch its book: opted out per relationship."""
+
+    __tablename__ = "reviews"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    book_id: Mapped[int] = mapped_column(ForeignKey("books.id"))
+    book: Mapped[Book] = relationship(info={"alkey_touch": False})
+
+
+@pytest.fixture
+def library(tables: Engine) -> Iterator[Engine]:
+    Base.metadata.drop_all(tables)
+    Base.metadata.create_all(tables)
+    yield tables
+    Base.metadata.drop_all(tables)
+
+
+@pytest.fixture
+def bound_engine(tables: Engine, redis_client: RedisClient) -> Iterator[Engine]:
+    alkey.bind_engine(tables, redis_client=redis_client)
+    yield tables
+    alkey.unbind_engine(tables)
+
+
+@pytest.fixture
+def keys(redis_client: RedisClient) -> CacheKeyGenerator:
+    return CacheKeyGenerator(redis_client)
+
+
+def seed_users(factory: sessionmaker[Session]) -> None:
+    with factory() as session:
+        # Keys from the database's own sequence, so later inserts without keys work too.
+        session.add_all([User(name="ada"), User(name="bob"), Tag(code="x")])
+        session.commit()
+
+
+USERS: Table = User.__table__  # type: ignore[assignment]
+TAGS: Table = Tag.__table__  # type: ignore[assignment]
+
+# -- the matrix ---------------------------------------------------------------------------
+
+WATCHED = {
+    "row 1": "alkey:users#1",
+    "row 2": "alkey:users#2",
+    "table users": User,
+    "global": alkey.GLOBAL_WRITE_TOKEN,
+    "table tags": Tag,
+}
+
+
+def snapshot(keys: CacheKeyGenerator) -> dict[str, str]:
+    return {name: keys(target) for name, target in WATCHED.items()}
+
+
+def orm_update(session: Session, engine: Engine) -> None:
+    session.get_one(User, 1).name = "grace"
+
+
+def bulk_update_fetch(session: Session, engine: Engine) -> None:
+    session.execute(
+        update(User).where(User.id == 1).values(name="grace"),
+        execution_options={"synchronize_session": "fetch"},
+    )
+
+
+def bulk_update_evaluate(session: Session, engine: Engine) -> None:
+    session.execute(update(User).where(User.id == 1).values(name="grace"))
+
+
+def bulk_update_by_primary_key(session: Session, engine: Engine) -> None:
+    session.execute(update(User), [{"id": 1, "name": "grace"}])
+
+
+def bulk_delete_fetch(session: Session, engine: Engine) -> None:
+    session.execute(
+        delete(User).where(User.id == 1), execution_options={"synchronize_session": "fetch"}
+    )
+
+
+def bulk_insert_with_keys(session: Session, engine: Engine) -> None:
+    session.execute(insert(User), [{"id": 3, "name": "cy"}])
+
+
+def bulk_insert_values(session: Session, engine: Engine) -> None:
+    session.execute(insert(User).values([{"name": "cy"}, {"name": "di"}]))
+
+
+def core_update(session: Session, engine: Engine) -> None:
+    with engine.begin() as connection:
+        connection.execute(USERS.update().where(USERS.c.id == 1).values(name="grace"))
+
+
+def raw_update_in_session(session: Session, engine: Engine) -> None:
+    session.execute(text("UPDATE users SET name = 'grace' WHERE id = 1"))
+
+
+def raw_driver_sql(session: Session, engine: Engine) -> None:
+    with engine.begin() as connection:
+        connection.exec_driver_sql("UPDATE users SET name = 'grace' WHERE id = 1")
+
+
+def raw_cte_update(session: Session, engine: Engine) -> None:
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "WITH chosen AS (SELECT 1 AS id) "
+                "UPDATE users SET name = 'grace' WHERE id IN (SELECT id FROM chosen)"
+            )
+        )
+
+
+def raw_select(session: Session, engine: Engine) -> None:
+    with engine.begin() as connection:
+        connection.execute(text("SELECT name FROM users"))
+
+
+def ddl_alter(session: Session, engine: Engine) -> None:
+    with engine.begin() as connection:
+        connection.execute(text("ALTER TABLE users ADD COLUMN nickname VARCHAR(20)"))
+
+
+def manual_touch(session: Session, engine: Engine) -> None:
+    alkey.touch(session, session.get_one(User, 1))
+
+
+def manual_invalidate(session: Session, engine: Engine) -> None:
+    alkey.invalidate("alkey:users#1")
+
+
+def manual_touch_everything(session: Session, engine: Engine) -> None:
+    alkey.touch(session, alkey.GLOBAL_WRITE_TOKEN)
+
+
+PATHS: dict[str, Callable[[Session, Engine], None]] = {
+    "ORM unit of work: `user.name = ...`": orm_update,
+    "bulk `update(User).where(id == 1)`, `synchronize_session='fetch'`": bulk_update_fetch,
+    "bulk `update(User).where(id == 1)`, default (`'auto'`/`'evaluate'`)": bulk_update_evaluate,
+    "bulk UPDATE by primary key: `execute(update(User), [{'id': 1, ...}])`": (
+        bulk_update_by_primary_key
+    ),
+    "bulk `delete(User).where(id == 1)`, `'fetch'`": bulk_delete_fetch,
+    "bulk `insert(User)` with keys `[{'id': 3, ...}]`": bulk_insert_with_keys,
+    "bulk `insert(User).values([...])` without keys": bulk_insert_values,
+    "Core `users.update()` on a connection (`bind_engine`)": core_update,
+    "raw `text('UPDATE users ...')` through the session": raw_update_in_session,
+    "raw `exec_driver_sql('UPDATE users ...')`": raw_driver_sql,
+    "raw `WITH ... UPDATE users ...`": raw_cte_update,
+    "raw `SELECT`": raw_select,
+    "DDL `ALTER TABLE users ...`": ddl_alter,
+    "manual `alkey.touch(session, user_1)`, then commit": manual_touch,
+    "manual `alkey.invalidate('alkey:users#1')`": manual_invalidate,
+    "manual `alkey.touch(session, 'alkey:*#*')` (as any write to unknown tables)": (
+        manual_touch_everything
+    ),
+}
+
+
+def run_matrix(
+    factory: sessionmaker[Session],
+    engine: Engine,
+    keys: CacheKeyGenerator,
+    redis_client: RedisClient,
+) -> dict[str, set[str]]:
+    changed = {}
+    for name, path in PATHS.items():
+        redis_client.flushdb()
+        Base.metadata.drop_all(engine)
+        User.metadata.drop_all(engine)
+        User.metadata.create_all(engine)
+        seed_users(factory)
+        before = snapshot(keys)
+        with factory() as session:
+            path(session, engine)
+            session.commit()
+        after = snapshot(keys)
+        changed[name] = {watched for watched in WATCHED if before[watched] != after[watched]}
+    return changed
+
+
+def render(changed: dict[str, set[str]]) -> str:
+    header = "| write path | " + " | ".join(WATCHED) + " |"
+    rule = "|---|" + "---|" * len(WATCHED)
+    rows = [
+        f"| {name} | "
+        + " | ".join("changes" if w in changed[name] else "-" for w in WATCHED)
+        + " |"
+        for name in PATHS
+    ]
+    return "\n".join([header, rule, *rows]) + "\n"
+
+
+START, END = "<!-- write paths: start -->", "<!-- write paths: end -->"
+
+
+def test_each_write_path_changes_exactly_the_keys_in_the_readme_table(
+    session_factory: sessionmaker[Session],
+    bound_engine: Engine,
+    keys: CacheKeyGenerator,
+    redis_client: RedisClient,
+    redis_url: str,
+    environment_redis: Callable[[str], None],
+) -> None:
+    environment_redis(redis_url)  # alkey.invalidate() uses the default client
+    table = render(run_matrix(session_factory, bound_engine, keys, redis_client))
+    readme = README.read_text(encoding="utf-8")
+    before, _, rest = readme.partition(START)
+    documented, _, after = rest.partition(END)
+    if os.environ.get("ALKEY_UPDATE_README"):
+        README.write_text(f"{before}{START}\n{table}{END}{after}", encoding="utf-8")
+        documented = "\n" + table
+    assert documented.strip() == table.strip()
+
+
+def test_rows_that_a_known_row_bulk_update_did_not_write_keep_their_keys(
+    session_factory: sessionmaker[Session], keys: CacheKeyGenerator
+) -> None:
+    seed_users(session_factory)
+    before = (keys("alkey:users#1"), keys("alkey:users#2"))
+    with session_factory() as session:
+        bulk_update_fetch(session, session.get_bind())  # type: ignore[arg-type]
+        session.commit()
+    assert keys("alkey:users#1") != before[0]
+    assert keys("alkey:users#2") == before[1]
+
+
+def test_a_rolled_back_bulk_statement_bumps_nothing(
+    session_factory: sessionmaker[Session], keys: CacheKeyGenerator
+) -> None:
+    seed_users(session_factory)
+    before = snapshot(keys)
+    with session_factory() as session:
+        bulk_update_evaluate(session, session.get_bind())  # type: ignore[arg-type]
+        raw_update_in_session(session, session.get_bind())  # type: ignore[arg-type]
+        session.rollback()
+    assert snapshot(keys) == before
+
+
+def test_core_writes_bump_at_commit_and_a_rolled_back_savepoint_drops_only_its_own(
+    bound_engine: Engine,
+    session_factory: sessionmaker[Session],
+    keys: CacheKeyGenerator,
+    redis_client: RedisClient,
+) -> None:
+    seed_users(session_factory)
+    users, tags = USERS, TAGS
+    before = snapshot(keys)
+    with bound_engine.connect() as connection:
+        connection.execute(users.update().values(name="x"))
+        assert snapshot(keys) == before, "nothing before COMMIT"
+        savepoint = connection.begin_nested()
+        connection.execute(tags.update().values(label="y"))
+        savepoint.rollback()
+        connection.commit()
+    after = snapshot(keys)
+    assert {w for w in WATCHED if before[w] != after[w]} == {
+        "row 1",
+        "row 2",
+        "table users",
+        "global",
+    }
+    with bound_engine.connect() as connection:
+        connection.execute(tags.update().values(label="z"))
+        connection.rollback()
+    assert snapshot(keys) == after
+
+
+def test_core_statements_through_a_sessions_connection_follow_the_session(
+    bound_engine: Engine, session_factory: sessionmaker[Session], keys: CacheKeyGenerator
+) -> None:
+    seed_users(session_factory)
+    before = keys(User)
+    with session_factory() as session:
+        session.connection().execute(USERS.update().values(name="x"))
+        session.rollback()
+    assert keys(User) == before
+    with session_factory() as session:
+        session.connection().execute(USERS.update().values(name="x"))
+        assert keys(User) == before
+        session.commit()
+    assert keys(User) != before
+
+
+def test_an_autocommit_connection_bumps_right_after_each_write(
+    bound_engine: Engine, session_factory: sessionmaker[Session], keys: CacheKeyGenerator
+) -> None:
+    seed_users(session_factory)
+    before = keys("alkey:users#1")
+    with bound_engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        connection.execute(USERS.update().values(name="x"))
+        assert keys("alkey:users#1") != before
+
+
+# -- related parents --------------------------------------------------------------------
+
+
+@pytest.fixture
+def library_factory(library: Engine, redis_client: RedisClient) -> Iterator[sessionmaker[Session]]:
+    factory = sessionmaker(library, expire_on_commit=False)
+    alkey.bind(factory, redis_client=redis_client)
+    with factory() as session:
+        session.add_all([Author(id=1), Author(id=2), Label(id=1), Label(id=2)])
+        session.add(Book(id=1, author_id=1))
+        session.commit()
+    yield factory
+    alkey.unbind(factory)
+
+
+@pytest.mark.parametrize("write", ["insert", "update", "delete"])
+def test_writing_a_child_changes_its_parents_key(
+    library_factory: sessionmaker[Session], keys: CacheKeyGenerator, write: str
+) -> None:
+    before = keys("alkey:authors#1"), keys("alkey:authors#2")
+    with library_factory() as session:
+        if write == "insert":
+            session.add(Book(id=2, author_id=1))
+        elif write == "update":
+            session.get_one(Book, 1).title = "new title"
+        else:
+            session.delete(session.get_one(Book, 1))
+        session.commit()
+    assert keys("alkey:authors#1") != before[0]
+    assert keys("alkey:authors#2") == before[1], "an unrelated parent keeps its key"
+
+
+@pytest.mark.parametrize("how", ["column", "relationship"])
+def test_moving_a_child_changes_the_old_and_the_new_parents_keys(
+    library_factory: sessionmaker[Session], keys: CacheKeyGenerator, how: str
+) -> None:
+    before = keys("alkey:authors#1"), keys("alkey:authors#2")
+    with library_factory() as session:
+        book = session.get_one(Book, 1)
+        if how == "column":
+            book.author_id = 2  # the relationship is never loaded
+        else:
+            book.author = session.get_one(Author, 2)
+        session.commit()
+    assert keys("alkey:authors#1") != before[0]
+    assert keys("alkey:authors#2") != before[1]
+
+
+def test_a_many_to_many_change_touches_both_sides(
+    library_factory: sessionmaker[Session], keys: CacheKeyGenerator
+) -> None:
+    before = keys("alkey:books#1"), keys("alkey:labels#1"), keys("alkey:labels#2")
+    with library_factory() as session:
+        book = session.get_one(Book, 1)
+        book.labels.append(session.get_one(Label, 1))
+        session.commit()
+    after = keys("alkey:books#1"), keys("alkey:labels#1"), keys("alkey:labels#2")
+    assert after[0] != before[0]
+    assert after[1] != before[1]
+    assert after[2] == before[2]
+
+
+def test_touching_can_be_switched_off_per_relationship_and_globally(
+    library_factory: sessionmaker[Session], keys: CacheKeyGenerator, redis_client: RedisClient
+) -> None:
+    before = keys("alkey:books#1")
+    with library_factory() as session:
+        session.add(Review(id=1, book_id=1))
+        session.commit()
+    assert keys("alkey:books#1") == before
+    alkey.bind(library_factory, touch_parents=False)
+    before = keys("alkey:authors#1")
+    with library_factory() as session:
+        session.get_one(Book, 1).title = "quiet"
+        session.commit()
+    assert keys("alkey:authors#1") == before
+
+
+# -- inheritance ------------------------------------------------------------------------
+
+
+def test_a_bulk_update_of_the_base_class_changes_subclass_instance_keys(
+    session_factory: sessionmaker[Session], keys: CacheKeyGenerator
+) -> None:
+    with session_factory() as session:
+        manager = Manager(name="m")
+        session.add(manager)
+        session.commit()
+        before = keys(manager), keys(Manager), keys(Employee)
+        session.execute(update(Employee).values(name="renamed"))
+        session.commit()
+        assert keys(manager) != before[0]
+        assert keys(Manager) != before[1]
+        assert keys(Employee) != before[2]
+
+
+# -- the SQL parser ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sql", "tables"),
+    [
+        ("UPDATE users SET a = 1", {"users", "public.users"}),
+        ('UPDATE "Order Items" SET a = 1', {"Order%20Items", "public.Order%20Items"}),
+        ("UPDATE shop.orders SET a = 1", {"shop.orders"}),
+        ("WITH x AS (SELECT 1) UPDATE users SET a = 1", {"users", "public.users"}),
+        ("WITH d AS (DELETE FROM users RETURNING id) SELECT * FROM d", {"users", "public.users"}),
+        (
+            "INSERT INTO users (id) VALUES (1) ON CONFLICT (id) DO UPDATE SET id = 2",
+            {"users", "public.users"},
+        ),
+        (
+            "MERGE INTO users u USING s ON u.id = s.id WHEN MATCHED THEN UPDATE SET a = 1",
+            {"users", "public.users"},
+        ),
+        ("SELECT 1; DELETE FROM tags WHERE id = 1", {"tags", "public.tags"}),
+        ("UPDATE Users SET a = 1", {"Users", "users", "public.Users", "public.users"}),
+        ("TRUNCATE users", {"users", "public.users"}),
+        ("DROP TABLE users", {"users", "public.users"}),
+        ("SELECT * FROM users", set()),
+        ("SHOW search_path", set()),
+        ("EXPLAIN SELECT 1", set()),
+    ],
+)
+def test_the_sql_parser_finds_the_written_tables(sql: str, tables: set[str]) -> None:
+    assert written_tables(sql, "postgresql", "public") == frozenset(tables)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    ["CALL refresh_all()", "DO $$ BEGIN END $$", "ZAP users", "EXPLAIN ANALYZE DELETE FROM users"],
+)
+def test_sql_whose_written_tables_cannot_be_told_counts_as_writing_everything(sql: str) -> None:
+    assert written_tables(sql, "postgresql", "public") is None
+
+
+def test_raw_sql_that_writes_unknown_tables_changes_every_key(
+    bound_engine: Engine, session_factory: sessionmaker[Session], keys: CacheKeyGenerator
+) -> None:
+    if bound_engine.dialect.name != "postgresql":
+        pytest.skip("an anonymous code block (DO) needs PostgreSQL")
+    seed_users(session_factory)
+    before = snapshot(keys)
+    with bound_engine.begin() as connection:
+        connection.exec_driver_sql("DO $$ BEGIN UPDATE users SET name = 'x' WHERE id = 1; END $$")
+    after = snapshot(keys)
+    assert all(before[watched] != after[watched] for watched in WATCHED)
