@@ -515,3 +515,24 @@ def test_raw_sql_that_writes_unknown_tables_changes_every_key(
         connection.exec_driver_sql("DO $$ BEGIN UPDATE users SET name = 'x' WHERE id = 1; END $$")
     after = snapshot(keys)
     assert all(before[watched] != after[watched] for watched in WATCHED)
+
+
+@pytest.mark.parametrize("statement", ["update", "delete"])
+@pytest.mark.parametrize("mode", [False, "evaluate", "auto", "fetch"])
+def test_bulk_statements_invalidate_their_rows_in_every_synchronize_session_mode(
+    session_factory: sessionmaker[Session], keys: CacheKeyGenerator, statement: str, mode: object
+) -> None:
+    seed_users(session_factory)
+    before = snapshot(keys)
+    with session_factory() as session:
+        dml = (
+            update(User).where(User.id == 1).values(name="x")
+            if statement == "update"
+            else delete(User).where(User.id == 1)
+        )
+        session.execute(dml, execution_options={"synchronize_session": mode})
+        session.commit()
+    after = snapshot(keys)
+    changed = {watched for watched in WATCHED if before[watched] != after[watched]}
+    assert {"row 1", "table users", "global"} <= changed
+    assert "table tags" not in changed
