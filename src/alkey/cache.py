@@ -111,10 +111,9 @@ class CacheKeyGenerator:
 class KeyPlan:
     """The encoded arguments of one key, waiting for their tokens.
 
-    :attr:`identifiers` lists every token to fetch: those the arguments name, the
-    unknown-rows tokens that their rows depend on (see
-    :func:`alkey.identity.dependencies`), and, once anything is named, the token that
-    writes to unknown tables bump.
+    :attr:`identifiers` lists every token to fetch: those the arguments name, then the
+    unknown-rows tokens that their rows depend on (see :func:`alkey.identity.dependencies`)
+    and, once anything is named, the token that writes to unknown tables bump.
     """
 
     __slots__ = ("_chunks", "_named", "identifiers", "prefix")
@@ -122,33 +121,26 @@ class KeyPlan:
     def __init__(self, prefix: str, chunks: list[Chunk]) -> None:
         self.prefix = prefix
         self._chunks = chunks
-        named = dict.fromkeys([chunk for chunk in chunks if type(chunk) is str])
-        self._named = {identifier: dependencies(identifier) for identifier in named}
-        wanted = dict(named)
-        for needs in self._named.values():
-            wanted.update(dict.fromkeys(needs))
-        if wanted:
-            wanted[UNKNOWN_WRITES] = None
-        #: Each token to fetch once, in a fixed order.
-        self.identifiers: list[str] = list(wanted)
+        named = list(dict.fromkeys([chunk for chunk in chunks if type(chunk) is str]))
+        self._named = len(named)
+        needs = [*dependencies(named), UNKNOWN_WRITES] if named else []
+        #: Each token to fetch once: the named ones first, in order of appearance.
+        self.identifiers: list[str] = named + [need for need in needs if need not in named]
 
     def finish(self, tokens: Sequence[str]) -> str:
         """The key, given the current token of each of :attr:`identifiers`, in order."""
-        current = dict(zip(self.identifiers, tokens, strict=True))
-        # Each named identifier's chunk becomes its length-prefixed identifier and the
-        # tokens it depends on.
-        references = {}
-        for identifier, needs in self._named.items():
-            token = current[identifier] + "".join(" " + current[need] for need in needs)
-            references[identifier] = b"k%d:%s%d:%s" % (
-                len(identifier),
-                identifier.encode(),
-                len(token),
-                token.encode(),
-            )
+        # Identifiers and tokens are ASCII without NUL: NUL-terminated, the encoding is
+        # injective. Each named identifier's chunk becomes the identifier and its token;
+        # the tokens it depends on follow once, in their fixed order.
+        identifiers = self.identifiers
+        if len(tokens) != len(identifiers):
+            raise ValueError(f"expected {len(identifiers)} tokens, got {len(tokens)}")
+        references = {
+            identifier: f"k{identifier}\0{token}\0".encode()
+            for identifier, token in zip(identifiers[: self._named], tokens, strict=False)
+        }
         parts = [references[c] if type(c) is str else c for c in self._chunks]
-        if self._named:
-            parts.append(b"w" + current[UNKNOWN_WRITES].encode())
+        parts.append("".join(f"d{token}\0" for token in tokens[self._named :]).encode())
         digest = hashlib.sha256(_DOMAIN + b"".join(parts)).hexdigest()  # type: ignore[arg-type]
         return self.prefix + digest
 

@@ -278,19 +278,19 @@ UNKNOWN_WRITES: Final = f"{_PREFIX}*{ROW_SEPARATOR}{UNKNOWN_ROWS}"
 _unknown_rows_of_prefix: dict[str, tuple[str, ...]] = {}
 
 
-def dependencies(identifier: str) -> tuple[str, ...]:
-    """The unknown-rows tokens a key that names ``identifier`` also depends on.
+def dependencies(identifiers: Iterable[str]) -> list[str]:
+    """The unknown-rows tokens that a key naming ``identifiers`` also depends on, sorted.
 
     A row depends on its table's (and, for an instance of a joined-table subclass, on
     every table of its hierarchy's) unknown-rows token. Tables and the global token need
     none: every write to a table bumps its table token.
     """
-    prefix, _, row = identifier.rpartition(ROW_SEPARATOR)
-    if row == ALL_ROWS:
-        return ()
-    prefix += ROW_SEPARATOR
-    known = _unknown_rows_of_prefix.get(prefix)
-    return known if known is not None else (prefix + UNKNOWN_ROWS,)
+    prefixes = {i[: i.rindex(ROW_SEPARATOR) + 1] for i in identifiers if i[-1] != ALL_ROWS}
+    needs: set[str] = set()
+    for prefix in prefixes:
+        known = _unknown_rows_of_prefix.get(prefix)
+        needs.update(known if known is not None else (prefix + UNKNOWN_ROWS,))
+    return sorted(needs)
 
 
 def instance_identifier(state: InstanceState[Any]) -> str:
