@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench bench-smoke example clean
+.PHONY: demo test lint bench bench-smoke example example-fastapi clean
 
 demo: $(VENV)/.installed-embedded  ## run the guided demo (embedded Redis + SQLite, or REDIS_URL)
 	$(BIN)/python -m alkey demo
@@ -24,6 +24,9 @@ bench-smoke: $(VENV)/.installed-test  ## seconds: fails if a round-trip target r
 
 example: $(VENV)/.installed-example  ## the Pyramid example app on http://localhost:6543
 	PYTHONPATH=examples/pyramid_app $(BIN)/pserve examples/pyramid_app/development.ini
+
+example-fastapi: $(VENV)/.installed-example-fastapi  ## the FastAPI example on http://localhost:8000
+	$(BIN)/uvicorn --factory fastapi_app:create_app --app-dir examples/fastapi_app
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

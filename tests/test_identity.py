@@ -5,7 +5,6 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from sqlalchemy.orm import Session
 
 from alkey import GLOBAL_WRITE_TOKEN
 from alkey.identity import (
@@ -17,7 +16,7 @@ from alkey.identity import (
 )
 from alkey.tokens import RedisClient
 
-from .conftest import token_keys
+from .conftest import SessionAPI, token_keys
 from .models import (
     SCHEMA,
     Document,
@@ -31,8 +30,11 @@ from .models import (
     User,
 )
 
+# Tests that persist rows do it with a Session and with an AsyncSession (see conftest).
+pytestmark = pytest.mark.flavours("sync", "asyncio")
 
-def test_a_single_integer_key_keeps_the_seed_format(session: Session) -> None:
+
+def test_a_single_integer_key_keeps_the_seed_format(session: SessionAPI) -> None:
     user = User(name="ada")
     session.add(user)
     session.commit()
@@ -41,7 +43,7 @@ def test_a_single_integer_key_keeps_the_seed_format(session: Session) -> None:
     assert identifier_for(User.__table__) == "alkey:users#*"
 
 
-def test_string_uuid_and_composite_keys_identify_their_rows(session: Session) -> None:
+def test_string_uuid_and_composite_keys_identify_their_rows(session: SessionAPI) -> None:
     document_id = uuid.UUID("12345678-1234-5678-1234-567812345678")
     tag, document = Tag(code="python"), Document(id=document_id)
     membership = Membership(group="admins", user_id=3)
@@ -53,7 +55,7 @@ def test_string_uuid_and_composite_keys_identify_their_rows(session: Session) ->
 
 
 def test_separators_inside_key_values_never_make_two_rows_share_an_identifier(
-    session: Session,
+    session: SessionAPI,
 ) -> None:
     codes = ["a,b", "a#b", "a:b", "a%2Cb", "*", "", "~", "a b", "ünï", "a.b", "a/b"]
     tags = [Tag(code=code) for code in codes]
@@ -68,7 +70,7 @@ def test_separators_inside_key_values_never_make_two_rows_share_an_identifier(
         assert parse_identifier(identifier) == Identifier("tags", (code,))
 
 
-def test_table_names_keep_digits_case_separators_and_schema(session: Session) -> None:
+def test_table_names_keep_digits_case_separators_and_schema(session: SessionAPI) -> None:
     odd, invoice = OddlyNamed(), Invoice()
     session.add_all([odd, invoice])
     session.commit()
@@ -82,7 +84,7 @@ def test_an_unflushed_instance_stands_for_its_table() -> None:
     assert identifier_for(User(name="new")) == "alkey:users#*"
 
 
-def test_inheritance_uses_the_most_specific_table(session: Session) -> None:
+def test_inheritance_uses_the_most_specific_table(session: SessionAPI) -> None:
     manager, engineer = Manager(name="m"), Engineer(name="e")
     session.add_all([manager, engineer])
     session.commit()
@@ -93,7 +95,7 @@ def test_inheritance_uses_the_most_specific_table(session: Session) -> None:
 
 
 def test_a_joined_subclass_write_bumps_every_table_in_its_hierarchy(
-    session: Session, redis_client: RedisClient
+    session: SessionAPI, redis_client: RedisClient
 ) -> None:
     manager = Manager(name="m")
     session.add(manager)

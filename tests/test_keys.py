@@ -13,14 +13,18 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sqlalchemy.orm import Session
 
 from alkey import GLOBAL_WRITE_TOKEN
 from alkey.cache import CacheKeyGenerator, get_cache_key_generator, get_token
 from alkey.constants import MAX_KEY_LENGTH
 from alkey.tokens import RedisClient
 
+from .conftest import KeyGenerator, SessionAPI
 from .models import Tag, User
+
+# Tests that open sessions or take the key_generator fixture run with a Session and
+# CacheKeyGenerator, and with an AsyncSession and AsyncCacheKeyGenerator (see conftest).
+pytestmark = pytest.mark.flavours("sync", "asyncio")
 
 
 class Colour(enum.Enum):
@@ -44,7 +48,7 @@ class Broken:
         raise RuntimeError("no text for you")
 
 
-def commit_users(session: Session, *names: str) -> list[User]:
+def commit_users(session: SessionAPI, *names: str) -> list[User]:
     users = [User(name=name) for name in names]
     session.add_all(users)
     session.commit()
@@ -52,7 +56,7 @@ def commit_users(session: Session, *names: str) -> list[User]:
 
 
 def test_a_key_names_the_row_so_only_that_rows_commit_changes_it(
-    session: Session, key_generator: CacheKeyGenerator
+    session: SessionAPI, key_generator: KeyGenerator
 ) -> None:
     ada, bob = commit_users(session, "ada", "bob")
     keys = {
@@ -85,7 +89,7 @@ def test_a_key_names_the_row_so_only_that_rows_commit_changes_it(
 
 
 def test_an_instance_and_its_identifier_share_one_token(
-    session: Session, redis_client: RedisClient
+    session: SessionAPI, redis_client: RedisClient
 ) -> None:
     (ada,) = commit_users(session, "ada")
     assert get_token(redis_client, ada) == get_token(redis_client, "alkey:users#1")
@@ -111,7 +115,7 @@ def test_a_missing_token_is_created_once_with_the_configured_ttl(
 
 
 def test_nested_instances_count_as_instances(
-    session: Session, key_generator: CacheKeyGenerator
+    session: SessionAPI, key_generator: KeyGenerator
 ) -> None:
     users = commit_users(session, "ada", "bob")
     key = key_generator({"people": users}, "list")
@@ -121,7 +125,7 @@ def test_nested_instances_count_as_instances(
 
 
 def test_an_unflushed_instance_keys_on_its_table(
-    session: Session, key_generator: CacheKeyGenerator
+    session: SessionAPI, key_generator: KeyGenerator
 ) -> None:
     assert key_generator(User(name="draft")) == key_generator(User)
 
@@ -146,12 +150,12 @@ def test_an_unflushed_instance_keys_on_its_table(
     ],
 )
 def test_different_arguments_never_share_a_key(
-    key_generator: CacheKeyGenerator, left: tuple[Any, ...], right: tuple[Any, ...]
+    key_generator: KeyGenerator, left: tuple[Any, ...], right: tuple[Any, ...]
 ) -> None:
     assert key_generator(*left) != key_generator(*right)
 
 
-def test_dicts_and_sets_key_the_same_in_any_order(key_generator: CacheKeyGenerator) -> None:
+def test_dicts_and_sets_key_the_same_in_any_order(key_generator: KeyGenerator) -> None:
     assert key_generator({"a": 1, "b": 2}) == key_generator({"b": 2, "a": 1})
     assert key_generator({"x", "y", "z"}) == key_generator({"z", "y", "x"})
 
@@ -224,14 +228,14 @@ def test_an_unusable_prefix_is_refused_with_the_fix(
     ],
 )
 def test_bad_input_raises_an_error_naming_the_argument(
-    key_generator: CacheKeyGenerator, argument: object, error: type[Exception], message: str
+    key_generator: KeyGenerator, argument: object, error: type[Exception], message: str
 ) -> None:
     with pytest.raises(error, match=message):
         key_generator("fine", argument)
 
 
 def test_a_reference_cycle_is_refused_not_recursed_forever(
-    key_generator: CacheKeyGenerator,
+    key_generator: KeyGenerator,
 ) -> None:
     cycle: list[Any] = []
     cycle.append(cycle)

@@ -1,7 +1,8 @@
 """Every Python example in the README runs, in order, against the test Redis.
 
-The Pyramid and Flask-SQLAlchemy sections describe applications of their own; their
-examples run in tests/test_pyramid.py and tests/test_flask.py.
+The Pyramid, Flask-SQLAlchemy and asyncio sections describe applications of their own;
+their examples run in tests/test_pyramid.py, tests/test_flask.py and
+tests/test_asyncio_docs.py.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import alkey
 
 from .conftest import README, python_blocks, readme_section
 
-OWN_TESTS = ("Pyramid", "Flask-SQLAlchemy")
+OWN_TESTS = ("Pyramid", "Flask-SQLAlchemy", "asyncio")
 
 
 def core_blocks() -> list[str]:

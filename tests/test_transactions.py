@@ -11,12 +11,24 @@ from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
 import alkey
 from alkey import GLOBAL_WRITE_TOKEN
-from alkey.cache import CacheKeyGenerator, get_token
+from alkey.cache import get_token
 from alkey.events import Binding
 from alkey.tokens import RedisClient
 
-from .conftest import commands_processed, set_calls, token_keys, tokens_of
+from .conftest import (
+    KeyGenerator,
+    SessionAPI,
+    Sessions,
+    commands_processed,
+    set_calls,
+    sync_session_of,
+    token_keys,
+    tokens_of,
+)
 from .models import User
+
+# Tests that open sessions run with a Session and with an AsyncSession (see conftest).
+pytestmark = pytest.mark.flavours("sync", "asyncio")
 
 USER_1 = ("alkey:users#1", "alkey:users#*", GLOBAL_WRITE_TOKEN)
 
@@ -32,7 +44,7 @@ def changed(before: dict[str, Any], after: dict[str, Any]) -> set[str]:
     return {identifier for identifier in before if before[identifier] != after[identifier]}
 
 
-def add_user(session: Session, name: str = "ada") -> User:
+def add_user(session: SessionAPI, name: str = "ada") -> User:
     user = User(name=name)
     session.add(user)
     session.commit()
@@ -41,7 +53,7 @@ def add_user(session: Session, name: str = "ada") -> User:
 
 @pytest.mark.parametrize("write", ["insert", "update", "delete"])
 def test_a_committed_write_bumps_the_row_table_and_global_tokens(
-    session: Session, redis_client: RedisClient, write: str
+    session: SessionAPI, redis_client: RedisClient, write: str
 ) -> None:
     if write != "insert":
         add_user(session)
@@ -57,7 +69,7 @@ def test_a_committed_write_bumps_the_row_table_and_global_tokens(
 
 
 def test_a_flush_neither_bumps_nor_talks_to_redis(
-    session: Session, redis_client: RedisClient
+    session: SessionAPI, redis_client: RedisClient
 ) -> None:
     user = add_user(session)
     before = snapshot(redis_client)
@@ -71,7 +83,7 @@ def test_a_flush_neither_bumps_nor_talks_to_redis(
 
 
 def test_a_read_only_commit_sends_nothing_to_redis(
-    session: Session, redis_client: RedisClient
+    session: SessionAPI, redis_client: RedisClient
 ) -> None:
     add_user(session)
     commands = commands_processed(redis_client)
@@ -82,7 +94,7 @@ def test_a_read_only_commit_sends_nothing_to_redis(
 
 
 def test_a_rolled_back_transaction_bumps_nothing(
-    session: Session, redis_client: RedisClient
+    session: SessionAPI, redis_client: RedisClient
 ) -> None:
     user = add_user(session)
     before = snapshot(redis_client)
@@ -96,7 +108,7 @@ def test_a_rolled_back_transaction_bumps_nothing(
 
 
 def test_a_released_savepoint_counts_at_the_outer_commit(
-    session: Session, redis_client: RedisClient
+    session: SessionAPI, redis_client: RedisClient
 ) -> None:
     user = add_user(session)
     before = snapshot(redis_client)
@@ -108,7 +120,7 @@ def test_a_released_savepoint_counts_at_the_outer_commit(
 
 
 def test_a_rolled_back_savepoint_drops_only_its_own_changes(
-    session: Session, redis_client: RedisClient
+    session: SessionAPI, redis_client: RedisClient
 ) -> None:
     add_user(session, "ada")
     add_user(session, "bob")
@@ -125,7 +137,7 @@ def test_a_rolled_back_savepoint_drops_only_its_own_changes(
 
 
 def test_nested_savepoints_merge_upwards_and_roll_back_level_by_level(
-    session: Session, redis_client: RedisClient
+    session: SessionAPI, redis_client: RedisClient
 ) -> None:
     for name in ("a", "b", "c"):
         add_user(session, name)
@@ -147,7 +159,7 @@ def test_nested_savepoints_merge_upwards_and_roll_back_level_by_level(
 
 
 def test_a_savepoint_released_inside_a_rolled_back_transaction_bumps_nothing(
-    session: Session, redis_client: RedisClient
+    session: SessionAPI, redis_client: RedisClient
 ) -> None:
     user = add_user(session)
     before = snapshot(redis_client)
@@ -158,15 +170,15 @@ def test_a_savepoint_released_inside_a_rolled_back_transaction_bumps_nothing(
 
 
 def test_closing_a_session_without_commit_bumps_nothing_and_leaves_no_residue(
-    session_factory: sessionmaker[Session], redis_client: RedisClient
+    sessions: Sessions, redis_client: RedisClient
 ) -> None:
     """zope.sqlalchemy aborts with close(): after_transaction_end without after_rollback."""
-    with session_factory() as session:
+    with sessions() as session:
         add_user(session)
     before = snapshot(redis_client)
-    session = session_factory()
+    session = sessions()
     rollbacks: list[object] = []
-    event.listen(session, "after_rollback", lambda s: rollbacks.append(s))
+    event.listen(sync_session_of(session), "after_rollback", lambda s: rollbacks.append(s))
     session.get_one(User, 1).name = "aborted"
     session.flush()
     session.close()
@@ -174,11 +186,12 @@ def test_closing_a_session_without_commit_bumps_nothing_and_leaves_no_residue(
     session.get_one(User, 1)  # a new transaction on the same session object
     session.commit()
     assert tokens_of(redis_client, *USER_1) == before
-    assert session.info["alkey.changes"].__bool__() is False
+    assert sync_session_of(session).info["alkey.changes"].__bool__() is False
+    session.close()
 
 
 def test_rows_that_were_not_written_keep_their_tokens(
-    session: Session, redis_client: RedisClient
+    session: SessionAPI, redis_client: RedisClient
 ) -> None:
     add_user(session, "ada")
     add_user(session, "bob")
@@ -189,7 +202,7 @@ def test_rows_that_were_not_written_keep_their_tokens(
 
 
 def test_changing_a_primary_key_bumps_the_old_and_the_new_row(
-    session: Session, redis_client: RedisClient
+    session: SessionAPI, redis_client: RedisClient
 ) -> None:
     user = add_user(session)
     identifiers = ("alkey:users#1", "alkey:users#7")
@@ -200,13 +213,14 @@ def test_changing_a_primary_key_bumps_the_old_and_the_new_row(
 
 
 def test_a_commit_bumps_each_token_once_however_often_bind_was_called(
-    session_factory: sessionmaker[Session], redis_client: RedisClient
+    sessions: Sessions, redis_client: RedisClient
 ) -> None:
-    first = alkey.bind(session_factory, redis_client=redis_client)
-    again = alkey.bind(session_factory)
+    first = alkey.bind(sessions.target, tokens=sessions.tokens)
+    again = alkey.bind(sessions.target)
     assert first is again
+    assert first.tokens is sessions.tokens
     assert event.contains(first.target, "after_flush", first.after_flush)
-    with session_factory() as session:
+    with sessions() as session:
         sets_before = set_calls(redis_client)
         add_user(session)
     assert set_calls(redis_client) - sets_before == len(USER_1)
@@ -299,7 +313,7 @@ def test_concurrent_sessions_in_threads_never_cancel_each_others_changes(
 
 
 def test_a_key_changes_after_commit_and_only_then(
-    session: Session, key_generator: CacheKeyGenerator
+    session: SessionAPI, key_generator: KeyGenerator
 ) -> None:
     user = add_user(session)
     key = key_generator(user, "sidebar")

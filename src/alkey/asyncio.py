@@ -1,16 +1,65 @@
 """alkey under asyncio: AsyncSession, async_sessionmaker and redis.asyncio.
 
-Requires ``pip install 'alkey[asyncio]'`` (SQLAlchemy's greenlet support).
+Requires ``pip install 'alkey[asyncio]'`` (SQLAlchemy's greenlet support). The core never
+imports this module; :func:`alkey.events.bind` reaches :func:`sync_target` only once
+``sqlalchemy.ext.asyncio`` has been imported.
+
+The guarantees are the sync ones. SQLAlchemy runs an :class:`AsyncSession`'s work, and
+the session events that alkey listens to, in a greenlet of the task that awaits it. From
+there :class:`AsyncRedisTokenStore` awaits ``redis.asyncio`` with SQLAlchemy's
+``await_()``, so the bump has reached Redis when ``await session.commit()`` returns (a
+request that saves and then renders sees the new key), while the event loop runs other
+tasks during the round trip.
+
+* :func:`bind` -- :func:`alkey.events.bind` with an asyncio token store;
+* :class:`AsyncCacheKeyGenerator` -- ``await key_generator(user, 'sidebar')``, one round
+  trip, the same key as :class:`~alkey.cache.CacheKeyGenerator` for the same tokens;
+* :func:`get_async_redis_client` -- each event loop's default client, configured like
+  the sync one (:func:`alkey.client.get_redis_config`) and closed when its loop shuts
+  down.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import threading
+from collections.abc import AsyncGenerator, Collection, Coroutine, Sequence
+from typing import Any, Protocol, TypeAlias, TypeVar, runtime_checkable
 
+import redis.asyncio
+from redis.exceptions import NoScriptError, RedisError
+from sqlalchemy.exc import MissingGreenlet
 from sqlalchemy.ext.asyncio import AsyncSession, async_scoped_session, async_sessionmaker
 from sqlalchemy.orm import Session
 
-__all__ = ["sync_target"]
+from alkey import events
+from alkey.cache import CacheKeyGenerator
+from alkey.client import DEFAULT_CLIENT_OPTIONS, RedisConfig, get_redis_config
+from alkey.constants import DEFAULT_TOKEN_TTL
+from alkey.tokens import ErrorPolicy, OutageLedger, Replay, ScriptCalls, TokenStore, new_token
+
+try:  # SQLAlchemy 2.1 renamed await_only() to await_(); 2.0 only has the old name.
+    from sqlalchemy.util.concurrency import await_
+except ImportError:  # pragma: no cover - SQLAlchemy 2.0
+    from sqlalchemy.util.concurrency import await_only as await_
+
+__all__ = [
+    "AsyncCacheKeyGenerator",
+    "AsyncRedisClient",
+    "AsyncRedisTokenStore",
+    "AsyncTokenStore",
+    "bind",
+    "close_async_redis_client",
+    "get_async_redis_client",
+    "store_for",
+    "sync_target",
+]
+
+#: The asyncio redis-py client type alkey works with.
+AsyncRedisClient: TypeAlias = "redis.asyncio.Redis"
+
+_T = TypeVar("_T")
+_Call: TypeAlias = "tuple[Any, list[str], tuple[int, str]]"
 
 
 def sync_target(target: object) -> object:
@@ -19,7 +68,8 @@ def sync_target(target: object) -> object:
     SQLAlchemy runs an :class:`AsyncSession`'s work in a synchronous
     :class:`~sqlalchemy.orm.Session` (its ``sync_session``), and its events fire there.
     An ``async_sessionmaker`` without a ``sync_session_class`` of its own is given a
-    dedicated subclass, so that binding it never binds every ``Session`` of the process.
+    dedicated subclass, so that binding it never binds every ``Session`` of the process
+    (sessions it made before being bound keep the plain class, and are not bound).
     Anything that is not an asyncio session object is returned unchanged.
     """
     if isinstance(target, async_scoped_session):
@@ -37,3 +87,333 @@ def sync_target(target: object) -> object:
         sync: Any = target.sync_session_class
         return sync
     return target
+
+
+# -- the default client of each event loop --------------------------------------------------
+
+# A redis.asyncio connection belongs to the loop that opened it, so the default client is
+# one per loop. Each entry's generator closes its client when the loop shuts down.
+_loop_clients: dict[
+    asyncio.AbstractEventLoop, tuple[AsyncRedisClient, AsyncGenerator[None, None]]
+] = {}
+_loop_clients_lock = threading.Lock()
+
+
+def async_client_from_config(config: RedisConfig) -> AsyncRedisClient:
+    """A new asyncio client with its own pool, with the sync default client's settings.
+
+    Same URL, database, pool size and :data:`~alkey.client.DEFAULT_CLIENT_OPTIONS`
+    (socket timeouts, so that an unreachable Redis costs seconds, never a hang).
+    """
+    options: dict[str, Any] = dict(DEFAULT_CLIENT_OPTIONS)
+    if config["max_connections"] is not None:
+        options["max_connections"] = config["max_connections"]
+    pool = redis.asyncio.ConnectionPool.from_url(config["url"], **options)
+    # As for the sync client: the environment's REDIS_DB has been resolved and must win
+    # over the URL's path.
+    pool.connection_kwargs["db"] = config["db"]
+    return redis.asyncio.Redis.from_pool(pool)
+
+
+async def _closed_at_loop_shutdown(client: AsyncRedisClient) -> AsyncGenerator[None, None]:
+    # An async generator is the one thing an event loop finalises before it closes:
+    # asyncio.run(), asyncio.Runner, uvicorn and pytest's asyncio plugins all call
+    # loop.shutdown_asyncgens(), which resumes this one at its yield, on the loop, while
+    # the client's connections can still be closed.
+    try:
+        yield
+    finally:
+        with _loop_clients_lock:
+            loop = asyncio.get_running_loop()
+            entry = _loop_clients.get(loop)
+            if entry is not None and entry[0] is client:
+                del _loop_clients[loop]
+        await client.aclose()
+
+
+async def get_async_redis_client() -> AsyncRedisClient:
+    """The running event loop's default asyncio client, created on first use.
+
+    Configured from the environment like :func:`alkey.client.get_redis_client`
+    (``REDIS_URL`` and friends, read when the loop first needs a client), with the same
+    pool settings. It is closed when the loop shuts down through
+    ``loop.shutdown_asyncgens()`` -- as ``asyncio.run()``, uvicorn and pytest's asyncio
+    plugins do -- or earlier by :func:`close_async_redis_client`, so no connection
+    outlives its loop.
+    """
+    loop = asyncio.get_running_loop()
+    entry = _loop_clients.get(loop)
+    if entry is not None:
+        return entry[0]
+    client = async_client_from_config(get_redis_config())
+    closer = _closed_at_loop_shutdown(client)
+    with _loop_clients_lock:
+        # Forget the clients of loops that were closed without shutting down their async
+        # generators (their connections cannot be closed any more): no unbounded growth.
+        for stale in [other for other in _loop_clients if other.is_closed()]:
+            del _loop_clients[stale]
+        _loop_clients[loop] = (client, closer)
+    await anext(closer)  # registers it with the loop; runs to its yield without I/O
+    return client
+
+
+async def close_async_redis_client() -> None:
+    """Close the running loop's default client now (e.g. in an ASGI lifespan's shutdown).
+
+    The next :func:`get_async_redis_client` on this loop creates a new one.
+    """
+    with _loop_clients_lock:
+        entry = _loop_clients.pop(asyncio.get_running_loop(), None)
+    if entry is not None:
+        await entry[1].aclose()
+
+
+# -- the token store ----------------------------------------------------------------------
+
+_stores_lock = threading.RLock()
+# A store lives on its connection pool: as long as the pool, and no longer.
+_POOL_ATTRIBUTE = "_alkey_async_token_store"
+
+
+@runtime_checkable
+class AsyncTokenStore(Protocol):
+    """What :class:`AsyncCacheKeyGenerator` needs from a place that keeps tokens."""
+
+    async def afetch(self, identifiers: Sequence[str]) -> list[str]:
+        """Return the current token of each identifier, creating missing ones, in order."""
+        ...
+
+    async def abump(self, identifiers: Collection[str]) -> None:
+        """Give each identifier a new random token."""
+        ...
+
+
+class AsyncRedisTokenStore:
+    """Tokens in Redis through ``redis.asyncio``: :class:`~alkey.tokens.RedisTokenStore`'s
+    scripts, round trips and outage policy, without blocking the event loop.
+
+    ``afetch`` and ``abump`` are the asyncio calls. The synchronous
+    :class:`~alkey.tokens.TokenStore` methods ``fetch`` and ``bump`` are what the session
+    listeners call at commit: inside an :class:`AsyncSession` operation they run in
+    SQLAlchemy's greenlet and await ``afetch``/``abump`` on the loop with ``await_()``,
+    so the commit returns after the bump reached Redis and other tasks run meanwhile.
+    Outside such a greenlet (a plain sync :class:`~sqlalchemy.orm.Session`) there is no
+    loop to await on, and they raise :class:`RuntimeError`: bind sync sessions to a
+    :class:`~alkey.tokens.RedisTokenStore`.
+
+    Outages behave exactly as with the sync store (the same
+    :class:`~alkey.tokens.OutageLedger`): with ``on_error="degrade"`` fetches return fresh
+    random tokens, bumps are kept and replayed in front of the next call in its round trip,
+    and each incident is logged once when it starts and once when it ends;
+    ``on_error="raise"`` lets :class:`~redis.exceptions.RedisError` through.
+
+    A bump runs to its end even if the task awaiting it is cancelled (a client that hung
+    up mid-request): the database has committed by then, and a lost bump would leave keys
+    stale until their tokens expire.
+
+    ``client`` is a ``redis.asyncio.Redis``; without one, each call uses the running
+    loop's :func:`get_async_redis_client`, so one store serves every loop of the process
+    and keeps its pending bumps across them. Share one store per client
+    (:func:`store_for` does this).
+    """
+
+    def __init__(
+        self,
+        client: AsyncRedisClient | None = None,
+        *,
+        ttl: int = DEFAULT_TOKEN_TTL,
+        key_prefix: str = "",
+        on_error: ErrorPolicy = "degrade",
+        max_pending: int = 100_000,
+    ) -> None:
+        self.client = client
+        self.calls = ScriptCalls(ttl, key_prefix)
+        self.outage = OutageLedger(on_error, max_pending)
+        self._loaded: frozenset[str] = frozenset()
+        # Bumps that outlived a cancelled caller; referenced until done (asyncio only
+        # keeps weak references to tasks).
+        self._finishing: set[asyncio.Task[None]] = set()
+        if client is not None:
+            with _stores_lock:
+                setattr(client.connection_pool, _POOL_ATTRIBUTE, self)
+
+    @property
+    def pending(self) -> frozenset[str]:
+        """Identifiers whose bump is waiting for Redis to answer again."""
+        return self.outage.pending
+
+    async def afetch(self, identifiers: Sequence[str]) -> list[str]:
+        """The current token of each identifier, creating missing ones, in one round trip.
+
+        Bumps kept during an outage go first, in the same round trip.
+        """
+        if not identifiers:
+            return []
+        replay = self.outage.replay()
+        try:
+            results = await self._run(self.calls.fetch(identifiers, replay))
+        except RedisError as error:
+            self.outage.failed(error, "fetch tokens")
+            return [new_token() for _ in identifiers]
+        self.outage.succeeded(replay)
+        return self.calls.tokens(results, identifiers)
+
+    async def abump(self, identifiers: Collection[str]) -> None:
+        """Give each identifier a new random token, in one round trip.
+
+        Runs to its end in a task of its own, so that cancelling the caller cannot lose it.
+        """
+        replay = self.outage.replay()
+        todo = replay.union(identifiers) if replay else identifiers
+        if not todo:
+            return
+        task = asyncio.ensure_future(self._bump(identifiers, replay, todo))
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
+        await asyncio.shield(task)
+
+    async def _bump(
+        self, identifiers: Collection[str], replay: Replay, todo: Collection[str]
+    ) -> None:
+        try:
+            await self._run(self.calls.bump(todo))
+        except RedisError as error:
+            self.outage.keep(identifiers)
+            self.outage.failed(error, f"bump {len(todo)} token(s)")
+            return
+        self.outage.succeeded(replay)
+
+    def fetch(self, identifiers: Sequence[str]) -> list[str]:
+        """:meth:`afetch`, awaited from SQLAlchemy's greenlet (see the class)."""
+        return self._await(self.afetch(identifiers), "fetch")
+
+    def bump(self, identifiers: Collection[str]) -> None:
+        """:meth:`abump`, awaited from SQLAlchemy's greenlet (see the class)."""
+        self._await(self.abump(identifiers), "bump")
+
+    @staticmethod
+    def _await(call: Coroutine[Any, Any, _T], name: str) -> _T:
+        try:
+            return await_(call)
+        except MissingGreenlet:
+            raise RuntimeError(
+                f"AsyncRedisTokenStore.{name}() was called outside an AsyncSession "
+                "operation, with no event loop to await Redis on: bind synchronous "
+                "sessions with alkey.bind(..., redis_client=<a redis.Redis>), and use "
+                f"'await store.a{name}(...)' in asyncio code"
+            ) from None
+
+    async def _run(self, calls: list[_Call]) -> list[Any]:
+        """Send the script calls in one round trip (see ``RedisTokenStore._run``)."""
+        client = self.client if self.client is not None else await get_async_redis_client()
+        try:
+            results = await _send(client, calls, self._loaded)
+        except NoScriptError:
+            self._loaded = frozenset()
+            results = await _send(client, calls, self._loaded)
+        self._loaded = ScriptCalls.loaded_after(self._loaded, calls)
+        return results
+
+
+async def _send(client: AsyncRedisClient, calls: list[_Call], loaded: frozenset[str]) -> list[Any]:
+    if len(calls) == 1:
+        ((script, keys, args),) = calls
+        if script.sha in loaded:
+            return [await client.evalsha(script.sha, len(keys), *keys, *args)]
+        return [await client.eval(script.source, len(keys), *keys, *args)]
+    pipe = client.pipeline(transaction=False)
+    for script, keys, args in calls:
+        if script.sha in loaded:
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+        else:
+            pipe.eval(script.source, len(keys), *keys, *args)
+    results: list[Any] = await pipe.execute(raise_on_error=False)
+    for result in results:
+        if isinstance(result, Exception):
+            raise result
+    return results
+
+
+_default_store: AsyncRedisTokenStore | None = None
+
+
+def store_for(client: AsyncRedisClient | None = None) -> AsyncRedisTokenStore:
+    """The process's shared :class:`AsyncRedisTokenStore` for ``client``'s pool.
+
+    As :func:`alkey.tokens.store_for`: the store most recently created on this pool (so a
+    store configured with ``AsyncRedisTokenStore(client, ttl=...)`` is the one that
+    ``AsyncCacheKeyGenerator(client)`` and ``bind(..., redis_client=client)`` use), or a
+    new one with default settings. Without ``client``: the one store on each event loop's
+    default client (:func:`get_async_redis_client`). Sharing lets a key generator replay
+    the bumps that a commit could not send during an outage.
+    """
+    global _default_store
+    if client is None:
+        with _stores_lock:
+            if _default_store is None:
+                _default_store = AsyncRedisTokenStore()
+            return _default_store
+    with _stores_lock:  # reentrant: the new store registers itself under it
+        store = getattr(client.connection_pool, _POOL_ATTRIBUTE, None)
+        return store if isinstance(store, AsyncRedisTokenStore) else AsyncRedisTokenStore(client)
+
+
+# -- binding and keys -----------------------------------------------------------------------
+
+
+def bind(
+    target: object,
+    *,
+    redis_client: AsyncRedisClient | None = None,
+    tokens: TokenStore | None = None,
+) -> events.Binding:
+    """:func:`alkey.events.bind` for asyncio sessions, bumping through ``redis.asyncio``.
+
+    ``target`` is an ``async_sessionmaker``, an ``async_scoped_session``, an
+    :class:`AsyncSession` (class or instance) or any target :func:`alkey.events.bind`
+    takes. Tokens live in ``tokens``, else in ``redis_client`` (a ``redis.asyncio.Redis``),
+    else in each loop's default client (:func:`store_for`). ``alkey.events.bind`` with a
+    sync ``redis_client`` works too, but then each commit blocks the loop for its round
+    trip.
+
+    Binding the ``AsyncSession`` class binds ``sqlalchemy.orm.Session``, the sync class
+    behind it, and with it every sync session of the process, which cannot bump through
+    asyncio: bind an ``async_sessionmaker`` instead.
+    """
+    if tokens is not None and redis_client is not None:
+        raise ValueError("pass either redis_client or tokens, not both")
+    return events.bind(target, tokens=tokens if tokens is not None else store_for(redis_client))
+
+
+class AsyncCacheKeyGenerator:
+    """``await key_generator(user, 'sidebar')``: :class:`~alkey.cache.CacheKeyGenerator`
+    for asyncio code.
+
+    The same arguments, errors and keys: the arguments are encoded by
+    :meth:`CacheKeyGenerator.plan <alkey.cache.CacheKeyGenerator.plan>` and the key is
+    finished by :meth:`~alkey.cache.KeyPlan.finish`, so for the same tokens both
+    generators return the same key, and caches can be shared between sync and asyncio
+    code. One call costs one round trip however many instances it names (none when it
+    names none), and never blocks the event loop.
+
+    ``redis_client`` (a ``redis.asyncio.Redis``) or ``tokens`` choose where tokens live;
+    with neither, each loop's default client (:func:`store_for`).
+    """
+
+    def __init__(
+        self,
+        redis_client: AsyncRedisClient | None = None,
+        *,
+        tokens: AsyncTokenStore | None = None,
+        prefix: str = "",
+    ) -> None:
+        if tokens is not None and redis_client is not None:
+            raise ValueError("pass either redis_client or tokens, not both")
+        self.tokens: AsyncTokenStore = tokens if tokens is not None else store_for(redis_client)
+        # Only its plan() is used, which does no I/O: it never looks up a sync client.
+        self._planner = CacheKeyGenerator(prefix=prefix)
+        self.prefix = self._planner.prefix
+
+    async def __call__(self, *args: object) -> str:
+        plan = self._planner.plan(*args)
+        return plan.finish(await self.tokens.afetch(plan.identifiers))

@@ -182,6 +182,12 @@ def _binding_for(session: Session) -> Binding | None:
     return None
 
 
+def _is_asyncio(target: object) -> bool:
+    return type(target).__module__.startswith("sqlalchemy.ext.asyncio") or (
+        isinstance(target, type) and target.__module__.startswith("sqlalchemy.ext.asyncio")
+    )
+
+
 def bind(
     target: object,
     *,
@@ -197,7 +203,9 @@ def bind(
     to the new ``redis_client`` or ``tokens`` if one is given.
 
     Tokens live in ``tokens``, else in ``redis_client``, else in the client from
-    :func:`alkey.client.get_redis_client`, looked up at the first commit that writes.
+    :func:`alkey.client.get_redis_client`, looked up at the first commit that writes --
+    or, for an asyncio target, in each event loop's redis.asyncio client
+    (:func:`alkey.asyncio.store_for`).
 
     With ``touch_parents`` (the default), writing a row also invalidates the rows it
     references many-to-one -- the old and the new one when the reference moves -- and both
@@ -211,6 +219,12 @@ def bind(
     with _bindings_lock:
         binding = _bindings.get(resolved)
         if binding is None:
+            if tokens is None and resolved is not target and _is_asyncio(target):
+                # An asyncio session bumps through redis.asyncio, so that a commit never
+                # blocks the event loop for its round trip.
+                from alkey.asyncio import store_for as asyncio_store_for
+
+                tokens = asyncio_store_for()
             binding = _bindings[resolved] = Binding(resolved, tokens, touch_parents)
             binding.listen()
         else:

@@ -1,0 +1,34 @@
+"""Every Python example of the README's asyncio section runs, in order, on the test Redis."""
+
+from __future__ import annotations
+
+import sys
+import types
+from typing import Any
+
+import pytest
+
+import alkey
+
+from .conftest import python_blocks, readme_section
+
+
+def test_the_asyncio_section_has_python_examples() -> None:
+    assert len(python_blocks(readme_section("asyncio"))) >= 3
+
+
+def test_every_asyncio_example_runs_and_its_assertions_hold(
+    redis_url: str, redis_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    # SQLAlchemy resolves annotations through sys.modules, so the examples need a module.
+    module = types.ModuleType("asyncio_examples")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    blocks = python_blocks(readme_section("asyncio"))
+    try:
+        for number, block in enumerate(blocks, start=1):
+            exec(compile(block, f"README.md asyncio block {number}", "exec"), module.__dict__)
+    finally:
+        if hasattr(module, "Session"):
+            alkey.unbind(module.Session)
+    assert redis_client.exists("alkey:users#1", "myapp:alkey:users#1") == 2
