@@ -7,19 +7,25 @@ ALKEY_UPDATE_README=1 to rewrite the table from a run).
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from sqlalchemy import (
+    DDL,
     Column,
     Engine,
     ForeignKey,
     MetaData,
     String,
     Table,
+    create_engine,
     delete,
+    event,
     insert,
+    select,
     text,
     update,
 )
@@ -536,3 +542,136 @@ def test_bulk_statements_invalidate_their_rows_in_every_synchronize_session_mode
     changed = {watched for watched in WATCHED if before[watched] != after[watched]}
     assert {"row 1", "table users", "global"} <= changed
     assert "table tags" not in changed
+
+
+# -- paths found in review ------------------------------------------------------------------
+
+
+def test_a_write_made_by_a_flush_hook_is_recorded(
+    session_factory: sessionmaker[Session], keys: CacheKeyGenerator
+) -> None:
+    seed_users(session_factory)
+    before = keys(Tag)
+
+    def audit(mapper: Any, connection: Any, target: Any) -> None:
+        connection.execute(TAGS.update().values(label="audited"))
+
+    event.listen(User, "after_update", audit)
+    try:
+        with session_factory() as session:
+            session.get_one(User, 1).name = "grace"
+            session.commit()
+    finally:
+        event.remove(User, "after_update", audit)
+    assert keys(Tag) != before
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT 1; UPDATE users SET name = 'x'",
+        "EXPLAIN ANALYSE UPDATE users SET name = 'x'",
+    ],
+)
+def test_a_write_behind_a_harmless_first_word_is_seen(sql: str) -> None:
+    assert written_tables(sql, "postgresql", "public") != frozenset()
+
+
+@pytest.mark.parametrize("how", ["from_statement", "text_columns", "ddl_construct"])
+def test_dml_hidden_in_a_select_or_a_ddl_construct_is_seen(
+    session_factory: sessionmaker[Session], keys: CacheKeyGenerator, how: str
+) -> None:
+    seed_users(session_factory)
+    before = keys("alkey:users#2")
+    with session_factory() as session:
+        if how == "from_statement":
+            statement = text("UPDATE users SET name = 'x' RETURNING *")
+            session.execute(select(User).from_statement(statement)).all()
+        elif how == "text_columns":
+            returning = text("UPDATE users SET name = 'x' RETURNING id").columns(USERS.c.id)
+            session.execute(returning).all()
+        else:
+            session.execute(DDL("UPDATE users SET name = 'x'"))  # type: ignore[no-untyped-call]
+        session.commit()
+    assert keys("alkey:users#2") != before
+
+
+def test_driver_sql_on_a_sessions_connection_is_seen_without_bind_engine(
+    session_factory: sessionmaker[Session], keys: CacheKeyGenerator
+) -> None:
+    seed_users(session_factory)
+    before = keys("alkey:users#2")
+    with session_factory() as session:
+        session.connection().exec_driver_sql("UPDATE users SET name = 'x'")
+        session.commit()
+    assert keys("alkey:users#2") != before
+
+
+def test_an_upsert_with_keys_counts_its_rows_as_unknown(
+    session_factory: sessionmaker[Session], keys: CacheKeyGenerator
+) -> None:
+    seed_users(session_factory)
+    before = keys("alkey:users#2")
+    dialect = session_factory.kw["bind"].dialect.name
+    module = __import__(f"sqlalchemy.dialects.{dialect}", fromlist=["insert"])
+    statement = module.insert(User).on_conflict_do_update(
+        index_elements=["id"], set_={"name": "upserted"}
+    )
+    with session_factory() as session:
+        session.execute(statement, [{"id": 2, "name": "bob"}])
+        session.commit()
+    assert keys("alkey:users#2") != before
+
+
+def test_a_core_write_to_a_base_table_changes_the_subclass_table_key(
+    bound_engine: Engine, session_factory: sessionmaker[Session], keys: CacheKeyGenerator
+) -> None:
+    with session_factory() as session:
+        session.add(Manager(name="m"))
+        session.commit()
+    before = keys(Manager)
+    with bound_engine.begin() as connection:
+        connection.execute(Employee.__table__.update().values(name="x"))  # type: ignore[attr-defined]
+    assert keys(Manager) != before
+
+
+def test_a_bulk_statement_touches_the_parents(
+    library_factory: sessionmaker[Session], keys: CacheKeyGenerator
+) -> None:
+    before = keys("alkey:authors#1")
+    with library_factory() as session:
+        session.execute(
+            delete(Book).where(Book.id == 1), execution_options={"synchronize_session": "fetch"}
+        )
+        session.commit()
+    assert keys("alkey:authors#1") != before
+
+
+def test_an_abandoned_connection_is_returned_to_its_pool(
+    tables: Engine, redis_client: RedisClient
+) -> None:
+    engine = create_engine(tables.url, pool_size=1, max_overflow=0, pool_timeout=2)
+    alkey.bind_engine(engine, redis_client=redis_client)
+    try:
+        connection = engine.connect()
+        connection.execute(TAGS.update().values(label="y"))
+        del connection  # neither committed nor closed
+        gc.collect()
+        with engine.connect() as again:
+            again.execute(select(1))
+    finally:
+        alkey.unbind_engine(engine)
+        engine.dispose()
+
+
+def test_an_identifier_string_keys_the_same_whatever_the_process_did_before(
+    session_factory: sessionmaker[Session], keys: CacheKeyGenerator
+) -> None:
+    key = keys("alkey:managers#1")
+    with session_factory() as session:
+        manager = Manager(name="m")
+        session.add(manager)
+        session.flush()
+        keys(manager)  # keying an instance must not change how strings key
+        session.rollback()
+    assert keys("alkey:managers#1") == key

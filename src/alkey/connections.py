@@ -1,25 +1,32 @@
 """Core and raw SQL on an Engine's connections: ``alkey.bind_engine(engine)``.
 
-Writes that never pass through a Session -- ``conn.execute(users.update()...)``,
-``conn.execute(text("DELETE ..."))``, ``conn.exec_driver_sql(...)``, DDL -- are recorded
-per connection transaction, with the same rules as a session's: a released savepoint
-counts, a rolled-back savepoint drops only its own writes, a rollback drops everything,
-and the bump happens once the database COMMIT has returned.
+Writes that never pass through a Session's unit of work -- ``conn.execute(users.update())``,
+``text("DELETE ...")``, ``exec_driver_sql(...)``, DDL, and DML hidden in a ``select()``
+(``from_statement(text("UPDATE ... RETURNING"))``, a data-modifying CTE) -- are recorded
+from the SQL that reaches the cursor, read by :mod:`alkey.sql`, per connection transaction,
+with the same rules as a session's: a released savepoint counts, a rolled-back savepoint
+drops only its own writes, a rollback drops everything, and the bump happens once the
+database COMMIT has returned.
 
 SQLAlchemy has no event *after* a connection's COMMIT (``ConnectionEvents.commit`` fires
 before it, and bumping then would let a reader cache the old row under the new key), so
 ``bind_engine`` wraps the engine's ``dialect.do_commit`` to bump right after it.
 
-Statements a bound Session runs on its own connections are left to the session's
-listeners, which know the rows; anything else on such a connection -- Core through
-``session.connection().execute(...)`` -- is recorded into the session's transaction.
-A connection in ``AUTOCOMMIT`` isolation commits each statement: its writes are bumped
-right after they run.
+A bound Session watches the engines it uses by itself. On its connections, the statements
+of its own unit of work and bulk statements are left to its listeners, which know the
+rows; everything else -- raw SQL through ``session.execute``, Core through
+``session.connection()``, statements run by flush hooks -- is recorded into the session's
+transaction. A connection in ``AUTOCOMMIT`` isolation commits each statement: its writes
+are bumped right after they run.
+
+Not covered: two-phase commits (``commit_twophase``), and a Session joined to a
+transaction that its caller commits later (see the README).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import weakref
 from collections.abc import Iterator
@@ -28,12 +35,8 @@ from typing import Any, Final
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
-from sqlalchemy.schema import DDLElement, Table
-from sqlalchemy.sql.dml import UpdateBase
-from sqlalchemy.sql.elements import TextClause
 
 from alkey.client import get_redis_client
-from alkey.identity import encode_table, table_write_identifiers
 from alkey.tokens import RedisClient, TokenStore, store_for
 from alkey.tracking import changes_of
 from alkey.writes import raw_sql_writes
@@ -45,7 +48,10 @@ __all__ = [
     "release_connections",
     "session_statement",
     "unbind_engine",
+    "watch_engine",
 ]
+
+log = logging.getLogger("alkey.connections")
 
 _SESSION_KEY: Final = "alkey.session"
 _CONNECTIONS_KEY: Final = "alkey.connections"
@@ -83,29 +89,31 @@ def session_statement(session: Session) -> Iterator[None]:
         session.info.pop(_BULK_KEY, None)
 
 
-def written_by(statement: Any, connection: Connection) -> set[str]:
-    """What one statement run on ``connection`` writes (empty for reads)."""
-    if isinstance(statement, UpdateBase):
-        table = getattr(statement, "table", None)
-        return table_write_identifiers([encode_table(table)] if isinstance(table, Table) else None)
-    if isinstance(statement, (TextClause, str)):
-        return raw_sql_writes(statement, connection.dialect)
-    if isinstance(statement, DDLElement):
-        target = getattr(statement, "element", None)
-        if isinstance(target, Table):
-            return table_write_identifiers([encode_table(target)])
-        return set()
-    return set()
+def _is_unit_of_work(session: Session, context: Any) -> bool:
+    """Whether a statement is one the session's flush emits itself (it records their rows).
+
+    SQLAlchemy's persistence code runs them with the mapper's ``compiled_cache``; a
+    statement that a flush hook runs on the same connection has none, and is recorded.
+    """
+    if not getattr(session, "_flushing", False):  # SQLAlchemy's own "flush in progress"
+        return False
+    options = getattr(context, "execution_options", None) or {}
+    return "compiled_cache" in options
 
 
 class EngineBinding:
     """The listeners alkey attached to one Engine, and the store they bump."""
 
     def __init__(self, engine: Engine, tokens: TokenStore | None) -> None:
-        self.engine = engine
+        # Weak: the engine's own listeners and dialect hold this binding, not the reverse.
+        self._engine = weakref.ref(engine)
         self._tokens = tokens
         # Per connection: the changes of the root transaction and of each open savepoint.
-        self._levels: dict[Connection, list[set[str]]] = {}
+        # Weak: a connection abandoned without commit or rollback must still be collected
+        # and returned to its pool.
+        self._levels: weakref.WeakKeyDictionary[Connection, list[set[str]]] = (
+            weakref.WeakKeyDictionary()
+        )
         # Changes whose COMMIT is under way, by DBAPI connection.
         self._committing: dict[int, set[str]] = {}
         self._lock = threading.Lock()
@@ -120,17 +128,6 @@ class EngineBinding:
     def tokens(self, tokens: TokenStore) -> None:
         self._tokens = tokens
 
-    def after_execute(
-        self,
-        connection: Connection,
-        statement: Any,
-        multiparams: Any,
-        params: Any,
-        execution_options: Any,
-        result: Any,
-    ) -> None:
-        self._record(connection, statement)
-
     def after_cursor_execute(
         self,
         connection: Connection,
@@ -140,25 +137,20 @@ class EngineBinding:
         context: Any,
         executemany: bool,
     ) -> None:
-        # exec_driver_sql() fires no after_execute; its statements are the ones that
-        # reach the cursor without a compiled construct behind them.
-        if context is not None and context.compiled is None:
-            self._record(connection, statement)
-
-    def _record(self, connection: Connection, statement: Any) -> None:
+        """Every statement, as the SQL the database receives: Core, text(), driver SQL,
+        DDL, and DML hidden inside a select all end up here."""
         session = _session_of(connection)
-        # Session._flushing: SQLAlchemy's own flag for "this statement is the flush's".
         if session is not None and (
-            getattr(session, "_flushing", False) or session.info.get(_BULK_KEY)
+            session.info.get(_BULK_KEY) or _is_unit_of_work(session, context)
         ):
             return  # the session's own listeners record these, with their rows
-        written = written_by(statement, connection)
+        written = raw_sql_writes(statement, connection.dialect)
         if not written:
             return
-        if session is not None:
+        if _autocommits(connection):
+            self._bump(written)
+        elif session is not None:
             changes_of(session).record(session, written)
-        elif _autocommits(connection):
-            self.tokens.bump(written)
         else:
             with self._lock:
                 levels = self._levels.setdefault(connection, [set()])
@@ -198,12 +190,20 @@ class EngineBinding:
         with self._lock:
             written = self._committing.pop(id(dbapi_connection), None)
         if written:
-            self.tokens.bump(written)
+            self._bump(written)
 
-    def listen(self) -> None:
+    def _bump(self, written: set[str]) -> None:
+        # Inside SQLAlchemy's commit machinery an exception would be taken for a database
+        # error: whatever the store's policy, a failure here is logged, never raised.
+        try:
+            self.tokens.bump(written)
+        except Exception:
+            log.exception("alkey could not bump %d token(s) after a COMMIT", len(written))
+
+    def listen(self, engine: Engine) -> None:
         for name in _EVENTS:
-            event.listen(self.engine, name, getattr(self, name))
-        dialect = self.engine.dialect
+            event.listen(engine, name, getattr(self, name))
+        dialect = engine.dialect
         original = dialect.do_commit
 
         def do_commit(dbapi_connection: Any) -> None:
@@ -216,13 +216,15 @@ class EngineBinding:
         self._original_do_commit = original
 
     def remove(self) -> None:
+        engine = self._engine()
+        if engine is None:
+            return
         for name in _EVENTS:
-            event.remove(self.engine, name, getattr(self, name))
-        self.engine.dialect.do_commit = self._original_do_commit  # type: ignore[method-assign]
+            event.remove(engine, name, getattr(self, name))
+        engine.dialect.do_commit = self._original_do_commit  # type: ignore[method-assign]
 
 
 _EVENTS = (
-    "after_execute",
     "after_cursor_execute",
     "savepoint",
     "release_savepoint",
@@ -239,7 +241,7 @@ def _autocommits(connection: Connection) -> bool:
     return bool(level == "AUTOCOMMIT")
 
 
-_engine_bindings: dict[Engine, EngineBinding] = {}
+_engine_bindings: weakref.WeakKeyDictionary[Engine, EngineBinding] = weakref.WeakKeyDictionary()
 _engine_lock = threading.Lock()
 
 
@@ -263,10 +265,16 @@ def bind_engine(
         binding = _engine_bindings.get(engine)
         if binding is None:
             binding = _engine_bindings[engine] = EngineBinding(engine, tokens)
-            binding.listen()
+            binding.listen(engine)
         elif tokens is not None:
             binding.tokens = tokens
     return binding
+
+
+def watch_engine(engine: Engine, tokens: TokenStore | None) -> None:
+    """Bind ``engine`` for a bound session that uses it, unless it is bound already."""
+    if engine not in _engine_bindings:
+        bind_engine(engine, tokens=tokens)
 
 
 def unbind_engine(engine: Engine) -> None:

@@ -26,13 +26,17 @@ from sqlalchemy.orm import (
     scoped_session,
     sessionmaker,
 )
-from sqlalchemy.sql.elements import TextClause
 
 from alkey.client import get_redis_client
-from alkey.connections import claim_connection, release_connections, session_statement
+from alkey.connections import (
+    claim_connection,
+    release_connections,
+    session_statement,
+    watch_engine,
+)
 from alkey.tokens import RedisClient, TokenStore, store_for
 from alkey.tracking import changes_of
-from alkey.writes import flushed, raw_sql_writes, statement_writes
+from alkey.writes import flushed, statement_writes
 
 __all__ = ["Binding", "bind", "unbind"]
 
@@ -104,24 +108,16 @@ class Binding:
             changes_of(session).record(session, written)
 
     def do_orm_execute(self, state: ORMExecuteState) -> Any:
-        """Statements run through ``Session.execute``: bulk DML, and raw SQL."""
+        """Bulk DML run through ``Session.execute``, recorded with the rows it reports."""
         session = state.session
         if state.is_select or not self._owns(session):
             return None
-        statement = state.statement
         if state.is_update or state.is_delete or state.is_insert:
             with session_statement(session):
                 result = state.invoke_statement()
-            written = statement_writes(state, result)
-        elif isinstance(statement, TextClause):
-            bind = session.get_bind(mapper=state.bind_mapper)
-            written = raw_sql_writes(statement, bind.dialect)
-            if not written:
-                return None
-            with session_statement(session):
-                result = state.invoke_statement()
+            written = statement_writes(state, result, self.touch_parents)
         else:
-            return None
+            return None  # raw SQL and the rest: read from the cursor (alkey.connections)
         # After running it: a statement that fails writes nothing, and the session's
         # transaction has begun by now.
         changes_of(session).record(session, written)
@@ -132,6 +128,7 @@ class Binding:
     ) -> None:
         if self._owns(session):
             claim_connection(session, connection)
+            watch_engine(connection.engine, self._tokens)
 
     def before_commit(self, session: Session) -> None:
         if self._owns(session):

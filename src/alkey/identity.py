@@ -37,8 +37,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from sqlalchemy import inspect
-from sqlalchemy.orm import InstanceState, Mapper
+from sqlalchemy import event, inspect
+from sqlalchemy.orm import InstanceState, Mapper, configure_mappers, mapperlib
 from sqlalchemy.schema import Table
 from sqlalchemy.sql.expression import FromClause
 
@@ -254,15 +254,32 @@ def _row_prefix(mapper: Mapper[Any]) -> str:
     if prefix is None:
         part = encode_table(mapper.local_table)
         prefix = _row_prefixes[mapper] = f"{_PREFIX}{part}{ROW_SEPARATOR}"
-        # A row of a joined-table subclass lives in every table of its hierarchy: a write
-        # to any of them whose rows are unknown must reach its keys.
-        _unknown_rows_of_prefix[prefix] = tuple(
-            sorted(
-                f"{_PREFIX}{encode_table(table)}{ROW_SEPARATOR}{UNKNOWN_ROWS}"
-                for table in mapper.tables
-            )
-        )
     return prefix
+
+
+def _learn(mapper: Mapper[Any], class_: type | None = None) -> None:
+    """Record what a mapper's inheritance means for invalidation (``mapper_configured``).
+
+    A row of a joined-table subclass lives in every table of its hierarchy, so its keys
+    depend on each of their unknown-rows tokens, and a write to a base table that does not
+    name its rows changes the subclasses' table keys too.
+    """
+    own = encode_table(mapper.local_table)
+    parts = sorted({encode_table(table) for table in mapper.tables})
+    _unknown_rows_of_prefix[f"{_PREFIX}{own}{ROW_SEPARATOR}"] = tuple(
+        f"{_PREFIX}{part}{ROW_SEPARATOR}{UNKNOWN_ROWS}" for part in parts
+    )
+    for part in parts:
+        _family_tables.setdefault(part, set()).add(own)
+
+
+# Learn every mapper as SQLAlchemy configures it, and those configured before alkey was
+# imported, so that keys never depend on what the process happened to do first.
+event.listen(Mapper, "mapper_configured", _learn)
+for _registry in list(getattr(mapperlib, "_mapper_registries", ())):
+    for _mapper in list(getattr(_registry, "mappers", ())):
+        if _mapper.configured:
+            _learn(_mapper)
 
 
 #: The row part of a table's unknown-rows token. A write that reaches a table without
@@ -276,6 +293,8 @@ UNKNOWN_ROWS: Final = "?"
 UNKNOWN_WRITES: Final = f"{_PREFIX}*{ROW_SEPARATOR}{UNKNOWN_ROWS}"
 
 _unknown_rows_of_prefix: dict[str, tuple[str, ...]] = {}
+# Table part -> the own tables of every mapper whose row lives (partly) in that table.
+_family_tables: dict[str, set[str]] = {}
 
 
 def dependencies(identifiers: Iterable[str]) -> list[str]:
@@ -286,6 +305,10 @@ def dependencies(identifiers: Iterable[str]) -> list[str]:
     none: every write to a table bumps its table token.
     """
     prefixes = {i[: i.rindex(ROW_SEPARATOR) + 1] for i in identifiers if i[-1] != ALL_ROWS}
+    if not prefixes.issubset(_unknown_rows_of_prefix):
+        # An identifier string of a table whose mapper may not be configured yet: do it
+        # now, so that the answer does not depend on what the process did before.
+        configure_mappers()
     needs: set[str] = set()
     for prefix in prefixes:
         known = _unknown_rows_of_prefix.get(prefix)
@@ -402,6 +425,9 @@ def table_write_identifiers(table_parts: Iterable[str] | None) -> set[str]:
     for part in table_parts:
         prefix = f"{_PREFIX}{part}{ROW_SEPARATOR}"
         identifiers.update((prefix + ALL_ROWS, prefix + UNKNOWN_ROWS))
+        # Subclasses whose rows live partly in this table: their tables changed too.
+        for member in _family_tables.get(part, ()):
+            identifiers.add(f"{_PREFIX}{member}{ROW_SEPARATOR}{ALL_ROWS}")
     return identifiers
 
 

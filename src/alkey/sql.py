@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any
+from typing import Any, Final
 
 from alkey.identity import table_part
 
@@ -36,6 +36,8 @@ _READ_COMMANDS = frozenset(
      "SAVEPOINT", "RELEASE", "LISTEN", "UNLISTEN", "NOTIFY", "VACUUM", "ANALYZE", "LOCK",
      "DISCARD", "PRAGMA", "CHECKPOINT", "USE"}
 )  # fmt: skip
+#: Databases that match table names without regard to case, quoted or not.
+_CASELESS = frozenset({"sqlite", "mysql", "mariadb", "mssql"})
 _DIALECTS = {"postgresql": "postgres", "sqlite": "sqlite", "mysql": "mysql", "mariadb": "mysql",
              "mssql": "tsql", "oracle": "oracle"}  # fmt: skip
 
@@ -49,25 +51,53 @@ except ImportError:  # pragma: no cover - exercised only without the extra
 _UNKNOWN_COMMANDS = frozenset({"CALL", "DO", "COPY", "EXEC", "EXECUTE", "LOAD"})
 
 
-@functools.lru_cache(maxsize=2048)
 def written_tables(
     sql: str, dialect: str = "", default_schema: str | None = None
 ) -> frozenset[str] | None:
     """The encoded table parts (see :func:`alkey.identity.table_part`) that ``sql`` writes.
 
     An empty set for reads, ``None`` when the written tables cannot be told. Answers are
-    cached: applications run the same SQL strings again and again.
+    cached (applications run the same SQL strings again and again), up to a size.
     """
-    words = sql.split(None, 2)
+    return (
+        _written_tables(sql, dialect, default_schema)
+        if len(sql) <= _CACHED_LENGTH
+        else (_uncached(sql, dialect, default_schema))
+    )
+
+
+#: Longer statements (bulk literals) are not kept in the cache, and not parsed either:
+#: unless they read, they count as writing unknown tables.
+_CACHED_LENGTH: Final = 16_384
+
+
+def _uncached(sql: str, dialect: str, default_schema: str | None) -> frozenset[str] | None:
+    return frozenset() if _plain_read(sql) else None
+
+
+def _plain_read(sql: str) -> bool:
+    """A single SELECT (or a read command): no parsing needed."""
+    if ";" in sql.rstrip().rstrip(";"):
+        return False  # several statements: each must be looked at
+    words = sql.split(None, 1)
     first = words[0].upper() if words else ""
-    if first in _READ_COMMANDS or (first == "EXPLAIN" and "ANALYZE" not in sql.upper()):
+    if first == "EXPLAIN":
+        upper = sql.upper()
+        return "ANALYZE" not in upper and "ANALYSE" not in upper  # those run the statement
+    return first == "SELECT" or first in _READ_COMMANDS
+
+
+@functools.lru_cache(maxsize=1024)
+def _written_tables(sql: str, dialect: str, default_schema: str | None) -> frozenset[str] | None:
+    if _plain_read(sql):
         return frozenset()
+    first = sql.split(None, 1)[0].upper() if sql.strip() else ""
     if first in _UNKNOWN_COMMANDS or sqlglot is None:
-        return None if _may_write(sql) else frozenset()
+        return None
     try:
         statements = sqlglot.parse(sql, read=_DIALECTS.get(dialect))
     except Exception:  # sqlglot raises several error types for unreadable SQL
-        return None if _may_write(sql) else frozenset()
+        return None
     tables: set[str] = set()
     for statement in statements:
         if statement is None:
@@ -87,7 +117,7 @@ def written_tables(
             if targets is None:
                 return None
             for target in targets:
-                tables.update(_spellings(target, default_schema))
+                tables.update(_spellings(target, default_schema, dialect in _CASELESS))
     return frozenset(tables)
 
 
@@ -102,20 +132,23 @@ _READ_STATEMENTS: tuple[type, ...] = (
 def _is_read_command(command: Any) -> bool:
     keyword = str(command.this).upper()
     if keyword == "EXPLAIN":
-        # EXPLAIN ANALYZE runs the statement it explains.
-        return "ANALYZE" not in str(command.expression or "").upper()
+        # EXPLAIN ANALYZE (or ANALYSE) runs the statement it explains.
+        rest = str(command.expression or "").upper()
+        return "ANALYZE" not in rest and "ANALYSE" not in rest
     return keyword in _READ_COMMANDS
-
-
-def _may_write(sql: str) -> bool:
-    words = sql.strip().split(None, 1)
-    return not words or words[0].upper() not in {"SELECT", *_READ_COMMANDS, "EXPLAIN"}
 
 
 def _targets(node: Any) -> list[Any] | None:
     if isinstance(node, exp.TruncateTable):
+        if str(node.args.get("option") or "").upper() == "CASCADE" or node.args.get("cascade"):
+            return None  # also empties every table that references these: unknown
         tables = [t for t in node.expressions if isinstance(t, exp.Table)]
         return tables or None
+    joined = node.this.args.get("joins") if isinstance(node.this, exp.Table) else None
+    if isinstance(node, (exp.Update, exp.Delete)) and (
+        joined or node.args.get("joins") or node.args.get("tables")
+    ):
+        return None  # MySQL's multi-table UPDATE/DELETE may write any table it joins
     if isinstance(node, exp.Drop) and node.args.get("tables"):
         return [t for t in node.args["tables"] if isinstance(t, exp.Table)]
     target = node.this
@@ -130,10 +163,10 @@ def _targets(node: Any) -> list[Any] | None:
     return [target]
 
 
-def _spellings(table: Any, default_schema: str | None) -> set[str]:
-    names = _names(table.this)
+def _spellings(table: Any, default_schema: str | None, caseless: bool) -> set[str]:
+    names = _names(table.this, caseless)
     db = table.args.get("db")
-    schemas: set[str | None] = set(_names(db)) if db else {None}
+    schemas: set[str | None] = set(_names(db, caseless)) if db else {None}
     if default_schema is not None:
         if None in schemas:
             schemas.add(default_schema)
@@ -142,9 +175,10 @@ def _spellings(table: Any, default_schema: str | None) -> set[str]:
     return {table_part(schema, name) for name in names for schema in schemas}
 
 
-def _names(identifier: Any) -> set[str]:
-    """An identifier as written, and folded to lower case unless it was quoted."""
+def _names(identifier: Any, caseless: bool = False) -> set[str]:
+    """An identifier as written, and folded to lower case unless it was quoted on a
+    database that tells quoted names apart by case."""
     text = str(identifier.name if hasattr(identifier, "name") else identifier)
-    if getattr(identifier, "quoted", False):
+    if getattr(identifier, "quoted", False) and not caseless:
         return {text}
     return {text, text.lower()}

@@ -119,8 +119,12 @@ def _parents(state: InstanceState[Any], relationship: Any) -> set[str]:
     return bulk_identifiers(parent, keys) if keys else set()
 
 
-def statement_writes(state: ORMExecuteState, result: Any) -> set[str]:
-    """What an UPDATE, DELETE or INSERT run through ``Session.execute`` wrote."""
+def statement_writes(state: ORMExecuteState, result: Any, touch_parents: bool) -> set[str]:
+    """What an UPDATE, DELETE or INSERT run through ``Session.execute`` wrote.
+
+    With ``touch_parents``, the parents across its many-to-one relationships too: which
+    ones is not known (the rows' foreign keys are not reported), so all of them.
+    """
     statement = state.statement
     mapper = state.bind_mapper
     if mapper is None:
@@ -128,7 +132,12 @@ def statement_writes(state: ORMExecuteState, result: Any) -> set[str]:
         if not isinstance(table, Table):
             return table_write_identifiers(None)
         return table_write_identifiers([encode_table(table)])
-    return bulk_identifiers(mapper, _known_keys(state, result, mapper))
+    written = bulk_identifiers(mapper, _known_keys(state, result, mapper))
+    if touch_parents:
+        for relationship in mapper.relationships:
+            if relationship.direction is MANYTOONE and relationship.info.get(TOUCH_INFO_KEY, True):
+                written |= bulk_identifiers(relationship.mapper, None)
+    return written
 
 
 def _known_keys(
@@ -139,6 +148,10 @@ def _known_keys(
     width = len(mapper.primary_key)
     if state.is_update and _sets_primary_key(statement, mapper):
         return None  # the rows' old keys are unknown
+    if getattr(statement, "_post_values_clause", None) is not None or getattr(
+        statement, "_prefixes", None
+    ):
+        return None  # an upsert (ON CONFLICT, OR REPLACE) may write another row than named
     returned = getattr(result, "returned_defaults_rows", None)
     if returned is not None and (state.is_update or state.is_delete):
         # synchronize_session="fetch" on a database with RETURNING.
