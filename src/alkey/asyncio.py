@@ -316,22 +316,13 @@ class AsyncRedisTokenStore:
 
 
 async def _send(client: AsyncRedisClient, calls: list[_Call], loaded: frozenset[str]) -> list[Any]:
-    if len(calls) == 1:
-        ((script, keys, args),) = calls
-        if script.sha in loaded:
-            return [await client.evalsha(script.sha, len(keys), *keys, *args)]
-        return [await client.eval(script.source, len(keys), *keys, *args)]
+    commands = ScriptCalls.commands(calls, loaded)
+    if len(commands) == 1:
+        return [await client.execute_command(*commands[0])]  # type: ignore[no-untyped-call]
     pipe = client.pipeline(transaction=False)
-    for script, keys, args in calls:
-        if script.sha in loaded:
-            pipe.evalsha(script.sha, len(keys), *keys, *args)
-        else:
-            pipe.eval(script.source, len(keys), *keys, *args)
-    results: list[Any] = await pipe.execute(raise_on_error=False)
-    for result in results:
-        if isinstance(result, Exception):
-            raise result
-    return results
+    for command in commands:
+        pipe.execute_command(*command)
+    return ScriptCalls.checked(await pipe.execute(raise_on_error=False))
 
 
 _default_store: AsyncRedisTokenStore | None = None

@@ -104,10 +104,15 @@ def _is_unit_of_work(session: Session, context: Any) -> bool:
 class EngineBinding:
     """The listeners alkey attached to one Engine, and the store they bump."""
 
-    def __init__(self, engine: Engine, tokens: TokenStore | None) -> None:
+    def __init__(
+        self, engine: Engine, tokens: TokenStore | None, all_connections: bool = True
+    ) -> None:
         # Weak: the engine's own listeners and dialect hold this binding, not the reverse.
         self._engine = weakref.ref(engine)
         self._tokens = tokens
+        #: False while only bound sessions watch the engine: then statements on other
+        #: connections (Core code, unbound sessions) are not alkey's business.
+        self.all_connections = all_connections
         # Per connection: the changes of the root transaction and of each open savepoint.
         # Weak: a connection abandoned without commit or rollback must still be collected
         # and returned to its pool.
@@ -140,6 +145,8 @@ class EngineBinding:
         """Every statement, as the SQL the database receives: Core, text(), driver SQL,
         DDL, and DML hidden inside a select all end up here."""
         session = _session_of(connection)
+        if session is None and not self.all_connections:
+            return
         if session is not None and (
             session.info.get(_BULK_KEY) or _is_unit_of_work(session, context)
         ):
@@ -261,20 +268,26 @@ def bind_engine(
         raise ValueError("pass either redis_client or tokens, not both")
     if redis_client is not None:
         tokens = store_for(redis_client)
+    return _bind_engine(engine, tokens, all_connections=True)
+
+
+def _bind_engine(engine: Engine, tokens: TokenStore | None, all_connections: bool) -> EngineBinding:
     with _engine_lock:
         binding = _engine_bindings.get(engine)
         if binding is None:
-            binding = _engine_bindings[engine] = EngineBinding(engine, tokens)
+            binding = _engine_bindings[engine] = EngineBinding(engine, tokens, all_connections)
             binding.listen(engine)
-        elif tokens is not None:
-            binding.tokens = tokens
+        else:
+            binding.all_connections |= all_connections
+            if tokens is not None and all_connections:
+                binding.tokens = tokens
     return binding
 
 
 def watch_engine(engine: Engine, tokens: TokenStore | None) -> None:
-    """Bind ``engine`` for a bound session that uses it, unless it is bound already."""
+    """Watch the statements a bound session runs on ``engine``'s connections."""
     if engine not in _engine_bindings:
-        bind_engine(engine, tokens=tokens)
+        _bind_engine(engine, tokens, all_connections=False)
 
 
 def unbind_engine(engine: Engine) -> None:

@@ -250,6 +250,25 @@ class ScriptCalls:
     def loaded_after(loaded: frozenset[str], calls: list[_Call]) -> frozenset[str]:
         return loaded.union(script.sha for script, _, _ in calls)
 
+    @staticmethod
+    def commands(calls: list[_Call], loaded: frozenset[str]) -> list[tuple[Any, ...]]:
+        """The Redis commands for ``calls``: ``EVALSHA`` for scripts in ``loaded``, else
+        ``EVAL`` with the source (which also loads it)."""
+        return [
+            ("EVALSHA", script.sha, len(keys), *keys, *args)
+            if script.sha in loaded
+            else ("EVAL", script.source, len(keys), *keys, *args)
+            for script, keys, args in calls
+        ]
+
+    @staticmethod
+    def checked(results: list[Any]) -> list[Any]:
+        """A pipeline's results, raising the first error among them."""
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return results
+
 
 class RedisTokenStore:
     """Tokens in Redis, one string key per identifier, one round trip per call.
@@ -342,23 +361,13 @@ class RedisTokenStore:
         return results
 
     def _send(self, calls: list[_Call], loaded: frozenset[str]) -> list[Any]:
-        client = self.client
-        if len(calls) == 1:
-            ((script, keys, args),) = calls
-            if script.sha in loaded:
-                return [client.evalsha(script.sha, len(keys), *keys, *args)]
-            return [client.eval(script.source, len(keys), *keys, *args)]
-        pipe = client.pipeline(transaction=False)
-        for script, keys, args in calls:
-            if script.sha in loaded:
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
-            else:
-                pipe.eval(script.source, len(keys), *keys, *args)
-        results: list[Any] = pipe.execute(raise_on_error=False)
-        for result in results:
-            if isinstance(result, Exception):
-                raise result
-        return results
+        commands = ScriptCalls.commands(calls, loaded)
+        if len(commands) == 1:
+            return [self.client.execute_command(*commands[0])]  # type: ignore[no-untyped-call]
+        pipe = self.client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)  # type: ignore[no-untyped-call]
+        return ScriptCalls.checked(pipe.execute(raise_on_error=False))
 
 
 _stores_lock = threading.RLock()
