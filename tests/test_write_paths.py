@@ -33,6 +33,7 @@ from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
     Session,
+    defer,
     mapped_column,
     relationship,
     sessionmaker,
@@ -675,3 +676,14 @@ def test_an_identifier_string_keys_the_same_whatever_the_process_did_before(
         keys(manager)  # keying an instance must not change how strings key
         session.rollback()
     assert keys("alkey:managers#1") == key
+
+
+def test_a_child_whose_foreign_key_was_never_loaded_touches_every_parent(
+    library_factory: sessionmaker[Session], keys: CacheKeyGenerator
+) -> None:
+    before = keys("alkey:authors#1")
+    with library_factory() as session:
+        book = session.scalars(select(Book).options(defer(Book.author_id))).one()
+        book.title = "retitled"
+        session.commit()
+    assert keys("alkey:authors#1") != before

@@ -108,19 +108,18 @@ class Binding:
             changes_of(session).record(session, written)
 
     def do_orm_execute(self, state: ORMExecuteState) -> Any:
-        """Bulk DML run through ``Session.execute``, recorded with the rows it reports."""
+        """Bulk DML run through ``Session.execute``, recorded with the rows it reports.
+
+        Raw SQL and everything else is read from the cursor (:mod:`alkey.connections`).
+        """
         session = state.session
-        if state.is_select or not self._owns(session):
+        if not (state.is_update or state.is_delete or state.is_insert) or not self._owns(session):
             return None
-        if state.is_update or state.is_delete or state.is_insert:
-            with session_statement(session):
-                result = state.invoke_statement()
-            written = statement_writes(state, result, self.touch_parents)
-        else:
-            return None  # raw SQL and the rest: read from the cursor (alkey.connections)
-        # After running it: a statement that fails writes nothing, and the session's
+        with session_statement(session):
+            result = state.invoke_statement()
+        # Recorded after it ran: a statement that fails writes nothing, and the session's
         # transaction has begun by now.
-        changes_of(session).record(session, written)
+        changes_of(session).record(session, statement_writes(state, result, self.touch_parents))
         return result
 
     def after_begin(

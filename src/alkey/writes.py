@@ -94,12 +94,17 @@ def _parents(state: InstanceState[Any], relationship: Any) -> set[str]:
     pairs = dict(relationship.local_remote_pairs)
     by_remote = {remote: local for local, remote in pairs.items()}
     if set(by_remote) != set(parent.primary_key):
-        return set()  # not a reference to the parent's primary key: nothing to name
+        # It references some other column of the parent: which row is not known.
+        return bulk_identifiers(parent, None)
     keys: set[tuple[Any, ...]] = set()
     # The foreign key's value now and, when it moved, before: old and new parent,
     # whether the relationship or only the column (order.user_id = 2) was set.
     columns = [by_remote[column] for column in parent.primary_key]
     attributes = [state.mapper.get_property_by_column(column).key for column in columns]
+    if state.key is not None and any(attribute not in state.dict for attribute in attributes):
+        # A row that existed, whose foreign key was never loaded: its parent is unknown.
+        # (A new row's unset foreign key is NULL: no parent.)
+        return bulk_identifiers(parent, None)
     histories = [state.attrs[key].history for key in attributes]
     current = [state.dict.get(key) for key in attributes]
     if None not in current:
