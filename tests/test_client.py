@@ -54,9 +54,11 @@ def test_redis_url_wins_over_provider_urls() -> None:
     assert get_redis_config(env)["url"] == "redis://mine:2"
 
 
-@pytest.mark.parametrize("url", ["rediss://user:pw@secure:6380/0", "unix:///run/redis.sock?db=1"])
-def test_tls_and_unix_socket_urls_are_accepted(url: str) -> None:
-    assert get_redis_config({"REDIS_URL": url})["url"] == url
+@pytest.mark.parametrize(
+    ("url", "db"), [("rediss://user:pw@secure:6380/2", 2), ("unix:///run/redis.sock?db=1", 1)]
+)
+def test_tls_and_unix_socket_urls_are_accepted_with_their_database(url: str, db: int) -> None:
+    assert get_redis_config({"REDIS_URL": url}) == {"url": url, "db": db, "max_connections": None}
 
 
 @pytest.mark.parametrize(

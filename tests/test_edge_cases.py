@@ -289,3 +289,46 @@ def test_a_bump_that_failed_during_a_replay_stays_owed() -> None:
     assert ledger.pending == {"alkey:users#1"}
     ledger.succeeded(ledger.replay())
     assert ledger.pending == frozenset()
+
+
+IMPORT_LATE_SCRIPT = """
+from sqlalchemy.orm import DeclarativeBase, Mapped, configure_mappers, mapped_column
+
+class Base(DeclarativeBase):
+    pass
+
+class Thing(Base):
+    __tablename__ = "things"
+    id: Mapped[int] = mapped_column(primary_key=True)
+
+configure_mappers()  # the application used its models before importing alkey
+import alkey.identity
+print(alkey.identity.dependencies(["alkey:things#1"]))
+"""
+
+
+def test_alkey_can_be_imported_after_the_models_were_configured() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", IMPORT_LATE_SCRIPT], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "['alkey:things#?']"
+
+
+def test_touching_through_an_unbound_session_is_refused(tables: Any) -> None:
+    with Session(tables) as session, pytest.raises(ValueError, match="needs a session bound"):
+        alkey.touch(session, "alkey:users#1")
+
+
+def test_invalidating_a_base_table_row_by_identifier_reaches_the_subclass_instance(
+    session_factory: sessionmaker[Session], redis_client: RedisClient
+) -> None:
+    from .models import Manager
+
+    key_generator = CacheKeyGenerator(redis_client)
+    with session_factory() as session:
+        manager = Manager(name="m")
+        session.add(manager)
+        session.commit()
+        before = key_generator(manager)
+        alkey.invalidate(f"alkey:employees#{manager.id}", tokens=store_for(redis_client))
+        assert key_generator(manager) != before

@@ -17,7 +17,6 @@ import redis
 import zope.sqlalchemy
 from pyramid.config import Configurator  # type: ignore[import-untyped]
 from pyramid.exceptions import ConfigurationError  # type: ignore[import-untyped]
-from pyramid.httpexceptions import HTTPBadRequest  # type: ignore[import-untyped]
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 from webtest import TestApp  # type: ignore[import-untyped]
@@ -60,7 +59,9 @@ def rename(request: Any) -> str:
     if request.POST.get("then") == "raise":
         raise ViewError("the view failed after its write was flushed")
     if request.POST.get("then") == "400":
-        raise HTTPBadRequest()
+        # Returned, not raised: the transaction is not aborted by an exception, only
+        # vetoed by tm.commit_veto because of the status.
+        request.response.status = 400
     return "renamed"
 
 
@@ -159,6 +160,10 @@ def test_a_request_whose_commit_is_vetoed_bumps_nothing(
     assert get_token(redis_client, "alkey:users#1") == before
     with Session(tables) as session:
         assert session.get_one(User, 1).name == "ada"
+    # Without the veto, the same request commits, and bumps.
+    plain = make_app(tables, {"alkey.redis_url": redis_url})
+    plain.post("/users/1/rename", {"name": "grace", "then": "400"}, status=400)
+    assert get_token(redis_client, "alkey:users#1") != before
 
 
 def test_request_cache_key_is_one_reified_key_generator_with_the_configured_prefix(

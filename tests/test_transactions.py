@@ -13,7 +13,7 @@ import alkey
 from alkey import GLOBAL_WRITE_TOKEN
 from alkey.cache import get_token
 from alkey.events import Binding
-from alkey.tokens import RedisClient
+from alkey.tokens import RedisClient, RedisTokenStore
 
 from .conftest import (
     KeyGenerator,
@@ -26,6 +26,16 @@ from .conftest import (
     tokens_of,
 )
 from .models import User
+
+#: The session events alkey listens to.
+EVENTS = (
+    "after_begin",
+    "after_flush",
+    "do_orm_execute",
+    "before_commit",
+    "after_commit",
+    "after_transaction_end",
+)
 
 # Tests that open sessions run with a Session and with an AsyncSession (see conftest).
 pytestmark = pytest.mark.flavours("sync", "asyncio")
@@ -212,14 +222,23 @@ def test_changing_a_primary_key_bumps_the_old_and_the_new_row(
     assert changed(before, snapshot(redis_client, identifiers)) == set(identifiers)
 
 
+def listener_counts(binding: Binding) -> dict[str, int]:
+    """How many listeners a session of the bound target runs for each of alkey's events."""
+    target = binding.target
+    probe = target() if isinstance(target, type) else target
+    assert isinstance(probe, Session)
+    return {name: len(list(getattr(probe.dispatch, name))) for name in EVENTS}
+
+
 def test_a_commit_bumps_each_token_once_however_often_bind_was_called(
     sessions: Sessions, redis_client: RedisClient
 ) -> None:
     first = alkey.bind(sessions.target, tokens=sessions.tokens)
+    listeners = listener_counts(first)
     again = alkey.bind(sessions.target)
     assert first is again
     assert first.tokens is sessions.tokens
-    assert event.contains(first.target, "after_flush", first.after_flush)
+    assert listener_counts(first) == listeners
     with sessions() as session:
         sets_before = set_calls(redis_client)
         add_user(session)
@@ -232,12 +251,15 @@ def test_a_subclass_bound_as_well_as_its_base_bumps_once(
     class AppSession(session_factory.class_):  # type: ignore[name-defined,misc]
         pass
 
-    sub = alkey.bind(AppSession, redis_client=redis_client)
+    # A store of its own for the subclass: only the more specific binding may act.
+    sub = alkey.bind(AppSession, tokens=RedisTokenStore(redis_client, key_prefix="sub:"))
     try:
         with AppSession(bind=session_factory.kw["bind"]) as session:
             sets_before = set_calls(redis_client)
             add_user(session)
         assert set_calls(redis_client) - sets_before == len(USER_1)
+        assert redis_client.keys("alkey:*") == []
+        assert len(redis_client.keys("sub:alkey:*")) == len(USER_1)
     finally:
         alkey.unbind(AppSession)
     assert not event.contains(AppSession, "after_flush", sub.after_flush)

@@ -5,7 +5,8 @@ Bind once, then build keys wherever you cache::
     alkey.bind(Session)
     key = alkey.CacheKeyGenerator()(user, "sidebar")
 
-The key changes after any transaction that wrote ``user`` commits, and at no other time.
+The key changes after any transaction that wrote ``user`` commits; reads and rolled-back
+work leave it as it is.
 """
 
 from __future__ import annotations

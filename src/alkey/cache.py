@@ -2,8 +2,8 @@
 
 A key is a hash of the arguments, in which every model instance, mapped class, table or
 identifier is replaced by its identifier *and its current token*. A committed write bumps
-the token, so the next key differs and the cached value is regenerated; nothing else
-changes a key, so everything else keeps hitting.
+the token, so the next key differs and the cached value is regenerated; reads and
+rolled-back work change no token, so everything else keeps hitting.
 """
 
 from __future__ import annotations

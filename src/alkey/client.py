@@ -12,7 +12,7 @@ import os
 import threading
 from collections.abc import Mapping
 from typing import Any, TypedDict
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import redis
 
@@ -77,11 +77,14 @@ def _integer(env: Mapping[str, str], name: str) -> int | None:
 
 
 def _url_db(url: str) -> int | None:
-    path = urlsplit(url).path.strip("/")
-    if urlsplit(url).scheme == "unix" or not path:
+    """The database a URL names: its ``?db=`` query, else (redis/rediss) its path."""
+    parts = urlsplit(url)
+    query = parse_qs(parts.query).get("db")
+    text = query[0] if query else ("" if parts.scheme == "unix" else parts.path.strip("/"))
+    if not text:
         return None
     try:
-        return int(path)
+        return int(text)
     except ValueError:
         raise ValueError(f"the database in {redact_url(url)!r} must be a number") from None
 
@@ -94,7 +97,8 @@ def get_redis_config(env: Mapping[str, str] | None = None) -> RedisConfig:
       ``redis://localhost:6379/0``. ``redis://``, ``rediss://`` (TLS) and ``unix://``
       URLs are accepted; credentials go in the URL.
     * The database is the provider's own ``<PREFIX>_DB`` (e.g. ``REDISTOGO_DB``) if set,
-      else ``REDIS_DB``, else the number in the URL's path, else 0.
+      else ``REDIS_DB``, else the URL's (``?db=``, or the path of a ``redis://`` URL),
+      else 0.
     * The pool size is ``<PREFIX>_MAX_CONNECTIONS``, else ``REDIS_MAX_CONNECTIONS``,
       else unbounded (redis-py's default).
 

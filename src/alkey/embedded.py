@@ -58,8 +58,7 @@ def _free_port() -> int:
 class EmbeddedRedis:
     """A private redis-server process; use as a context manager.
 
-    ``restart()`` and ``stop()`` let tests take Redis away and bring it back (empty, as a
-    restart without persistence would) on the same port.
+    ``stop()``, ``pause()`` and ``resume()`` let tests take Redis away and bring it back.
     """
 
     def __init__(self, prefer: Preference = "path", *, extra_args: tuple[str, ...] = ()) -> None:
@@ -121,10 +120,6 @@ class EmbeddedRedis:
         """Undo :meth:`pause`."""
         assert self._process is not None, "the server is not running"
         self._process.send_signal(signal.SIGCONT)
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
 
     def close(self) -> None:
         self.stop()

@@ -178,6 +178,11 @@ def _binding_for(session: Session) -> Binding | None:
     return None
 
 
+def is_bound(session: Session) -> bool:
+    """Whether a binding (its own, or its class's) covers ``session``."""
+    return _binding_for(session) is not None
+
+
 def _is_asyncio(target: object) -> bool:
     return type(target).__module__.startswith("sqlalchemy.ext.asyncio") or (
         isinstance(target, type) and target.__module__.startswith("sqlalchemy.ext.asyncio")

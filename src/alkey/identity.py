@@ -51,6 +51,7 @@ __all__ = [
     "bulk_identifiers",
     "dependencies",
     "encode_table",
+    "family_identifiers",
     "identifier_for",
     "instance_identifier",
     "is_identifier",
@@ -144,8 +145,7 @@ def encode_table(table: str | FromClause) -> str:
     name = getattr(table, "name", None)
     if not isinstance(name, str) or not name:
         raise TypeError(f"{table!r} is not a named table; pass a Table or a mapped class")
-    schema = getattr(table, "schema", None)
-    return f"{_quote_name(schema)}.{_quote_name(name)}" if schema else _quote_name(name)
+    return table_part(getattr(table, "schema", None), name)
 
 
 def _encode_value(value: Any) -> str:
@@ -273,15 +273,6 @@ def _learn(mapper: Mapper[Any], class_: type | None = None) -> None:
         _family_tables.setdefault(part, set()).add(own)
 
 
-# Learn every mapper as SQLAlchemy configures it, and those configured before alkey was
-# imported, so that keys never depend on what the process happened to do first.
-event.listen(Mapper, "mapper_configured", _learn)
-for _registry in list(getattr(mapperlib, "_mapper_registries", ())):
-    for _mapper in list(getattr(_registry, "mappers", ())):
-        if _mapper.configured:
-            _learn(_mapper)
-
-
 #: The row part of a table's unknown-rows token. A write that reaches a table without
 #: saying which rows (a bulk UPDATE without RETURNING, raw SQL) bumps ``alkey:users#?``;
 #: every key that names a row of ``users`` also depends on it, fetched in the same round
@@ -295,6 +286,16 @@ UNKNOWN_WRITES: Final = f"{_PREFIX}*{ROW_SEPARATOR}{UNKNOWN_ROWS}"
 _unknown_rows_of_prefix: dict[str, tuple[str, ...]] = {}
 # Table part -> the own tables of every mapper whose row lives (partly) in that table.
 _family_tables: dict[str, set[str]] = {}
+
+
+def family_identifiers(identifier: str) -> set[str]:
+    """``identifier`` and the same row or table in the tables of subclasses whose rows
+    live partly in its table, e.g. ``alkey:employees#3`` -> also ``alkey:managers#3``."""
+    prefix, _, row = identifier.rpartition(ROW_SEPARATOR)
+    part = prefix.removeprefix(_PREFIX)
+    configure_mappers()
+    members = _family_tables.get(part, ())
+    return {identifier, *(f"{_PREFIX}{member}{ROW_SEPARATOR}{row}" for member in members)}
 
 
 def dependencies(identifiers: Iterable[str]) -> list[str]:
@@ -323,10 +324,7 @@ def instance_identifier(state: InstanceState[Any]) -> str:
     if key is None:
         # Pending or transient: no row yet, so it stands for its table (as in alkey 0.3).
         return prefix + ALL_ROWS
-    values = key[1]
-    if len(values) == 1 and type(values[0]) is int:
-        return prefix + str(values[0])
-    return prefix + ",".join([_encode_value(value) for value in values])
+    return prefix + _encode_key(key[1])
 
 
 def identifier_for(obj: object) -> str:
@@ -461,3 +459,12 @@ def write_identifiers(states: Iterable[InstanceState[Any]]) -> set[str]:
     if identifiers:
         add(GLOBAL_WRITE_TOKEN)
     return identifiers
+
+
+# Learn every mapper as SQLAlchemy configures it, and those configured before alkey was
+# imported, so that keys never depend on what the process happened to do first.
+event.listen(Mapper, "mapper_configured", _learn)
+for _registry in list(getattr(mapperlib, "_mapper_registries", ())):
+    for _mapper in list(getattr(_registry, "mappers", ())):
+        if _mapper.configured:
+            _learn(_mapper)

@@ -59,20 +59,14 @@ def written_tables(
     An empty set for reads, ``None`` when the written tables cannot be told. Answers are
     cached (applications run the same SQL strings again and again), up to a size.
     """
-    return (
-        _written_tables(sql, dialect, default_schema)
-        if len(sql) <= _CACHED_LENGTH
-        else (_uncached(sql, dialect, default_schema))
-    )
+    if len(sql) > _PARSED_LENGTH:
+        return frozenset() if _plain_read(sql) else None
+    return _written_tables(sql, dialect, default_schema)
 
 
-#: Longer statements (bulk literals) are not kept in the cache, and not parsed either:
-#: unless they read, they count as writing unknown tables.
-_CACHED_LENGTH: Final = 16_384
-
-
-def _uncached(sql: str, dialect: str, default_schema: str | None) -> frozenset[str] | None:
-    return frozenset() if _plain_read(sql) else None
+#: Longer statements (bulk literals) are neither parsed nor cached: unless they read,
+#: they count as writing unknown tables.
+_PARSED_LENGTH: Final = 16_384
 
 
 def _plain_read(sql: str) -> bool:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import secrets
 import threading
 from collections.abc import Collection, Sequence
@@ -242,7 +243,7 @@ class ScriptCalls:
     def tokens(results: list[Any], identifiers: Sequence[str]) -> list[str]:
         """The fetched tokens, in order, from the results of :meth:`fetch`'s calls."""
         tokens: list[str] = []
-        for values in results[len(results) - -(-len(identifiers) // CHUNK_SIZE) :]:
+        for values in results[-math.ceil(len(identifiers) / CHUNK_SIZE) :]:
             tokens.extend([v.decode("ascii") if type(v) is bytes else v for v in values])
         return tokens
 
@@ -281,7 +282,8 @@ class RedisTokenStore:
     restart or ``SCRIPT FLUSH`` one call is answered ``NOSCRIPT`` and sent again with the
     source. No call ever pays for a ``SCRIPT EXISTS`` round trip.
 
-    Scripts need all their keys on one node. A cluster-aware store groups keys by hash slot
+    Scripts need all their keys on one node. A cluster-aware store (not part of alkey yet)
+    would group keys by hash slot
     and sends one such call per slot in one pipeline per node, behind the same
     :class:`TokenStore` protocol.
 

@@ -27,6 +27,7 @@ from alkey.identity import (
     Identifier,
     bulk_identifiers,
     encode_table,
+    family_identifiers,
     parse_identifier,
     table_part,
     table_write_identifiers,
@@ -211,7 +212,8 @@ def invalidation_identifiers(target: object) -> set[str]:
         if parsed.key is None:
             return table_write_identifiers([table_part(parsed.schema, parsed.table)])
         table = str(Identifier(parsed.table, None, parsed.schema))
-        return {target, table, GLOBAL_WRITE_TOKEN}
+        # The row in subclass tables too: a joined subclass instance keys on those.
+        return {GLOBAL_WRITE_TOKEN, *family_identifiers(target), *family_identifiers(table)}
     if isinstance(target, Table):
         return table_write_identifiers([encode_table(target)])
     insp = inspect(target, raiseerr=False)
@@ -234,6 +236,13 @@ def touch(session: Session, *targets: object) -> None:
     belong to this transaction: recorded like any other write, so a rollback drops them.
     ``session`` must be bound (:func:`alkey.events.bind`).
     """
+    from alkey.events import is_bound
+
+    if not is_bound(session):
+        raise ValueError(
+            "alkey.touch() needs a session bound with alkey.bind(): this one would never "
+            "bump what it records"
+        )
     identifiers: set[str] = set()
     for target in targets:
         identifiers |= invalidation_identifiers(target)
