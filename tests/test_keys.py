@@ -352,3 +352,29 @@ def test_no_two_of_100_000_distinct_random_inputs_share_a_key() -> None:
         assert _normal(seen.setdefault(key, arguments)) == _normal(arguments)
         inputs.add(repr(_normal(arguments)))
     assert len(seen) == len(inputs)
+
+
+def test_concurrent_readers_of_a_missing_token_agree_on_one(redis_url: str) -> None:
+    import threading
+
+    import redis as redis_module
+
+    from alkey.tokens import RedisTokenStore
+
+    barrier = threading.Barrier(16)
+    seen: list[str] = []
+
+    def read() -> None:
+        client = redis_module.Redis.from_url(redis_url)
+        store = RedisTokenStore(client)
+        barrier.wait()
+        seen.append(store.fetch(["alkey:race#1"])[0])
+        client.close()
+
+    threads = [threading.Thread(target=read) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(seen) == 16
+    assert len(set(seen)) == 1

@@ -687,3 +687,31 @@ def test_a_child_whose_foreign_key_was_never_loaded_touches_every_parent(
         book.title = "retitled"
         session.commit()
     assert keys("alkey:authors#1") != before
+
+
+RAW_WRITES = {
+    "on conflict": "INSERT INTO tags (code, label) VALUES ('x', 'y') "
+    "ON CONFLICT (code) DO UPDATE SET label = 'z'",
+    "multi-statement": "SELECT 1; UPDATE tags SET label = 'm'",
+    "merge": "MERGE INTO tags t USING (SELECT 'x' AS code) s ON t.code = s.code "
+    "WHEN MATCHED THEN UPDATE SET label = 'merged'",
+    "truncate": "TRUNCATE tags",
+    "drop": "DROP TABLE tags",
+}
+
+
+@pytest.mark.parametrize("name", RAW_WRITES)
+def test_raw_writes_run_on_the_database_change_the_written_tables_keys(
+    bound_engine: Engine, session_factory: sessionmaker[Session], keys: CacheKeyGenerator, name: str
+) -> None:
+    sqlite_can = {"on conflict", "drop"}
+    if bound_engine.dialect.name != "postgresql" and name not in sqlite_can:
+        pytest.skip(f"{name} needs PostgreSQL")
+    seed_users(session_factory)
+    before = keys(Tag), keys("alkey:tags#x"), keys("alkey:users#1")
+    with bound_engine.begin() as connection:
+        connection.exec_driver_sql(RAW_WRITES[name])
+    after = keys(Tag), keys("alkey:tags#x"), keys("alkey:users#1")
+    assert after[0] != before[0]
+    assert after[1] != before[1]
+    assert after[2] == before[2], "another table keeps its keys"
