@@ -17,7 +17,7 @@ from alkey._canonical import Chunk, encode_arguments
 from alkey.client import get_redis_client
 from alkey.constants import MAX_KEY_LENGTH
 from alkey.identity import UNKNOWN_WRITES, dependencies
-from alkey.tokens import RedisClient, TokenStore, store_for
+from alkey.tokens import RedisClient, TokenStore, UsesDefaultStore, store_for
 
 __all__ = ["CacheKeyGenerator", "KeyPlan", "get_cache_key_generator", "get_token"]
 
@@ -44,7 +44,7 @@ def _check_prefix(prefix: str) -> str:
     return prefix
 
 
-class CacheKeyGenerator:
+class CacheKeyGenerator(UsesDefaultStore):
     """Generate cache keys from any mix of model instances, identifiers and plain values.
 
     ``key_generator(user, 'sidebar')`` returns the same key until a transaction that
@@ -86,13 +86,6 @@ class CacheKeyGenerator:
             else (store_for(redis_client) if redis_client is not None else None)
         )
         self.prefix = _check_prefix(prefix)
-
-    @property
-    def tokens(self) -> TokenStore:
-        """The token store this generator reads."""
-        if self._tokens is None:
-            self._tokens = store_for(get_redis_client())
-        return self._tokens
 
     def __call__(self, *args: object) -> str:
         plan = self.plan(*args)

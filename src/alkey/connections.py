@@ -36,8 +36,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
-from alkey.client import get_redis_client
-from alkey.tokens import RedisClient, TokenStore, store_for
+from alkey.tokens import RedisClient, TokenStore, UsesDefaultStore, store_for
 from alkey.tracking import changes_of
 from alkey.writes import raw_sql_writes
 
@@ -101,7 +100,7 @@ def _is_unit_of_work(session: Session, context: Any) -> bool:
     return "compiled_cache" in options
 
 
-class EngineBinding:
+class EngineBinding(UsesDefaultStore):
     """The listeners alkey attached to one Engine, and the store they bump."""
 
     def __init__(
@@ -122,16 +121,6 @@ class EngineBinding:
         # Changes whose COMMIT is under way, by DBAPI connection.
         self._committing: dict[int, set[str]] = {}
         self._lock = threading.Lock()
-
-    @property
-    def tokens(self) -> TokenStore:
-        if self._tokens is None:
-            self._tokens = store_for(get_redis_client())
-        return self._tokens
-
-    @tokens.setter
-    def tokens(self, tokens: TokenStore) -> None:
-        self._tokens = tokens
 
     def after_cursor_execute(
         self,

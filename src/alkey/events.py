@@ -27,14 +27,13 @@ from sqlalchemy.orm import (
     sessionmaker,
 )
 
-from alkey.client import get_redis_client
 from alkey.connections import (
     claim_connection,
     release_connections,
     session_statement,
     watch_engine,
 )
-from alkey.tokens import RedisClient, TokenStore, store_for
+from alkey.tokens import RedisClient, TokenStore, UsesDefaultStore, store_for
 from alkey.tracking import changes_of
 from alkey.writes import flushed, statement_writes
 
@@ -63,7 +62,7 @@ def _resolve(target: object) -> Session | type[Session]:
     )
 
 
-class Binding:
+class Binding(UsesDefaultStore):
     """The listeners alkey attached to one session target, and the store they bump.
 
     Created by :func:`bind`; one per target however often ``bind`` is called.
@@ -83,17 +82,6 @@ class Binding:
     def target(self) -> Session | type[Session] | None:
         """What was bound (``None`` once a bound Session instance is gone)."""
         return self._target()
-
-    @property
-    def tokens(self) -> TokenStore:
-        """The token store bumped at commit (the default client's, looked up on first use)."""
-        if self._tokens is None:
-            self._tokens = store_for(get_redis_client())
-        return self._tokens
-
-    @tokens.setter
-    def tokens(self, tokens: TokenStore) -> None:
-        self._tokens = tokens
 
     def _owns(self, session: Session) -> bool:
         # A session may match several bindings (its own, its class's, a base class's);

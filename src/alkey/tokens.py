@@ -271,6 +271,27 @@ class ScriptCalls:
         return results
 
 
+class UsesDefaultStore:
+    """Gives a class a ``tokens`` attribute that, left unset, becomes the store of the
+    process's default client on first use -- so that binding or building at import time
+    never connects to Redis."""
+
+    _tokens: TokenStore | None
+
+    @property
+    def tokens(self) -> TokenStore:
+        """The token store in use (the default client's, looked up on first use)."""
+        if self._tokens is None:
+            from alkey.client import get_redis_client  # client.py imports this module
+
+            self._tokens = store_for(get_redis_client())
+        return self._tokens
+
+    @tokens.setter
+    def tokens(self, tokens: TokenStore) -> None:
+        self._tokens = tokens
+
+
 class RedisTokenStore:
     """Tokens in Redis, one string key per identifier, one round trip per call.
 
