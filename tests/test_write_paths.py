@@ -715,3 +715,16 @@ def test_raw_writes_run_on_the_database_change_the_written_tables_keys(
     assert after[0] != before[0]
     assert after[1] != before[1]
     assert after[2] == before[2], "another table keeps its keys"
+
+
+def test_a_core_savepoint_opened_before_any_write_drops_its_writes_on_rollback(
+    bound_engine: Engine, session_factory: sessionmaker[Session], keys: CacheKeyGenerator
+) -> None:
+    seed_users(session_factory)
+    before = keys(Tag)
+    with bound_engine.connect() as connection:
+        savepoint = connection.begin_nested()
+        connection.execute(TAGS.update().values(label="y"))
+        savepoint.rollback()
+        connection.commit()
+    assert keys(Tag) == before

@@ -154,8 +154,7 @@ class EngineBinding(UsesDefaultStore):
 
     def savepoint(self, connection: Connection, name: str) -> None:
         with self._lock:
-            if connection in self._levels:
-                self._levels[connection].append(set())
+            self._levels.setdefault(connection, [set()]).append(set())
 
     def release_savepoint(self, connection: Connection, name: str, context: Any) -> None:
         with self._lock:
