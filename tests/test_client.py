@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -12,9 +16,9 @@ from zope.interface.registry import Components
 
 from alkey import client as alkey_client
 from alkey.client import client_from_config, get_redis_client, get_redis_config, redact_url
-from alkey.embedded import EmbeddedRedis
+from alkey.embedded import EmbeddedRedis, find_redis_server
 from alkey.interfaces import IRedisClientFactory, IRedisConnectionPool
-from alkey.tokens import RedisClient
+from alkey.tokens import RedisClient, RedisTokenStore
 
 
 def test_nothing_configured_means_localhost() -> None:
@@ -130,3 +134,46 @@ def test_a_registered_connection_pool_is_used_for_the_request(redis_url: str) ->
     assert client.connection_pool is pool
     assert client.ping() is True
     pool.disconnect()
+
+
+def test_a_rediss_url_reaches_a_tls_server(tmp_path: Path) -> None:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a certificate")
+    certificate, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(certificate), "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [find_redis_server(), "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+         "--tls-cert-file", str(certificate), "--tls-key-file", str(key),
+         "--tls-ca-cert-file", str(certificate), "--tls-auth-clients", "no", "--save", ""],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={certificate}"
+    try:
+        client = client_from_config(get_redis_config({"REDIS_URL": url}))
+        deadline = time.monotonic() + 10
+        while True:
+            if server.poll() is not None:
+                pytest.skip("this redis-server was built without TLS")
+            try:
+                assert client.ping() is True
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        store = RedisTokenStore(client)
+        token = store.fetch(["alkey:users#1"])[0]
+        store.bump(["alkey:users#1"])
+        assert store.fetch(["alkey:users#1"])[0] != token
+        client.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
