@@ -477,7 +477,7 @@ def test_an_async_commit_during_an_outage_succeeds_and_its_bump_is_replayed_befo
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     client = quick_async_client(private_redis.url)
-    store = AsyncRedisTokenStore(client)
+    store = AsyncRedisTokenStore(client, retry_interval=0)  # probe on every call
     maker = async_sessionmaker(async_engine, expire_on_commit=False)
     alkey.bind(maker, tokens=store)
     key_generator = AsyncCacheKeyGenerator(tokens=store)

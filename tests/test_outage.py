@@ -36,7 +36,8 @@ def quick_client(url: str) -> RedisClient:
 @pytest.fixture
 def store(private_redis: EmbeddedRedis) -> Iterator[RedisTokenStore]:
     client = quick_client(private_redis.url)
-    yield RedisTokenStore(client)
+    # retry_interval=0: probe Redis on every call, so that recovery shows at once.
+    yield RedisTokenStore(client, retry_interval=0)
     client.close()
 
 
@@ -147,3 +148,29 @@ def test_a_store_rejects_settings_that_cannot_work() -> None:
         RedisTokenStore(client, ttl=0)
     with pytest.raises(ValueError, match="on_error must be 'degrade' or 'raise'"):
         RedisTokenStore(client, on_error="ignore")  # type: ignore[arg-type]
+
+
+def test_while_redis_is_known_down_calls_answer_at_once_and_recovery_is_probed(
+    private_redis: EmbeddedRedis,
+) -> None:
+    client = quick_client(private_redis.url)  # 0.3 s socket timeouts
+    store = RedisTokenStore(client, retry_interval=0.5)
+    key_generator = CacheKeyGenerator(tokens=store)
+    key = key_generator("alkey:users#1")
+    private_redis.pause()
+    try:
+        started = time.monotonic()
+        key_generator("alkey:users#1")  # finds out: one socket timeout
+        assert time.monotonic() - started >= 0.25
+        started = time.monotonic()
+        for _ in range(100):
+            assert key_generator("alkey:users#1") != key
+            store.bump(["alkey:users#2"])
+        assert (time.monotonic() - started) / 200 < 0.001, "under 1 ms a call while down"
+        assert store.pending == {"alkey:users#2"}
+    finally:
+        private_redis.resume()
+    time.sleep(0.6)  # past retry_interval: the next call probes Redis again
+    assert key_generator("alkey:users#1") == key
+    assert store.pending == frozenset(), "the kept bump went out with the probe"
+    client.close()

@@ -225,10 +225,11 @@ class AsyncRedisTokenStore:
         key_prefix: str = "",
         on_error: ErrorPolicy = "degrade",
         max_pending: int = 100_000,
+        retry_interval: float = 1.0,
     ) -> None:
         self.client = client
         self.calls = ScriptCalls(ttl, key_prefix)
-        self.outage = OutageLedger(on_error, max_pending)
+        self.outage = OutageLedger(on_error, max_pending, retry_interval)
         self._loaded: frozenset[str] = frozenset()
         # Bumps that outlived a cancelled caller; referenced until done (asyncio only
         # keeps weak references to tasks).
@@ -249,6 +250,8 @@ class AsyncRedisTokenStore:
         """
         if not identifiers:
             return []
+        if self.outage.skip():
+            return [new_token() for _ in identifiers]
         replay = self.outage.replay()
         try:
             results = await self._run(self.calls.fetch(identifiers, replay))
@@ -263,6 +266,9 @@ class AsyncRedisTokenStore:
 
         Runs to its end in a task of its own, so that cancelling the caller cannot lose it.
         """
+        if self.outage.skip():
+            self.outage.keep(identifiers)
+            return
         replay = self.outage.replay()
         todo = replay.union(identifiers) if replay else identifiers
         if not todo:

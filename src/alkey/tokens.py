@@ -21,6 +21,7 @@ import logging
 import math
 import secrets
 import threading
+import time
 from collections.abc import Collection, Sequence
 from typing import Any, Literal, Protocol, TypeAlias, runtime_checkable
 
@@ -122,13 +123,27 @@ class OutageLedger:
 
     A store sends :meth:`replay` in front of its next call, in the same round trip, and
     reports with :meth:`succeeded`, which logs the end of the incident.
+
+    While Redis is known to be down, a degrading store does not wait for it: for
+    ``retry_interval`` seconds after each failure, :meth:`skip` tells it to answer at once
+    (a miss, a kept bump) instead of paying a socket timeout on every call; the first call
+    after that probes Redis again.
     """
 
-    def __init__(self, on_error: ErrorPolicy = "degrade", max_pending: int = 100_000) -> None:
+    def __init__(
+        self,
+        on_error: ErrorPolicy = "degrade",
+        max_pending: int = 100_000,
+        retry_interval: float = 1.0,
+    ) -> None:
         if on_error not in ("degrade", "raise"):
             raise ValueError(f"on_error must be 'degrade' or 'raise', not {on_error!r}")
+        if retry_interval < 0:
+            raise ValueError(f"retry_interval must not be negative, not {retry_interval!r}")
         self.on_error: ErrorPolicy = on_error
         self.max_pending = max_pending
+        self.retry_interval = retry_interval
+        self._next_probe = 0.0
         # identifier -> generation of its latest failed bump. A replay only clears the
         # generations it sent, so a bump that failed meanwhile stays owed.
         self._pending: dict[str, int] = {}
@@ -150,6 +165,10 @@ class OutageLedger:
         with self._lock:
             return Replay(self._pending)
 
+    def skip(self) -> bool:
+        """Whether to answer without Redis now: it failed less than ``retry_interval`` ago."""
+        return self._failing and self.on_error == "degrade" and time.monotonic() < self._next_probe
+
     def keep(self, identifiers: Collection[str]) -> None:
         with self._lock:
             self._generation += 1
@@ -165,6 +184,7 @@ class OutageLedger:
         with self._lock:
             first = not self._failing
             self._failing = True
+            self._next_probe = time.monotonic() + self.retry_interval
             pending, dropped = len(self._pending), self._dropped
         if first:
             # The exception text never contains the password: redis-py formats errors
@@ -331,10 +351,11 @@ class RedisTokenStore:
         key_prefix: str = "",
         on_error: ErrorPolicy = "degrade",
         max_pending: int = 100_000,
+        retry_interval: float = 1.0,
     ) -> None:
         self.client = client
         self.calls = ScriptCalls(ttl, key_prefix)
-        self.outage = OutageLedger(on_error, max_pending)
+        self.outage = OutageLedger(on_error, max_pending, retry_interval)
         self._loaded: frozenset[str] = frozenset()
         _register(self)
 
@@ -346,6 +367,8 @@ class RedisTokenStore:
     def fetch(self, identifiers: Sequence[str]) -> list[str]:
         if not identifiers:
             return []
+        if self.outage.skip():
+            return [new_token() for _ in identifiers]
         replay = self.outage.replay()
         try:
             results = self._run(self.calls.fetch(identifiers, replay))
@@ -356,6 +379,9 @@ class RedisTokenStore:
         return self.calls.tokens(results, identifiers)
 
     def bump(self, identifiers: Collection[str]) -> None:
+        if self.outage.skip():
+            self.outage.keep(identifiers)
+            return
         replay = self.outage.replay()
         todo = replay.union(identifiers) if replay else identifiers
         if not todo:
