@@ -378,3 +378,32 @@ def test_concurrent_readers_of_a_missing_token_agree_on_one(redis_url: str) -> N
         thread.join()
     assert len(seen) == 16
     assert len(set(seen)) == 1
+
+
+any_text = st.text(st.characters(codec=None, exclude_categories=()), max_size=50)
+
+
+@settings(max_examples=300, deadline=None)
+@given(any_text, any_text)
+def test_property_any_text_even_lone_surrogates_keys_apart_within_bounds(
+    left: str, right: str
+) -> None:
+    if left.startswith("alkey:") or right.startswith("alkey:"):
+        return  # identifiers, validated separately
+    left_key, right_key = OFFLINE(left), OFFLINE(right)
+    assert len(left_key) <= MAX_KEY_LENGTH
+    assert left_key.isascii()
+    assert (left_key == right_key) == (left == right)
+
+
+class ReprRaises:
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr either")
+
+    def __str__(self) -> str:
+        raise RuntimeError("no text")
+
+
+def test_an_object_whose_str_and_repr_raise_gets_a_type_error_naming_it() -> None:
+    with pytest.raises(TypeError, match=r"argument 1: str\(\) of ReprRaises failed"):
+        OFFLINE(ReprRaises())

@@ -174,3 +174,43 @@ def test_while_redis_is_known_down_calls_answer_at_once_and_recovery_is_probed(
     assert key_generator("alkey:users#1") == key
     assert store.pending == frozenset(), "the kept bump went out with the probe"
     client.close()
+
+
+def test_two_namespaces_on_one_redis_never_see_each_others_tokens(
+    redis_client: RedisClient,
+) -> None:
+    shop, blog = (RedisTokenStore(redis_client, key_prefix=p) for p in ("shop:", "blog:"))
+    shop_key, blog_key = (CacheKeyGenerator(tokens=s)("alkey:users#1") for s in (shop, blog))
+    shop.bump(["alkey:users#1"])
+    assert CacheKeyGenerator(tokens=shop)("alkey:users#1") != shop_key
+    assert CacheKeyGenerator(tokens=blog)("alkey:users#1") == blog_key
+    assert redis_client.exists("alkey:users#1") == 0, "no unprefixed token was written"
+
+
+#: The least a Redis ACL user needs for alkey: its own keys, and the commands alkey's
+#: scripts and connections run. Documented in the README.
+ACL_RULES = "on >s3cret-acl ~alkey:* resetchannels -@all +eval +evalsha +mget +set +ping"
+
+
+def test_an_acl_user_limited_to_alkey_keys_is_enough_and_its_password_never_shows(
+    redis_url: str, redis_client: RedisClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    redis_client.execute_command("ACL", "SETUSER", "alkey", *ACL_RULES.split())  # type: ignore[no-untyped-call]
+    host_port = redis_url.removeprefix("redis://")
+    limited = redis.Redis.from_url(f"redis://alkey:s3cret-acl@{host_port}")
+    store = RedisTokenStore(limited)
+    token = store.fetch(["alkey:users#1"])[0]
+    store.bump(["alkey:users#1"])
+    assert store.fetch(["alkey:users#1"])[0] != token
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        limited.set("other:key", "x")  # the ACL really limits this user
+    limited.close()
+
+    wrong = redis.Redis.from_url(f"redis://alkey:wrong-pw@{host_port}", retry=None)
+    with caplog.at_level(logging.DEBUG, logger="alkey"):
+        key = CacheKeyGenerator(tokens=RedisTokenStore(wrong))("alkey:users#1")
+    assert len(key) == 64, "a miss, not an exception"
+    assert "Redis unavailable" in caplog.text
+    assert "wrong-pw" not in caplog.text
+    wrong.close()
+    redis_client.execute_command("ACL", "DELUSER", "alkey")  # type: ignore[no-untyped-call]

@@ -30,6 +30,7 @@ from .models import User
 #: The session events alkey listens to.
 EVENTS = (
     "after_begin",
+    "before_flush",
     "after_flush",
     "do_orm_execute",
     "before_commit",

@@ -728,3 +728,16 @@ def test_a_core_savepoint_opened_before_any_write_drops_its_writes_on_rollback(
         savepoint.rollback()
         connection.commit()
     assert keys(Tag) == before
+
+
+def test_an_attribute_set_to_a_sql_expression_invalidates_its_row(
+    session_factory: sessionmaker[Session], keys: CacheKeyGenerator
+) -> None:
+    seed_users(session_factory)
+    before = keys("alkey:users#1"), keys("alkey:users#2")
+    with session_factory() as session:
+        user = session.get_one(User, 1)
+        user.name = User.name + "!"  # flushed as SQL; expired, not "modified", afterwards
+        session.commit()
+    assert keys("alkey:users#1") != before[0]
+    assert keys("alkey:users#2") == before[1]

@@ -35,7 +35,7 @@ from alkey.connections import (
 )
 from alkey.tokens import RedisClient, TokenStore, UsesDefaultStore, store_for
 from alkey.tracking import changes_of
-from alkey.writes import flushed, statement_writes
+from alkey.writes import flushed, modified_before_flush, statement_writes
 
 __all__ = ["Binding", "bind", "unbind"]
 
@@ -87,6 +87,10 @@ class Binding(UsesDefaultStore):
         # A session may match several bindings (its own, its class's, a base class's);
         # the most specific one acts, so that each write is bumped exactly once.
         return _binding_for(session) is self
+
+    def before_flush(self, session: Session, flush_context: UOWTransaction, instances: Any) -> None:
+        if self._owns(session):
+            modified_before_flush(session)
 
     def after_flush(self, session: Session, flush_context: UOWTransaction) -> None:
         if not self._owns(session):
@@ -147,6 +151,7 @@ class Binding(UsesDefaultStore):
 
 _EVENTS = (
     "after_begin",
+    "before_flush",
     "after_flush",
     "do_orm_execute",
     "before_commit",

@@ -51,10 +51,29 @@ __all__ = [
 TOUCH_INFO_KEY: Final = "alkey_touch"
 
 
+_MODIFIED_KEY: Final = "alkey.modified_before_flush"
+
+
+def modified_before_flush(session: Session) -> None:
+    """Note, in ``before_flush``, which dirty instances have net changes.
+
+    After the flush, an attribute that was set to a SQL expression
+    (``counter.version = Counter.version + 1``) has been expired and no longer shows as
+    modified, although its row was updated: asking before is the reliable way.
+    """
+    session.info[_MODIFIED_KEY] = {
+        instance_state(obj) for obj in session.dirty if session.is_modified(obj)
+    }
+
+
 def flushed(session: Session, flush_context: UOWTransaction, touch_parents: bool) -> set[str]:
     """Everything one flush wrote: rows inserted, changed or deleted, and their parents."""
-    # session.dirty also lists instances whose attributes were set to equal values.
-    updated = [obj for obj in session.dirty if session.is_modified(obj)]
+    # session.dirty also lists instances whose attributes were set to equal values. Those
+    # changed before the flush, or by it (foreign keys it synchronised), count.
+    before = session.info.pop(_MODIFIED_KEY, set())
+    updated = [
+        obj for obj in session.dirty if instance_state(obj) in before or session.is_modified(obj)
+    ]
     states = [instance_state(obj) for obj in [*session.new, *updated, *session.deleted]]
     # The unit of work also deletes rows the session lists nowhere: delete-orphans.
     states += [
