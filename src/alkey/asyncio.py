@@ -36,7 +36,14 @@ from alkey import events
 from alkey.cache import CacheKeyGenerator
 from alkey.client import DEFAULT_CLIENT_OPTIONS, RedisConfig, get_redis_config
 from alkey.constants import DEFAULT_TOKEN_TTL
-from alkey.tokens import ErrorPolicy, OutageLedger, Replay, ScriptCalls, TokenStore, new_token
+from alkey.tokens import (
+    ErrorPolicy,
+    Replay,
+    ScriptCalls,
+    ScriptStore,
+    TokenStore,
+    new_token,
+)
 
 try:  # SQLAlchemy 2.1 renamed await_only() to await_(); 2.0 only has the old name.
     from sqlalchemy.util.concurrency import await_
@@ -188,7 +195,7 @@ class AsyncTokenStore(Protocol):
         ...
 
 
-class AsyncRedisTokenStore:
+class AsyncRedisTokenStore(ScriptStore):
     """Tokens in Redis through ``redis.asyncio``: :class:`~alkey.tokens.RedisTokenStore`'s
     scripts, round trips and outage policy, without blocking the event loop.
 
@@ -227,21 +234,20 @@ class AsyncRedisTokenStore:
         max_pending: int = 100_000,
         retry_interval: float = 1.0,
     ) -> None:
+        super().__init__(
+            ttl=ttl,
+            key_prefix=key_prefix,
+            on_error=on_error,
+            max_pending=max_pending,
+            retry_interval=retry_interval,
+        )
         self.client = client
-        self.calls = ScriptCalls(ttl, key_prefix)
-        self.outage = OutageLedger(on_error, max_pending, retry_interval)
-        self._loaded: frozenset[str] = frozenset()
         # Bumps that outlived a cancelled caller; referenced until done (asyncio only
         # keeps weak references to tasks).
         self._finishing: set[asyncio.Task[None]] = set()
         if client is not None:
             with _stores_lock:
                 setattr(client.connection_pool, _POOL_ATTRIBUTE, self)
-
-    @property
-    def pending(self) -> frozenset[str]:
-        """Identifiers whose bump is waiting for Redis to answer again."""
-        return self.outage.pending
 
     async def afetch(self, identifiers: Sequence[str]) -> list[str]:
         """The current token of each identifier, creating missing ones, in one round trip.

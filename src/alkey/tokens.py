@@ -37,6 +37,7 @@ __all__ = [
     "RedisTokenStore",
     "Replay",
     "ScriptCalls",
+    "ScriptStore",
     "TokenStore",
     "new_token",
     "store_for",
@@ -312,7 +313,30 @@ class UsesDefaultStore:
         self._tokens = tokens
 
 
-class RedisTokenStore:
+class ScriptStore:
+    """What the sync and asyncio Redis stores share: settings, outage ledger, and which
+    scripts the server has seen; they differ only in how they wait for Redis."""
+
+    def __init__(
+        self,
+        *,
+        ttl: int = DEFAULT_TOKEN_TTL,
+        key_prefix: str = "",
+        on_error: ErrorPolicy = "degrade",
+        max_pending: int = 100_000,
+        retry_interval: float = 1.0,
+    ) -> None:
+        self.calls = ScriptCalls(ttl, key_prefix)
+        self.outage = OutageLedger(on_error, max_pending, retry_interval)
+        self._loaded: frozenset[str] = frozenset()
+
+    @property
+    def pending(self) -> frozenset[str]:
+        """Identifiers whose bump is waiting for Redis to answer again."""
+        return self.outage.pending
+
+
+class RedisTokenStore(ScriptStore):
     """Tokens in Redis, one string key per identifier, one round trip per call.
 
     ``fetch`` runs one small Lua script over all the keys: existing tokens are returned
@@ -353,16 +377,15 @@ class RedisTokenStore:
         max_pending: int = 100_000,
         retry_interval: float = 1.0,
     ) -> None:
+        super().__init__(
+            ttl=ttl,
+            key_prefix=key_prefix,
+            on_error=on_error,
+            max_pending=max_pending,
+            retry_interval=retry_interval,
+        )
         self.client = client
-        self.calls = ScriptCalls(ttl, key_prefix)
-        self.outage = OutageLedger(on_error, max_pending, retry_interval)
-        self._loaded: frozenset[str] = frozenset()
         _register(self)
-
-    @property
-    def pending(self) -> frozenset[str]:
-        """Identifiers whose bump is waiting for Redis to answer again."""
-        return self.outage.pending
 
     def fetch(self, identifiers: Sequence[str]) -> list[str]:
         if not identifiers:
