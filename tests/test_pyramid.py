@@ -122,8 +122,21 @@ def test_a_request_that_commits_bumps_the_row_token_before_its_response_is_retur
     app: TestApp, redis_client: RedisClient
 ) -> None:
     before = get_token(redis_client, "alkey:users#1")
-    app.post("/users/1/rename", {"name": "grace"})
-    assert get_token(redis_client, "alkey:users#1") != before
+    at_response: list[str] = []
+    inner = app.app
+
+    def watch_the_response(environ: Any, start_response: Any) -> Any:
+        def recording(status: str, headers: Any, exc_info: Any = None) -> Any:
+            # The moment the response starts leaving the application.
+            at_response.append(get_token(redis_client, "alkey:users#1"))
+            return start_response(status, headers, exc_info)
+
+        return inner(environ, recording)
+
+    TestApp(watch_the_response).post("/users/1/rename", {"name": "grace"})
+    assert len(at_response) == 1
+    assert at_response[0] != before, "bumped before the response started"
+    assert get_token(redis_client, "alkey:users#1") == at_response[0]
 
 
 def test_request_cache_key_changes_after_a_request_commits_a_write_and_only_then(

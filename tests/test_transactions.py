@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, scoped_session, sessionmaker
 import alkey
 from alkey import GLOBAL_WRITE_TOKEN
 from alkey.cache import get_token
-from alkey.events import Binding
+from alkey.events import SESSION_EVENTS, Binding
 from alkey.tokens import RedisClient, RedisTokenStore
 
 from .conftest import (
@@ -26,17 +26,6 @@ from .conftest import (
     tokens_of,
 )
 from .models import User
-
-#: The session events alkey listens to.
-EVENTS = (
-    "after_begin",
-    "before_flush",
-    "after_flush",
-    "do_orm_execute",
-    "before_commit",
-    "after_commit",
-    "after_transaction_end",
-)
 
 # Tests that open sessions run with a Session and with an AsyncSession (see conftest).
 pytestmark = pytest.mark.flavours("sync", "asyncio")
@@ -228,7 +217,7 @@ def listener_counts(binding: Binding) -> dict[str, int]:
     target = binding.target
     probe = target() if isinstance(target, type) else target
     assert isinstance(probe, Session)
-    return {name: len(list(getattr(probe.dispatch, name))) for name in EVENTS}
+    return {name: len(list(getattr(probe.dispatch, name))) for name in SESSION_EVENTS}
 
 
 def test_a_commit_bumps_each_token_once_however_often_bind_was_called(

@@ -43,6 +43,7 @@ from alkey.tokens import (
     ScriptStore,
     TokenStore,
     new_token,
+    shared_store,
 )
 
 try:  # SQLAlchemy 2.1 renamed await_only() to await_(); 2.0 only has the old name.
@@ -177,9 +178,7 @@ async def close_async_redis_client() -> None:
 
 # -- the token store ----------------------------------------------------------------------
 
-_stores_lock = threading.RLock()
-# A store lives on its connection pool: as long as the pool, and no longer.
-_POOL_ATTRIBUTE = "_alkey_async_token_store"
+_default_lock = threading.Lock()
 
 
 @runtime_checkable
@@ -224,6 +223,8 @@ class AsyncRedisTokenStore(ScriptStore):
     (:func:`store_for` does this).
     """
 
+    pool_attribute = "_alkey_async_token_store"
+
     def __init__(
         self,
         client: AsyncRedisClient | None = None,
@@ -246,8 +247,7 @@ class AsyncRedisTokenStore(ScriptStore):
         # keeps weak references to tasks).
         self._finishing: set[asyncio.Task[None]] = set()
         if client is not None:
-            with _stores_lock:
-                setattr(client.connection_pool, _POOL_ATTRIBUTE, self)
+            self._share_through(client.connection_pool)
 
     async def afetch(self, identifiers: Sequence[str]) -> list[str]:
         """The current token of each identifier, creating missing ones, in one round trip.
@@ -352,13 +352,13 @@ def store_for(client: AsyncRedisClient | None = None) -> AsyncRedisTokenStore:
     """
     global _default_store
     if client is None:
-        with _stores_lock:
+        with _default_lock:
             if _default_store is None:
                 _default_store = AsyncRedisTokenStore()
             return _default_store
-    with _stores_lock:  # reentrant: the new store registers itself under it
-        store = getattr(client.connection_pool, _POOL_ATTRIBUTE, None)
-        return store if isinstance(store, AsyncRedisTokenStore) else AsyncRedisTokenStore(client)
+    return shared_store(
+        client.connection_pool, AsyncRedisTokenStore, lambda: AsyncRedisTokenStore(client)
+    )
 
 
 # -- binding and keys -----------------------------------------------------------------------

@@ -37,7 +37,7 @@ from alkey.tokens import RedisClient, TokenStore, UsesDefaultStore, store_for
 from alkey.tracking import changes_of
 from alkey.writes import flushed, modified_before_flush, statement_writes
 
-__all__ = ["Binding", "bind", "unbind"]
+__all__ = ["SESSION_EVENTS", "Binding", "bind", "is_bound", "unbind"]
 
 _bindings: weakref.WeakKeyDictionary[Any, Binding] = weakref.WeakKeyDictionary()
 _bindings_lock = threading.Lock()
@@ -139,17 +139,18 @@ class Binding(UsesDefaultStore):
             self.tokens.bump(committed)
 
     def listen(self) -> None:
-        for name in _EVENTS:
+        for name in SESSION_EVENTS:
             event.listen(self.target, name, getattr(self, name))
 
     def remove(self) -> None:
         target = self.target
         if target is not None:
-            for name in _EVENTS:
+            for name in SESSION_EVENTS:
                 event.remove(target, name, getattr(self, name))
 
 
-_EVENTS = (
+#: The session events a :class:`Binding` listens to.
+SESSION_EVENTS = (
     "after_begin",
     "before_flush",
     "after_flush",

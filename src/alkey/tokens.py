@@ -22,8 +22,8 @@ import math
 import secrets
 import threading
 import time
-from collections.abc import Collection, Sequence
-from typing import Any, Literal, Protocol, TypeAlias, runtime_checkable
+from collections.abc import Callable, Collection, Sequence
+from typing import Any, ClassVar, Literal, Protocol, TypeAlias, TypeVar, runtime_checkable
 
 import redis
 from redis.exceptions import NoScriptError, RedisError
@@ -314,8 +314,12 @@ class UsesDefaultStore:
 
 
 class ScriptStore:
-    """What the sync and asyncio Redis stores share: settings, outage ledger, and which
-    scripts the server has seen; they differ only in how they wait for Redis."""
+    """What the sync and asyncio Redis stores share: settings, outage ledger, which
+    scripts the server has seen, and how a store is shared through its connection pool;
+    they differ only in how they wait for Redis."""
+
+    #: Where on a connection pool the pool's shared store of this kind lives.
+    pool_attribute: ClassVar[str]
 
     def __init__(
         self,
@@ -334,6 +338,26 @@ class ScriptStore:
     def pending(self) -> frozenset[str]:
         """Identifiers whose bump is waiting for Redis to answer again."""
         return self.outage.pending
+
+    def _share_through(self, pool: Any) -> None:
+        """Become the store that :func:`shared_store` returns for ``pool``: it lives on
+        the pool, as long as the pool and no longer."""
+        with _stores_lock:
+            setattr(pool, self.pool_attribute, self)
+
+
+_Store = TypeVar("_Store", bound=ScriptStore)
+_stores_lock = threading.RLock()
+
+
+def shared_store(pool: Any, kind: type[_Store], make: Callable[[], _Store]) -> _Store:
+    """The store of ``kind`` most recently created on ``pool``, else ``make()``'s."""
+    store = getattr(pool, kind.pool_attribute, None)
+    if isinstance(store, kind):
+        return store
+    with _stores_lock:  # reentrant: the new store shares itself under it
+        store = getattr(pool, kind.pool_attribute, None)
+        return store if isinstance(store, kind) else make()
 
 
 class RedisTokenStore(ScriptStore):
@@ -367,6 +391,8 @@ class RedisTokenStore(ScriptStore):
     sees the bumps that the session listeners could not send yet.
     """
 
+    pool_attribute = "_alkey_token_store"
+
     def __init__(
         self,
         client: RedisClient,
@@ -385,7 +411,7 @@ class RedisTokenStore(ScriptStore):
             retry_interval=retry_interval,
         )
         self.client = client
-        _register(self)
+        self._share_through(client.connection_pool)
 
     def fetch(self, identifiers: Sequence[str]) -> list[str]:
         if not identifiers:
@@ -442,16 +468,6 @@ class RedisTokenStore(ScriptStore):
         return ScriptCalls.checked(pipe.execute(raise_on_error=False))
 
 
-_stores_lock = threading.RLock()
-# The store lives on its connection pool: as long as the pool, and no longer.
-_POOL_ATTRIBUTE = "_alkey_token_store"
-
-
-def _register(store: RedisTokenStore) -> None:
-    with _stores_lock:
-        setattr(store.client.connection_pool, _POOL_ATTRIBUTE, store)
-
-
 def store_for(client: RedisClient) -> RedisTokenStore:
     """The process's shared :class:`RedisTokenStore` for ``client``'s connection pool.
 
@@ -462,11 +478,4 @@ def store_for(client: RedisClient) -> RedisTokenStore:
     Clients created per request from one pool share it, and with it the bumps that wait
     for an outage to end.
     """
-    store = getattr(client.connection_pool, _POOL_ATTRIBUTE, None)
-    if isinstance(store, RedisTokenStore):
-        return store
-    with _stores_lock:
-        store = getattr(client.connection_pool, _POOL_ATTRIBUTE, None)
-        if not isinstance(store, RedisTokenStore):
-            store = RedisTokenStore(client)
-        return store
+    return shared_store(client.connection_pool, RedisTokenStore, lambda: RedisTokenStore(client))

@@ -18,7 +18,6 @@ from sqlalchemy.orm import InstanceState, Mapper, ORMExecuteState, Session, UOWT
 from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.interfaces import MANYTOONE
 from sqlalchemy.schema import Table
-from sqlalchemy.sql.elements import TextClause
 
 from alkey.client import get_redis_client
 from alkey.constants import GLOBAL_WRITE_TOKEN
@@ -210,12 +209,11 @@ def _sets_primary_key(statement: Any, mapper: Mapper[Any]) -> bool:
     return False
 
 
-def raw_sql_writes(statement: TextClause | str, dialect: Dialect) -> set[str]:
+def raw_sql_writes(statement: str, dialect: Dialect) -> set[str]:
     """What a raw SQL statement writes, from its text (see :mod:`alkey.sql`)."""
     from alkey.sql import written_tables
 
-    text = statement.text if isinstance(statement, TextClause) else statement
-    tables = written_tables(text, dialect.name, dialect.default_schema_name)
+    tables = written_tables(statement, dialect.name, dialect.default_schema_name)
     if tables is not None and not tables:
         return set()
     return table_write_identifiers(tables)
