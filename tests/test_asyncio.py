@@ -268,9 +268,9 @@ def test_a_bump_finishes_even_if_the_committing_task_is_cancelled(
     class ObservedStore(AsyncRedisTokenStore):
         """Tells the test when a bump has started (its round trip takes 50 ms)."""
 
-        async def abump(self, identifiers: Collection[str]) -> None:
+        async def abump(self, identifiers: Collection[str], intent: str | None = None) -> None:
             started.set()
-            await super().abump(identifiers)
+            await super().abump(identifiers, intent)
 
     direct: RedisClient = redis.Redis(port=private_redis.port)
     slow_async: AsyncRedisClient = redis.asyncio.Redis.from_url(slow_redis.url)

@@ -190,18 +190,25 @@ def test_two_namespaces_on_one_redis_never_see_each_others_tokens(
 #: The least a Redis ACL user needs for alkey: its own keys, and the commands alkey's
 #: scripts and connections run. Documented in the README.
 ACL_RULES = "on >s3cret-acl ~alkey:* resetchannels -@all +eval +evalsha +mget +set +ping"
+#: What durable mode's scripts add to it.
+ACL_DURABLE = "+time +zadd +zrangebyscore +zrem +hset +hget +hdel"
 
 
 def test_an_acl_user_limited_to_alkey_keys_is_enough_and_its_password_never_shows(
     redis_url: str, redis_client: RedisClient, caplog: pytest.LogCaptureFixture
 ) -> None:
-    redis_client.execute_command("ACL", "SETUSER", "alkey", *ACL_RULES.split())  # type: ignore[no-untyped-call]
+    rules = f"{ACL_RULES} {ACL_DURABLE}".split()
+    redis_client.execute_command("ACL", "SETUSER", "alkey", *rules)  # type: ignore[no-untyped-call]
     host_port = redis_url.removeprefix("redis://")
     limited = redis.Redis.from_url(f"redis://alkey:s3cret-acl@{host_port}")
-    store = RedisTokenStore(limited)
+    store = RedisTokenStore(limited, on_error="raise", durable=True, lease=0.05)
     token = store.fetch(["alkey:users#1"])[0]
-    store.bump(["alkey:users#1"])
+    store.bump(["alkey:users#1"], intent=store.intend(["alkey:users#1"]))
     assert store.fetch(["alkey:users#1"])[0] != token
+    store.intend(["alkey:users#2"])  # never cleared: claimed and applied below
+    time.sleep(0.1)
+    store.fetch(["alkey:users#2"])
+    assert redis_client.zcard("alkey:{intents}") == 0, "claimed and cleared"
     with pytest.raises(redis.exceptions.NoPermissionError):
         limited.set("other:key", "x")  # the ACL really limits this user
     limited.close()

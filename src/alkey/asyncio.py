@@ -37,6 +37,7 @@ from alkey.cache import CacheKeyGenerator
 from alkey.client import DEFAULT_CLIENT_OPTIONS, RedisConfig, get_redis_config
 from alkey.constants import DEFAULT_TOKEN_TTL
 from alkey.tokens import (
+    DEFAULT_LEASE,
     ErrorPolicy,
     Replay,
     ScriptCalls,
@@ -213,6 +214,9 @@ class AsyncRedisTokenStore(ScriptStore):
     and each incident is logged once when it starts and once when it ends;
     ``on_error="raise"`` lets :class:`~redis.exceptions.RedisError` through.
 
+    ``durable=True`` records each commit's bumps before its COMMIT, as the sync store
+    does (:meth:`aintend`).
+
     A bump runs to its end even if the task awaiting it is cancelled (a client that hung
     up mid-request): the database has committed by then, and a lost bump would leave keys
     stale until their tokens expire.
@@ -234,6 +238,8 @@ class AsyncRedisTokenStore(ScriptStore):
         on_error: ErrorPolicy = "degrade",
         max_pending: int = 100_000,
         retry_interval: float = 1.0,
+        durable: bool = False,
+        lease: float = DEFAULT_LEASE,
     ) -> None:
         super().__init__(
             ttl=ttl,
@@ -241,6 +247,8 @@ class AsyncRedisTokenStore(ScriptStore):
             on_error=on_error,
             max_pending=max_pending,
             retry_interval=retry_interval,
+            durable=durable,
+            lease=lease,
         )
         self.client = client
         # Bumps that outlived a cancelled caller; referenced until done (asyncio only
@@ -259,19 +267,41 @@ class AsyncRedisTokenStore(ScriptStore):
         if self.outage.skip():
             return [new_token() for _ in identifiers]
         replay = self.outage.replay()
+        claim = self._claim()
         try:
-            results = await self._run(self.calls.fetch(identifiers, replay))
+            results = await self._run([*claim, *self.calls.fetch(identifiers, replay)])
         except RedisError as error:
             self.outage.failed(error, "fetch tokens")
             return [new_token() for _ in identifiers]
         self.outage.succeeded(replay)
+        if claim and await self._recover(results[0]):
+            return await self.afetch(identifiers)  # the tokens the recovery just replaced
         return self.calls.tokens(results, identifiers)
 
-    async def abump(self, identifiers: Collection[str]) -> None:
-        """Give each identifier a new random token, in one round trip.
+    async def aintend(self, identifiers: Collection[str]) -> str | None:
+        """:meth:`RedisTokenStore.intend <alkey.tokens.RedisTokenStore.intend>`: in
+        durable mode, record the bumps a commit is about to make."""
+        if not self.durable or not identifiers or self.outage.skip():
+            return None
+        intent = new_token()
+        replay = self.outage.replay()
+        try:
+            await self._run([*self.calls.bump(replay), *self.calls.intend(intent, identifiers)])
+        except RedisError as error:
+            self.outage.failed(error, "record the bumps a commit intends")
+            return None
+        self.outage.succeeded(replay)
+        return intent
+
+    async def abump(self, identifiers: Collection[str], intent: str | None = None) -> None:
+        """Give each identifier a new random token, in one round trip, and clear
+        ``intent`` (from :meth:`aintend`).
 
         Runs to its end in a task of its own, so that cancelling the caller cannot lose it.
         """
+        await self._abump(identifiers, () if intent is None else (intent,))
+
+    async def _abump(self, identifiers: Collection[str], intents: Collection[str]) -> None:
         if self.outage.skip():
             self.outage.keep(identifiers)
             return
@@ -279,29 +309,49 @@ class AsyncRedisTokenStore(ScriptStore):
         todo = replay.union(identifiers) if replay else identifiers
         if not todo:
             return
-        task = asyncio.ensure_future(self._bump(identifiers, replay, todo))
+        task = asyncio.ensure_future(self._bump(identifiers, intents, replay, todo))
         self._finishing.add(task)
         task.add_done_callback(self._finishing.discard)
         await asyncio.shield(task)
 
     async def _bump(
-        self, identifiers: Collection[str], replay: Replay, todo: Collection[str]
+        self,
+        identifiers: Collection[str],
+        intents: Collection[str],
+        replay: Replay,
+        todo: Collection[str],
     ) -> None:
+        claim = self._claim()
         try:
-            await self._run(self.calls.bump(todo))
+            results = await self._run([*claim, *self.calls.bump(todo, intents)])
         except RedisError as error:
             self.outage.keep(identifiers)
             self.outage.failed(error, f"bump {len(todo)} token(s)")
             return
         self.outage.succeeded(replay)
+        if claim:
+            await self._recover(results[0])
+
+    async def _recover(self, claim_result: list[Any]) -> bool:
+        """Bump the intents a claim took over, and clear them. Whether there were any."""
+        claimed = self._claimed(claim_result)
+        if claimed:
+            await self._abump(set().union(*claimed.values()), claimed.keys())
+        return bool(claimed)
 
     def fetch(self, identifiers: Sequence[str]) -> list[str]:
         """:meth:`afetch`, awaited from SQLAlchemy's greenlet (see the class)."""
         return self._await(self.afetch(identifiers), "fetch")
 
-    def bump(self, identifiers: Collection[str]) -> None:
+    def intend(self, identifiers: Collection[str]) -> str | None:
+        """:meth:`aintend`, awaited from SQLAlchemy's greenlet (see the class)."""
+        if not self.durable:
+            return None
+        return self._await(self.aintend(identifiers), "intend")
+
+    def bump(self, identifiers: Collection[str], intent: str | None = None) -> None:
         """:meth:`abump`, awaited from SQLAlchemy's greenlet (see the class)."""
-        self._await(self.abump(identifiers), "bump")
+        self._await(self.abump(identifiers, intent), "bump")
 
     @staticmethod
     def _await(call: Coroutine[Any, Any, _T], name: str) -> _T:

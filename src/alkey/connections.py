@@ -29,14 +29,14 @@ import contextlib
 import logging
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Final
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
-from alkey.tokens import RedisClient, TokenStore, UsesDefaultStore, store_for
+from alkey.tokens import RedisClient, TokenStore, UsesDefaultStore, bump, intend, store_for
 from alkey.tracking import changes_of
 from alkey.writes import raw_sql_writes
 
@@ -55,17 +55,23 @@ log = logging.getLogger("alkey.connections")
 _SESSION_KEY: Final = "alkey.session"
 _CONNECTIONS_KEY: Final = "alkey.connections"
 _BULK_KEY: Final = "alkey.bulk"
+_BEFORE_COMMIT_KEY: Final = "alkey.before_commit"
 
 
-def claim_connection(session: Session, connection: Connection) -> None:
-    """Note that ``session`` runs its transaction on ``connection`` (its ``after_begin``)."""
+def claim_connection(
+    session: Session, connection: Connection, before_commit: Callable[[Session], None]
+) -> None:
+    """Note that ``session`` runs its transaction on ``connection`` (its ``after_begin``),
+    and that ``before_commit(session)`` is to run just before the connection's COMMIT."""
     connection.info[_SESSION_KEY] = weakref.ref(session)
+    session.info[_BEFORE_COMMIT_KEY] = before_commit
     # The info dict itself: by the time the transaction ends, the Connection is closed.
     session.info.setdefault(_CONNECTIONS_KEY, []).append(connection.info)
 
 
 def release_connections(session: Session) -> None:
     """Forget the connections of ``session``'s ended root transaction."""
+    session.info.pop(_BEFORE_COMMIT_KEY, None)
     for info in session.info.pop(_CONNECTIONS_KEY, ()):
         owner = info.get(_SESSION_KEY)
         if owner is not None and owner() is session:
@@ -118,8 +124,8 @@ class EngineBinding(UsesDefaultStore):
         self._levels: weakref.WeakKeyDictionary[Connection, list[set[str]]] = (
             weakref.WeakKeyDictionary()
         )
-        # Changes whose COMMIT is under way, by DBAPI connection.
-        self._committing: dict[int, set[str]] = {}
+        # Changes whose COMMIT is under way, and their intent, by DBAPI connection.
+        self._committing: dict[int, tuple[set[str], str | None]] = {}
         self._lock = threading.Lock()
 
     def after_cursor_execute(
@@ -170,10 +176,22 @@ class EngineBinding(UsesDefaultStore):
                 levels.pop()
 
     def commit(self, connection: Connection) -> None:
+        """Just before the connection's COMMIT: set its writes aside for
+        :meth:`after_commit`, and let a durable store record them as an intent -- for a
+        session's connection, everything the session's transaction wrote."""
+        session = _session_of(connection)
+        if session is not None:
+            before_commit = session.info.get(_BEFORE_COMMIT_KEY)
+            if before_commit is not None:
+                before_commit(session)
         with self._lock:
             levels = self._levels.pop(connection, None)
-            if levels:
-                self._committing[id(connection.connection)] = set().union(*levels)
+        if levels:
+            written: set[str] = set().union(*levels)
+            if written:
+                intent = intend(self.tokens, written)
+                with self._lock:
+                    self._committing[id(connection.connection)] = (written, intent)
 
     def rollback(self, connection: Connection) -> None:
         with self._lock:
@@ -183,15 +201,15 @@ class EngineBinding(UsesDefaultStore):
         """Run by the wrapped ``do_commit`` once the database COMMIT returned (or failed:
         then the outcome is unknown, and bumping is the safe side)."""
         with self._lock:
-            written = self._committing.pop(id(dbapi_connection), None)
-        if written:
-            self._bump(written)
+            committing = self._committing.pop(id(dbapi_connection), None)
+        if committing:
+            self._bump(*committing)
 
-    def _bump(self, written: set[str]) -> None:
+    def _bump(self, written: set[str], intent: str | None = None) -> None:
         # Inside SQLAlchemy's commit machinery an exception would be taken for a database
         # error: whatever the store's policy, a failure here is logged, never raised.
         try:
-            self.tokens.bump(written)
+            bump(self.tokens, written, intent)
         except Exception:
             log.exception("alkey could not bump %d token(s) after a COMMIT", len(written))
 

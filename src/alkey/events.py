@@ -33,7 +33,7 @@ from alkey.connections import (
     session_statement,
     watch_engine,
 )
-from alkey.tokens import RedisClient, TokenStore, UsesDefaultStore, store_for
+from alkey.tokens import RedisClient, TokenStore, UsesDefaultStore, bump, intend, store_for
 from alkey.tracking import changes_of
 from alkey.writes import flushed, modified_before_flush, statement_writes
 
@@ -118,8 +118,16 @@ class Binding(UsesDefaultStore):
         self, session: Session, transaction: SessionTransaction, connection: Connection
     ) -> None:
         if self._owns(session):
-            claim_connection(session, connection)
+            claim_connection(session, connection, self.before_database_commit)
             watch_engine(connection.engine, self._tokens)
+
+    def before_database_commit(self, session: Session) -> None:
+        """Run by the connection just before its COMMIT: a durable store records what
+        the commit is about to bump (see :class:`alkey.tokens.DurableTokenStore`)."""
+        changes = changes_of(session)
+        identifiers = changes.to_be_committed(session)
+        if identifiers:
+            changes.intended(session, intend(self.tokens, identifiers))
 
     def before_commit(self, session: Session) -> None:
         if self._owns(session):
@@ -134,9 +142,11 @@ class Binding(UsesDefaultStore):
             return
         if transaction.parent is None:
             release_connections(session)
-        committed = changes_of(session).ended(transaction)
+        changes = changes_of(session)
+        committed = changes.ended(transaction)
+        intent = changes.intent(transaction)
         if committed:
-            self.tokens.bump(committed)
+            bump(self.tokens, committed, intent)
 
     def listen(self) -> None:
         for name in SESSION_EVENTS:

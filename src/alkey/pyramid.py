@@ -45,7 +45,7 @@ from alkey import events
 from alkey.cache import CacheKeyGenerator
 from alkey.client import client_from_config, get_redis_client, get_redis_config, redact_url
 from alkey.interfaces import IRedisClientFactory, IRedisConnectionPool
-from alkey.tokens import RedisClient, TokenStore, store_for
+from alkey.tokens import RedisClient, TokenStore, bump, intend, store_for
 
 __all__ = [
     "CACHE_KEY_PREFIX_SETTING",
@@ -110,8 +110,11 @@ class ApplicationTokenStore:
     def fetch(self, identifiers: Sequence[str]) -> list[str]:
         return self.store.fetch(identifiers)
 
-    def bump(self, identifiers: Collection[str]) -> None:
-        self.store.bump(identifiers)
+    def intend(self, identifiers: Collection[str]) -> str | None:
+        return intend(self.store, identifiers)
+
+    def bump(self, identifiers: Collection[str], intent: str | None = None) -> None:
+        bump(self.store, identifiers, intent)
 
     def registers_redis(self) -> bool:
         """Whether the registry holds one of alkey's Redis extension points."""

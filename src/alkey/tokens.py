@@ -32,6 +32,8 @@ from alkey.constants import DEFAULT_TOKEN_TTL, TOKEN_BYTES
 
 __all__ = [
     "CHUNK_SIZE",
+    "DEFAULT_LEASE",
+    "DurableTokenStore",
     "ErrorPolicy",
     "OutageLedger",
     "RedisTokenStore",
@@ -39,6 +41,7 @@ __all__ = [
     "ScriptCalls",
     "ScriptStore",
     "TokenStore",
+    "intend",
     "new_token",
     "store_for",
 ]
@@ -52,7 +55,7 @@ ErrorPolicy: TypeAlias = Literal["degrade", "raise"]
 #: The synchronous redis-py client type alkey works with.
 RedisClient: TypeAlias = redis.Redis
 
-_Call: TypeAlias = "tuple[_Script, list[str], tuple[int, str]]"
+_Call: TypeAlias = "tuple[_Script, list[str], tuple[Any, ...]]"
 
 
 def new_token() -> str:
@@ -71,6 +74,58 @@ class TokenStore(Protocol):
     def bump(self, identifiers: Collection[str]) -> None:
         """Give each identifier a new random token."""
         ...
+
+
+@runtime_checkable
+class DurableTokenStore(TokenStore, Protocol):
+    """A token store that can survive the death of a process between commit and bump.
+
+    The listeners call :meth:`intend` just before the database COMMIT and pass what it
+    returned to :meth:`bump` right after it. A store that wrote the intent down somewhere
+    shared can bump on behalf of a process that died in between (see
+    :class:`RedisTokenStore`'s ``durable`` mode).
+    """
+
+    def intend(self, identifiers: Collection[str]) -> str | None:
+        """Record that ``identifiers`` are about to be bumped; return the record's id
+        (``None`` when nothing was recorded)."""
+        ...
+
+    def bump(self, identifiers: Collection[str], intent: str | None = None) -> None:
+        """Give each identifier a new random token, and forget ``intent``."""
+        ...
+
+
+def intend(tokens: TokenStore, identifiers: Collection[str]) -> str | None:
+    """``tokens.intend(identifiers)`` if ``tokens`` is a :class:`DurableTokenStore`.
+
+    Called from inside SQLAlchemy's commit, just before the COMMIT, where an exception
+    would abort it half-way (SQLAlchemy would skip the COMMIT yet hand the connection back
+    to its pool with the transaction still open). So this never raises: whatever the
+    store's policy, a failure is logged and the commit goes ahead without an intent; its
+    bump follows as usual, and raises then under ``on_error="raise"``.
+    """
+    record = getattr(tokens, "intend", None)
+    if record is None or not identifiers:
+        return None
+    try:
+        intent: str | None = record(identifiers)
+    except RedisError as error:  # on_error="raise": the bump will raise it, after the COMMIT
+        log.debug("alkey could not record the bumps of a commit: %s", error)
+        return None
+    except Exception:
+        log.exception("alkey could not record the bumps of a commit; it goes ahead without")
+        return None
+    return intent
+
+
+def bump(tokens: TokenStore, identifiers: Collection[str], intent: str | None) -> None:
+    """Bump ``identifiers`` in ``tokens``, clearing ``intent`` (from :func:`intend`)."""
+    if intent is None:
+        tokens.bump(identifiers)
+    else:
+        assert isinstance(tokens, DurableTokenStore)
+        tokens.bump(identifiers, intent=intent)
 
 
 # KEYS: token keys. ARGV[1]: TTL in seconds, ARGV[2]: a fresh random base. Returns the
@@ -95,6 +150,53 @@ end
 return #KEYS
 """
 
+# Durable mode. KEYS[1]: the intents (a sorted set: intent id -> server time it was
+# written), KEYS[2]: their identifiers (a hash: intent id -> identifiers, one per line).
+# Both names share a hash tag, so a cluster would keep them on one node.
+
+# ARGV[1]: intent id, ARGV[2]: identifiers. Written just before the database COMMIT.
+_INTEND_SCRIPT = """
+local now = redis.call('TIME')
+redis.call('ZADD', KEYS[1], now[1] + now[2] / 1000000, ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+return 1
+"""
+
+# ARGV: intent ids whose bump has been done. Sent in the bump's own pipeline.
+_CLEAR_SCRIPT = """
+redis.call('ZREM', KEYS[1], unpack(ARGV))
+redis.call('HDEL', KEYS[2], unpack(ARGV))
+return #ARGV
+"""
+
+# ARGV[1]: lease in seconds, ARGV[2]: most intents to claim. Returns id, identifiers, ...
+# of the intents older than the lease, and leases them again to the caller, who bumps
+# them and clears them; if the caller dies too, they fall due again a lease later.
+_CLAIM_SCRIPT = """
+local now = redis.call('TIME')
+now = now[1] + now[2] / 1000000
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]),
+                       'LIMIT', 0, tonumber(ARGV[2]))
+local claimed = {}
+for _, id in ipairs(due) do
+  local identifiers = redis.call('HGET', KEYS[2], id)
+  if identifiers then
+    redis.call('ZADD', KEYS[1], now, id)
+    claimed[#claimed + 1] = id
+    claimed[#claimed + 1] = identifiers
+  else
+    redis.call('ZREM', KEYS[1], id)
+  end
+end
+return claimed
+"""
+
+#: Seconds after which any alkey process bumps a commit's intent that was not cleared.
+DEFAULT_LEASE = 5.0
+
+#: Intents one claim takes at most (the next call claims more).
+CLAIM_LIMIT = 100
+
 #: Keys per script call. Larger bumps are split into several calls sent in one pipeline
 #: (still one round trip), which bounds the size of each command and of each script run.
 CHUNK_SIZE = 1000
@@ -110,6 +212,9 @@ class _Script:
 
 _FETCH = _Script(_FETCH_SCRIPT)
 _BUMP = _Script(_BUMP_SCRIPT)
+_INTEND = _Script(_INTEND_SCRIPT)
+_CLEAR = _Script(_CLEAR_SCRIPT)
+_CLAIM = _Script(_CLAIM_SCRIPT)
 
 
 class OutageLedger:
@@ -244,6 +349,9 @@ class ScriptCalls:
             raise ValueError(f"ttl must be a positive number of seconds, not {ttl!r}")
         self.ttl = ttl
         self.key_prefix = key_prefix
+        #: Where durable mode keeps intents. No identifier can take these names: every
+        #: identifier has a ``#``.
+        self.intent_keys = [f"{key_prefix}alkey:{{intents}}", f"{key_prefix}alkey:{{intents}}:data"]
 
     def _calls(self, script: _Script, identifiers: Collection[str]) -> list[_Call]:
         prefix = self.key_prefix
@@ -253,8 +361,24 @@ class ScriptCalls:
             for start in range(0, len(keys), CHUNK_SIZE)
         ]
 
-    def bump(self, identifiers: Collection[str]) -> list[_Call]:
-        return self._calls(_BUMP, identifiers) if identifiers else []
+    def bump(self, identifiers: Collection[str], intents: Collection[str] = ()) -> list[_Call]:
+        """The bump, then the clearing of the intents it carries out."""
+        calls = self._calls(_BUMP, identifiers) if identifiers else []
+        if intents:
+            calls.append((_CLEAR, self.intent_keys, tuple(intents)))
+        return calls
+
+    def intend(self, intent: str, identifiers: Collection[str]) -> list[_Call]:
+        return [(_INTEND, self.intent_keys, (intent, "\n".join(identifiers)))]
+
+    def claim(self, lease: float) -> _Call:
+        return (_CLAIM, self.intent_keys, (lease, CLAIM_LIMIT))
+
+    @staticmethod
+    def claimed(result: list[Any]) -> dict[str, list[str]]:
+        """The identifiers of each intent a claim returned, by intent id."""
+        text = [v.decode("ascii") if type(v) is bytes else str(v) for v in result]
+        return {text[i]: text[i + 1].split("\n") for i in range(0, len(text) - 1, 2)}
 
     def fetch(self, identifiers: Sequence[str], replay: Collection[str]) -> list[_Call]:
         """The replayed bumps first, then the fetch."""
@@ -329,10 +453,46 @@ class ScriptStore:
         on_error: ErrorPolicy = "degrade",
         max_pending: int = 100_000,
         retry_interval: float = 1.0,
+        durable: bool = False,
+        lease: float = DEFAULT_LEASE,
     ) -> None:
+        if not lease > 0:
+            raise ValueError(f"lease must be a positive number of seconds, not {lease!r}")
         self.calls = ScriptCalls(ttl, key_prefix)
         self.outage = OutageLedger(on_error, max_pending, retry_interval)
+        #: Whether commits record their intended bumps in Redis before the COMMIT.
+        self.durable = durable
+        #: Seconds after which any process bumps an intent that its writer did not clear.
+        self.lease = lease
         self._loaded: frozenset[str] = frozenset()
+        self._next_claim = 0.0
+
+    def _claim(self) -> list[_Call]:
+        """A claim of the due intents, to send in front of this call: in durable mode, at
+        most once per half lease (so a crashed writer's bump is at most 1.5 leases late
+        while the application makes calls), else never."""
+        if not self.durable:
+            return []
+        now = time.monotonic()
+        if now < self._next_claim:
+            return []
+        self._next_claim = now + self.lease / 2
+        return [self.calls.claim(self.lease)]
+
+    def _claimed(self, result: list[Any]) -> dict[str, list[str]]:
+        """The intents a claim took over, logged (rarely anything: a writer died)."""
+        claimed = ScriptCalls.claimed(result)
+        if claimed:
+            if len(claimed) >= CLAIM_LIMIT:
+                self._next_claim = 0.0  # more are due: claim again on the next call
+            log.warning(
+                "alkey bumps the tokens of %d commit(s) whose own bump did not arrive "
+                "within the %gs lease: their process died between the database COMMIT "
+                "and the bump, or could not reach Redis.",
+                len(claimed),
+                self.lease,
+            )
+        return claimed
 
     @property
     def pending(self) -> frozenset[str]:
@@ -372,9 +532,8 @@ class RedisTokenStore(ScriptStore):
     source. No call ever pays for a ``SCRIPT EXISTS`` round trip.
 
     Scripts need all their keys on one node. A cluster-aware store (not part of alkey yet)
-    would group keys by hash slot
-    and sends one such call per slot in one pipeline per node, behind the same
-    :class:`TokenStore` protocol.
+    would group keys by hash slot and send one such call per slot in one pipeline per
+    node, behind the same :class:`TokenStore` protocol.
 
     With ``on_error="degrade"`` (the default), a Redis error never reaches the caller:
 
@@ -386,6 +545,16 @@ class RedisTokenStore(ScriptStore):
 
     Each outage is logged once when it starts and once when it ends, on the
     ``alkey.tokens`` logger, with counts (see :class:`OutageLedger`).
+
+    ``durable=True`` closes the one gap memory cannot: a process that dies (or loses
+    Redis for good) between the database COMMIT and the bump. Just before the COMMIT the
+    listeners call :meth:`intend`, which records the identifiers about to be bumped under
+    a random intent id, stamped with Redis's clock (one more round trip per writing
+    commit); the bump clears the intent in its own round trip. Any process using a
+    durable store claims the intents older than ``lease`` seconds, at most once per half
+    lease, in the pipeline of a call it makes anyway, and bumps them. A key therefore
+    never outlives a committed write by more than about 1.5 leases while some process
+    generates keys or commits. Read-only commits still cost nothing.
 
     Share one store per Redis (``store_for(client)`` does this) so that the key generator
     sees the bumps that the session listeners could not send yet.
@@ -402,6 +571,8 @@ class RedisTokenStore(ScriptStore):
         on_error: ErrorPolicy = "degrade",
         max_pending: int = 100_000,
         retry_interval: float = 1.0,
+        durable: bool = False,
+        lease: float = DEFAULT_LEASE,
     ) -> None:
         super().__init__(
             ttl=ttl,
@@ -409,6 +580,8 @@ class RedisTokenStore(ScriptStore):
             on_error=on_error,
             max_pending=max_pending,
             retry_interval=retry_interval,
+            durable=durable,
+            lease=lease,
         )
         self.client = client
         self._share_through(client.connection_pool)
@@ -419,15 +592,37 @@ class RedisTokenStore(ScriptStore):
         if self.outage.skip():
             return [new_token() for _ in identifiers]
         replay = self.outage.replay()
+        claim = self._claim()
         try:
-            results = self._run(self.calls.fetch(identifiers, replay))
+            results = self._run([*claim, *self.calls.fetch(identifiers, replay)])
         except RedisError as error:
             self.outage.failed(error, "fetch tokens")
             return [new_token() for _ in identifiers]
         self.outage.succeeded(replay)
+        if claim and self._recover(results[0]):
+            return self.fetch(identifiers)  # the tokens the recovery just replaced
         return self.calls.tokens(results, identifiers)
 
-    def bump(self, identifiers: Collection[str]) -> None:
+    def intend(self, identifiers: Collection[str]) -> str | None:
+        """In durable mode, record in Redis that ``identifiers`` are about to be bumped
+        (one round trip, just before the database COMMIT); return the intent's id for
+        :meth:`bump`. Without durable mode, or while Redis is down: ``None``."""
+        if not self.durable or not identifiers or self.outage.skip():
+            return None
+        intent = new_token()
+        replay = self.outage.replay()
+        try:
+            self._run([*self.calls.bump(replay), *self.calls.intend(intent, identifiers)])
+        except RedisError as error:
+            self.outage.failed(error, "record the bumps a commit intends")
+            return None
+        self.outage.succeeded(replay)
+        return intent
+
+    def bump(self, identifiers: Collection[str], intent: str | None = None) -> None:
+        self._bump(identifiers, () if intent is None else (intent,))
+
+    def _bump(self, identifiers: Collection[str], intents: Collection[str]) -> None:
         if self.outage.skip():
             self.outage.keep(identifiers)
             return
@@ -435,13 +630,23 @@ class RedisTokenStore(ScriptStore):
         todo = replay.union(identifiers) if replay else identifiers
         if not todo:
             return
+        claim = self._claim()
         try:
-            self._run(self.calls.bump(todo))
+            results = self._run([*claim, *self.calls.bump(todo, intents)])
         except RedisError as error:
             self.outage.keep(identifiers)
             self.outage.failed(error, f"bump {len(todo)} token(s)")
             return
         self.outage.succeeded(replay)
+        if claim:
+            self._recover(results[0])
+
+    def _recover(self, claim_result: list[Any]) -> bool:
+        """Bump the intents a claim took over, and clear them. Whether there were any."""
+        claimed = self._claimed(claim_result)
+        if claimed:
+            self._bump(set().union(*claimed.values()), claimed.keys())
+        return bool(claimed)
 
     def _run(self, calls: list[_Call]) -> list[Any]:
         """Send the script calls in one round trip.

@@ -43,12 +43,15 @@ class TransactionChanges:
     processes, and needs no lock.
     """
 
-    __slots__ = ("_committed", "_committing", "_pending")
+    __slots__ = ("_committed", "_committing", "_intents", "_pending")
 
     def __init__(self) -> None:
         self._pending: dict[SessionTransaction, set[str]] = {}
         self._committed: dict[SessionTransaction, set[str]] = {}
         self._committing: set[SessionTransaction] = set()
+        # Root transaction -> the id of the intent recorded before its database COMMIT
+        # (None: asked already, nothing recorded). Durable mode only.
+        self._intents: dict[SessionTransaction, str | None] = {}
 
     def record(self, session: Session, identifiers: Iterable[str]) -> None:
         """Record writes against the session's innermost savepoint or its root transaction."""
@@ -67,6 +70,30 @@ class TransactionChanges:
             root = session.get_transaction()
             if root is not None:
                 self._committing.add(root)
+
+    def to_be_committed(self, session: Session) -> set[str] | None:
+        """What the root transaction will hand over if its database COMMIT succeeds.
+
+        Asked just before that COMMIT (durable mode records it as an intent), once per
+        transaction however many connections it commits: ``None`` after the first time,
+        or when nothing was written. By then ``session.commit()`` has flushed and released
+        every savepoint, so all the writes are recorded against the root.
+        """
+        root = session.get_transaction()
+        if root is None or root in self._intents:
+            return None
+        self._intents[root] = None
+        return self._pending.get(root) or None
+
+    def intended(self, session: Session, intent: str | None) -> None:
+        """Remember the intent recorded for the root transaction's writes."""
+        root = session.get_transaction()
+        if root is not None:
+            self._intents[root] = intent
+
+    def intent(self, transaction: SessionTransaction) -> str | None:
+        """Pop the intent recorded for ``transaction`` (call once it has ended)."""
+        return self._intents.pop(transaction, None)
 
     def committed(self, session: Session) -> None:
         """Handle ``after_commit`` (a released savepoint or the root transaction).
@@ -99,7 +126,7 @@ class TransactionChanges:
         return committed
 
     def __bool__(self) -> bool:
-        return bool(self._pending or self._committed or self._committing)
+        return bool(self._pending or self._committed or self._committing or self._intents)
 
 
 def _real_parent(transaction: SessionTransaction) -> SessionTransaction:
