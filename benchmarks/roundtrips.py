@@ -4,12 +4,15 @@
   one per pipeline. That is the number of round trips, exactly and deterministically.
 * :class:`LatencyProxy` forwards TCP to Redis and delays every request by a fixed time,
   so that elapsed time / latency cross-checks the count, and shows what a network costs.
+  It can also cut the link and restore it, for the tests of what a failing network does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import select
 import socket
+import struct
 import threading
 import time
 from typing import Any
@@ -55,19 +58,55 @@ class LatencyProxy:
 
     Only the client-to-server direction is delayed, once per request (a burst of bytes
     after a reply), which models one network round trip of ``latency``.
+
+    :meth:`cut` models a link that fails: every forwarded connection is reset at once and
+    new ones are held without an answer (or refused) until :meth:`restore`. Clients then
+    fail as they would on a real network, through their own socket timeouts, while the
+    server itself keeps running and keeps its data.
     """
 
-    def __init__(self, target_port: int, latency: float) -> None:
+    def __init__(self, target_port: int, latency: float = 0.0) -> None:
         self.target_port = target_port
         self.latency = latency
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port: int = self._listener.getsockname()[1]
         self._closed = threading.Event()
+        self._lock = threading.Lock()  # guards the four attributes below
+        self._cut = False
+        self._refuse = False
+        self._links: set[socket.socket] = set()  # both ends of every forwarded connection
+        self._held: list[socket.socket] = []  # accepted while cut, never answered
         threading.Thread(target=self._accept, daemon=True).start()
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def is_cut(self) -> bool:
+        with self._lock:
+            return self._cut
+
+    def cut(self, *, refuse: bool = False) -> None:
+        """Break the link: reset every open connection; until :meth:`restore`, hold new
+        ones silently (a black hole: clients wait for their timeout), or with ``refuse``
+        reset them as soon as they connect."""
+        with self._lock:
+            self._cut = True
+            self._refuse = refuse
+            links, self._links = self._links, set()
+        for sock in links:
+            _abort(sock)
+
+    def restore(self) -> None:
+        """Mend the link: new connections are forwarded again. Connections held while it
+        was cut are reset (their clients gave up on them long ago)."""
+        with self._lock:
+            self._cut = False
+            held, self._held = self._held, []
+        for sock in held:
+            _abort(sock)
+            sock.close()
 
     def _accept(self) -> None:
         while not self._closed.is_set():
@@ -75,10 +114,38 @@ class LatencyProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            if self._hold_while_cut(client):
+                continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:  # the server is down: the client sees its connection reset
+                _abort(client)
+                client.close()
+                continue
             for sock in (client, upstream):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self._lock:
+                cut = self._cut
+                if not cut:
+                    self._links.update((client, upstream))
+            if cut:  # cut while connecting upstream
+                for sock in (client, upstream):
+                    _abort(sock)
+                    sock.close()
+                continue
             threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+
+    def _hold_while_cut(self, client: socket.socket) -> bool:
+        """Hold or refuse ``client`` if the link is cut; False if it is to be forwarded."""
+        with self._lock:
+            if not self._cut:
+                return False
+            if not self._refuse:
+                self._held.append(client)
+                return True
+        _abort(client)
+        client.close()
+        return True
 
     def _pump(self, client: socket.socket, upstream: socket.socket) -> None:
         awaiting_reply = False
@@ -100,9 +167,23 @@ class LatencyProxy:
         except OSError:
             return
         finally:
+            with self._lock:
+                self._links.difference_update((client, upstream))
             client.close()
             upstream.close()
 
     def close(self) -> None:
         self._closed.set()
         self._listener.close()
+        self.restore()
+
+
+def _abort(sock: socket.socket) -> None:
+    """Reset ``sock``'s connection now (RST, not an orderly FIN after pending data).
+
+    Only shuts it down: a thread may still be selecting on it, and closing it here could
+    hand its descriptor to a new socket under that thread's feet. Its owner closes it.
+    """
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.shutdown(socket.SHUT_RDWR)

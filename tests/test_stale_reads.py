@@ -3,50 +3,166 @@
 Writers commit increments of counters; readers serve the counters through a cache kept in
 Redis under alkey keys (a miss reads the database and stores the value). A read is stale
 when it returns a version older than the newest one committed *before the read began*.
-Each scenario must see no stale read and a real hit rate.
+
+Writers and readers run both as threads of this process (sharing one token store, as the
+threads of one application do) and as separate processes (each with its own engine, Redis
+client, store and binding; see tests/stale_worker.py), so that the check also covers what
+one process cannot know about another's commits. Each scenario must see no stale read and
+a real hit rate -- except, right after a cut link, the cross-process reads of the
+README's known bound, which are shown apart (see ``Scenario.cross_process_grace``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import random
+import multiprocessing
+import queue
+import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.context import SpawnProcess
+from typing import Any
 
 import pytest
 import redis
-from sqlalchemy import Engine, MetaData
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
 
-import alkey
-from alkey.cache import CacheKeyGenerator
 from alkey.embedded import EmbeddedRedis
 from alkey.identity import row_identifier
-from alkey.tokens import RedisTokenStore
+from benchmarks.roundtrips import LatencyProxy
 
-COUNTERS = 5
+from .stale_worker import (
+    COUNTERS,
+    START_TIMEOUT,
+    Base,
+    Counter,
+    Floor,
+    Role,
+    StaleRead,
+    Tally,
+    WorkerSpec,
+    open_app,
+    redis_client,
+    run_loop,
+    run_process,
+)
+
 SECONDS = 3.0
+#: How many writers and readers run as threads of the test, and as processes of their own.
+THREADS: Mapping[Role, int] = {"writer": 1, "reader": 2}
+PROCESSES: Mapping[Role, int] = {"writer": 1, "reader": 2}
+OUTAGE = 0.8  # seconds
 
 
-class Base(DeclarativeBase):
-    metadata = MetaData()
+@dataclass(frozen=True)
+class Link:
+    """The Redis under test, and the proxy that every client of the checker goes through
+    when the scenario needs one."""
+
+    server: EmbeddedRedis
+    proxy: LatencyProxy | None = None
+
+    @property
+    def url(self) -> str:
+        return self.proxy.url if self.proxy is not None else self.server.url
 
 
-class Counter(Base):
-    __tablename__ = "stale_counters"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    version: Mapped[int] = mapped_column(default=0)
+@dataclass(frozen=True)
+class Scenario:
+    """What happens to Redis a third into the run, and how the workers are set up for it.
+
+    A new scenario is one more instance: ``through_proxy`` puts every client (threads and
+    processes) behind a :class:`LatencyProxy` that ``disrupt`` can cut; ``store_options``
+    are extra keyword arguments for every worker's ``RedisTokenStore`` (e.g.
+    ``{"durable": True, "lease": 0.5}``); ``kill_writer_process_after`` makes the writer
+    processes SIGKILL themselves between their Nth database COMMIT and alkey's bump.
+    """
+
+    name: str
+    disrupt: Callable[[Link], None]
+    through_proxy: bool = False
+    store_options: Mapping[str, Any] = field(default_factory=dict)
+    kill_writer_process_after: int | None = None
+    #: Seconds after the disruption ends during which a reader in another process than
+    #: the writer may still read a version from before the write: the README's known bound
+    #: for a process that saw no error itself (its request was merely held up until the
+    #: link came back), so it cannot know that others owe Redis bumps; they replay them
+    #: within ``retry_interval`` plus a socket timeout. Such reads are counted apart and
+    #: shown; any other stale read fails the test. None: none is excused.
+    cross_process_grace: float | None = None
+    #: Durable mode's bound for a writer killed between COMMIT and bump: a read may miss
+    #: its write for at most this many seconds after that COMMIT (about 1.5 leases).
+    crash_bound: float | None = None
+
+    def __str__(self) -> str:
+        return self.name
+
+    def excuses(self, stale: StaleRead, run: Run) -> bool:
+        """Whether ``stale`` is within this scenario's known bound."""
+        if self.crash_bound is not None and stale.committed.pid != stale.reader_pid:
+            return stale.began - stale.committed.at <= self.crash_bound
+        return (
+            self.cross_process_grace is not None
+            and stale.committed.pid != stale.reader_pid
+            and run.disrupted <= stale.began <= run.restored + self.cross_process_grace
+        )
 
 
-@dataclass
-class Tally:
-    reads: int = 0
-    hits: int = 0
-    stale: list[str] = field(default_factory=list)
-    errors: list[BaseException] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+@dataclass(frozen=True)
+class Run:
+    tally: Tally
+    disrupted: float  # time.monotonic() when the disruption began
+    restored: float  # and when it ended
+
+
+def nothing(link: Link) -> None:
+    pass
+
+
+def flushall(link: Link) -> None:
+    client = redis.Redis.from_url(link.server.url)
+    client.flushall()
+    client.close()
+
+
+def restart(link: Link) -> None:
+    link.server.stop()
+    time.sleep(0.3)
+    link.server.start()
+
+
+def freeze(link: Link) -> None:
+    link.server.pause()  # a hung server: connections open, nothing answered
+    time.sleep(OUTAGE)
+    link.server.resume()
+
+
+def cut(link: Link) -> None:
+    assert link.proxy is not None, "a cut link needs the scenario's proxy"
+    link.proxy.cut()  # open connections reset, new ones unanswered
+    time.sleep(OUTAGE)
+    link.proxy.restore()
+
+
+SCENARIOS = [
+    Scenario("nothing", nothing),
+    Scenario("flushall", flushall),
+    Scenario("restart", restart),
+    Scenario("frozen_redis", freeze),
+    # retry_interval 0.05 s + socket timeout 0.5 s, and a margin for a loaded machine.
+    Scenario("cut_link", cut, through_proxy=True, cross_process_grace=1.0),
+    # The writer process dies by SIGKILL between its 30th COMMIT and the bump; durable
+    # mode's intents let the other workers apply that bump within 1.5 leases.
+    Scenario(
+        "killed_writer",
+        nothing,
+        store_options={"durable": True, "lease": 0.5},
+        kill_writer_process_after=30,
+        crash_bound=1.5 * 0.5 + 0.25,
+    ),
+]
 
 
 @pytest.fixture
@@ -67,128 +183,189 @@ def counters(tables: Engine) -> Iterator[Engine]:
 
 
 def run_checker(
-    engine: Engine,
-    server: EmbeddedRedis,
-    disrupt: Callable[[EmbeddedRedis], None],
-    *,
-    with_alkey: bool = True,
-) -> Tally:
-    client = redis.Redis.from_url(server.url, socket_timeout=0.5, socket_connect_timeout=0.5)
-    store = RedisTokenStore(client, retry_interval=0.05)
-    factory = sessionmaker(engine, expire_on_commit=False)
-    if with_alkey:
-        alkey.bind(factory, tokens=store)
-    key_generator = CacheKeyGenerator(tokens=store)
-    committed = [0] * COUNTERS  # newest version whose commit has returned
-    committed_lock = threading.Lock()
+    engine: Engine, server: EmbeddedRedis, scenario: Scenario, *, with_alkey: bool = True
+) -> Run:
+    """Run the writers and readers for SECONDS, disrupting Redis a third of the way in."""
+    context = multiprocessing.get_context("spawn")
+    floor = Floor.create(context)
+    start, stop = context.Event(), context.Event()
+    results: multiprocessing.Queue[tuple[str, Tally | None]] = context.Queue()
+    link = Link(server, LatencyProxy(server.port) if scenario.through_proxy else None)
+    specs = [
+        WorkerSpec(
+            role,
+            seed,
+            engine.url.render_as_string(hide_password=False),
+            link.url,
+            with_alkey=with_alkey,
+            store_options=scenario.store_options,
+            kill_after_commits=scenario.kill_writer_process_after if role == "writer" else None,
+        )
+        for role, count in PROCESSES.items()
+        for seed in range(count)
+    ]
+    processes = [
+        context.Process(target=run_process, args=(spec, floor, start, stop, results), daemon=True)
+        for spec in specs
+    ]
+    for process in processes:
+        process.start()
     tally = Tally()
-    stop = threading.Event()
-    sqlite = engine.dialect.name == "sqlite"
-
-    def writer(seed: int) -> None:
-        rng = random.Random(seed)
-        while not stop.is_set():
-            index = rng.randrange(COUNTERS)
-            try:
-                with factory() as session:
-                    counter = session.get_one(Counter, index)
-                    # In SQL, so that concurrent writers never lose an increment (SQLite
-                    # has no row locks): versions only ever grow.
-                    counter.version = Counter.version + 1
-                    session.flush()
-                    session.refresh(counter)
-                    version = counter.version
-                    session.commit()
-            except Exception as error:  # SQLite's lock timeouts under contention
-                if not sqlite:
-                    tally.errors.append(error)
-                continue
-            with committed_lock:
-                committed[index] = max(committed[index], version)
-            time.sleep(0.002)
-
-    def reader(seed: int) -> None:
-        rng = random.Random(seed)
-        while not stop.is_set():
-            index = rng.randrange(COUNTERS)
-            with committed_lock:
-                floor = committed[index]
-            key = key_generator(row_identifier(Counter.__table__, index), "page")
-            try:
-                cached = client.get(key)
-            except redis.RedisError:
-                cached = None
-            hit = cached is not None
-            if hit:
-                assert cached is not None
-                version = int(cached)
-            else:
-                with factory() as session:
-                    version = session.get_one(Counter, index).version
-                with contextlib.suppress(redis.RedisError):
-                    client.set(key, version, ex=60)
-            with tally.lock:
-                tally.reads += 1
-                tally.hits += hit
-                if version < floor:
-                    tally.stale.append(f"counter {index}: read {version}, committed {floor}")
-
-    threads = [threading.Thread(target=writer, args=(seed,)) for seed in range(2)]
-    threads += [threading.Thread(target=reader, args=(100 + seed,)) for seed in range(4)]
-    for thread in threads:
-        thread.start()
     try:
-        time.sleep(SECONDS / 3)
-        disrupt(server)
-        time.sleep(SECONDS * 2 / 3)
+        with open_app(
+            engine, link.url, with_alkey=with_alkey, store_options=scenario.store_options
+        ) as app:
+            wait_until_ready(results, len(specs))
+            thread_tallies: list[Tally] = []
+
+            def work(role: Role, seed: int) -> None:
+                thread_tallies.append(
+                    run_loop(f"{role} thread {seed}", role, app, floor, stop, seed)
+                )
+
+            threads = [
+                threading.Thread(target=work, args=(role, 100 + seed))
+                for role, count in THREADS.items()
+                for seed in range(count)
+            ]
+            start.set()
+            for thread in threads:
+                thread.start()
+            time.sleep(SECONDS / 3)
+            disrupted = time.monotonic()
+            scenario.disrupt(link)
+            restored = time.monotonic()
+            time.sleep(SECONDS * 2 / 3)
+            stop.set()
+            for thread in threads:
+                thread.join()
+        for thread_tally in thread_tallies:
+            tally.add(thread_tally)
+        tally.add(collect(results, specs, processes))
     finally:
+        start.set()
         stop.set()
-        for thread in threads:
-            thread.join()
-        alkey.unbind(factory)
-        client.close()
+        for process in processes:
+            process.join(timeout=10)
+            if process.is_alive():  # pragma: no cover - collect() already reported it
+                process.kill()
+                process.join()
+        if link.proxy is not None:
+            link.proxy.close()
+    return Run(tally, disrupted, restored)
+
+
+def wait_until_ready(results: multiprocessing.Queue[tuple[str, Tally | None]], count: int) -> None:
+    """Wait until ``count`` worker processes have connected (spawning takes a while), so
+    that every worker runs when Redis is disrupted."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while count:
+        name, tally = results.get(timeout=max(deadline - time.monotonic(), 0.01))
+        assert tally is None or tally.errors == [], f"{name} failed to start: {tally}"
+        count -= 1
+
+
+def collect(
+    results: multiprocessing.Queue[tuple[str, Tally | None]],
+    specs: Sequence[WorkerSpec],
+    processes: Sequence[SpawnProcess],
+) -> Tally:
+    """The processes' tallies added up. A process that died without one is an error, unless
+    it is a writer that was told to SIGKILL itself and did."""
+    tally = Tally()
+    pending = {spec.name: (spec, process) for spec, process in zip(specs, processes, strict=True)}
+    deadline = time.monotonic() + 30
+    while pending:
+        # Checked before waiting: what an ended process sent is in the pipe already.
+        alive = any(process.is_alive() for _, process in pending.values())
+        try:
+            name, process_tally = results.get(timeout=0.5)
+        except queue.Empty:
+            if alive and time.monotonic() < deadline:
+                continue
+            break
+        assert process_tally is not None
+        tally.add(process_tally)
+        del pending[name]
+    for name, (spec, process) in pending.items():
+        if not (process.exitcode == -signal.SIGKILL and spec.kill_after_commits is not None):
+            tally.errors.append(f"{name} sent no tally (exit code {process.exitcode})")
     return tally
 
 
-def nothing(server: EmbeddedRedis) -> None:
-    pass
-
-
-def flushall(server: EmbeddedRedis) -> None:
-    redis.Redis.from_url(server.url).flushall()
-
-
-def restart(server: EmbeddedRedis) -> None:
-    server.stop()
-    time.sleep(0.3)
-    server.start()
-
-
-def cut_link(server: EmbeddedRedis) -> None:
-    server.pause()  # every connection hangs, as on a cut link
-    time.sleep(0.8)
-    server.resume()
-
-
-@pytest.mark.parametrize(
-    "disrupt", [nothing, flushall, restart, cut_link], ids=lambda f: f.__name__
-)
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=str)
 def test_no_read_is_ever_staler_than_the_last_committed_write(
-    counters: Engine, private_redis: EmbeddedRedis, disrupt: Callable[[EmbeddedRedis], None]
+    counters: Engine, private_redis: EmbeddedRedis, scenario: Scenario
 ) -> None:
-    tally = run_checker(counters, private_redis, disrupt)
+    run = run_checker(counters, private_redis, scenario)
+    tally = run.tally
+    excused = [stale for stale in tally.stale if scenario.excuses(stale, run)]
+    unexcused = [str(stale) for stale in tally.stale if not scenario.excuses(stale, run)]
     print(
-        f"{disrupt.__name__}: {tally.reads} reads, "
-        f"hit rate {tally.hits / max(tally.reads, 1):.0%}, {len(tally.stale)} stale"
+        f"\n{scenario}: {tally.reads} reads, hit rate {tally.hit_rate:.0%}, "
+        f"{len(unexcused)} stale; {tally.commits} commits, {tally.lock_timeouts} lock timeouts"
     )
+    if excused:
+        if scenario.crash_bound is not None:
+            latest = max(stale.began - stale.committed.at for stale in excused)
+            since, bound = "the missed COMMIT", scenario.crash_bound
+        else:
+            latest = max(stale.began for stale in excused) - run.restored
+            since, bound = "the outage ended", scenario.cross_process_grace or 0.0
+        print(
+            f"  and {len(excused)} stale in another process within the known bound, the "
+            f"last {latest:.3f} s after {since} ({bound:g} s allowed), e.g.\n"
+            + "\n".join(f"  {stale}" for stale in excused[:3])
+        )
     assert tally.errors == []
-    assert tally.stale == []
+    assert unexcused == []
     assert tally.reads > 100
-    assert tally.hits / tally.reads > 0.2, "the cache must actually serve reads"
+    assert tally.hit_rate > 0.2, "the cache must actually serve reads"
 
 
 def test_the_checker_sees_stale_reads_when_nothing_invalidates(
     counters: Engine, private_redis: EmbeddedRedis
 ) -> None:
-    tally = run_checker(counters, private_redis, nothing, with_alkey=False)
+    tally = run_checker(counters, private_redis, SCENARIOS[0], with_alkey=False).tally
+    assert tally.errors == []
     assert tally.stale, "without alkey's bumps, cached counters go stale"
+
+
+def test_a_writer_process_told_to_die_is_killed_between_its_commit_and_the_bump(
+    counters: Engine, private_redis: EmbeddedRedis
+) -> None:
+    """The harness of a crashed-writer scenario (``kill_writer_process_after``) must kill at
+    exactly that point: the version committed and published, no token bumped."""
+    context = multiprocessing.get_context("spawn")
+    floor = Floor.create(context)
+    start, stop = context.Event(), context.Event()
+    results: multiprocessing.Queue[tuple[str, Tally | None]] = context.Queue()
+    identifiers = [row_identifier(Counter.__table__, index) for index in range(COUNTERS)]
+    client = redis_client(private_redis.url)
+    with open_app(counters, private_redis.url) as app:
+        app.key_generator(*identifiers)  # creates every token the writer would bump
+    keyspace_before = {key: client.get(key) for key in client.scan_iter()}
+    spec = WorkerSpec(
+        "writer",
+        0,
+        counters.url.render_as_string(hide_password=False),
+        private_redis.url,
+        kill_after_commits=1,
+    )
+    process = context.Process(
+        target=run_process, args=(spec, floor, start, stop, results), daemon=True
+    )
+    process.start()
+    wait_until_ready(results, 1)
+    start.set()
+    process.join(timeout=30)
+    stop.set()
+    with Session(counters) as session:
+        versions = {counter.id: counter.version for counter in session.scalars(select(Counter))}
+    committed = {index: floor.sample(index).version for index in range(COUNTERS)}
+    keyspace_after = {key: client.get(key) for key in client.scan_iter()}
+    client.close()
+    assert process.exitcode == -signal.SIGKILL
+    assert sorted(versions.values()) == [0] * (COUNTERS - 1) + [1], "one commit"
+    assert committed == versions, "published"
+    assert keyspace_after == keyspace_before, "not bumped"

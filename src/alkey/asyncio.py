@@ -22,6 +22,7 @@ tasks during the round trip.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import AsyncGenerator, Collection, Coroutine, Sequence
 from typing import Any, Protocol, TypeAlias, TypeVar, runtime_checkable
@@ -44,6 +45,7 @@ from alkey.tokens import (
     ScriptStore,
     TokenStore,
     new_token,
+    pool_socket_timeout,
     shared_store,
 )
 
@@ -254,8 +256,12 @@ class AsyncRedisTokenStore(ScriptStore):
         # Bumps that outlived a cancelled caller; referenced until done (asyncio only
         # keeps weak references to tasks).
         self._finishing: set[asyncio.Task[None]] = set()
+        self._replayer: asyncio.Task[None] | None = None
         if client is not None:
+            self.outage.recovery_window += pool_socket_timeout(client.connection_pool)
             self._share_through(client.connection_pool)
+        else:  # each loop's default client: its options
+            self.outage.recovery_window += DEFAULT_CLIENT_OPTIONS["socket_timeout"]
 
     async def afetch(self, identifiers: Sequence[str]) -> list[str]:
         """The current token of each identifier, creating missing ones, in one round trip.
@@ -276,6 +282,8 @@ class AsyncRedisTokenStore(ScriptStore):
         self.outage.succeeded(replay)
         if claim and await self._recover(results[0]):
             return await self.afetch(identifiers)  # the tokens the recovery just replaced
+        if self.outage.recovering():
+            return [new_token() for _ in identifiers]
         return self.calls.tokens(results, identifiers)
 
     async def aintend(self, identifiers: Collection[str]) -> str | None:
@@ -304,6 +312,7 @@ class AsyncRedisTokenStore(ScriptStore):
     async def _abump(self, identifiers: Collection[str], intents: Collection[str]) -> None:
         if self.outage.skip():
             self.outage.keep(identifiers)
+            self._replay_soon()
             return
         replay = self.outage.replay()
         todo = replay.union(identifiers) if replay else identifiers
@@ -326,11 +335,25 @@ class AsyncRedisTokenStore(ScriptStore):
             results = await self._run([*claim, *self.calls.bump(todo, intents)])
         except RedisError as error:
             self.outage.keep(identifiers)
+            self._replay_soon()
             self.outage.failed(error, f"bump {len(todo)} token(s)")
             return
         self.outage.succeeded(replay)
         if claim:
             await self._recover(results[0])
+
+    def _replay_soon(self) -> None:
+        """Replay the kept bumps from a task on this loop, probing every
+        ``retry_interval`` (see ``RedisTokenStore._replay_soon``)."""
+        if self._replayer is None or self._replayer.done():
+            self._replayer = asyncio.get_running_loop().create_task(self._replay_until_done())
+
+    async def _replay_until_done(self) -> None:
+        while self.outage.pending:
+            await asyncio.sleep(max(self.outage.retry_interval, 0.01))
+            # on_error="raise": nobody to raise to here; the next round retries.
+            with contextlib.suppress(RedisError):
+                await self._abump((), ())
 
     async def _recover(self, claim_result: list[Any]) -> bool:
         """Bump the intents a claim took over, and clear them. Whether there were any."""

@@ -16,12 +16,15 @@ revert to an old key.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import hashlib
 import logging
 import math
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import Callable, Collection, Sequence
 from typing import Any, ClassVar, Literal, Protocol, TypeAlias, TypeVar, runtime_checkable
 
@@ -29,6 +32,7 @@ import redis
 from redis.exceptions import NoScriptError, RedisError
 
 from alkey.constants import DEFAULT_TOKEN_TTL, TOKEN_BYTES
+from alkey.identity import UNKNOWN_WRITES
 
 __all__ = [
     "CHUNK_SIZE",
@@ -234,6 +238,18 @@ class OutageLedger:
     ``retry_interval`` seconds after each failure, :meth:`skip` tells it to answer at once
     (a miss, a kept bump) instead of paying a socket timeout on every call; the first call
     after that probes Redis again.
+
+    Past ``max_pending`` identifiers, a kept bump is replaced by a bump of
+    :data:`~alkey.identity.UNKNOWN_WRITES`, which every key depends on: memory stays
+    bounded and nothing is lost, at the price of a miss for every key once it is replayed.
+
+    For ``recovery_window`` seconds after an outage ends (by default
+    ``2 * retry_interval``; the stores add their socket timeout), :meth:`recovering` tells
+    the store to answer fetches with misses: other processes may still owe Redis bumps of
+    writes they committed during the outage. They replay them from the background as soon
+    as Redis answers -- at most a socket timeout plus ``retry_interval`` after it is back,
+    when configured alike -- so a key made before then could still use a token from before
+    one of those writes.
     """
 
     def __init__(
@@ -241,6 +257,7 @@ class OutageLedger:
         on_error: ErrorPolicy = "degrade",
         max_pending: int = 100_000,
         retry_interval: float = 1.0,
+        recovery_window: float | None = None,
     ) -> None:
         if on_error not in ("degrade", "raise"):
             raise ValueError(f"on_error must be 'degrade' or 'raise', not {on_error!r}")
@@ -249,6 +266,8 @@ class OutageLedger:
         self.on_error: ErrorPolicy = on_error
         self.max_pending = max_pending
         self.retry_interval = retry_interval
+        #: Seconds after an outage during which fetches answer misses (see the class).
+        self.recovery_window = 2 * retry_interval if recovery_window is None else recovery_window
         self._next_probe = 0.0
         # identifier -> generation of its latest failed bump. A replay only clears the
         # generations it sent, so a bump that failed meanwhile stays owed.
@@ -256,6 +275,7 @@ class OutageLedger:
         self._generation = 0
         self._dropped = 0
         self._failing = False
+        self._recovering_until = 0.0
         self._lock = threading.Lock()
 
     @property
@@ -275,12 +295,18 @@ class OutageLedger:
         """Whether to answer without Redis now: it failed less than ``retry_interval`` ago."""
         return self._failing and self.on_error == "degrade" and time.monotonic() < self._next_probe
 
+    def recovering(self) -> bool:
+        """Whether an outage ended less than ``recovery_window`` ago: answer misses."""
+        return self._recovering_until > 0.0 and time.monotonic() < self._recovering_until
+
     def keep(self, identifiers: Collection[str]) -> None:
         with self._lock:
             self._generation += 1
             for identifier in identifiers:
                 if len(self._pending) >= self.max_pending and identifier not in self._pending:
                     self._dropped += 1
+                    # In its place, the token every key depends on (one slot over the bound).
+                    self._pending[UNKNOWN_WRITES] = self._generation
                 else:
                     self._pending[identifier] = self._generation
 
@@ -297,7 +323,7 @@ class OutageLedger:
             # from host and port only.
             log.warning(
                 "Redis unavailable, alkey could not %s: %s: %s. Keys miss until it answers; "
-                "%d bump(s) kept for replay, %d dropped (max_pending=%d).",
+                "%d bump(s) kept for replay, %d over max_pending=%d.",
                 action,
                 type(error).__name__,
                 error,
@@ -315,12 +341,16 @@ class OutageLedger:
                     del self._pending[identifier]
             recovered, self._failing = self._failing, False
             dropped, self._dropped = self._dropped, 0
+            if recovered:
+                self._recovering_until = time.monotonic() + self.recovery_window
         if recovered:
             log.log(
-                logging.ERROR if dropped else logging.INFO,
-                "Redis answers again; alkey replayed %d bump(s), %d could not be kept.",
+                logging.WARNING if dropped else logging.INFO,
+                "Redis answers again; alkey replayed %d bump(s)%s.",
                 len(replayed),
-                dropped,
+                f", and bumped {UNKNOWN_WRITES} for {dropped} more past max_pending"
+                if dropped
+                else "",
             )
 
 
@@ -459,6 +489,7 @@ class ScriptStore:
         if not lease > 0:
             raise ValueError(f"lease must be a positive number of seconds, not {lease!r}")
         self.calls = ScriptCalls(ttl, key_prefix)
+        # The stores add their client's socket timeout to its recovery_window.
         self.outage = OutageLedger(on_error, max_pending, retry_interval)
         #: Whether commits record their intended bumps in Redis before the COMMIT.
         self.durable = durable
@@ -584,6 +615,10 @@ class RedisTokenStore(ScriptStore):
             lease=lease,
         )
         self.client = client
+        self.outage.recovery_window += pool_socket_timeout(client.connection_pool)
+        self._replayer: threading.Thread | None = None
+        self._replayer_lock = threading.Lock()
+        self._replays_at_exit = False
         self._share_through(client.connection_pool)
 
     def fetch(self, identifiers: Sequence[str]) -> list[str]:
@@ -601,6 +636,8 @@ class RedisTokenStore(ScriptStore):
         self.outage.succeeded(replay)
         if claim and self._recover(results[0]):
             return self.fetch(identifiers)  # the tokens the recovery just replaced
+        if self.outage.recovering():
+            return [new_token() for _ in identifiers]
         return self.calls.tokens(results, identifiers)
 
     def intend(self, identifiers: Collection[str]) -> str | None:
@@ -625,6 +662,7 @@ class RedisTokenStore(ScriptStore):
     def _bump(self, identifiers: Collection[str], intents: Collection[str]) -> None:
         if self.outage.skip():
             self.outage.keep(identifiers)
+            self._replay_soon()
             return
         replay = self.outage.replay()
         todo = replay.union(identifiers) if replay else identifiers
@@ -635,11 +673,46 @@ class RedisTokenStore(ScriptStore):
             results = self._run([*claim, *self.calls.bump(todo, intents)])
         except RedisError as error:
             self.outage.keep(identifiers)
+            self._replay_soon()
             self.outage.failed(error, f"bump {len(todo)} token(s)")
             return
         self.outage.succeeded(replay)
         if claim:
             self._recover(results[0])
+
+    def _replay_soon(self) -> None:
+        """Replay the kept bumps from a daemon thread, probing every ``retry_interval``,
+        instead of waiting for this process's next call: other processes must not go on
+        using the old tokens because this one fell idle after the outage."""
+        with self._replayer_lock:
+            if self._replayer is not None and self._replayer.is_alive():
+                return
+            self._replayer = threading.Thread(
+                target=self._replay_until_done, name="alkey-replay", daemon=True
+            )
+            self._replayer.start()
+            if not self._replays_at_exit:
+                self._replays_at_exit = True
+                atexit.register(_replay_at_exit, weakref.ref(self))
+
+    def _replay_until_done(self) -> None:
+        while self.outage.pending:
+            time.sleep(max(self.outage.retry_interval, 0.01))
+            self._replay_now()
+
+    def _replay_now(self) -> None:
+        # on_error="raise": nobody to raise to here; the next round retries.
+        with contextlib.suppress(RedisError):
+            self._bump((), ())
+
+    def wait_replayed(self, timeout: float | None = None) -> bool:
+        """Wait up to ``timeout`` seconds for the bumps kept during an outage to reach
+        Redis; whether none is left. For a graceful shutdown, or a test. (A process that
+        exits normally also tries once more by itself, from an ``atexit`` hook.)"""
+        replayer = self._replayer
+        if replayer is not None:
+            replayer.join(timeout)
+        return not self.outage.pending
 
     def _recover(self, claim_result: list[Any]) -> bool:
         """Bump the intents a claim took over, and clear them. Whether there were any."""
@@ -671,6 +744,18 @@ class RedisTokenStore(ScriptStore):
         for command in commands:
             pipe.execute_command(*command)  # type: ignore[no-untyped-call]
         return ScriptCalls.checked(pipe.execute(raise_on_error=False))
+
+
+def pool_socket_timeout(pool: Any) -> float:
+    """The socket timeout of a pool's connections (0 if none is set)."""
+    timeout = getattr(pool, "connection_kwargs", {}).get("socket_timeout")
+    return float(timeout) if isinstance(timeout, int | float) else 0.0
+
+
+def _replay_at_exit(store: weakref.ref[RedisTokenStore]) -> None:
+    live = store()
+    if live is not None and live.outage.pending:
+        live._replay_now()
 
 
 def store_for(client: RedisClient) -> RedisTokenStore:
