@@ -291,3 +291,25 @@ def test_bumps_kept_in_an_idle_process_reach_redis_without_another_call(
         assert time.monotonic() < deadline, "the kept bump never went out"
         time.sleep(0.02)
     assert writer.pending == frozenset()
+
+
+def test_tokens_evicted_under_allkeys_lru_change_keys_and_never_revert() -> None:
+    """Eviction is data loss too: the key of an evicted token changes, to a new random one."""
+    lru = ("--maxmemory", "4mb", "--maxmemory-policy", "allkeys-lru")
+    with EmbeddedRedis(extra_args=lru) as server:
+        client = quick_client(server.url)
+        key_generator = CacheKeyGenerator(tokens=RedisTokenStore(client))
+        keys = {key_generator("alkey:users#1")}
+        for round_number in range(3):
+            batch = 0
+            while client.exists("alkey:users#1"):  # cache values push the token out
+                assert batch < 100, "the token was never evicted"
+                filler = client.pipeline(transaction=False)
+                for index in range(100):
+                    filler.set(f"alkey:cache:{round_number}:{batch}:{index}", "x" * 10_000)
+                filler.execute()
+                batch += 1
+            key = key_generator("alkey:users#1")
+            assert key not in keys, "a new random token: never an old key again"
+            keys.add(key)
+        client.close()
