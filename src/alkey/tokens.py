@@ -754,7 +754,11 @@ def pool_socket_timeout(pool: Any) -> float:
 
 def _replay_at_exit(store: weakref.ref[RedisTokenStore]) -> None:
     live = store()
-    if live is not None and live.outage.pending:
+    if live is None or not live.outage.pending or live.outage.skip():
+        return
+    # Best effort at interpreter exit: a failure must not print a traceback (starting the
+    # background replay, for one, is refused this late).
+    with contextlib.suppress(Exception):
         live._replay_now()
 
 
