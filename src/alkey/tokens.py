@@ -243,8 +243,8 @@ class OutageLedger:
     :data:`~alkey.identity.UNKNOWN_WRITES`, which every key depends on: memory stays
     bounded and nothing is lost, at the price of a miss for every key once it is replayed.
 
-    For ``recovery_window`` seconds after an outage ends (by default
-    ``2 * retry_interval``; the stores add their socket timeout), :meth:`recovering` tells
+    For ``recovery_window`` seconds after an outage ends (``2 * retry_interval``, plus
+    the store's socket timeout), :meth:`recovering` tells
     the store to answer fetches with misses: other processes may still owe Redis bumps of
     writes they committed during the outage. They replay them from the background as soon
     as Redis answers -- at most a socket timeout plus ``retry_interval`` after it is back,
@@ -257,7 +257,6 @@ class OutageLedger:
         on_error: ErrorPolicy = "degrade",
         max_pending: int = 100_000,
         retry_interval: float = 1.0,
-        recovery_window: float | None = None,
     ) -> None:
         if on_error not in ("degrade", "raise"):
             raise ValueError(f"on_error must be 'degrade' or 'raise', not {on_error!r}")
@@ -266,8 +265,9 @@ class OutageLedger:
         self.on_error: ErrorPolicy = on_error
         self.max_pending = max_pending
         self.retry_interval = retry_interval
-        #: Seconds after an outage during which fetches answer misses (see the class).
-        self.recovery_window = 2 * retry_interval if recovery_window is None else recovery_window
+        #: Seconds after an outage during which fetches answer misses (see the class); the
+        #: stores add their client's socket timeout.
+        self.recovery_window = 2 * retry_interval
         self._next_probe = 0.0
         # identifier -> generation of its latest failed bump. A replay only clears the
         # generations it sent, so a bump that failed meanwhile stays owed.
