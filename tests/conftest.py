@@ -72,7 +72,7 @@ def redis_url() -> Iterator[str]:
 
 @pytest.fixture
 def redis_client(redis_url: str) -> Iterator[RedisClient]:
-    client: RedisClient = redis.Redis.from_url(redis_url)
+    client: RedisClient = redis.Redis.from_url(redis_url, socket_timeout=5)
     client.flushdb()
     yield client
     client.close()
@@ -292,7 +292,7 @@ def async_redis_client(
     redis_url: str, redis_client: RedisClient, loop: asyncio.AbstractEventLoop
 ) -> Iterator[AsyncRedisClient]:
     """A redis.asyncio client of the (emptied) test Redis, on ``loop``."""
-    client: AsyncRedisClient = redis.asyncio.Redis.from_url(redis_url)
+    client: AsyncRedisClient = redis.asyncio.Redis.from_url(redis_url, socket_timeout=5)
     yield client
     loop.run_until_complete(client.aclose())
 

@@ -522,6 +522,35 @@ def test_an_async_commit_during_an_outage_succeeds_and_its_bump_is_replayed_befo
     assert "replayed 3 bump(s)" in messages[1]
 
 
+def test_awaiting_wait_replayed_sends_the_bumps_kept_during_an_outage_before_shutdown(
+    private_redis: EmbeddedRedis, loop: asyncio.AbstractEventLoop
+) -> None:
+    """The replay task ends with its event loop, so an application awaits
+    ``wait_replayed`` in its shutdown; it returns once the kept bumps reached Redis."""
+    observer: RedisClient = redis.Redis.from_url(private_redis.url, socket_timeout=2)
+    client = quick_async_client(private_redis.url)
+    store = AsyncRedisTokenStore(client, retry_interval=0.05)
+
+    async def scenario() -> str:
+        [before] = await store.afetch(["alkey:users#1"])
+        private_redis.pause()
+        try:
+            await store.abump(["alkey:users#1"])  # must not raise
+            assert store.pending == {"alkey:users#1"}
+            assert not await store.wait_replayed(timeout=0.3), "not while Redis is frozen"
+        finally:
+            private_redis.resume()
+        assert await store.wait_replayed(timeout=5)
+        return before
+
+    try:
+        before = run(loop, scenario())
+        assert observer.get("alkey:users#1") not in (None, before.encode())
+    finally:
+        run(loop, client.aclose())
+        observer.close()
+
+
 def test_async_key_generation_with_redis_stopped_returns_misses_quickly(
     private_redis: EmbeddedRedis, loop: asyncio.AbstractEventLoop
 ) -> None:

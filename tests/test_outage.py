@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Iterator
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -379,3 +384,71 @@ def test_a_server_still_loading_its_data_answers_misses_and_kept_bumps_land_once
     assert "Redis unavailable" in messages[0]
     assert "BusyLoadingError" in messages[0]
     assert "replayed" in messages[1]
+
+
+def test_a_process_exiting_right_after_an_outage_sends_its_kept_bumps_on_the_way_out(
+    private_redis: EmbeddedRedis,
+) -> None:
+    """A job whose commit met a Redis restart and that exits as soon as Redis is back --
+    well within retry_interval -- must not leave the key on its old token for a day."""
+    child = textwrap.dedent(
+        """
+        import sys, redis
+        from alkey.tokens import RedisTokenStore
+        client = redis.Redis.from_url(sys.argv[1], socket_timeout=0.3, retry=None)
+        store = RedisTokenStore(client, retry_interval=60)  # no background probe in time
+        store.bump(["alkey:users#1"])  # Redis is stopped: kept
+        print(sorted(store.pending), flush=True)
+        sys.stdin.readline()  # Redis is back: exit normally, at once
+        """
+    )
+    observer = quick_client(private_redis.url)
+    observer.set("alkey:users#1", "token-before-the-write")
+    observer.save()
+    private_redis.stop()
+    job = subprocess.Popen(
+        [sys.executable, "-c", child, private_redis.url],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert job.stdout is not None
+        assert job.stdout.readline().strip() == "['alkey:users#1']"
+        private_redis.start()  # reads its saved data back: the old token returns
+        assert observer.get("alkey:users#1") == b"token-before-the-write"
+        job.communicate("exit\n", timeout=30)
+    finally:
+        if job.poll() is None:  # pragma: no cover - only when an assertion failed
+            job.kill()
+    assert job.returncode == 0
+    assert observer.get("alkey:users#1") != b"token-before-the-write"
+    observer.close()
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"socket_timeout": None, "retry": Retry(NoBackoff(), 0)}, ["no socket_timeout"]),
+        ({"socket_timeout": 2, "retry": Retry(NoBackoff(), 3)}, ["3 retries"]),
+        (
+            {"socket_timeout": None, "retry": Retry(NoBackoff(), -1)},
+            ["no socket_timeout", "unlimited retries"],
+        ),
+    ],
+    ids=["no timeout", "retries", "both"],
+)
+def test_a_client_that_could_hold_a_commit_up_without_bound_gets_one_warning(
+    private_redis: EmbeddedRedis,
+    caplog: pytest.LogCaptureFixture,
+    options: dict[str, object],
+    named: list[str],
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="alkey"):
+        RedisTokenStore(redis.Redis(port=private_redis.port, **options))  # type: ignore[arg-type]
+        RedisTokenStore(redis.Redis.from_url(private_redis.url, socket_timeout=2))
+    [warning] = [record.getMessage() for record in caplog.records]
+    assert all(problem in warning for problem in named), warning
+    named_retries = any("retries" in problem for problem in named)
+    assert ("retries (each multiplies the wait)" in warning) == named_retries
+    assert "socket_timeout=2" in warning, "and it says how to fix it"

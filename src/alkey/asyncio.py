@@ -355,6 +355,25 @@ class AsyncRedisTokenStore(ScriptStore):
             with contextlib.suppress(RedisError):
                 await self._abump((), ())
 
+    async def wait_replayed(self, timeout: float | None = None) -> bool:
+        """Wait up to ``timeout`` seconds for the bumps kept during an outage to reach
+        Redis; whether none is left.
+
+        Await it when the application shuts down (a FastAPI lifespan, say): the replay
+        task lives on the event loop, and ends with it -- unlike the sync store, nothing
+        tries again at interpreter exit. It also restarts a replay on this loop if the
+        loop that ran the last one has closed.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while self.outage.pending:
+            self._replay_soon()
+            if deadline is not None and loop.time() >= deadline:
+                return False
+            pause = 0.01 if deadline is None else min(0.01, deadline - loop.time())
+            await asyncio.sleep(max(pause, 0.0))
+        return True
+
     async def _recover(self, claim_result: list[Any]) -> bool:
         """Bump the intents a claim took over, and clear them. Whether there were any."""
         claimed = self._claimed(claim_result)

@@ -104,11 +104,9 @@ class EmbeddedRedis:
                 try:
                     client.ping()
                     return self
-                except redis.BusyLoadingError:
-                    if not loaded:
+                except redis.ConnectionError as error:  # LOADING is one too
+                    if not loaded and isinstance(error, redis.BusyLoadingError):
                         return self
-                    time.sleep(0.02)
-                except redis.ConnectionError:
                     if self._process.poll() is not None or time.monotonic() > deadline:
                         self.stop()
                         raise RuntimeError(f"{self.executable} did not start") from None

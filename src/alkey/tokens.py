@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import hashlib
+import inspect
 import logging
 import math
 import secrets
@@ -294,6 +295,11 @@ class OutageLedger:
     def skip(self) -> bool:
         """Whether to answer without Redis now: it failed less than ``retry_interval`` ago."""
         return self._failing and self.on_error == "degrade" and time.monotonic() < self._next_probe
+
+    def probe_now(self) -> None:
+        """Let the next call try Redis even if it failed less than ``retry_interval`` ago:
+        for a last attempt, when no later call will come (interpreter exit)."""
+        self._next_probe = 0.0
 
     def recovering(self) -> bool:
         """Whether an outage ended less than ``recovery_window`` ago: answer misses."""
@@ -696,7 +702,14 @@ class RedisTokenStore(ScriptStore):
                 atexit.register(_replay_at_exit, weakref.ref(self))
 
     def _replay_until_done(self) -> None:
-        while self.outage.pending:
+        while True:
+            # Deciding to stop and saying so happen under the lock that _replay_soon
+            # takes after keeping a bump: a bump kept meanwhile either keeps this thread
+            # going or starts the next one, never neither.
+            with self._replayer_lock:
+                if not self.outage.pending:
+                    self._replayer = None
+                    return
             time.sleep(max(self.outage.retry_interval, 0.01))
             self._replay_now()
 
@@ -746,16 +759,63 @@ class RedisTokenStore(ScriptStore):
         return ScriptCalls.checked(pipe.execute(raise_on_error=False))
 
 
+def _connection_option(pool: Any, name: str) -> Any:
+    """A connection option of ``pool``: its own setting, else the connection class's
+    default (redis-py 8 gives connections a 5 s socket timeout; earlier versions none)."""
+    options = getattr(pool, "connection_kwargs", {})
+    if name in options:
+        return options[name]
+    for cls in getattr(getattr(pool, "connection_class", None), "__mro__", ()):
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            continue
+        try:
+            parameter = inspect.signature(init).parameters.get(name)
+        except (TypeError, ValueError):  # pragma: no cover - a C-level __init__
+            continue
+        if parameter is not None and parameter.default is not inspect.Parameter.empty:
+            return parameter.default
+    return None
+
+
 def pool_socket_timeout(pool: Any) -> float:
-    """The socket timeout of a pool's connections (0 if none is set)."""
-    timeout = getattr(pool, "connection_kwargs", {}).get("socket_timeout")
+    """The socket timeout of a pool's connections (0 if none), after warning if the pool
+    lets one call wait for an unanswering Redis without bound or many times over.
+
+    A store answers at once only *after* a failure (``retry_interval``); the call that meets
+    the outage first waits as long as the client lets it -- inside a commit, after the
+    COMMIT, or, in durable mode, before it, with the transaction's locks held. alkey's
+    default client waits 2 s, once. Before redis-py 8 a client built by hand has no socket
+    timeout (a hung Redis then blocks it for good), and ``redis.Redis(host=...)`` retries
+    10 times under redis-py 8; both are worth a warning, once per store.
+    """
+    timeout = _connection_option(pool, "socket_timeout")
+    retry = _connection_option(pool, "retry")
+    retries = retry.get_retries() if hasattr(retry, "get_retries") else 0
+    problems = []
+    if not isinstance(timeout, int | float):
+        problems.append("no socket_timeout (a hung Redis would block it for good)")
+    if retries:
+        count = "unlimited" if retries < 0 else str(retries)
+        problems.append(f"{count} retries (each multiplies the wait)")
+    if problems:
+        log.warning(
+            "alkey's Redis client has %s: the first call to meet a Redis outage waits for "
+            "it, even inside a commit. Build it with socket_timeout=2 and no retries "
+            "(redis.Redis.from_url(url, socket_timeout=2), or retry=Retry(NoBackoff(), 0)), "
+            "as alkey's default client is.",
+            " and ".join(problems),
+        )
     return float(timeout) if isinstance(timeout, int | float) else 0.0
 
 
 def _replay_at_exit(store: weakref.ref[RedisTokenStore]) -> None:
     live = store()
-    if live is None or not live.outage.pending or live.outage.skip():
+    if live is None or not live.outage.pending:
         return
+    # There is no later call to wait for: probe now, even within retry_interval of the
+    # last failure (a job that exits right after Redis came back must not lose its bumps).
+    live.outage.probe_now()
     # Best effort at interpreter exit: a failure must not print a traceback (starting the
     # background replay, for one, is refused this late).
     with contextlib.suppress(Exception):

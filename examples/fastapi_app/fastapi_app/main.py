@@ -108,6 +108,9 @@ def create_app(database: URL | str | None = None) -> FastAPI:
             yield
         finally:
             alkey.unbind(new_session)
+            # Bumps kept through a Redis outage are replayed by a task of this loop:
+            # give them a moment to go out before the loop ends.
+            await alkey.asyncio.store_for().wait_replayed(timeout=5)
             await engine.dispose()
             await close_async_redis_client()
 
