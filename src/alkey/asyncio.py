@@ -44,8 +44,8 @@ from alkey.tokens import (
     ScriptCalls,
     ScriptStore,
     TokenStore,
+    checked_socket_timeout,
     new_token,
-    pool_socket_timeout,
     shared_store,
 )
 
@@ -258,7 +258,7 @@ class AsyncRedisTokenStore(ScriptStore):
         self._finishing: set[asyncio.Task[None]] = set()
         self._replayer: asyncio.Task[None] | None = None
         if client is not None:
-            self.outage.recovery_window += pool_socket_timeout(client.connection_pool)
+            self.outage.recovery_window += checked_socket_timeout(client.connection_pool)
             self._share_through(client.connection_pool)
         else:  # each loop's default client: its options
             self.outage.recovery_window += DEFAULT_CLIENT_OPTIONS["socket_timeout"]

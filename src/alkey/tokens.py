@@ -621,7 +621,7 @@ class RedisTokenStore(ScriptStore):
             lease=lease,
         )
         self.client = client
-        self.outage.recovery_window += pool_socket_timeout(client.connection_pool)
+        self.outage.recovery_window += checked_socket_timeout(client.connection_pool)
         self._replayer: threading.Thread | None = None
         self._replayer_lock = threading.Lock()
         self._replays_at_exit = False
@@ -778,9 +778,10 @@ def _connection_option(pool: Any, name: str) -> Any:
     return None
 
 
-def pool_socket_timeout(pool: Any) -> float:
-    """The socket timeout of a pool's connections (0 if none), after warning if the pool
-    lets one call wait for an unanswering Redis without bound or many times over.
+def checked_socket_timeout(pool: Any) -> float:
+    """The socket timeout of a pool's connections (0 if none), for a store's recovery
+    window; first, a warning if the pool lets one call wait for an unanswering Redis
+    without bound or many times over.
 
     A store answers at once only *after* a failure (``retry_interval``); the call that meets
     the outage first waits as long as the client lets it -- inside a commit, after the
