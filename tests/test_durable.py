@@ -176,6 +176,29 @@ def test_an_intent_nobody_cleared_is_applied_by_another_process_that_only_commit
     assert redis_client.zcard(INTENTS) == 0
 
 
+def test_a_bump_refused_by_a_full_redis_leaves_its_intent_for_another_process() -> None:
+    """The clearing rides in the bump's pipeline, which is no transaction: a full Redis
+    (maxmemory, noeviction) refuses the bump, and must refuse the clearing as well."""
+    with EmbeddedRedis(extra_args=("--maxmemory-policy", "noeviction")) as server:
+        client: RedisClient = redis.Redis.from_url(server.url, socket_timeout=2, retry=None)
+        # retry_interval=60: the writer's own replay stays out of the way, as if it died.
+        writer = durable_store(client, retry_interval=60)
+        [token] = writer.fetch(["alkey:users#1"])
+        intent = writer.intend(["alkey:users#1"])  # just before the COMMIT
+        client.config_set("maxmemory", client.info("memory")["used_memory"] - 1)
+        writer.bump(["alkey:users#1"], intent)  # after it: Redis is full
+        assert writer.pending == {"alkey:users#1"}, "refused: kept in memory"
+        assert client.zcard(INTENTS) == 1, "and still recorded in Redis"
+        client.config_set("maxmemory", 0)
+        time.sleep(LEASE)
+        other_client: RedisClient = redis.Redis.from_url(server.url, socket_timeout=2)
+        other = durable_store(other_client)
+        assert other.fetch(["alkey:users#1"])[0] != token, "another process bumped it"
+        assert client.zcard(INTENTS) == 0
+        other_client.close()
+        client.close()
+
+
 def test_a_recovery_is_logged_once_with_counts(
     redis_client: RedisClient, caplog: pytest.LogCaptureFixture
 ) -> None:

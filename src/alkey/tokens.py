@@ -167,8 +167,14 @@ redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 return 1
 """
 
-# ARGV: intent ids whose bump has been done. Sent in the bump's own pipeline.
+# ARGV: intent ids whose bump has been done. Sent in the bump's own pipeline, which is
+# not a transaction: it must fail whenever the bump does. The one failure they would not
+# share is a full Redis (maxmemory, noeviction), which refuses the bump's SET but not
+# ZREM. So the script starts with a ZADD that adds nothing (XX: only existing members)
+# yet, like SET, may grow memory: Redis refuses it in a full Redis and stops the script
+# there, leaving the intent for a claimer.
 _CLEAR_SCRIPT = """
+redis.call('ZADD', KEYS[1], 'XX', 0, '')
 redis.call('ZREM', KEYS[1], unpack(ARGV))
 redis.call('HDEL', KEYS[2], unpack(ARGV))
 return #ARGV
