@@ -32,6 +32,7 @@ from typing import Any, Literal, NamedTuple
 
 import redis
 from sqlalchemy import Engine, MetaData, create_engine, event
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 import alkey
@@ -40,6 +41,9 @@ from alkey.identity import row_identifier
 from alkey.tokens import RedisTokenStore
 
 COUNTERS = 5
+#: In a crashed-writer scenario, the counter that only the dying commit writes, so that
+#: no later commit of another writer bumps its token and hides a missed bump.
+CRASH_COUNTER = COUNTERS - 1
 #: How long a worker process may take to start before the checker gives up on it.
 START_TIMEOUT = 60.0
 
@@ -175,6 +179,12 @@ def open_app(
         client.close()
 
 
+def is_lock_timeout(error: Exception) -> bool:
+    """Whether ``error`` is SQLite giving up on its database lock: the one error a writer
+    may meet under contention. Anything else counts as an error."""
+    return isinstance(error, OperationalError) and "database is locked" in str(error)
+
+
 def write(
     app: App,
     floor: Floor,
@@ -184,13 +194,16 @@ def write(
     tally: Tally,
     *,
     kill_after_commits: int | None = None,
+    spare_crash_counter: bool = False,
 ) -> None:
     """Commit increments of random counters until ``stop``, publishing each version.
 
     With ``kill_after_commits``, the process SIGKILLs itself inside its Nth commit, after
     the database COMMIT and before alkey's bump: the crash that durable mode is for. It dies
     in an ``after_commit`` listener put before alkey's (which bump later still, when the
-    transaction ends), and publishes the version first, since it is committed.
+    transaction ends), and publishes the version first, since it is committed. That commit
+    writes :data:`CRASH_COUNTER`, which writers told to ``spare_crash_counter`` (all
+    writers of such a scenario) never write.
     """
     rng = random.Random(seed)
     writing: list[int] = []  # the counter and version of the commit under way
@@ -204,7 +217,10 @@ def write(
 
         event.listen(app.factory, "after_commit", die_between_commit_and_bump, insert=True)
     while not stop.is_set():
-        index = rng.randrange(COUNTERS)
+        if kill_after_commits is not None and tally.commits + 1 >= kill_after_commits:
+            index = CRASH_COUNTER  # the commit this process dies in
+        else:
+            index = rng.randrange(CRASH_COUNTER if spare_crash_counter else COUNTERS)
         try:
             with app.factory() as session:
                 counter = session.get_one(Counter, index)
@@ -217,9 +233,9 @@ def write(
                 writing[:] = [index, version]
                 session.commit()
         except Exception as error:
-            if app.sqlite:  # SQLite's lock timeouts under contention
+            if app.sqlite and is_lock_timeout(error):  # SQLite's, under contention
                 tally.lock_timeouts += 1
-            else:
+            else:  # anything else, a Redis error above all, fails the check
                 tally.errors.append(f"{name}: {error!r}")
             continue
         finally:
@@ -278,6 +294,8 @@ class WorkerSpec:
     store_options: Mapping[str, Any] = field(default_factory=dict)
     #: A writer SIGKILLs itself between its Nth database COMMIT and alkey's bump.
     kill_after_commits: int | None = None
+    #: A writer leaves :data:`CRASH_COUNTER` to the commit that a writer dies in.
+    spare_crash_counter: bool = False
 
     @property
     def name(self) -> str:
@@ -293,12 +311,22 @@ def run_loop(
     seed: int,
     *,
     kill_after_commits: int | None = None,
+    spare_crash_counter: bool = False,
 ) -> Tally:
     """Run a writer or reader until ``stop``; an unexpected exception ends it as an error."""
     tally = Tally()
     try:
         if role == "writer":
-            write(app, floor, stop, name, seed, tally, kill_after_commits=kill_after_commits)
+            write(
+                app,
+                floor,
+                stop,
+                name,
+                seed,
+                tally,
+                kill_after_commits=kill_after_commits,
+                spare_crash_counter=spare_crash_counter,
+            )
         else:
             read(app, floor, stop, name, seed, tally)
     except Exception:
@@ -332,6 +360,7 @@ def run_process(
                     stop,
                     spec.seed,
                     kill_after_commits=spec.kill_after_commits,
+                    spare_crash_counter=spec.spare_crash_counter,
                 )
             else:
                 tally = Tally(errors=[f"{spec.name}: never told to start"])

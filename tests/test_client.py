@@ -169,8 +169,9 @@ def test_a_rediss_url_reaches_a_tls_server(tmp_path: Path) -> None:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
-        store = RedisTokenStore(client)
+        store = RedisTokenStore(client, on_error="raise")  # a failure over TLS shows
         token = store.fetch(["alkey:users#1"])[0]
+        assert store.fetch(["alkey:users#1"])[0] == token, "stored, over TLS"
         store.bump(["alkey:users#1"])
         assert store.fetch(["alkey:users#1"])[0] != token
         client.close()

@@ -6,6 +6,7 @@ import logging
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 
@@ -21,6 +22,7 @@ from alkey.cache import CacheKeyGenerator
 from alkey.embedded import EmbeddedRedis
 from alkey.identity import UNKNOWN_WRITES
 from alkey.tokens import RedisClient, RedisTokenStore
+from benchmarks.roundtrips import LatencyProxy
 
 from .models import User
 
@@ -68,28 +70,32 @@ def test_a_commit_during_an_outage_succeeds_and_its_bump_is_replayed_before_the_
         session.commit()
         key_before = key_generator(user)
 
-        private_redis.pause()
-        try:
-            with caplog.at_level(logging.INFO, logger="alkey"):
-                user.name = "grace"
-                session.commit()  # must not raise
-                outage_keys = {key_generator(user) for _ in range(3)}
-        finally:
-            private_redis.resume()
-        assert store.pending == {"alkey:users#1", "alkey:users#*", alkey.GLOBAL_WRITE_TOKEN}
-        assert key_before not in outage_keys, "during the outage every key is a miss"
-        assert len(outage_keys) == 3
-
+        # Stopped, then restarted from what it saved: the tokens from before the outage
+        # come back, and only the kept bump can change them. (A paused server would still
+        # run the bump that timed out, once resumed.)
+        store.client.save()
+        private_redis.stop()
         with caplog.at_level(logging.INFO, logger="alkey"):
+            user.name = "grace"
+            session.commit()  # must not raise
+            outage_keys = {key_generator(user) for _ in range(3)}
+            assert store.pending == {
+                "alkey:users#1",
+                "alkey:users#*",
+                alkey.GLOBAL_WRITE_TOKEN,
+            }
+            assert key_before not in outage_keys, "during the outage every key is a miss"
+            assert len(outage_keys) == 3
+            private_redis.start()
             # The fetch carries the kept bumps in front, unless the store's background
             # replay got there first: either way they reach Redis before the key is made.
-            key_after = key_generator(user)
-            assert key_after != key_before
+            key_generator(user)
             assert store.wait_replayed(timeout=5)
         # Misses go on for the recovery window: other processes may still owe bumps.
         time.sleep(store.outage.recovery_window)
         key_after = key_generator(user)
-        assert key_generator(user) == key_after, "and keys are stable again"
+        assert key_generator(user) == key_after, "keys are stable again"
+        assert key_after != key_before, "and the bump kept during the outage was not lost"
 
     with factory() as session:
         assert session.scalars(select(User.name)).one() == "grace"
@@ -98,6 +104,86 @@ def test_a_commit_during_an_outage_succeeds_and_its_bump_is_replayed_before_the_
     assert "Redis unavailable" in messages[0]
     assert "3 bump(s) kept for replay" in messages[0]
     assert "replayed 3 bump(s)" in messages[1]
+
+
+def test_the_first_call_after_an_outage_carries_the_kept_bumps_in_its_round_trip(
+    private_redis: EmbeddedRedis,
+) -> None:
+    """Not only the background replay: the next call itself sends what is owed, in front,
+    so a key made after recovery never uses a token from before a write of the outage."""
+    observer = quick_client(private_redis.url)
+    client = quick_client(private_redis.url)
+    store = RedisTokenStore(client, retry_interval=60)  # the background replay waits
+    [token] = store.fetch(["alkey:users#1"])
+    observer.save()
+    private_redis.stop()
+    store.bump(["alkey:users#1"])  # kept
+    private_redis.start()  # the old token is back from disk
+    assert observer.get("alkey:users#1") == token.encode()
+    store.outage.probe_now()  # as once retry_interval has passed
+    store.fetch(["alkey:users#2"])
+    assert observer.get("alkey:users#1") not in (None, token.encode()), "sent in front"
+    assert store.pending == frozenset()
+    observer.close()
+    client.close()
+
+
+def test_a_link_cut_mid_request_costs_a_miss_or_a_kept_bump_and_never_an_exception(
+    tables: Engine, private_redis: EmbeddedRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The requests are in flight (held 0.3 s by a proxy) when the link is reset."""
+    proxy = LatencyProxy(private_redis.port, latency=0.3)
+    client: RedisClient = redis.Redis.from_url(proxy.url, socket_timeout=1, retry=None)
+    store = RedisTokenStore(client, retry_interval=0.5)
+    key_generator = CacheKeyGenerator(tokens=store)
+    observer = quick_client(private_redis.url)  # straight to Redis
+    factory = sessionmaker(tables, expire_on_commit=False)
+    alkey.bind(factory, tokens=store)
+
+    def cut_in_flight() -> threading.Thread:
+        cutter = threading.Timer(0.1, proxy.cut)
+        cutter.start()
+        return cutter
+
+    try:
+        with factory() as session:
+            user = User(name="ada")
+            session.add(user)
+            session.commit()
+            key_before = key_generator(user)
+            token_before = observer.get("alkey:users#1")
+            with caplog.at_level(logging.INFO, logger="alkey"):
+                cutter = cut_in_flight()
+                user.name = "grace"
+                session.commit()  # its bump is in flight when the link breaks
+                cutter.join()
+                assert store.pending == {
+                    "alkey:users#1",
+                    "alkey:users#*",
+                    alkey.GLOBAL_WRITE_TOKEN,
+                }
+                assert observer.get("alkey:users#1") == token_before, "never arrived"
+                proxy.restore()
+                assert store.wait_replayed(timeout=5)
+            assert observer.get("alkey:users#1") != token_before, "replayed"
+
+            time.sleep(store.outage.recovery_window)
+            key_after = key_generator(user)
+            assert key_after == key_generator(user) != key_before
+            cutter = cut_in_flight()
+            assert key_generator(user) != key_after, "a fetch cut in flight is a miss"
+            cutter.join()
+            proxy.restore()
+        with factory() as session:
+            assert session.scalars(select(User.name)).one() == "grace"
+    finally:
+        alkey.unbind(factory)
+        client.close()
+        observer.close()
+        proxy.close()
+    failures = [r.getMessage() for r in caplog.records if "unavailable" in r.getMessage()]
+    assert len(failures) == 2, "one line for each of the two cuts"
+    assert all("ConnectionError" in failure for failure in failures), failures
 
 
 def test_key_generation_with_redis_stopped_returns_misses_quickly(
@@ -168,6 +254,7 @@ def test_while_redis_is_known_down_calls_answer_at_once_and_recovery_is_probed(
     store = RedisTokenStore(client, retry_interval=0.5)
     key_generator = CacheKeyGenerator(tokens=store)
     key = key_generator("alkey:users#1")
+    [other_token] = store.fetch(["alkey:users#2"])
     private_redis.pause()
     try:
         started = time.monotonic()
@@ -183,6 +270,7 @@ def test_while_redis_is_known_down_calls_answer_at_once_and_recovery_is_probed(
         private_redis.resume()
     # Past retry_interval the kept bump goes out by itself (the store's background replay).
     assert store.wait_replayed(timeout=2)
+    assert client.get("alkey:users#2") not in (None, other_token.encode()), "sent"
     # For 2 x retry_interval after the outage, keys still miss: other processes may owe
     # bumps of writes they committed during it, and replay them within retry_interval.
     assert key_generator("alkey:users#1") != key
@@ -318,6 +406,30 @@ def test_tokens_evicted_under_allkeys_lru_change_keys_and_never_revert() -> None
             assert key not in keys, "a new random token: never an old key again"
             keys.add(key)
         client.close()
+
+
+def test_tokens_lost_to_flushall_or_a_restart_change_keys_and_never_revert(
+    private_redis: EmbeddedRedis,
+) -> None:
+    client = quick_client(private_redis.url)
+    key_generator = CacheKeyGenerator(tokens=RedisTokenStore(client, retry_interval=0))
+
+    def settled_key() -> str:
+        """The key once it is stable again (after a restart: past the recovery window)."""
+        deadline = time.monotonic() + 5
+        while (key := key_generator("alkey:users#1")) != key_generator("alkey:users#1"):
+            assert time.monotonic() < deadline, "keys never settled"
+            time.sleep(0.05)
+        return key
+
+    keys = [settled_key()]
+    client.flushall()
+    keys.append(settled_key())
+    private_redis.stop()
+    private_redis.start()  # empty: nothing is saved
+    keys.append(settled_key())
+    assert len(set(keys)) == 3, "each loss gave a new random token, never an old key"
+    client.close()
 
 
 def test_a_server_still_loading_its_data_answers_misses_and_kept_bumps_land_once_it_is_ready(
