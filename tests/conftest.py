@@ -415,3 +415,13 @@ def environment_redis(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str
     yield use
     if alkey_client._default_client is not None:
         alkey_client._default_client.close()
+
+
+def one_incident(caplog: pytest.LogCaptureFixture, down: str, recovered: str) -> None:
+    """Assert that the log holds exactly one outage incident: a line when it began that
+    contains ``down``, and one when it ended that contains ``recovered``."""
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 2, messages
+    assert "Redis unavailable" in messages[0]
+    assert down in messages[0]
+    assert recovered in messages[1]
