@@ -46,6 +46,15 @@ COUNTERS = 5
 CRASH_COUNTER = COUNTERS - 1
 #: How long a worker process may take to start before the checker gives up on it.
 START_TIMEOUT = 60.0
+#: What a load-first reader does between loading a row and keying it (rendering, say):
+#: the window in which a writer's commit and bump can slip in.
+RENDER_TIME = 0.001
+
+#: The order in which a reader loads a row and builds its key:
+#: ``key_first`` keys by identifier, then loads on a miss; ``load_first`` loads the
+#: instance, then keys on it (the pattern of most applications); ``load_first_by_identifier``
+#: loads, then keys by identifier, which no loaded state protects (the checker's control).
+ReadOrder = Literal["key_first", "load_first", "load_first_by_identifier"]
 
 
 class Base(DeclarativeBase):
@@ -252,30 +261,49 @@ def read(
     name: str,
     seed: int,
     tally: Tally,
+    order: ReadOrder = "key_first",
 ) -> None:
     """Serve random counters through the cache until ``stop``, checking each read against
-    the floor sampled before it began. A miss reads the database and caches the value."""
+    the floor sampled before it began. A miss reads the database (or, loading first, uses
+    what it loaded) and caches the value."""
     rng = random.Random(seed)
     while not stop.is_set():
         index = rng.randrange(COUNTERS)
         committed = floor.sample(index)
         began = time.monotonic()
-        key = app.key_generator(row_identifier(Counter.__table__, index), "page")
-        try:
-            cached = app.client.get(key)
-        except redis.RedisError:
-            cached = None
+        if order == "key_first":
+            key = app.key_generator(row_identifier(Counter.__table__, index), "page")
+            cached = _cached(app, key)
+            if cached is None:
+                with app.factory() as session:
+                    version = session.get_one(Counter, index).version
+        else:
+            with app.factory() as session:
+                counter = session.get_one(Counter, index)
+                version = counter.version
+                time.sleep(RENDER_TIME)
+                keyed_on: object = counter
+                if order == "load_first_by_identifier":
+                    keyed_on = row_identifier(Counter.__table__, index)
+                key = app.key_generator(keyed_on, "page")
+            cached = _cached(app, key)
         if cached is not None:
             version = int(cached)
         else:
-            with app.factory() as session:
-                version = session.get_one(Counter, index).version
             with contextlib.suppress(redis.RedisError):
                 app.client.set(key, version, ex=60)
         tally.reads += 1
         tally.hits += cached is not None
         if version < committed.version:
             tally.stale.append(StaleRead(name, os.getpid(), index, version, committed, began))
+
+
+def _cached(app: App, key: str) -> Any:
+    """The cached value under ``key``; None on a miss, or when Redis does not answer."""
+    try:
+        return app.client.get(key)
+    except redis.RedisError:
+        return None
 
 
 Role = Literal["writer", "reader"]
@@ -296,6 +324,8 @@ class WorkerSpec:
     kill_after_commits: int | None = None
     #: A writer leaves :data:`CRASH_COUNTER` to the commit that a writer dies in.
     spare_crash_counter: bool = False
+    #: How a reader orders loading and keying.
+    read_order: ReadOrder = "key_first"
 
     @property
     def name(self) -> str:
@@ -312,6 +342,7 @@ def run_loop(
     *,
     kill_after_commits: int | None = None,
     spare_crash_counter: bool = False,
+    read_order: ReadOrder = "key_first",
 ) -> Tally:
     """Run a writer or reader until ``stop``; an unexpected exception ends it as an error."""
     tally = Tally()
@@ -328,7 +359,7 @@ def run_loop(
                 spare_crash_counter=spare_crash_counter,
             )
         else:
-            read(app, floor, stop, name, seed, tally)
+            read(app, floor, stop, name, seed, tally, read_order)
     except Exception:
         tally.errors.append(f"{name}: {traceback.format_exc()}")
     return tally
@@ -361,6 +392,7 @@ def run_process(
                     spec.seed,
                     kill_after_commits=spec.kill_after_commits,
                     spare_crash_counter=spec.spare_crash_counter,
+                    read_order=spec.read_order,
                 )
             else:
                 tally = Tally(errors=[f"{spec.name}: never told to start"])

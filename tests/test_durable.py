@@ -50,10 +50,14 @@ def durable_store(client: RedisClient, **options: object) -> RedisTokenStore:
 
 
 def user_key(engine: Engine, key_generator: CacheKeyGenerator) -> tuple[str, str]:
-    """(user 1's name, its cache key), as a reader would fetch them now."""
+    """(user 1's name, its cache key), as a reader would fetch them now.
+
+    Keyed by identifier, the token alone: a key built on the loaded instance would change
+    with the name it loaded, bump or no bump (see alkey.snapshot), and prove nothing here.
+    """
     with Session(engine) as session:
         user = session.get_one(User, 1)
-        return user.name, key_generator(user, "profile")
+        return user.name, key_generator("alkey:users#1", "profile")
 
 
 def crash_while_writing(engine: Engine, redis_url: str, path: str, durable: bool) -> float:

@@ -231,7 +231,7 @@ def plain_function() -> None:  # pragma: no cover - never called
 
 
 @pytest.mark.parametrize(
-    "argument", [plain_function, functools.partial(plain_function), Parent().__repr__, lambda: 0]
+    "argument", [functools.partial(plain_function), Parent().__repr__, lambda: 0]
 )
 def test_a_value_whose_text_holds_a_memory_address_is_refused(
     redis_client: RedisClient, argument: object

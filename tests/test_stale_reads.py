@@ -42,6 +42,7 @@ from .stale_worker import (
     Base,
     Counter,
     Floor,
+    ReadOrder,
     Role,
     StaleRead,
     Tally,
@@ -99,6 +100,8 @@ class Scenario:
     #: its write (to :data:`CRASH_COUNTER`, which no other commit writes) for at most this
     #: many seconds after that COMMIT (about 1.5 leases).
     crash_bound: float | None = None
+    #: How readers order loading a row and building its key.
+    read_order: ReadOrder = "key_first"
 
     def __str__(self) -> str:
         return self.name
@@ -171,6 +174,9 @@ SCENARIOS = [
         kill_writer_process_after=30,
         crash_bound=1.5 * 0.5 + 0.5,  # and a margin for a loaded machine
     ),
+    # Readers load the counter, render, then key on the loaded instance: a commit between
+    # load and key must not leave the old render under the key fresh readers build.
+    Scenario("load_first", nothing, read_order="load_first"),
 ]
 
 
@@ -210,6 +216,7 @@ def run_checker(
             store_options=scenario.store_options,
             kill_after_commits=scenario.kill_writer_process_after if role == "writer" else None,
             spare_crash_counter=scenario.kill_writer_process_after is not None,
+            read_order=scenario.read_order,
         )
         for role, count in PROCESSES.items()
         for seed in range(count)
@@ -238,6 +245,7 @@ def run_checker(
                         stop,
                         seed,
                         spare_crash_counter=scenario.kill_writer_process_after is not None,
+                        read_order=scenario.read_order,
                     )
                 )
 
@@ -358,6 +366,18 @@ def test_without_durable_mode_the_killed_writers_commit_stays_stale_past_the_bou
     assert [stale for stale in run.tally.stale if not killed_writer.excuses(stale, run)], (
         "the missed bump leaves the crash counter stale past durable mode's bound"
     )
+
+
+def test_readers_that_load_then_key_by_identifier_cache_stale_renders(
+    counters: Engine, private_redis: EmbeddedRedis
+) -> None:
+    """The control of ``load_first``: keyed by identifier, which carries no loaded state, a
+    render loaded before a commit is cached under the key built after its bump."""
+    [load_first] = [scenario for scenario in SCENARIOS if scenario.read_order == "load_first"]
+    control = dataclasses.replace(load_first, read_order="load_first_by_identifier")
+    tally = run_checker(counters, private_redis, control).tally
+    assert tally.errors == []
+    assert tally.stale, "a load that races a commit caches the old value under the new key"
 
 
 def test_the_checker_sees_stale_reads_when_nothing_invalidates(

@@ -328,10 +328,14 @@ def test_a_key_changes_after_commit_and_only_then(
     session: SessionAPI, key_generator: KeyGenerator
 ) -> None:
     user = add_user(session)
-    key = key_generator(user, "sidebar")
-    assert key_generator(user, "sidebar") == key
+    row = f"alkey:users#{user.id}"
+    key, instance_key = key_generator(row, "sidebar"), key_generator(user, "sidebar")
+    assert key_generator(row, "sidebar") == key
     user.name = "grace"
     session.flush()
-    assert key_generator(user, "sidebar") == key
+    # Every other reader keys on the committed row until the commit; the writer's own
+    # instance already keys on its uncommitted state, a key no other reader builds.
+    assert key_generator(row, "sidebar") == key
+    assert key_generator(user, "sidebar") != instance_key
     session.commit()
-    assert key_generator(user, "sidebar") != key
+    assert key_generator(row, "sidebar") != key

@@ -21,6 +21,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    bindparam,
     create_engine,
     delete,
     event,
@@ -204,6 +205,123 @@ def ddl_alter(session: Session, engine: Engine) -> None:
         connection.execute(text("ALTER TABLE users ADD COLUMN nickname VARCHAR(20)"))
 
 
+def orm_delete(session: Session, engine: Engine) -> None:
+    session.delete(session.get_one(User, 1))
+
+
+def orm_merge(session: Session, engine: Engine) -> None:
+    session.merge(User(id=1, name="grace"))
+
+
+def legacy_query_update(session: Session, engine: Engine) -> None:
+    session.query(User).filter_by(id=1).update({"name": "grace"})
+
+
+def legacy_query_delete(session: Session, engine: Engine) -> None:
+    session.query(User).filter_by(id=1).delete(synchronize_session="fetch")
+
+
+def bulk_update_no_sync(session: Session, engine: Engine) -> None:
+    session.execute(
+        update(User).where(User.id == 1).values(name="grace"),
+        execution_options={"synchronize_session": False},
+    )
+
+
+def bulk_update_core_only(session: Session, engine: Engine) -> None:
+    session.execute(
+        update(User).where(User.id == 1).values(name="grace"),
+        execution_options={"dml_strategy": "core_only"},
+    )
+
+
+def bulk_update_strategy_bulk(session: Session, engine: Engine) -> None:
+    session.execute(
+        update(User), [{"id": 1, "name": "grace"}], execution_options={"dml_strategy": "bulk"}
+    )
+
+
+def bulk_update_returning(session: Session, engine: Engine) -> None:
+    session.execute(update(User).where(User.id == 1).values(name="grace").returning(User)).all()
+
+
+def bulk_delete_default(session: Session, engine: Engine) -> None:
+    session.execute(delete(User).where(User.id == 1))
+
+
+def bulk_insert_returning(session: Session, engine: Engine) -> None:
+    session.scalars(insert(User).returning(User), [{"name": "cy"}]).all()
+
+
+def bulk_insert_raw(session: Session, engine: Engine) -> None:
+    session.execute(insert(User).values(id=3, name="cy"), execution_options={"dml_strategy": "raw"})
+
+
+def bulk_insert_orm(session: Session, engine: Engine) -> None:
+    session.scalars(
+        insert(User).returning(User),
+        [{"id": 3, "name": "cy"}],
+        execution_options={"dml_strategy": "orm"},
+    ).all()
+
+
+def bulk_insert_from_select(session: Session, engine: Engine) -> None:
+    session.execute(insert(Tag).from_select(["code", "label"], select(User.name, User.name)))
+
+
+def bulk_save_objects_update(session: Session, engine: Engine) -> None:
+    user = session.get_one(User, 1)
+    user.name = "grace"
+    session.bulk_save_objects([user])
+
+
+def bulk_save_objects_insert(session: Session, engine: Engine) -> None:
+    session.bulk_save_objects([User(id=3, name="cy")])
+
+
+def bulk_insert_mappings_with_keys(session: Session, engine: Engine) -> None:
+    session.bulk_insert_mappings(User, [{"id": 3, "name": "cy"}])
+
+
+def bulk_insert_mappings_without_keys(session: Session, engine: Engine) -> None:
+    session.bulk_insert_mappings(User, [{"name": "cy"}])
+
+
+def bulk_update_mappings(session: Session, engine: Engine) -> None:
+    session.bulk_update_mappings(User, [{"id": 1, "name": "grace"}])
+
+
+def core_executemany_by_key(session: Session, engine: Engine) -> None:
+    statement = USERS.update().where(USERS.c.id == bindparam("uid")).values(name=bindparam("new"))
+    with engine.begin() as connection:
+        connection.execute(statement, [{"uid": 1, "new": "grace"}, {"uid": 1, "new": "ada"}])
+
+
+def core_delete(session: Session, engine: Engine) -> None:
+    with engine.begin() as connection:
+        connection.execute(USERS.delete().where(USERS.c.id == 1))
+
+
+def core_insert_with_keys(session: Session, engine: Engine) -> None:
+    with engine.begin() as connection:
+        connection.execute(USERS.insert(), [{"id": 3, "name": "cy"}, {"id": 4, "name": "di"}])
+
+
+def core_update_returning(session: Session, engine: Engine) -> None:
+    with engine.begin() as connection:
+        connection.execute(
+            USERS.update().where(USERS.c.id == 1).values(name="grace").returning(USERS.c.id)
+        ).all()
+
+
+def raw_text_on_session_connection(session: Session, engine: Engine) -> None:
+    session.connection().execute(text("UPDATE users SET name = 'grace' WHERE id = 1"))
+
+
+def raw_driver_sql_on_session_connection(session: Session, engine: Engine) -> None:
+    session.connection().exec_driver_sql("UPDATE users SET name = 'grace' WHERE id = 1")
+
+
 def manual_touch(session: Session, engine: Engine) -> None:
     alkey.touch(session, session.get_one(User, 1))
 
@@ -218,17 +336,41 @@ def manual_touch_everything(session: Session, engine: Engine) -> None:
 
 PATHS: dict[str, Callable[[Session, Engine], None]] = {
     "ORM unit of work: `user.name = ...`": orm_update,
+    "ORM unit of work: `session.delete(user)`": orm_delete,
+    "`session.merge(User(id=1, ...))`": orm_merge,
+    "legacy `session.query(User).filter_by(id=1).update({...})`": legacy_query_update,
+    "legacy `session.query(User).filter_by(id=1).delete()`, `'fetch'`": legacy_query_delete,
     "bulk `update(User).where(id == 1)`, `synchronize_session='fetch'`": bulk_update_fetch,
     "bulk `update(User).where(id == 1)`, default (`'auto'`/`'evaluate'`)": bulk_update_evaluate,
     "bulk UPDATE by primary key: `execute(update(User), [{'id': 1, ...}])`": (
         bulk_update_by_primary_key
     ),
+    "bulk `update(User).where(id == 1)`, `synchronize_session=False`": bulk_update_no_sync,
+    "bulk `update(User).where(id == 1)`, `dml_strategy='core_only'`": bulk_update_core_only,
+    "bulk UPDATE by primary key, `dml_strategy='bulk'`": bulk_update_strategy_bulk,
+    "bulk `update(User).where(id == 1).returning(User)`": bulk_update_returning,
     "bulk `delete(User).where(id == 1)`, `'fetch'`": bulk_delete_fetch,
+    "bulk `delete(User).where(id == 1)`, default (`'auto'`)": bulk_delete_default,
     "bulk `insert(User)` with keys `[{'id': 3, ...}]`": bulk_insert_with_keys,
     "bulk `insert(User).values([...])` without keys": bulk_insert_values,
+    "bulk `insert(User).returning(User)` without keys": bulk_insert_returning,
+    "bulk `insert(User).values(id=3, ...)`, `dml_strategy='raw'`": bulk_insert_raw,
+    "bulk `insert(User).returning(User)` with keys, `dml_strategy='orm'`": bulk_insert_orm,
+    "bulk `insert(Tag).from_select(...)`": bulk_insert_from_select,
+    "`session.bulk_save_objects([user_1])` (an update)": bulk_save_objects_update,
+    "`session.bulk_save_objects([User(id=3, ...)])` (an insert)": bulk_save_objects_insert,
+    "`session.bulk_insert_mappings(User, [{'id': 3, ...}])`": bulk_insert_mappings_with_keys,
+    "`session.bulk_insert_mappings(User, [...])` without keys": (bulk_insert_mappings_without_keys),
+    "`session.bulk_update_mappings(User, [{'id': 1, ...}])`": bulk_update_mappings,
     "Core `users.update()` on a connection (`bind_engine`)": core_update,
+    "Core executemany `users.update().where(id == bindparam(...))`": core_executemany_by_key,
+    "Core `users.delete().where(id == 1)`": core_delete,
+    "Core executemany `users.insert()` with keys": core_insert_with_keys,
+    "Core `users.update()...returning(users.c.id)`": core_update_returning,
     "raw `text('UPDATE users ...')` through the session": raw_update_in_session,
     "raw `exec_driver_sql('UPDATE users ...')`": raw_driver_sql,
+    "raw `text('UPDATE users ...')` on `session.connection()`": raw_text_on_session_connection,
+    "raw `exec_driver_sql(...)` on `session.connection()`": raw_driver_sql_on_session_connection,
     "raw `WITH ... UPDATE users ...`": raw_cte_update,
     "raw `SELECT`": raw_select,
     "DDL `ALTER TABLE users ...`": ddl_alter,

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from alkey.cache import CacheKeyGenerator, get_cache_key_generator, get_token
+from alkey.catalog import declare_writes, register_metadata, undeclare_writes
 from alkey.client import get_redis_client, get_redis_config
 from alkey.connections import bind_engine, unbind_engine
 from alkey.constants import GLOBAL_WRITE_TOKEN
@@ -29,6 +30,7 @@ __all__ = [
     "TokenStore",
     "bind",
     "bind_engine",
+    "declare_writes",
     "get_cache_key_generator",
     "get_redis_client",
     "get_redis_config",
@@ -36,11 +38,13 @@ __all__ = [
     "includeme",
     "invalidate",
     "parse_identifier",
+    "register_metadata",
     "row_identifier",
     "table_identifier",
     "touch",
     "unbind",
     "unbind_engine",
+    "undeclare_writes",
 ]
 
 __version__ = "1.0.0.dev0"

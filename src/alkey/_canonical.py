@@ -10,6 +10,16 @@ Model instances, mapped classes, tables and identifier strings -- wherever they 
 nested or not -- become token references: the chunk list holds the identifier itself as a
 ``str`` (every other chunk is ``bytes``), and the key generator replaces it by the
 identifier and its current token before hashing.
+
+The rule is that every argument gets an encoding that determines it, or a ``TypeError``
+naming it. A key built from a value's text is only right when that text is the value's
+identity: ``str(select(User).where(User.id == 1))`` shows ``:id_1``, not ``1``, and the
+text of a container hides the instances in it, whose writes would then never change the
+key. So every standard container is walked item by item (sequences in order; mappings,
+sets and the set-like ``keys()`` and ``items()`` views in canonical order, like the dicts
+they view), and what has no trustworthy encoding -- SQL statements and expressions, ORM
+queries and dynamic or write-only relationships, iterators, lambdas and nested functions,
+objects without a ``__str__`` or ``__repr__`` of their own -- is refused with the fix.
 """
 
 from __future__ import annotations
@@ -19,16 +29,30 @@ import datetime
 import decimal
 import enum
 import re
+import sys
+import types
 import uuid
-from collections.abc import Callable, Mapping
+from collections import UserString
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Iterator,
+    Mapping,
+    Sequence,
+    Set,
+    ValuesView,
+)
 from typing import Any, Final
 
 from sqlalchemy import inspect
-from sqlalchemy.orm import InstanceState, Mapper
+from sqlalchemy.engine import Row
+from sqlalchemy.orm import AppenderQuery, InstanceState, Mapper, Query, WriteOnlyCollection
 from sqlalchemy.orm.base import DEFAULT_STATE_ATTR
 from sqlalchemy.schema import Table
+from sqlalchemy.sql import ClauseElement, Executable
 
 from alkey import identity
+from alkey.snapshot import loaded_state
 
 __all__ = ["MAX_DEPTH", "Chunk", "encode_arguments"]
 
@@ -84,6 +108,7 @@ class _Encoder:
         state = getattr(value, DEFAULT_STATE_ATTR, None)
         if isinstance(state, InstanceState):
             self.chunks.append(identity.instance_identifier(state))
+            self.chunks.append(loaded_state(state))
             return
         encode_scalar = _SCALARS.get(kind)
         if encode_scalar is not None:
@@ -100,8 +125,14 @@ class _Encoder:
             self._unordered(b"m", list(value.items()), depth)  # type: ignore[attr-defined]
         elif isinstance(value, (set, frozenset)):
             self._unordered(b"S", [(item,) for item in value], depth)
-        elif isinstance(value, (list, tuple)):
-            self._sequence(b"l" if isinstance(value, list) else b"(", value, depth)
+        elif isinstance(value, list):
+            # A list subclass (a relationship's InstrumentedList) is a list of its items.
+            self._sequence(b"l", value, depth)
+        elif isinstance(value, tuple):
+            # A namedtuple (or os.stat_result...): its class is part of what it means, so
+            # Point(1, 2) and (1, 2) key apart, and so do two namedtuple classes.
+            self.chunks.append(_framed(b"n", _text(_qualified_name(kind))))
+            self._sequence(b"(", value, depth)
         else:
             self._other(value, depth)
 
@@ -137,6 +168,9 @@ class _Encoder:
         self.chunks.append(b"}")
 
     def _other(self, value: object, depth: int) -> None:
+        """Encode whatever the fast branches of :meth:`encode` did not: rarer types first
+        by what they are, then containers by what they promise, then refusals, and text
+        last, only for objects that define their own."""
         if isinstance(value, enum.Enum):
             self.chunks.append(_framed(b"e", _text(_qualified_name(type(value)))))
             self.encode(value.value, depth + 1)
@@ -155,6 +189,52 @@ class _Encoder:
             self.chunks.append(_framed(b"r", _text(_qualified_name(kind))))
             self._sequence(b"(", [(name, getattr(value, name)) for name in fields], depth)
             return
+        if isinstance(value, Row):
+            # A result row: its values (instances become token references) and, like a
+            # namedtuple's class, its column names, which code reading row.name relies on.
+            self.chunks.append(_framed(b"w", _text(_qualified_name(kind))))
+            self._sequence(b"(", list(zip(value._fields, value, strict=True)), depth)
+            return
+        refusal = _refusal(value)
+        if refusal is not None:
+            raise self._fail(TypeError, refusal)
+        if not isinstance(value, _TEXT_SEQUENCES):
+            # Containers by their abstract type, whose contract says that iterating them
+            # yields their content, finitely and repeatably (an arbitrary iterable's
+            # iteration may do I/O or yield only part of it, as a DataFrame's yields its
+            # column labels, so those keep to the text rules below). Tagged with the
+            # class, as a deque of items is not the list of them.
+            if isinstance(value, ValuesView):
+                # Not set-like (values repeat, and Python never finds two equal): in order.
+                self.chunks.append(_framed(b"q", _text(_qualified_name(kind))))
+                self._sequence(b"l", list(value), depth)
+                return
+            if isinstance(value, Set):
+                # dict.keys(), dict.items() and other sets: in canonical order, as the dict
+                # they view (and as Python compares them).
+                self.chunks.append(_framed(b"U", _text(_qualified_name(kind))))
+                self._unordered(b"S", [(item,) for item in value], depth)
+                return
+            if isinstance(value, Sequence):
+                # deque, array.array, UserList...
+                self.chunks.append(_framed(b"q", _text(_qualified_name(kind))))
+                self._sequence(b"l", list(value), depth)
+                return
+        if isinstance(value, _ROUTINES):
+            module, qualname = _import_path(value)
+            if not module:
+                raise self._fail(
+                    TypeError,
+                    f"{_describe(value)} has no stable text form and cannot be found again "
+                    "by its name (a lambda, a nested function, a bound method or a class "
+                    "defined in a function): its text is a memory address or a name that "
+                    "other objects share; pass a module-level function or class, or a value "
+                    "that identifies it",
+                )
+            self.chunks.append(b"g" + _framed(b"M", _text(module)) + _framed(b"Q", _text(qualname)))
+            return
+        if kind.__str__ is object.__str__ and kind.__repr__ is object.__repr__:
+            raise self._fail(TypeError, _no_text(kind))
         try:
             text = str(value)
         except Exception as error:
@@ -164,13 +244,110 @@ class _Encoder:
                 "pass a value that can be turned into text",
             ) from error
         if _MEMORY_ADDRESS.search(text):
-            raise self._fail(
-                TypeError,
-                f"{kind.__qualname__} has no stable text form (its text contains a memory "
-                "address, which differs between processes); define __str__ or pass a value "
-                "that identifies it",
-            )
+            raise self._fail(TypeError, _no_text(kind))
         self.chunks.append(_framed(b"o", _text(_qualified_name(kind))) + _framed(b"s", _text(text)))
+
+
+def _no_text(kind: type) -> str:
+    return (
+        f"{kind.__qualname__} has no stable text form (its text contains a memory "
+        "address, which differs between processes); define __str__ or pass a value "
+        "that identifies it"
+    )
+
+
+#: Sequences whose text is exactly their content, and keeps its encoding: str and bytes
+#: subclasses and UserString (walking them character by character would change their keys
+#: for nothing), and range, whose text ``range(0, 9, 2)`` is its start, stop and step --
+#: walked, ``range(0)`` and ``range(5, 5)`` would share a key, and a long one take long.
+_TEXT_SEQUENCES: Final = (str, bytes, bytearray, memoryview, UserString, range)
+
+#: Functions and classes: keyed by their import path, or refused.
+_ROUTINES: Final = (
+    type,
+    types.FunctionType,
+    types.BuiltinFunctionType,
+    types.MethodType,
+    types.MethodDescriptorType,
+    types.ClassMethodDescriptorType,
+    types.WrapperDescriptorType,
+    types.MethodWrapperType,
+)
+
+_SQL_FIX: Final = (
+    "pass the values it depends on instead (the ids or instances it selects, a list of "
+    "the rows it returns, and a string naming the query)"
+)
+
+
+def _refusal(value: object) -> str | None:
+    """Why ``value`` cannot be part of a key, with what to pass instead, or None.
+
+    These are the values whose text is not their identity and that cannot be walked: a
+    statement's text shows bind placeholders (``:id_1``) rather than the values bound to
+    them, so ``... == 1`` and ``... == 2`` would share a key; a dynamic or write-only
+    relationship's text is the same for every parent; iterating an iterator consumes it.
+    """
+    name = type(value).__qualname__
+    if isinstance(value, AppenderQuery):
+        return (
+            f"{name} (a lazy='dynamic' relationship) has the same text for every parent and "
+            "hides its rows; pass list(...) of its members, or the related class to key on "
+            "any write to its table"
+        )
+    if isinstance(value, WriteOnlyCollection):
+        return (
+            f"{name} (a write-only relationship) has the same text for every parent and "
+            "holds no rows; pass the rows you read through its select(), or the related "
+            "class to key on any write to its table"
+        )
+    if isinstance(value, (Query, ClauseElement, Executable)):
+        return (
+            f"{name} is a SQL construct: its text is SQL in which bound values are "
+            f"placeholders (:id_1), the same for different queries; {_SQL_FIX}"
+        )
+    if isinstance(value, (Iterator, AsyncIterator)):
+        return (
+            f"{name} is an iterator (a generator, or the result of iter(), map(), a query's "
+            "execution...): encoding it would consume it; pass a list of its items"
+        )
+    return None
+
+
+def _import_path(value: object) -> tuple[str, str]:
+    """``(module, qualified name)`` under which ``value`` is found again, else ``('', '')``.
+
+    The rule pickle uses for functions and classes: a module-level function or class
+    (``len``, ``json.dumps``, ``MyEnum``, ``MyClass.a_static_method``, ``MyClass.a_classmethod``)
+    is the same object in every process, so its path is its identity. A lambda, a nested
+    function or a class defined in a function has a ``<...>`` in its qualified name and is
+    a new object each time that code runs; a method bound to an instance is more than its
+    function. Only modules already imported are looked in: nothing is imported here.
+    """
+    module = getattr(value, "__module__", None)
+    if module is None:
+        # Methods of built-in classes: str.upper (its __objclass__), dict.fromkeys (bound
+        # to the class, its __self__) live in their class's module.
+        owner = getattr(value, "__objclass__", None) or getattr(value, "__self__", None)
+        if isinstance(owner, type):
+            module = owner.__module__
+    qualname = getattr(value, "__qualname__", None)
+    if not isinstance(module, str) or not isinstance(qualname, str) or "<" in qualname:
+        return "", ""
+    found: object = sys.modules.get(module)
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    # A classmethod is a new bound method at each access, equal to the one we have; a
+    # class is compared by identity only (a metaclass may define __eq__).
+    if found is value or (not isinstance(value, type) and found == value):
+        return module, qualname
+    return "", ""
+
+
+def _describe(value: object) -> str:
+    qualname = getattr(value, "__qualname__", None)
+    kind = type(value).__qualname__
+    return f"{kind} {qualname!r}" if isinstance(qualname, str) else kind
 
 
 _MEMORY_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
@@ -205,6 +382,7 @@ def encode_arguments(args: tuple[object, ...]) -> list[Chunk]:
         state = getattr(arg, DEFAULT_STATE_ATTR, None)
         if type(state) is InstanceState:
             chunks.append(identity.instance_identifier(state))
+            chunks.append(loaded_state(state))
             continue
         encoder = _Encoder(position)
         encoder.encode(arg)

@@ -24,14 +24,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import AsyncGenerator, Collection, Coroutine, Sequence
+from collections.abc import AsyncGenerator, Collection, Coroutine, Iterator, Sequence
 from typing import Any, Protocol, TypeAlias, TypeVar, runtime_checkable
 
 import redis.asyncio
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import MaxConnectionsError, NoScriptError, RedisError
 from sqlalchemy.exc import MissingGreenlet
 from sqlalchemy.ext.asyncio import AsyncSession, async_scoped_session, async_sessionmaker
 from sqlalchemy.orm import Session
+from sqlalchemy.util import greenlet_spawn
 
 from alkey import events
 from alkey.cache import CacheKeyGenerator
@@ -39,13 +40,13 @@ from alkey.client import DEFAULT_CLIENT_OPTIONS, RedisConfig, get_redis_config
 from alkey.constants import DEFAULT_TOKEN_TTL
 from alkey.tokens import (
     DEFAULT_LEASE,
+    POOL_WAIT,
     ErrorPolicy,
-    Replay,
+    Exchange,
     ScriptCalls,
     ScriptStore,
     TokenStore,
     checked_socket_timeout,
-    new_token,
     shared_store,
 )
 
@@ -70,7 +71,7 @@ __all__ = [
 AsyncRedisClient: TypeAlias = "redis.asyncio.Redis"
 
 _T = TypeVar("_T")
-_Call: TypeAlias = "tuple[Any, list[str], tuple[int, str]]"
+_Call: TypeAlias = "tuple[Any, list[str], tuple[Any, ...]]"
 
 
 def sync_target(target: object) -> object:
@@ -214,7 +215,11 @@ class AsyncRedisTokenStore(ScriptStore):
     :class:`~alkey.tokens.OutageLedger`): with ``on_error="degrade"`` fetches return fresh
     random tokens, bumps are kept and replayed in front of the next call in its round trip,
     and each incident is logged once when it starts and once when it ends;
-    ``on_error="raise"`` lets :class:`~redis.exceptions.RedisError` through.
+    ``on_error="raise"`` lets :class:`~redis.exceptions.RedisError` through. A pool
+    without a free connection is no outage either: the call waits for one, and at worst
+    goes without Redis alone. The calls themselves -- fetch, intent, bump, the recovery
+    of due intents -- are :class:`~alkey.tokens.ScriptStore`'s, shared with the sync
+    store; this class only awaits their round trips.
 
     ``durable=True`` records each commit's bumps before its COMMIT, as the sync store
     does (:meth:`aintend`).
@@ -258,10 +263,12 @@ class AsyncRedisTokenStore(ScriptStore):
         self._finishing: set[asyncio.Task[None]] = set()
         self._replayer: asyncio.Task[None] | None = None
         if client is not None:
-            self.outage.recovery_window += checked_socket_timeout(client.connection_pool)
+            timeout = checked_socket_timeout(client.connection_pool)
             self._share_through(client.connection_pool)
         else:  # each loop's default client: its options
-            self.outage.recovery_window += DEFAULT_CLIENT_OPTIONS["socket_timeout"]
+            timeout = DEFAULT_CLIENT_OPTIONS["socket_timeout"]
+        self.outage.recovery_window += timeout
+        self.pool_wait = timeout or POOL_WAIT
 
     async def afetch(self, identifiers: Sequence[str]) -> list[str]:
         """The current token of each identifier, creating missing ones, in one round trip.
@@ -270,36 +277,12 @@ class AsyncRedisTokenStore(ScriptStore):
         """
         if not identifiers:
             return []
-        if self.outage.skip():
-            return [new_token() for _ in identifiers]
-        replay = self.outage.replay()
-        claim = self._claim()
-        try:
-            results = await self._run([*claim, *self.calls.fetch(identifiers, replay)])
-        except RedisError as error:
-            self.outage.failed(error, "fetch tokens")
-            return [new_token() for _ in identifiers]
-        self.outage.succeeded(replay)
-        if claim and await self._recover(results[0]):
-            return await self.afetch(identifiers)  # the tokens the recovery just replaced
-        if self.outage.recovering():
-            return [new_token() for _ in identifiers]
-        return self.calls.tokens(results, identifiers)
+        return await self._exchange(self._fetching(identifiers))
 
     async def aintend(self, identifiers: Collection[str]) -> str | None:
         """:meth:`RedisTokenStore.intend <alkey.tokens.RedisTokenStore.intend>`: in
         durable mode, record the bumps a commit is about to make."""
-        if not self.durable or not identifiers or self.outage.skip():
-            return None
-        intent = new_token()
-        replay = self.outage.replay()
-        try:
-            await self._run([*self.calls.bump(replay), *self.calls.intend(intent, identifiers)])
-        except RedisError as error:
-            self.outage.failed(error, "record the bumps a commit intends")
-            return None
-        self.outage.succeeded(replay)
-        return intent
+        return await self._exchange(self._intending(identifiers))
 
     async def abump(self, identifiers: Collection[str], intent: str | None = None) -> None:
         """Give each identifier a new random token, in one round trip, and clear
@@ -310,37 +293,32 @@ class AsyncRedisTokenStore(ScriptStore):
         await self._abump(identifiers, () if intent is None else (intent,))
 
     async def _abump(self, identifiers: Collection[str], intents: Collection[str]) -> None:
-        if self.outage.skip():
-            self.outage.keep(identifiers)
-            self._replay_soon()
+        plan = self._bump_plan(identifiers)
+        if plan is None:
             return
-        replay = self.outage.replay()
-        todo = replay.union(identifiers) if replay else identifiers
-        if not todo:
-            return
-        task = asyncio.ensure_future(self._bump(identifiers, intents, replay, todo))
+        task = asyncio.ensure_future(self._exchange(self._bumping(identifiers, intents, *plan)))
         self._finishing.add(task)
         task.add_done_callback(self._finishing.discard)
         await asyncio.shield(task)
 
-    async def _bump(
-        self,
-        identifiers: Collection[str],
-        intents: Collection[str],
-        replay: Replay,
-        todo: Collection[str],
-    ) -> None:
-        claim = self._claim()
+    async def _exchange(self, exchange: Exchange[_T]) -> _T:
+        """Carry out one of :class:`~alkey.tokens.ScriptStore`'s calls: await each round
+        trip it yields, hand it back the results or the error (see
+        ``RedisTokenStore._exchange``)."""
         try:
-            results = await self._run([*claim, *self.calls.bump(todo, intents)])
-        except RedisError as error:
-            self.outage.keep(identifiers)
-            self._replay_soon()
-            self.outage.failed(error, f"bump {len(todo)} token(s)")
-            return
-        self.outage.succeeded(replay)
-        if claim:
-            await self._recover(results[0])
+            calls = next(exchange)
+            while True:
+                try:
+                    results = await self._run(calls)
+                except RedisError as error:
+                    calls = exchange.throw(error)
+                else:
+                    calls = exchange.send(results)
+        except StopIteration as done:
+            answer: _T = done.value
+            return answer
+        finally:
+            exchange.close()
 
     def _replay_soon(self) -> None:
         """Replay the kept bumps from a task on this loop, probing every
@@ -374,13 +352,6 @@ class AsyncRedisTokenStore(ScriptStore):
             await asyncio.sleep(max(pause, 0.0))
         return True
 
-    async def _recover(self, claim_result: list[Any]) -> bool:
-        """Bump the intents a claim took over, and clear them. Whether there were any."""
-        claimed = self._claimed(claim_result)
-        if claimed:
-            await self._abump(set().union(*claimed.values()), claimed.keys())
-        return bool(claimed)
-
     def fetch(self, identifiers: Sequence[str]) -> list[str]:
         """:meth:`afetch`, awaited from SQLAlchemy's greenlet (see the class)."""
         return self._await(self.afetch(identifiers), "fetch")
@@ -408,7 +379,20 @@ class AsyncRedisTokenStore(ScriptStore):
             ) from None
 
     async def _run(self, calls: list[_Call]) -> list[Any]:
-        """Send the script calls in one round trip (see ``RedisTokenStore._run``)."""
+        """Send the script calls in one round trip, waiting for a connection if the pool
+        has none free (see ``RedisTokenStore._run``)."""
+        waits: Iterator[float] | None = None
+        while True:
+            try:
+                return await self._run_once(calls)
+            except MaxConnectionsError:
+                waits = self.waits() if waits is None else waits
+                pause = next(waits, None)
+                if pause is None:
+                    raise
+                await asyncio.sleep(pause)
+
+    async def _run_once(self, calls: list[_Call]) -> list[Any]:
         client = self.client if self.client is not None else await get_async_redis_client()
         try:
             results = await _send(client, calls, self._loaded)
@@ -489,7 +473,8 @@ class AsyncCacheKeyGenerator:
     finished by :meth:`~alkey.cache.KeyPlan.finish`, so for the same tokens both
     generators return the same key, and caches can be shared between sync and asyncio
     code. One call costs one round trip however many instances it names (none when it
-    names none), and never blocks the event loop.
+    names none), and never blocks the event loop: an instance whose attributes its
+    session expired is loaded again with ``await``, as reading it would.
 
     ``redis_client`` (a ``redis.asyncio.Redis``) or ``tokens`` choose where tokens live;
     with neither, each loop's default client (:func:`store_for`).
@@ -510,5 +495,11 @@ class AsyncCacheKeyGenerator:
         self.prefix = self._planner.prefix
 
     async def __call__(self, *args: object) -> str:
-        plan = self._planner.plan(*args)
+        try:
+            plan = self._planner.plan(*args)
+        except MissingGreenlet:
+            # An instance expired by its commit or rollback: its key needs the state a
+            # fresh load gives (alkey.snapshot), which an AsyncSession loads only from
+            # inside a greenlet, as its own awaitable methods do.
+            plan = await greenlet_spawn(self._planner.plan, *args)
         return plan.finish(await self.tokens.afetch(plan.identifiers))

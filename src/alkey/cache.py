@@ -26,7 +26,7 @@ DIGEST_LENGTH: Final = 64
 #: Longest prefix that still keeps a key within :data:`~alkey.constants.MAX_KEY_LENGTH`.
 MAX_PREFIX_LENGTH: Final = MAX_KEY_LENGTH - DIGEST_LENGTH
 # Versioned, so that a future change of the encoding can never collide with old keys.
-_DOMAIN: Final = b"alkey.cache-key.v1\x00"
+_DOMAIN: Final = b"alkey.cache-key.v2\x00"
 
 
 def _check_prefix(prefix: str) -> str:
@@ -114,11 +114,12 @@ class KeyPlan:
     def __init__(self, prefix: str, chunks: list[Chunk]) -> None:
         self.prefix = prefix
         self._chunks = chunks
-        named = list(dict.fromkeys([chunk for chunk in chunks if type(chunk) is str]))
+        unique = dict.fromkeys([chunk for chunk in chunks if type(chunk) is str])
+        named = list(unique)
         self._named = len(named)
         needs = [*dependencies(named), UNKNOWN_WRITES] if named else []
         #: Each token to fetch once: the named ones first, in order of appearance.
-        self.identifiers: list[str] = named + [need for need in needs if need not in named]
+        self.identifiers: list[str] = named + [need for need in needs if need not in unique]
 
     def finish(self, tokens: Sequence[str]) -> str:
         """The key, given the current token of each of :attr:`identifiers`, in order."""

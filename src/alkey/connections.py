@@ -10,7 +10,11 @@ database COMMIT has returned.
 
 SQLAlchemy has no event *after* a connection's COMMIT (``ConnectionEvents.commit`` fires
 before it, and bumping then would let a reader cache the old row under the new key), so
-``bind_engine`` wraps the engine's ``dialect.do_commit`` to bump right after it.
+``bind_engine`` wraps ``dialect.do_commit`` to bump right after it -- once per dialect,
+however many engines share it: ``engine.execution_options(...)`` makes an engine that
+shares its parent's dialect, and an application may make one per request or tenant.
+A session on such an option engine is watched through the engine it derives from, whose
+listeners SQLAlchemy runs for the option engine's connections too.
 
 A bound Session watches the engines it uses by itself. On its connections, the statements
 of its own unit of work and bulk statements are left to its listeners, which know the
@@ -33,12 +37,12 @@ from collections.abc import Callable, Iterator
 from typing import Any, Final
 
 from sqlalchemy import event
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.orm import Session
 
 from alkey.tokens import RedisClient, TokenStore, UsesDefaultStore, bump, intend, store_for
 from alkey.tracking import changes_of
-from alkey.writes import raw_sql_writes
+from alkey.writes import bulk_save_parents, in_flush, raw_sql_writes
 
 __all__ = [
     "EngineBinding",
@@ -64,6 +68,7 @@ def claim_connection(
     """Note that ``session`` runs its transaction on ``connection`` (its ``after_begin``),
     and that ``before_commit(session)`` is to run just before the connection's COMMIT."""
     connection.info[_SESSION_KEY] = weakref.ref(session)
+    in_flush(session)  # drops the mark of a flush that raised, if any
     session.info[_BEFORE_COMMIT_KEY] = before_commit
     # The info dict itself: by the time the transaction ends, the Connection is closed.
     session.info.setdefault(_CONNECTIONS_KEY, []).append(connection.info)
@@ -99,11 +104,26 @@ def _is_unit_of_work(session: Session, context: Any) -> bool:
 
     SQLAlchemy's persistence code runs them with the mapper's ``compiled_cache``; a
     statement that a flush hook runs on the same connection has none, and is recorded.
+    ``bulk_save_objects`` and ``bulk_*_mappings`` run the same persistence code outside
+    any flush, with no flush events: their statements are recorded here.
     """
-    if not getattr(session, "_flushing", False):  # SQLAlchemy's own "flush in progress"
+    if not in_flush(session):
         return False
     options = getattr(context, "execution_options", None) or {}
     return "compiled_cache" in options
+
+
+def _is_bulk_save(session: Session, context: Any) -> bool:
+    """Whether a statement comes from ``bulk_save_objects`` / ``bulk_*_mappings``."""
+    options = getattr(context, "execution_options", None) or {}
+    return bool(getattr(session, "_flushing", False)) and "compiled_cache" in options
+
+
+def _touches_parents(session: Session) -> bool:
+    from alkey.events import _binding_for
+
+    binding = _binding_for(session)
+    return binding is None or binding.touch_parents
 
 
 class EngineBinding(UsesDefaultStore):
@@ -124,9 +144,8 @@ class EngineBinding(UsesDefaultStore):
         self._levels: weakref.WeakKeyDictionary[Connection, list[set[str]]] = (
             weakref.WeakKeyDictionary()
         )
-        # Changes whose COMMIT is under way, and their intent, by DBAPI connection.
-        self._committing: dict[int, tuple[set[str], str | None]] = {}
         self._lock = threading.Lock()
+        self._dialect: Dialect | None = None
 
     def after_cursor_execute(
         self,
@@ -146,9 +165,11 @@ class EngineBinding(UsesDefaultStore):
             session.info.get(_BULK_KEY) or _is_unit_of_work(session, context)
         ):
             return  # the session's own listeners record these, with their rows
-        written = raw_sql_writes(statement, connection.dialect)
+        written = raw_sql_writes(statement, connection.dialect, context)
         if not written:
             return
+        if session is not None and _is_bulk_save(session, context) and _touches_parents(session):
+            written |= bulk_save_parents(context)
         if _autocommits(connection):
             self._bump(written)
         elif session is not None:
@@ -190,20 +211,14 @@ class EngineBinding(UsesDefaultStore):
             written: set[str] = set().union(*levels)
             if written:
                 intent = intend(self.tokens, written)
-                with self._lock:
-                    self._committing[id(connection.connection)] = (written, intent)
+                with _committing_lock:
+                    _committing.setdefault(id(connection.connection), []).append(
+                        (self, written, intent)
+                    )
 
     def rollback(self, connection: Connection) -> None:
         with self._lock:
             self._levels.pop(connection, None)
-
-    def after_commit(self, dbapi_connection: Any) -> None:
-        """Run by the wrapped ``do_commit`` once the database COMMIT returned (or failed:
-        then the outcome is unknown, and bumping is the safe side)."""
-        with self._lock:
-            committing = self._committing.pop(id(dbapi_connection), None)
-        if committing:
-            self._bump(*committing)
 
     def _bump(self, written: set[str], intent: str | None = None) -> None:
         # Inside SQLAlchemy's commit machinery an exception would be taken for a database
@@ -216,25 +231,85 @@ class EngineBinding(UsesDefaultStore):
     def listen(self, engine: Engine) -> None:
         for name in _EVENTS:
             event.listen(engine, name, getattr(self, name))
-        dialect = engine.dialect
-        original = dialect.do_commit
+        self._dialect = engine.dialect
+        _hook_commit(engine.dialect)
+
+    def remove(self) -> None:
+        engine = self._engine()
+        if engine is not None:
+            for name in _EVENTS:
+                event.remove(engine, name, getattr(self, name))
+        if self._dialect is not None:
+            _unhook_commit(self._dialect)
+            self._dialect = None
+
+
+# Changes whose COMMIT is under way, by DBAPI connection: each binding that recorded some,
+# its changes and their intent. One table for every binding, so that the hook finds the
+# few a COMMIT concerns without asking every binding of the dialect.
+_committing: dict[int, list[tuple[EngineBinding, set[str], str | None]]] = {}
+_committing_lock = threading.Lock()
+
+
+def _after_commit(dbapi_connection: Any) -> None:
+    """Run by the wrapped ``do_commit`` once the database COMMIT returned (or failed:
+    then the outcome is unknown, and bumping is the safe side)."""
+    with _committing_lock:
+        committing = _committing.pop(id(dbapi_connection), ())
+    for binding, written, intent in committing:
+        binding._bump(written, intent)
+
+
+class _CommitHook:
+    """The one wrapper alkey puts around a dialect's ``do_commit``, and how many bindings
+    use it. Wrapping once per dialect keeps the call depth of a COMMIT constant however
+    many engines share the dialect."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        self.users = 0
+        self.own_attribute = "do_commit" in vars(dialect)
+        original = self.original = dialect.do_commit
 
         def do_commit(dbapi_connection: Any) -> None:
             try:
                 original(dbapi_connection)
             finally:
-                self.after_commit(dbapi_connection)
+                _after_commit(dbapi_connection)
 
+        self.wrapper = do_commit
         dialect.do_commit = do_commit  # type: ignore[method-assign]
-        self._original_do_commit = original
 
-    def remove(self) -> None:
-        engine = self._engine()
-        if engine is None:
+    def restore(self, dialect: Dialect) -> bool:
+        """Put the original back, unless someone wrapped ours since (then ours stays, a
+        pass-through, for the next binding to reuse). Whether it was put back."""
+        if vars(dialect).get("do_commit") is not self.wrapper:
+            return False
+        if self.own_attribute:
+            dialect.do_commit = self.original  # type: ignore[method-assign]
+        else:
+            del dialect.do_commit
+        return True
+
+
+_commit_hooks: weakref.WeakKeyDictionary[Dialect, _CommitHook] = weakref.WeakKeyDictionary()
+
+
+def _hook_commit(dialect: Dialect) -> None:
+    with _engine_lock:
+        hook = _commit_hooks.get(dialect)
+        if hook is None:
+            hook = _commit_hooks[dialect] = _CommitHook(dialect)
+        hook.users += 1
+
+
+def _unhook_commit(dialect: Dialect) -> None:
+    with _engine_lock:
+        hook = _commit_hooks.get(dialect)
+        if hook is None:
             return
-        for name in _EVENTS:
-            event.remove(engine, name, getattr(self, name))
-        engine.dialect.do_commit = self._original_do_commit  # type: ignore[method-assign]
+        hook.users -= 1
+        if hook.users <= 0 and hook.restore(dialect):
+            del _commit_hooks[dialect]
 
 
 _EVENTS = (
@@ -255,7 +330,7 @@ def _autocommits(connection: Connection) -> bool:
 
 
 _engine_bindings: weakref.WeakKeyDictionary[Engine, EngineBinding] = weakref.WeakKeyDictionary()
-_engine_lock = threading.Lock()
+_engine_lock = threading.RLock()
 
 
 def bind_engine(
@@ -290,10 +365,23 @@ def _bind_engine(engine: Engine, tokens: TokenStore | None, all_connections: boo
     return binding
 
 
+def _lineage(engine: Engine) -> list[Engine]:
+    """``engine`` and the engines it derives from by ``execution_options()``, root last."""
+    engines = [engine]
+    while isinstance(getattr(engines[-1], "_proxied", None), Engine):
+        engines.append(engines[-1]._proxied)  # type: ignore[attr-defined]
+    return engines
+
+
 def watch_engine(engine: Engine, tokens: TokenStore | None) -> None:
-    """Watch the statements a bound session runs on ``engine``'s connections."""
-    if engine not in _engine_bindings:
-        _bind_engine(engine, tokens, all_connections=False)
+    """Watch the statements a bound session runs on ``engine``'s connections.
+
+    An option engine is watched through its root engine, whose listeners run for every
+    engine derived from it: one binding however many option engines an application makes.
+    """
+    lineage = _lineage(engine)
+    if not any(known in _engine_bindings for known in lineage):
+        _bind_engine(lineage[-1], tokens, all_connections=False)
 
 
 def unbind_engine(engine: Engine) -> None:

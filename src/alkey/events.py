@@ -26,6 +26,7 @@ from sqlalchemy.orm import (
     scoped_session,
     sessionmaker,
 )
+from sqlalchemy.orm.attributes import instance_state
 
 from alkey.connections import (
     claim_connection,
@@ -33,6 +34,7 @@ from alkey.connections import (
     session_statement,
     watch_engine,
 )
+from alkey.tenants import record_flushed
 from alkey.tokens import RedisClient, TokenStore, UsesDefaultStore, bump, intend, store_for
 from alkey.tracking import changes_of
 from alkey.writes import flushed, modified_before_flush, statement_writes
@@ -95,6 +97,8 @@ class Binding(UsesDefaultStore):
     def after_flush(self, session: Session, flush_context: UOWTransaction) -> None:
         if not self._owns(session):
             return
+        if session.new:
+            record_flushed(session, [instance_state(obj) for obj in session.new])
         written = flushed(session, flush_context, self.touch_parents)
         if written:
             changes_of(session).record(session, written)

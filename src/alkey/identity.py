@@ -33,11 +33,11 @@ import enum
 import re
 import string
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeAlias
 
-from sqlalchemy import event, inspect
+from sqlalchemy import Uuid, event, inspect
 from sqlalchemy.orm import InstanceState, Mapper, configure_mappers, mapperlib
 from sqlalchemy.schema import Table
 from sqlalchemy.sql.expression import FromClause
@@ -67,10 +67,13 @@ _PREFIX = NAMESPACE + ":"
 _EMPTY_VALUE = "~"
 _ESCAPED = r"(?:%[0-9A-F]{2})"
 _NAME = rf"(?:[A-Za-z0-9_-]|{_ESCAPED})+"
-_VALUE = rf"(?:(?:[A-Za-z0-9_.-]|{_ESCAPED})+|~)"
+_VALUE = rf"(?:(?:[A-Za-z0-9_.-]|{_ESCAPED})+|~null|~)"
 _IDENTIFIER_RE = re.compile(
-    rf"alkey:(?P<table>{_NAME}(?:\.{_NAME})?)#(?P<row>\*|{_VALUE}(?:,{_VALUE})*)"
+    rf"alkey:(?P<table>{_NAME}(?:\.{_NAME})?)#"
+    rf"(?P<row>\*|{_VALUE}(?:,{_VALUE})*)(?:@(?P<token>{_NAME}))?"
 )
+#: Separates a row's key from the identity token of the shard it lives in.
+TOKEN_SEPARATOR: Final = "@"
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,12 +82,14 @@ class Identifier:
 
     ``table`` is the table's name (``None`` for the global token), ``schema`` its schema if
     qualified, and ``key`` the decoded primary-key values of a row (``None`` for a table
-    or the global token).
+    or the global token; a ``None`` among them is a NULL part of a composite key).
+    ``token`` is the row's identity token (its shard, under horizontal sharding), if any.
     """
 
     table: str | None
-    key: tuple[str, ...] | None
+    key: tuple[str | None, ...] | None
     schema: str | None = None
+    token: str | None = None
 
     def __str__(self) -> str:
         if self.table is None:
@@ -94,7 +99,10 @@ class Identifier:
             part = f"{_quote_name(self.schema)}.{part}"
         if self.key is None:
             return f"{_PREFIX}{part}{ROW_SEPARATOR}{ALL_ROWS}"
-        return _format(part, [_quote_value(value) for value in self.key])
+        row = _format(
+            part, [NULL_VALUE if value is None else _quote_value(value) for value in self.key]
+        )
+        return row if self.token is None else f"{row}{TOKEN_SEPARATOR}{_quote_name(self.token)}"
 
 
 def _quoter(safe_characters: str) -> Callable[[str], str]:
@@ -149,7 +157,15 @@ def encode_table(table: str | FromClause) -> str:
 
 
 def _encode_value(value: Any) -> str:
-    """One primary-key value as text: the same row always gives the same text."""
+    """One primary-key value as text: the same row always gives the same text.
+
+    Values that drivers and sessions spell differently for one row get one spelling: an
+    aware datetime is the same instant in UTC, written without an offset (a naive one is
+    taken to be UTC already, as a database session in UTC stores and returns it);
+    ``Decimal('1.50')``, ``Decimal('1.5')`` and ``1.5`` are ``1.5``, and ``1``, ``1.0`` and
+    ``Decimal('1')`` are ``1``. The column's own type settles the rest (see
+    :func:`_coercer`).
+    """
     if isinstance(value, bool):
         text = str(int(value))
     elif isinstance(value, int):
@@ -159,27 +175,100 @@ def _encode_value(value: Any) -> str:
     elif isinstance(value, uuid.UUID):
         text = str(value)
     elif isinstance(value, decimal.Decimal):
-        # Decimal('1.0') and Decimal('1.00') name the same row.
-        text = format(value.normalize(), "f")
+        text = _decimal_text(value)
     elif isinstance(value, float):
-        text = repr(value)
+        text = _decimal_text(decimal.Decimal(repr(value)))
     elif isinstance(value, (bytes, bytearray, memoryview)):
         text = bytes(value).hex()
-    elif isinstance(value, datetime.datetime) and value.utcoffset() is not None:
-        # One instant, one spelling, whatever the session's time zone.
-        text = value.astimezone(datetime.timezone.utc).isoformat()
+    elif isinstance(value, datetime.datetime):
+        if value.utcoffset() is not None:
+            value = value.astimezone(datetime.timezone.utc).replace(tzinfo=None)
+        text = value.isoformat()
     elif isinstance(value, (datetime.date, datetime.time)):
         text = value.isoformat()
     elif isinstance(value, enum.Enum):
         return _encode_value(value.value)
     elif value is None:
-        raise ValueError(
-            "a primary-key value is None: flush the instance first, or use its table "
-            "identifier (alkey.identity.table_identifier) to stand for it"
-        )
+        # A NULL part of a composite key (mappers allow them by default): a spelling that
+        # no value has, since a lone '~' is the empty string and '~' is otherwise escaped.
+        return NULL_VALUE
     else:
         text = str(value)
     return _quote_value(text)
+
+
+def _decimal_text(value: decimal.Decimal) -> str:
+    if value.is_finite():
+        # Decimal('1.0') and Decimal('1.00') name the same row; '1E+1' is written '10'.
+        return format(value.normalize(), "f")
+    return str(value)
+
+
+#: How a NULL part of a composite primary key is spelled in an identifier.
+NULL_VALUE: Final = "~null"
+
+
+def _coercer(column: Any) -> Callable[[Any], Any] | None:
+    """A function giving a primary-key value the Python type the column loads it as.
+
+    A session may write ``Document(id='1234ABCD-...')`` or ``User(id='7')`` and read the
+    row back as a :class:`uuid.UUID` or an ``int``; both must name one token. ``None``
+    when the column's type does not say (then values are taken as they are).
+    """
+    if isinstance(column.type, Uuid):
+        return _to_uuid  # also for as_uuid=False, whose text may be in any case or form
+    try:
+        python_type = column.type.python_type
+    except (NotImplementedError, AttributeError):
+        return None
+    if python_type is uuid.UUID:
+        return _to_uuid
+    if python_type is int:
+        return _to_int
+    if python_type is decimal.Decimal:
+        return _to_decimal
+    if python_type is datetime.date:
+        return _to_date
+    return None
+
+
+def _to_uuid(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return uuid.UUID(value)
+        except ValueError:
+            return value
+    if isinstance(value, bytes) and len(value) == 16:
+        return uuid.UUID(bytes=value)
+    return value
+
+
+def _to_int(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            return value
+    if isinstance(value, (decimal.Decimal, float)):
+        try:
+            integral = int(value)
+        except (ValueError, OverflowError):  # NaN, infinity
+            return value
+        return integral if integral == value else value
+    return value
+
+
+def _to_decimal(value: Any) -> Any:
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            return decimal.Decimal(repr(value) if isinstance(value, float) else value)
+        except decimal.InvalidOperation:
+            return value
+    return value
+
+
+def _to_date(value: Any) -> Any:
+    return value.date() if isinstance(value, datetime.datetime) else value
 
 
 def _format(table_part: str, encoded_key: Sequence[str]) -> str:
@@ -194,17 +283,38 @@ def table_identifier(table: str | FromClause) -> str:
     return f"{_PREFIX}{encode_table(table)}{ROW_SEPARATOR}{ALL_ROWS}"
 
 
-def row_identifier(table: str | FromClause, *key: Any) -> str:
+def row_identifier(table: str | FromClause, *key: Any, identity_token: Any = None) -> str:
     """The identifier of one row's token, e.g. ``row_identifier('users', 1) == 'alkey:users#1'``.
 
     Pass every primary-key value, in the order of the table's primary-key columns, for a
-    composite key. Use this instead of formatting strings by hand whenever a table name or
-    key value may contain characters that need escaping.
+    composite key, and the ``identity_token`` of a row loaded from a shard (horizontal
+    sharding), which rows of other shards with the same key must not share. Use this
+    instead of formatting strings by hand whenever a table name or key value may contain
+    characters that need escaping.
     """
     part = encode_table(table)
     if not key:
         raise ValueError(f"row_identifier({table!r}) needs the row's primary-key value(s)")
-    return _format(part, [_encode_value(value) for value in key])
+    if isinstance(table, Table):
+        # Typed as the columns load them, as for a mapped class's rows.
+        coercers = [_coercer(column) for column in table.primary_key.columns]
+        if len(coercers) == len(key):
+            key = tuple(
+                value if coerce is None else coerce(value)
+                for coerce, value in zip(coercers, key, strict=True)
+            )
+    if all(value is None for value in key):
+        raise ValueError(
+            f"row_identifier({table!r}, ...): every primary-key value is None, which names "
+            "no row; for an instance not flushed yet, use its table identifier "
+            "(alkey.identity.table_identifier) to stand for it"
+        )
+    return _format(part, [_encode_value(value) for value in key]) + _token_suffix(identity_token)
+
+
+def _token_suffix(token: Any) -> str:
+    """``'@<token>'`` for a row of the shard ``token`` names, else nothing."""
+    return "" if token is None else TOKEN_SEPARATOR + _quote_name(str(token))
 
 
 def is_identifier(value: object) -> bool:
@@ -223,15 +333,32 @@ def parse_identifier(text: str) -> Identifier:
     match = _IDENTIFIER_RE.fullmatch(text)
     problem = None
     if match is None:
-        problem = "it must look like 'alkey:table#id', 'alkey:table#*' or 'alkey:*#*'"
+        problem = (
+            "it must look like 'alkey:table#id', 'alkey:table#id@shard', 'alkey:table#*' "
+            "or 'alkey:*#*'"
+        )
     else:
         try:
             *schema, table = [_unquote(part) for part in match["table"].split(".")]
             row = match["row"]
-            key = None if row == ALL_ROWS else tuple(_unquote(v) for v in row.split(","))
-            parsed = Identifier(table, key, schema[0] if schema else None)
+            key = (
+                None
+                if row == ALL_ROWS
+                else tuple(None if v == NULL_VALUE else _unquote(v) for v in row.split(","))
+            )
+            token = match["token"]
+            if token is not None and key is None:
+                raise ValueError("a table has no identity token")
+            parsed = Identifier(
+                table,
+                key,
+                schema[0] if schema else None,
+                None if token is None else _unquote(token),
+            )
         except UnicodeDecodeError:
             problem = "its %XX escapes are not UTF-8"
+        except ValueError as error:
+            problem = str(error)
         else:
             canonical = str(parsed)
             if canonical == text:
@@ -243,34 +370,110 @@ def parse_identifier(text: str) -> Identifier:
     )
 
 
+#: A ``schema_translate_map``, frozen: its ``(schema, translated)`` pairs, sorted. Rows
+#: read or written through one live in other tables than the mapped ones (one schema per
+#: tenant), so their identifiers name the translated tables.
+SchemaMap: TypeAlias = tuple[tuple[str | None, str | None], ...]
+
+_SCHEMAS_ATTRIBUTE: Final = "_alkey_schemas"
+
+
+def freeze_schema_map(mapping: Mapping[Any, Any] | None) -> SchemaMap | None:
+    """A ``schema_translate_map`` as a :data:`SchemaMap`; ``None`` when it changes nothing."""
+    if not mapping:
+        return None
+    # SQLAlchemy keeps the default schema's entry under None and under '_none'.
+    pairs = {
+        (None if schema == "_none" else schema, target)
+        for schema, target in mapping.items()
+        if (None if schema == "_none" else schema) != target
+    }
+    if not pairs:
+        return None
+    return tuple(sorted(pairs, key=lambda pair: "" if pair[0] is None else "~" + pair[0]))
+
+
+def translated(schema: str | None, schemas: SchemaMap | None) -> str | None:
+    """The schema that ``schema`` is translated to under ``schemas``."""
+    if schemas is not None:
+        for original, target in schemas:
+            if original == schema:
+                return target
+    return schema
+
+
+def record_schemas(state: InstanceState[Any], schemas: SchemaMap | None) -> None:
+    """Remember the schema map an instance was loaded or written with.
+
+    Kept on the state itself (its ``__dict__``, never the instance's): the key generator
+    reads it on its hot path, and it dies with the state.
+    """
+    if schemas is None:
+        state.__dict__.pop(_SCHEMAS_ATTRIBUTE, None)
+    else:
+        state.__dict__[_SCHEMAS_ATTRIBUTE] = schemas
+
+
+def schemas_of(state: InstanceState[Any]) -> SchemaMap | None:
+    """The schema map recorded by :func:`record_schemas`, if any."""
+    schemas: SchemaMap | None = state.__dict__.get(_SCHEMAS_ATTRIBUTE)
+    return schemas
+
+
+def _part(table: Any, schemas: SchemaMap | None) -> str:
+    if schemas is None:
+        return encode_table(table)
+    return table_part(translated(table.schema, schemas), table.name)
+
+
 # Mappers live as long as their classes, normally the whole process: a plain dict is the
 # fastest cache for this hot path.
 _row_prefixes: dict[Mapper[Any], str] = {}
+_translated_prefixes: dict[tuple[Mapper[Any], SchemaMap], str] = {}
 
 
-def _row_prefix(mapper: Mapper[Any]) -> str:
-    """``'alkey:<table>#'`` for the table that maps ``mapper``'s class, computed once."""
-    prefix = _row_prefixes.get(mapper)
+def _row_prefix(mapper: Mapper[Any], schemas: SchemaMap | None = None) -> str:
+    """``'alkey:<table>#'`` for the table that maps ``mapper``'s class (translated by
+    ``schemas``), computed once."""
+    if schemas is None:
+        prefix = _row_prefixes.get(mapper)
+        if prefix is None:
+            part = encode_table(mapper.local_table)
+            prefix = _row_prefixes[mapper] = f"{_PREFIX}{part}{ROW_SEPARATOR}"
+        return prefix
+    prefix = _translated_prefixes.get((mapper, schemas))
     if prefix is None:
-        part = encode_table(mapper.local_table)
-        prefix = _row_prefixes[mapper] = f"{_PREFIX}{part}{ROW_SEPARATOR}"
+        _learn(mapper, schemas=schemas)
+        part = _part(mapper.local_table, schemas)
+        prefix = _translated_prefixes[(mapper, schemas)] = f"{_PREFIX}{part}{ROW_SEPARATOR}"
     return prefix
 
 
-def _learn(mapper: Mapper[Any], class_: type | None = None) -> None:
-    """Record what a mapper's inheritance means for invalidation (``mapper_configured``).
+def _learn(
+    mapper: Mapper[Any], class_: type | None = None, *, schemas: SchemaMap | None = None
+) -> None:
+    """Record what a mapper's inheritance means for invalidation (``mapper_configured``,
+    and for each schema map its rows are first seen with).
 
     A row of a joined-table subclass lives in every table of its hierarchy, so its keys
     depend on each of their unknown-rows tokens, and a write to a base table that does not
-    name its rows changes the subclasses' table keys too.
+    name its rows changes the subclasses' table keys too. A table seen translated is a
+    tenant's copy of the mapped one: a write to it changes the mapped table's key too,
+    which stands for the table in every schema.
     """
-    own = encode_table(mapper.local_table)
-    parts = sorted({encode_table(table) for table in mapper.tables})
+    own = _part(mapper.local_table, schemas)
+    parts = sorted({_part(table, schemas) for table in mapper.tables})
     _unknown_rows_of_prefix[f"{_PREFIX}{own}{ROW_SEPARATOR}"] = tuple(
         f"{_PREFIX}{part}{ROW_SEPARATOR}{UNKNOWN_ROWS}" for part in parts
     )
     for part in parts:
         _family_tables.setdefault(part, set()).add(own)
+    if schemas is not None:
+        for table in mapper.tables:
+            copy = _part(table, schemas)
+            original = encode_table(table)
+            if copy != original:
+                _translations.setdefault(copy, set()).add((original, schemas))
 
 
 #: The row part of a table's unknown-rows token. A write that reaches a table without
@@ -286,6 +489,41 @@ UNKNOWN_WRITES: Final = f"{_PREFIX}*{ROW_SEPARATOR}{UNKNOWN_ROWS}"
 _unknown_rows_of_prefix: dict[str, tuple[str, ...]] = {}
 # Table part -> the own tables of every mapper whose row lives (partly) in that table.
 _family_tables: dict[str, set[str]] = {}
+# A translated table part -> the mapped tables it is a copy of (schema per tenant), each
+# with the schema map that made the copy.
+_translations: dict[str, set[tuple[str, SchemaMap]]] = {}
+
+
+def translations_of(part: str) -> frozenset[tuple[str, SchemaMap]]:
+    """The mapped tables that the encoded table ``part`` was seen as a translated copy of,
+    with the schema map that translates them (``'tenant_a.items'`` -> ``{('items',
+    ((None, 'tenant_a'),))}``), so far in this process."""
+    return frozenset(_translations.get(part, ()))
+
+
+def translate_identifiers(identifiers: Iterable[str], schemas: SchemaMap | None) -> set[str]:
+    """``identifiers`` of mapped tables, named in the tenant's tables ``schemas`` makes.
+
+    Rows and unknown-rows tokens move to the translated table; a table token is kept too,
+    since a class or ``Table`` in a key stands for the table in every schema.
+    """
+    if schemas is None:
+        return set(identifiers)
+    result: set[str] = set()
+    for identifier in identifiers:
+        prefix, _, row = identifier.rpartition(ROW_SEPARATOR)
+        part = prefix.removeprefix(_PREFIX)
+        if part == ALL_ROWS:  # the global and unknown-writes tokens
+            result.add(identifier)
+            continue
+        *schema, name = [_unquote(piece) for piece in part.split(".")]
+        original = schema[0] if schema else None
+        target = translated(original, schemas)
+        if target == original or row == ALL_ROWS:
+            result.add(identifier)
+        if target != original:
+            result.add(f"{_PREFIX}{table_part(target, name)}{ROW_SEPARATOR}{row}")
+    return result
 
 
 def family_identifiers(identifier: str) -> set[str]:
@@ -318,13 +556,20 @@ def dependencies(identifiers: Iterable[str]) -> list[str]:
 
 
 def instance_identifier(state: InstanceState[Any]) -> str:
-    """The identifier of a model instance, given its state (the key generator's hot path)."""
-    prefix = _row_prefix(state.mapper)
+    """The identifier of a model instance, given its state (the key generator's hot path).
+
+    An instance loaded or written through a ``schema_translate_map`` names its tenant's
+    table, and one loaded from a shard carries the shard's identity token, so that two
+    tenants' rows with the same primary key never share a token.
+    """
+    schemas = state.__dict__.get(_SCHEMAS_ATTRIBUTE)
+    prefix = _row_prefix(state.mapper, schemas)
     key = state.key
     if key is None:
         # Pending or transient: no row yet, so it stands for its table (as in alkey 0.3).
         return prefix + ALL_ROWS
-    return prefix + _encode_key(key[1])
+    row = prefix + _encode_key(state.mapper, key[1])
+    return row if key[2] is None else row + _token_suffix(key[2])
 
 
 def identifier_for(obj: object) -> str:
@@ -362,52 +607,87 @@ class _WritePlan:
     table_identifiers: frozenset[str]
 
 
-_write_plans: dict[Mapper[Any], _WritePlan] = {}
+_write_plans: dict[tuple[Mapper[Any], SchemaMap | None], _WritePlan] = {}
 
 
-def _write_plan(mapper: Mapper[Any]) -> _WritePlan:
-    plan = _write_plans.get(mapper)
+def _write_plan(mapper: Mapper[Any], schemas: SchemaMap | None) -> _WritePlan:
+    plan = _write_plans.get((mapper, schemas))
     if plan is None:
-        parts = sorted({encode_table(table) for table in mapper.tables})
-        plan = _write_plans[mapper] = _WritePlan(
+        if schemas is not None:
+            _row_prefix(mapper, schemas)  # learns the translated tables
+        parts = sorted({_part(table, schemas) for table in mapper.tables})
+        tables = {f"{_PREFIX}{part}{ROW_SEPARATOR}{ALL_ROWS}" for part in parts}
+        if schemas is not None:
+            # A tenant's write changes the mapped table's key too: a class or Table in a
+            # key stands for the table in every schema.
+            tables.update(table_identifier(table) for table in mapper.tables)
+        plan = _write_plans[(mapper, schemas)] = _WritePlan(
             key_attributes=tuple(
                 mapper.get_property_by_column(column).key for column in mapper.primary_key
             ),
             row_prefixes=tuple(f"{_PREFIX}{part}{ROW_SEPARATOR}" for part in parts),
-            table_identifiers=frozenset(
-                f"{_PREFIX}{part}{ROW_SEPARATOR}{ALL_ROWS}" for part in parts
-            ),
+            table_identifiers=frozenset(tables),
         )
     return plan
 
 
-def _encode_key(values: Sequence[Any]) -> str:
+def _encode_key(mapper: Mapper[Any], values: Sequence[Any]) -> str:
+    """The row part of an identifier for the primary-key ``values`` of ``mapper``'s row,
+    each first given the type its column loads it as."""
     if len(values) == 1 and type(values[0]) is int:
         return str(values[0])
-    return ",".join([_encode_value(value) for value in values])
+    coercers = _key_coercers.get(mapper)
+    if coercers is None:
+        coercers = _key_coercers[mapper] = tuple(_coercer(c) for c in mapper.primary_key)
+    if len(coercers) != len(values):  # pragma: no cover - SQLAlchemy's identities match
+        coercers = (None,) * len(values)
+    return ",".join(
+        [
+            _encode_value(value if coerce is None else coerce(value))
+            for coerce, value in zip(coercers, values, strict=True)
+        ]
+    )
 
 
-def _family_prefixes(mapper: Mapper[Any]) -> tuple[str, ...]:
+_key_coercers: dict[Mapper[Any], tuple[Callable[[Any], Any] | None, ...]] = {}
+
+
+def _family_prefixes(mapper: Mapper[Any], schemas: SchemaMap | None) -> tuple[str, ...]:
     """Row prefixes of every table of ``mapper`` and of all its subclasses' mappers."""
-    parts = {encode_table(t) for m in mapper.self_and_descendants for t in m.tables}
+    if schemas is not None:
+        for member in mapper.self_and_descendants:
+            _row_prefix(member, schemas)  # learns the translated tables
+    parts = {_part(t, schemas) for m in mapper.self_and_descendants for t in m.tables}
     return tuple(sorted(f"{_PREFIX}{part}{ROW_SEPARATOR}" for part in parts))
 
 
-def bulk_identifiers(mapper: Mapper[Any], keys: Iterable[Sequence[Any]] | None) -> set[str]:
+def bulk_identifiers(
+    mapper: Mapper[Any],
+    keys: Iterable[Sequence[Any]] | None,
+    *,
+    schemas: SchemaMap | None = None,
+    identity_token: Any = None,
+) -> set[str]:
     """What a bulk statement against ``mapper`` invalidates.
 
     ``keys`` are the primary keys of the rows it wrote, when known (``RETURNING``, or
     given in the parameters); ``None`` when not, and then the unknown-rows token of every
     table the statement can reach -- including the tables of subclasses, whose rows the
-    base table's rows are -- changes every row key of those tables.
+    base table's rows are -- changes every row key of those tables. ``schemas`` is the
+    statement's schema translate map, ``identity_token`` the shard of the rows, if known.
     """
-    prefixes = _family_prefixes(mapper)
+    prefixes = _family_prefixes(mapper, schemas)
     identifiers = {GLOBAL_WRITE_TOKEN, *(prefix + ALL_ROWS for prefix in prefixes)}
+    if schemas is not None:
+        identifiers.update(
+            table_identifier(t) for m in mapper.self_and_descendants for t in m.tables
+        )
     if keys is None:
         identifiers.update(prefix + UNKNOWN_ROWS for prefix in prefixes)
     else:
+        suffix = _token_suffix(identity_token)
         for key in keys:
-            encoded = _encode_key(key)
+            encoded = _encode_key(mapper, key) + suffix
             identifiers.update(prefix + encoded for prefix in prefixes)
     return identifiers
 
@@ -426,6 +706,9 @@ def table_write_identifiers(table_parts: Iterable[str] | None) -> set[str]:
         # Subclasses whose rows live partly in this table: their tables changed too.
         for member in _family_tables.get(part, ()):
             identifiers.add(f"{_PREFIX}{member}{ROW_SEPARATOR}{ALL_ROWS}")
+        # A tenant's copy of a mapped table: the mapped table's key changes too.
+        for original, _ in _translations.get(part, ()):
+            identifiers.add(f"{_PREFIX}{original}{ROW_SEPARATOR}{ALL_ROWS}")
     return identifiers
 
 
@@ -446,11 +729,23 @@ def write_identifiers(states: Iterable[InstanceState[Any]]) -> set[str]:
     identifiers: set[str] = set()
     add = identifiers.add
     for state in states:
-        plan = _write_plans.get(state.mapper) or _write_plan(state.mapper)
+        mapper = state.mapper
+        schemas = state.__dict__.get(_SCHEMAS_ATTRIBUTE)
+        plan = _write_plans.get((mapper, schemas)) or _write_plan(mapper, schemas)
         identifiers.update(plan.table_identifiers)
-        old = _encode_key(state.key[1]) if state.key is not None else None
+        key = state.key
+        # A new row of a sharded session knows its shard before it has an identity.
+        suffix = _token_suffix(key[2] if key is not None else state.identity_token)
+        old = _encode_key(mapper, key[1]) + suffix if key is not None else None
         current = [state.dict.get(attribute) for attribute in plan.key_attributes]
-        new = _encode_key(current) if None not in current else None
+        # Unset parts of a key the INSERT has not assigned yet: no new row to name (a
+        # composite key may have NULL parts, but not all of them).
+        new = (
+            _encode_key(mapper, current) + suffix
+            if any(value is not None for value in current)
+            and (None not in current or state.key is not None)
+            else None
+        )
         for prefix in plan.row_prefixes:
             if old is not None:
                 add(prefix + old)

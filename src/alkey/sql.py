@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from alkey.identity import table_part
 
-__all__ = ["written_tables"]
+__all__ = ["Write", "writes", "written_tables"]
 
 log = logging.getLogger("alkey.sql")
 
@@ -51,6 +51,23 @@ except ImportError:  # pragma: no cover - exercised only without the extra
 _UNKNOWN_COMMANDS = frozenset({"CALL", "DO", "COPY", "EXEC", "EXECUTE", "LOAD"})
 
 
+class Write(NamedTuple):
+    """One table that a statement writes, and how.
+
+    ``parts`` are the encoded table parts it may be (see :func:`_spellings`), ``names``
+    its name as written and folded, ``qualified`` whether a schema was named. ``kind`` is
+    ``insert``, ``update``, ``delete``, ``write`` (may be any of them: ``MERGE``,
+    ``INSERT OR REPLACE``) or ``ddl``; ``columns`` the lower-case columns an ``update``
+    sets, ``None`` when not known.
+    """
+
+    parts: frozenset[str]
+    names: frozenset[str]
+    qualified: bool
+    kind: str
+    columns: frozenset[str] | None = None
+
+
 def written_tables(
     sql: str, dialect: str = "", default_schema: str | None = None
 ) -> frozenset[str] | None:
@@ -59,9 +76,23 @@ def written_tables(
     An empty set for reads, ``None`` when the written tables cannot be told. Answers are
     cached (applications run the same SQL strings again and again), up to a size.
     """
+    found = writes(sql, dialect, default_schema)
+    if found is None:
+        return None
+    return frozenset(part for write in found for part in write.parts)
+
+
+def writes(
+    sql: str, dialect: str = "", default_schema: str | None = None
+) -> tuple[Write, ...] | None:
+    """Each table that ``sql`` writes, with the kind of write (see :class:`Write`).
+
+    Empty for reads, ``None`` when the written tables cannot be told. Cached like
+    :func:`written_tables`.
+    """
     if len(sql) > _PARSED_LENGTH:
-        return frozenset() if _plain_read(sql) else None
-    return _written_tables(sql, dialect, default_schema)
+        return () if _plain_read(sql) else None
+    return _writes(sql, dialect, default_schema)
 
 
 #: Longer statements (bulk literals) are neither parsed nor cached: unless they read,
@@ -82,9 +113,9 @@ def _plain_read(sql: str) -> bool:
 
 
 @functools.lru_cache(maxsize=1024)
-def _written_tables(sql: str, dialect: str, default_schema: str | None) -> frozenset[str] | None:
+def _writes(sql: str, dialect: str, default_schema: str | None) -> tuple[Write, ...] | None:
     if _plain_read(sql):
-        return frozenset()
+        return ()
     first = sql.split(None, 1)[0].upper() if sql.strip() else ""
     if first in _UNKNOWN_COMMANDS or sqlglot is None:
         return None
@@ -92,7 +123,8 @@ def _written_tables(sql: str, dialect: str, default_schema: str | None) -> froze
         statements = sqlglot.parse(sql, read=_DIALECTS.get(dialect))
     except Exception:  # sqlglot raises several error types for unreadable SQL
         return None
-    tables: set[str] = set()
+    found: list[Write] = []
+    caseless = dialect in _CASELESS
     for statement in statements:
         if statement is None:
             continue
@@ -100,19 +132,52 @@ def _written_tables(sql: str, dialect: str, default_schema: str | None) -> froze
             if not _is_read_command(statement):
                 return None
             continue
-        writes = list(statement.find_all(
+        nodes = list(statement.find_all(
             exp.Insert, exp.Update, exp.Delete, exp.Merge, exp.Create, exp.Drop, exp.Alter,
             exp.TruncateTable,
         ))  # fmt: skip
-        if not writes and not isinstance(statement, _READ_STATEMENTS):
+        if not nodes and not isinstance(statement, _READ_STATEMENTS):
             return None  # parsed, but as nothing alkey knows to be a read
-        for node in writes:
+        for node in nodes:
             targets = _targets(node)
             if targets is None:
                 return None
+            kind, columns = _kind(node)
             for target in targets:
-                tables.update(_spellings(target, default_schema, dialect in _CASELESS))
-    return frozenset(tables)
+                found.append(
+                    Write(
+                        frozenset(_spellings(target, default_schema, caseless)),
+                        frozenset(_names(target.this, caseless)),
+                        bool(target.args.get("db")),
+                        kind,
+                        columns,
+                    )
+                )
+    return tuple(found)
+
+
+def _kind(node: Any) -> tuple[str, frozenset[str] | None]:
+    """What a write node does to its target, and which columns an UPDATE sets."""
+    if isinstance(node, exp.Update):
+        columns: set[str] = set()
+        for assignment in node.expressions:
+            target = assignment.this if isinstance(assignment, exp.EQ) else None
+            if not isinstance(target, exp.Column):
+                return "update", None  # SET (a, b) = ...: not worth telling apart
+            columns.add(target.name.lower())
+        return "update", frozenset(columns)
+    if isinstance(node, exp.Insert):
+        if node.args.get("alternative") or node.args.get("replace"):
+            return "write", None  # INSERT OR REPLACE deletes the row it replaces
+        conflict = node.args.get("conflict")
+        if conflict is not None and "NOTHING" not in str(conflict.args.get("action") or ""):
+            return "update", None
+        return "insert", None
+    if isinstance(node, (exp.Delete, exp.TruncateTable)):
+        return "delete", None
+    if isinstance(node, exp.Merge):
+        return "write", None
+    return "ddl", None
 
 
 _READ_STATEMENTS: tuple[type, ...] = (

@@ -26,11 +26,11 @@ import secrets
 import threading
 import time
 import weakref
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Generator, Iterator, Sequence
 from typing import Any, ClassVar, Literal, Protocol, TypeAlias, TypeVar, runtime_checkable
 
 import redis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import MaxConnectionsError, NoScriptError, RedisError
 
 from alkey.constants import DEFAULT_TOKEN_TTL, TOKEN_BYTES
 from alkey.identity import UNKNOWN_WRITES
@@ -40,6 +40,7 @@ __all__ = [
     "DEFAULT_LEASE",
     "DurableTokenStore",
     "ErrorPolicy",
+    "Exchange",
     "OutageLedger",
     "RedisTokenStore",
     "Replay",
@@ -61,6 +62,13 @@ ErrorPolicy: TypeAlias = Literal["degrade", "raise"]
 RedisClient: TypeAlias = redis.Redis
 
 _Call: TypeAlias = "tuple[_Script, list[str], tuple[Any, ...]]"
+_R = TypeVar("_R")
+#: One call of a store (a fetch, a bump, an intent) as the round trips it needs: the
+#: generator yields the script calls of each round trip and is sent their results, or
+#: thrown the :class:`~redis.exceptions.RedisError` that stopped them; it returns the
+#: call's answer. :class:`ScriptStore` writes each call once, as such a generator, and
+#: the sync and asyncio stores only differ in how they wait for the round trips.
+Exchange: TypeAlias = "Generator[list[_Call], list[Any], _R]"
 
 
 def new_token() -> str:
@@ -205,8 +213,19 @@ return claimed
 #: Seconds after which any alkey process bumps a commit's intent that was not cleared.
 DEFAULT_LEASE = 5.0
 
-#: Intents one claim takes at most (the next call claims more).
+#: Intents one claim takes at most: the size of one batch of a recovery, so that no single
+#: script run or round trip grows with the backlog.
 CLAIM_LIMIT = 100
+
+#: Seconds one call may spend claiming further batches of a backlog of due intents, on
+#: top of its own round trip and the bump of the last batch it claimed (see
+#: :meth:`ScriptStore._recover`): a few dozen batches of :data:`CLAIM_LIMIT` on a local
+#: Redis. The rest is left to the next calls, which claim at once.
+RECOVERY_BUDGET = 0.05
+
+#: Seconds a call waits for a connection from an exhausted pool when its client has no
+#: socket timeout to go by (otherwise it waits that long: see :meth:`ScriptStore.waits`).
+POOL_WAIT = 2.0
 
 #: Keys per script call. Larger bumps are split into several calls sent in one pipeline
 #: (still one round trip), which bounds the size of each command and of each script run.
@@ -257,6 +276,12 @@ class OutageLedger:
     as Redis answers -- at most a socket timeout plus ``retry_interval`` after it is back,
     when configured alike -- so a key made before then could still use a token from before
     one of those writes.
+
+    A connection pool with no connection left (``max_connections``) is no outage: Redis
+    answers every other caller. The store has already waited for a connection by then
+    (:meth:`ScriptStore.waits`); :meth:`exhausted` only lets that one call go without
+    Redis -- a miss, a kept bump -- and marks nothing down, so the other calls go on using
+    Redis, and the next call that gets a connection replays the kept bump in front.
     """
 
     def __init__(
@@ -283,6 +308,9 @@ class OutageLedger:
         self._dropped = 0
         self._failing = False
         self._recovering_until = 0.0
+        # Calls that went without Redis because the pool had no connection for them, since
+        # the last call that had one (0: no such incident).
+        self._starved = 0
         self._lock = threading.Lock()
 
     @property
@@ -344,8 +372,35 @@ class OutageLedger:
                 self.max_pending,
             )
 
+    def exhausted(self, error: RedisError, action: str) -> None:
+        """A call waited in vain for a connection from its pool: it goes without Redis
+        (a miss, a kept bump), and the next calls try Redis as usual.
+
+        Unlike :meth:`failed`, this marks nothing down: Redis answers, only this process
+        ran out of connections, so turning the cache off for every call (and asking every
+        fetch to miss for a recovery window) would be wrong. Logged once per incident --
+        until a call gets a connection again -- and raised under ``on_error="raise"``.
+        """
+        if self.on_error == "raise":
+            raise error
+        with self._lock:
+            self._starved += 1
+            first = self._starved == 1
+            pending = len(self._pending)
+        if first:
+            log.warning(
+                "alkey could not %s: %s: %s, even after waiting for a connection of its "
+                "Redis pool (max_connections). Redis is not marked down: this call goes "
+                "without it (a miss, or a bump kept for replay; %d kept) and the next "
+                "ones use it as usual.",
+                action,
+                type(error).__name__,
+                error,
+                pending,
+            )
+
     def succeeded(self, replayed: Replay) -> None:
-        if not self._failing and not replayed:
+        if not self._failing and not replayed and not self._starved:
             return
         with self._lock:
             for identifier, generation in replayed.generations.items():
@@ -353,8 +408,15 @@ class OutageLedger:
                     del self._pending[identifier]
             recovered, self._failing = self._failing, False
             dropped, self._dropped = self._dropped, 0
+            starved, self._starved = self._starved, 0
             if recovered:
                 self._recovering_until = time.monotonic() + self.recovery_window
+        if starved:
+            log.info(
+                "alkey gets Redis connections from its pool again; %d call(s) went without "
+                "one meanwhile.",
+                starved,
+            )
         if recovered:
             log.log(
                 logging.WARNING if dropped else logging.INFO,
@@ -479,10 +541,107 @@ class UsesDefaultStore:
         self._tokens = tokens
 
 
+class _Recoveries:
+    """The recoveries a store runs -- bumps of due intents on behalf of writers that died
+    between their COMMIT and their bump -- seen as incidents.
+
+    A backlog of due intents is drained in batches of :data:`CLAIM_LIMIT`, possibly over
+    several calls and by several threads or tasks at once, yet it is one incident, logged
+    once: a warning when it begins, with its first batch's count, and, unless that batch
+    was all of it, one line when it ends, with the total. While a recovery runs, or one
+    left intents due (a full last batch), :meth:`busy` tells fetches to miss: a token read
+    then may be one that the recovery is about to replace.
+    """
+
+    def __init__(self, lease: float) -> None:
+        self.lease = lease
+        self._lock = threading.Lock()
+        self._running = 0  # recoveries in progress in this store
+        self._backlog = False  # the last batch was full, and nobody claimed after it
+        self._incident = False  # an incident was logged as begun, and not as ended
+        self._total = 0  # commits bumped since the last incident ended
+
+    def busy(self) -> bool:
+        """Whether a fetch must miss: a recovery runs here, or left intents due."""
+        return self._backlog or self._running > 0
+
+    def began(self, claimed: int) -> None:
+        """A recovery of ``claimed`` intents starts (its first batch)."""
+        with self._lock:
+            self._running += 1
+            if self._incident:
+                return
+            alone = claimed < CLAIM_LIMIT and self._running == 1 and not self._backlog
+            self._incident = not alone
+        if alone:
+            log.warning(
+                "alkey bumps the tokens of %d commit(s) whose own bump did not arrive "
+                "within the %gs lease: their process died between the database COMMIT "
+                "and the bump, or could not reach Redis.",
+                claimed,
+                self.lease,
+            )
+        else:
+            log.warning(
+                "alkey bumps the tokens of %d commit(s) so far, and more are due, whose own "
+                "bump did not arrive within the %gs lease: their process died between the "
+                "database COMMIT and the bump, or could not reach Redis. Keys miss until "
+                "they are all bumped.",
+                claimed,
+                self.lease,
+            )
+
+    def applied(self, claimed: int) -> None:
+        """A batch of ``claimed`` intents was bumped and cleared."""
+        with self._lock:
+            self._total += claimed
+
+    def ended(self, more_due: bool) -> None:
+        """A recovery stops, leaving intents due (``more_due``) or not."""
+        with self._lock:
+            self._running -= 1
+            self._backlog = more_due
+        self._close()
+
+    def none_due(self) -> None:
+        """A claim found nothing due: no backlog left."""
+        if self._backlog or self._incident:  # without the lock: the usual case is neither
+            with self._lock:
+                self._backlog = False
+            self._close()
+
+    def _close(self) -> None:
+        with self._lock:
+            if self._running or self._backlog:
+                return
+            total, self._total = self._total, 0
+            logged, self._incident = self._incident, False
+        if logged:
+            log.info(
+                "alkey has bumped the tokens of every commit whose own bump did not arrive "
+                "within the %gs lease: %d in all.",
+                self.lease,
+                total,
+            )
+
+
+#: What redis-py's ``BlockingConnectionPool`` (sync and asyncio) raises, as a plain
+#: ``ConnectionError``, when no connection came back within its ``timeout``.
+_BLOCKING_POOL_TIMEOUT = ("No connection available.",)
+
+
+def _fresh(identifiers: Sequence[str]) -> list[str]:
+    """Tokens for a call that cannot use Redis's: new random ones, a guaranteed miss."""
+    return [new_token() for _ in identifiers]
+
+
 class ScriptStore:
     """What the sync and asyncio Redis stores share: settings, outage ledger, which
-    scripts the server has seen, and how a store is shared through its connection pool;
-    they differ only in how they wait for Redis."""
+    scripts the server has seen, how a store is shared through its connection pool, and
+    each call itself -- fetch, intend, bump and recovery -- written once as an
+    :data:`Exchange`. The stores differ only in how they wait for Redis: they drive these
+    generators, sending each yielded round trip with ``_run`` (which also waits for a
+    connection of an exhausted pool, see :meth:`waits`)."""
 
     #: Where on a connection pool the pool's shared store of this kind lives.
     pool_attribute: ClassVar[str]
@@ -507,13 +666,131 @@ class ScriptStore:
         self.durable = durable
         #: Seconds after which any process bumps an intent that its writer did not clear.
         self.lease = lease
+        #: The recoveries of due intents this store runs (durable mode).
+        self.recoveries = _Recoveries(lease)
+        #: Seconds a call waits for a connection when the pool has none free (see
+        #: :meth:`waits`): the stores set it to their client's socket timeout.
+        self.pool_wait = POOL_WAIT
         self._loaded: frozenset[str] = frozenset()
         self._next_claim = 0.0
+
+    def waits(self) -> Iterator[float]:
+        """The pauses of a call whose pool has no free connection
+        (:class:`~redis.exceptions.MaxConnectionsError`), one before each new try: short
+        and growing, ``pool_wait`` seconds in all; then the call goes without Redis
+        (:meth:`OutageLedger.exhausted`).
+
+        Why wait: alkey holds a connection for one round trip, so one is usually free again
+        about a round trip later, while going without costs more -- a miss costs the
+        application a query and a render, and a bump kept for replay leaves the other
+        processes, whose Redis answers, on the old tokens until the replay. Why no longer
+        than the client's socket timeout: that is how long the application lets a call
+        wait for Redis anyway. The pool refuses before anything is sent, so trying again
+        never sends a command twice.
+        """
+        deadline = time.monotonic() + self.pool_wait
+        pause = 0.0005
+        while (left := deadline - time.monotonic()) > 0:
+            yield min(pause, left)
+            pause = min(pause * 2, 0.005)
+
+    def _replay_soon(self) -> None:
+        """Replay the kept bumps without waiting for this process's next call (each store
+        does it its own way: a thread, a task)."""
+        raise NotImplementedError
+
+    def _failed(self, error: RedisError, action: str) -> None:
+        """A call could not reach Redis: an outage, or only an exhausted pool -- a
+        ``ConnectionPool`` refused after :meth:`waits`, or a ``BlockingConnectionPool``
+        after waiting its own ``timeout`` (it raises a bare ``ConnectionError`` then)."""
+        if isinstance(error, MaxConnectionsError) or error.args == _BLOCKING_POOL_TIMEOUT:
+            self.outage.exhausted(error, action)
+        else:
+            self.outage.failed(error, action)
+
+    def _fetching(self, identifiers: Sequence[str]) -> Exchange[list[str]]:
+        """``fetch``: the current tokens, in one round trip unless a recovery comes first.
+
+        Fresh random tokens (a guaranteed miss) instead while Redis is down or was until
+        lately (see :class:`OutageLedger`), when the pool had no connection for this call,
+        and while a recovery of due intents runs in this store or has left some due: the
+        tokens Redis holds then may be about to be replaced.
+        """
+        if self.outage.skip():
+            return _fresh(identifiers)
+        replay = self.outage.replay()
+        claim = self._claim()
+        try:
+            results = yield [*claim, *self.calls.fetch(identifiers, replay)]
+        except RedisError as error:
+            self._failed(error, "fetch tokens")
+            return _fresh(identifiers)
+        self.outage.succeeded(replay)
+        if claim:
+            claimed = self._claimed(results[0])
+            if claimed:
+                # Fetched again behind the recovery's last bump: the tokens it replaced.
+                after = yield from self._recover(claimed, self.calls.fetch(identifiers, ()))
+                if after is None:
+                    return _fresh(identifiers)
+                results = after
+        if self.outage.recovering() or self.recoveries.busy():
+            return _fresh(identifiers)
+        return self.calls.tokens(results, identifiers)
+
+    def _intending(self, identifiers: Collection[str]) -> Exchange[str | None]:
+        """``intend``: in durable mode, record the bumps a commit is about to make."""
+        if not self.durable or not identifiers or self.outage.skip():
+            return None
+        intent = new_token()
+        replay = self.outage.replay()
+        try:
+            yield [*self.calls.bump(replay), *self.calls.intend(intent, identifiers)]
+        except RedisError as error:
+            self._failed(error, "record the bumps a commit intends")
+            return None
+        self.outage.succeeded(replay)
+        return intent
+
+    def _bump_plan(self, identifiers: Collection[str]) -> tuple[Replay, Collection[str]] | None:
+        """What a bump sends -- the kept bumps it replays, and everything to bump -- or
+        ``None`` if it sends nothing: nothing to bump, or Redis is known to be down (then
+        the bump is kept for the replay)."""
+        if self.outage.skip():
+            self.outage.keep(identifiers)
+            self._replay_soon()
+            return None
+        replay = self.outage.replay()
+        todo = replay.union(identifiers) if replay else identifiers
+        return (replay, todo) if todo else None
+
+    def _bumping(
+        self,
+        identifiers: Collection[str],
+        intents: Collection[str],
+        replay: Replay,
+        todo: Collection[str],
+    ) -> Exchange[None]:
+        """``bump``, as planned by :meth:`_bump_plan`; clears ``intents`` with it."""
+        claim = self._claim()
+        try:
+            results = yield [*claim, *self.calls.bump(todo, intents)]
+        except RedisError as error:
+            self.outage.keep(identifiers)
+            self._replay_soon()
+            self._failed(error, f"bump {len(todo)} token(s)")
+            return
+        self.outage.succeeded(replay)
+        if claim:
+            claimed = self._claimed(results[0])
+            if claimed:
+                yield from self._recover(claimed, [])
 
     def _claim(self) -> list[_Call]:
         """A claim of the due intents, to send in front of this call: in durable mode, at
         most once per half lease (so a crashed writer's bump is at most 1.5 leases late
-        while the application makes calls), else never."""
+        while the application makes calls), else never -- except that after a recovery
+        that left intents due, the next call claims at once."""
         if not self.durable:
             return []
         now = time.monotonic()
@@ -523,19 +800,56 @@ class ScriptStore:
         return [self.calls.claim(self.lease)]
 
     def _claimed(self, result: list[Any]) -> dict[str, list[str]]:
-        """The intents a claim took over, logged (rarely anything: a writer died)."""
+        """The intents a claim took over (rarely any: a writer died)."""
         claimed = ScriptCalls.claimed(result)
-        if claimed:
-            if len(claimed) >= CLAIM_LIMIT:
-                self._next_claim = 0.0  # more are due: claim again on the next call
-            log.warning(
-                "alkey bumps the tokens of %d commit(s) whose own bump did not arrive "
-                "within the %gs lease: their process died between the database COMMIT "
-                "and the bump, or could not reach Redis.",
-                len(claimed),
-                self.lease,
-            )
+        if not claimed:
+            self.recoveries.none_due()
         return claimed
+
+    def _recover(
+        self, claimed: dict[str, list[str]], then: list[_Call]
+    ) -> Exchange[list[Any] | None]:
+        """Bump the intents a claim took over and clear them; while the claims come back
+        full, claim and bump the next batch, for up to :data:`RECOVERY_BUDGET` seconds.
+
+        One round trip per batch, each carrying the bump of one batch, the claim of the
+        next, and ``then`` (a fetch's calls): in a loop, so that a backlog of any size
+        costs a bounded stack, and at most the budget plus one round trip per call -- the
+        next calls claim at once and go on (see :meth:`_claim`). Returns the results of
+        the last round trip, whose ``then`` ran after the recovery's last bump with
+        nothing more due, or ``None`` if intents may remain due (the budget ran out, or
+        Redis failed): ``then``'s tokens could be about to be replaced.
+        """
+        deadline = time.monotonic() + RECOVERY_BUDGET
+        self.recoveries.began(len(claimed))
+        more_due = True
+        try:
+            while True:
+                identifiers: set[str] = set().union(*claimed.values())
+                more_due = len(claimed) >= CLAIM_LIMIT
+                again = more_due and time.monotonic() < deadline
+                calls = self.calls.bump(identifiers, claimed.keys())
+                if again:
+                    calls.append(self.calls.claim(self.lease))
+                try:
+                    results = yield [*calls, *then] if again or not more_due else calls
+                except RedisError as error:
+                    self.outage.keep(identifiers)
+                    self._replay_soon()
+                    self._failed(error, f"bump {len(identifiers)} token(s)")
+                    return None
+                self.outage.succeeded(_NOTHING)
+                self.recoveries.applied(len(claimed))
+                if not again:
+                    return None if more_due else results
+                claimed = ScriptCalls.claimed(results[len(calls) - 1])
+                if not claimed:
+                    more_due = False
+                    return results
+        finally:
+            if more_due:
+                self._next_claim = 0.0  # the next call claims at once
+            self.recoveries.ended(more_due)
 
     @property
     def pending(self) -> frozenset[str]:
@@ -589,6 +903,11 @@ class RedisTokenStore(ScriptStore):
     Each outage is logged once when it starts and once when it ends, on the
     ``alkey.tokens`` logger, with counts (see :class:`OutageLedger`).
 
+    A connection pool with no free connection (``max_connections``) is no outage: the
+    call waits for one, at most the client's socket timeout (:meth:`ScriptStore.waits`),
+    and only if none comes does that call alone go without Redis, as above, marking
+    nothing down (:meth:`OutageLedger.exhausted`).
+
     ``durable=True`` closes the one gap memory cannot: a process that dies (or loses
     Redis for good) between the database COMMIT and the bump. Just before the COMMIT the
     listeners call :meth:`intend`, which records the identifiers about to be bumped under
@@ -597,7 +916,10 @@ class RedisTokenStore(ScriptStore):
     durable store claims the intents older than ``lease`` seconds, at most once per half
     lease, in the pipeline of a call it makes anyway, and bumps them. A key therefore
     never outlives a committed write by more than about 1.5 leases while some process
-    generates keys or commits. Read-only commits still cost nothing.
+    generates keys or commits. Read-only commits still cost nothing. A backlog of due
+    intents (many writers died) is drained in batches, one round trip each, for at most
+    :data:`RECOVERY_BUDGET` seconds per call, the next calls going on at once; meanwhile
+    fetches miss (see :meth:`ScriptStore._recover`).
 
     Share one store per Redis (``store_for(client)`` does this) so that the key generator
     sees the bumps that the session listeners could not send yet.
@@ -627,7 +949,9 @@ class RedisTokenStore(ScriptStore):
             lease=lease,
         )
         self.client = client
-        self.outage.recovery_window += checked_socket_timeout(client.connection_pool)
+        timeout = checked_socket_timeout(client.connection_pool)
+        self.outage.recovery_window += timeout
+        self.pool_wait = timeout or POOL_WAIT
         self._replayer: threading.Thread | None = None
         self._replayer_lock = threading.Lock()
         self._replays_at_exit = False
@@ -636,61 +960,39 @@ class RedisTokenStore(ScriptStore):
     def fetch(self, identifiers: Sequence[str]) -> list[str]:
         if not identifiers:
             return []
-        if self.outage.skip():
-            return [new_token() for _ in identifiers]
-        replay = self.outage.replay()
-        claim = self._claim()
-        try:
-            results = self._run([*claim, *self.calls.fetch(identifiers, replay)])
-        except RedisError as error:
-            self.outage.failed(error, "fetch tokens")
-            return [new_token() for _ in identifiers]
-        self.outage.succeeded(replay)
-        if claim and self._recover(results[0]):
-            return self.fetch(identifiers)  # the tokens the recovery just replaced
-        if self.outage.recovering():
-            return [new_token() for _ in identifiers]
-        return self.calls.tokens(results, identifiers)
+        return self._exchange(self._fetching(identifiers))
 
     def intend(self, identifiers: Collection[str]) -> str | None:
         """In durable mode, record in Redis that ``identifiers`` are about to be bumped
         (one round trip, just before the database COMMIT); return the intent's id for
         :meth:`bump`. Without durable mode, or while Redis is down: ``None``."""
-        if not self.durable or not identifiers or self.outage.skip():
-            return None
-        intent = new_token()
-        replay = self.outage.replay()
-        try:
-            self._run([*self.calls.bump(replay), *self.calls.intend(intent, identifiers)])
-        except RedisError as error:
-            self.outage.failed(error, "record the bumps a commit intends")
-            return None
-        self.outage.succeeded(replay)
-        return intent
+        return self._exchange(self._intending(identifiers))
 
     def bump(self, identifiers: Collection[str], intent: str | None = None) -> None:
         self._bump(identifiers, () if intent is None else (intent,))
 
     def _bump(self, identifiers: Collection[str], intents: Collection[str]) -> None:
-        if self.outage.skip():
-            self.outage.keep(identifiers)
-            self._replay_soon()
-            return
-        replay = self.outage.replay()
-        todo = replay.union(identifiers) if replay else identifiers
-        if not todo:
-            return
-        claim = self._claim()
+        plan = self._bump_plan(identifiers)
+        if plan is not None:
+            self._exchange(self._bumping(identifiers, intents, *plan))
+
+    def _exchange(self, exchange: Exchange[_R]) -> _R:
+        """Carry out one of :class:`ScriptStore`'s calls: send each round trip it yields,
+        hand it back the results or the error."""
         try:
-            results = self._run([*claim, *self.calls.bump(todo, intents)])
-        except RedisError as error:
-            self.outage.keep(identifiers)
-            self._replay_soon()
-            self.outage.failed(error, f"bump {len(todo)} token(s)")
-            return
-        self.outage.succeeded(replay)
-        if claim:
-            self._recover(results[0])
+            calls = next(exchange)
+            while True:
+                try:
+                    results = self._run(calls)
+                except RedisError as error:
+                    calls = exchange.throw(error)
+                else:
+                    calls = exchange.send(results)
+        except StopIteration as done:
+            answer: _R = done.value
+            return answer
+        finally:
+            exchange.close()
 
     def _replay_soon(self) -> None:
         """Replay the kept bumps from a daemon thread, probing every ``retry_interval``,
@@ -733,14 +1035,21 @@ class RedisTokenStore(ScriptStore):
             replayer.join(timeout)
         return not self.outage.pending
 
-    def _recover(self, claim_result: list[Any]) -> bool:
-        """Bump the intents a claim took over, and clear them. Whether there were any."""
-        claimed = self._claimed(claim_result)
-        if claimed:
-            self._bump(set().union(*claimed.values()), claimed.keys())
-        return bool(claimed)
-
     def _run(self, calls: list[_Call]) -> list[Any]:
+        """Send the script calls in one round trip, waiting for a connection if the pool
+        has none free (see :meth:`ScriptStore.waits`)."""
+        waits: Iterator[float] | None = None
+        while True:
+            try:
+                return self._run_once(calls)
+            except MaxConnectionsError:
+                waits = self.waits() if waits is None else waits
+                pause = next(waits, None)
+                if pause is None:
+                    raise
+                time.sleep(pause)
+
+    def _run_once(self, calls: list[_Call]) -> list[Any]:
         """Send the script calls in one round trip.
 
         A script this store has not run yet goes out as ``EVAL`` with its source, which

@@ -19,25 +19,35 @@ from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.interfaces import MANYTOONE
 from sqlalchemy.schema import Table
 
+from alkey import catalog
+from alkey.cascades import Kind, cascaded_identifiers, may_cascade
 from alkey.client import get_redis_client
 from alkey.constants import GLOBAL_WRITE_TOKEN
 from alkey.identity import (
     UNKNOWN_WRITES,
     Identifier,
+    SchemaMap,
     bulk_identifiers,
     encode_table,
     family_identifiers,
     parse_identifier,
+    row_identifier,
+    schemas_of,
+    table_identifier,
     table_part,
     table_write_identifiers,
+    translate_identifiers,
+    translations_of,
     write_identifiers,
 )
+from alkey.tenants import statement_schemas
 from alkey.tokens import TokenStore, store_for
 from alkey.tracking import changes_of
 
 __all__ = [
     "TOUCH_INFO_KEY",
     "flushed",
+    "in_flush",
     "invalidate",
     "invalidation_identifiers",
     "raw_sql_writes",
@@ -51,39 +61,149 @@ TOUCH_INFO_KEY: Final = "alkey_touch"
 
 
 _MODIFIED_KEY: Final = "alkey.modified_before_flush"
+_IN_FLUSH_KEY: Final = "alkey.in_flush"
 
 
 def modified_before_flush(session: Session) -> None:
-    """Note, in ``before_flush``, which dirty instances have net changes.
+    """Note, in ``before_flush``, which dirty instances have net changes, and which of
+    their attributes changed.
 
     After the flush, an attribute that was set to a SQL expression
     (``counter.version = Counter.version + 1``) has been expired and no longer shows as
-    modified, although its row was updated: asking before is the reliable way.
+    modified, although its row was updated: asking before is the reliable way. The
+    attributes decide whether an UPDATE reaches referenced columns (see
+    :mod:`alkey.cascades`).
+
+    It also marks the session as inside a unit-of-work flush (until :func:`flushed`), which
+    tells the flush's own statements, whose rows the flush reports, from those of
+    ``bulk_save_objects`` and ``bulk_*_mappings``, which SQLAlchemy runs the same way but
+    with no flush events.
     """
     session.info[_MODIFIED_KEY] = {
-        instance_state(obj) for obj in session.dirty if session.is_modified(obj)
+        instance_state(obj): frozenset(instance_state(obj).committed_state)
+        for obj in session.dirty
+        if session.is_modified(obj)
     }
+    session.info[_IN_FLUSH_KEY] = True
+
+
+def in_flush(session: Session) -> bool:
+    """Whether ``session`` runs a unit-of-work flush now, rather than a bulk save.
+
+    A mark left by a flush that raised (no ``after_flush``) is dropped as soon as the
+    session is seen outside any flush.
+    """
+    if not getattr(session, "_flushing", False):  # SQLAlchemy's own "flush in progress"
+        session.info.pop(_IN_FLUSH_KEY, None)
+        return False
+    return bool(session.info.get(_IN_FLUSH_KEY))
 
 
 def flushed(session: Session, flush_context: UOWTransaction, touch_parents: bool) -> set[str]:
     """Everything one flush wrote: rows inserted, changed or deleted, and their parents."""
     # session.dirty also lists instances whose attributes were set to equal values. Those
     # changed before the flush, or by it (foreign keys it synchronised), count.
-    before = session.info.pop(_MODIFIED_KEY, set())
+    before: dict[InstanceState[Any], frozenset[str]] = session.info.pop(_MODIFIED_KEY, {})
+    session.info.pop(_IN_FLUSH_KEY, None)
     updated = [
-        obj for obj in session.dirty if instance_state(obj) in before or session.is_modified(obj)
+        instance_state(obj)
+        for obj in session.dirty
+        if instance_state(obj) in before or session.is_modified(obj)
     ]
-    states = [instance_state(obj) for obj in [*session.new, *updated, *session.deleted]]
+    inserted = [instance_state(obj) for obj in session.new]
+    deleted = [instance_state(obj) for obj in session.deleted]
     # The unit of work also deletes rows the session lists nowhere: delete-orphans.
-    states += [
+    deleted += [
         state
         for state, (is_delete, list_only) in getattr(flush_context, "states", {}).items()
         if is_delete and not list_only
     ]
+    states = [*inserted, *updated, *deleted]
     written = write_identifiers(states)
     if touch_parents:
         written |= _related(states)
+    written |= _flush_cascades(inserted, updated, deleted, before)
     return written
+
+
+_Steps = set[tuple[str, Kind, frozenset[str] | None]]
+
+
+def _flush_cascades(
+    inserted: list[InstanceState[Any]],
+    updated: list[InstanceState[Any]],
+    deleted: list[InstanceState[Any]],
+    before: dict[InstanceState[Any], frozenset[str]],
+) -> set[str]:
+    """What the database writes by itself because of a flush (see :mod:`alkey.cascades`),
+    in the tenant's tables for rows written through a schema translate map."""
+    steps: dict[SchemaMap | None, _Steps] = {}
+    for kind, states in (("insert", inserted), ("delete", deleted)):
+        for mapper, schemas in {(state.mapper, schemas_of(state)) for state in states}:
+            steps.setdefault(schemas, set()).update(
+                (encode_table(table), kind, None)  # type: ignore[misc]
+                for table in mapper.tables
+            )
+    # Which of the updated mappers' tables an UPDATE could cascade from, once per flush.
+    cascading: dict[Mapper[Any], list[tuple[str, Any]]] = {}
+    for state in updated:
+        mapper = state.mapper
+        tables = cascading.get(mapper)
+        if tables is None:
+            tables = cascading[mapper] = [
+                (encode_table(table), table)
+                for table in mapper.tables
+                if may_cascade(encode_table(table), "update")
+            ]
+        for part, table in tables:
+            keys = before.get(state, frozenset()) | frozenset(state.committed_state)
+            steps.setdefault(schemas_of(state), set()).add(
+                (part, "update", _columns_of(mapper, table, keys))
+            )
+    written: set[str] = set()
+    for schemas, group in steps.items():
+        written |= translate_identifiers(cascaded_identifiers(group), schemas)
+    return written
+
+
+def _columns_of(mapper: Mapper[Any], table: Any, keys: Iterable[Any]) -> frozenset[str] | None:
+    """The lower-case names of ``table``'s columns that attribute or column ``keys`` set.
+
+    ``None`` when one of them cannot be told (an expression): any column, then.
+    """
+    columns: set[str] = set()
+    for key in keys:
+        if isinstance(key, str) and key in table.c:
+            columns.add(table.c[key].name.lower())
+            continue
+        prop = _property(mapper, key)
+        if prop is None:
+            return None
+        for column in getattr(prop, "columns", ()):
+            if getattr(column, "table", None) is table:
+                columns.add(column.name.lower())
+    return frozenset(columns)
+
+
+class _Columns:
+    """Stands for a mapped property where only its columns matter."""
+
+    def __init__(self, *columns: Any) -> None:
+        self.columns = columns
+
+
+def _property(mapper: Mapper[Any], key: Any) -> Any:
+    """What a SET target names -- an attribute name, an instrumented attribute or a
+    Column -- as something with ``columns`` (``None`` when it is none of these)."""
+    if isinstance(key, str):
+        # A name that is no column attribute (a relationship's) sets no column itself.
+        return mapper.attrs[key] if key in mapper.attrs else _Columns()
+    prop = getattr(key, "property", None)
+    if prop is not None:
+        return prop
+    if getattr(key, "table", None) is not None and hasattr(key, "name"):
+        return _Columns(key)
+    return None
 
 
 def _related(states: Iterable[InstanceState[Any]]) -> set[str]:
@@ -112,9 +232,12 @@ def _parents(state: InstanceState[Any], relationship: Any) -> set[str]:
     parent: Mapper[Any] = relationship.mapper
     pairs = dict(relationship.local_remote_pairs)
     by_remote = {remote: local for local, remote in pairs.items()}
+    # The parent lives with the child: in the same tenant's schema, on the same shard.
+    schemas = schemas_of(state)
+    token = state.key[2] if state.key is not None else state.identity_token
     if set(by_remote) != set(parent.primary_key):
         # It references some other column of the parent: which row is not known.
-        return bulk_identifiers(parent, None)
+        return bulk_identifiers(parent, None, schemas=schemas)
     keys: set[tuple[Any, ...]] = set()
     # The foreign key's value now and, when it moved, before: old and new parent,
     # whether the relationship or only the column (order.user_id = 2) was set.
@@ -123,7 +246,7 @@ def _parents(state: InstanceState[Any], relationship: Any) -> set[str]:
     if state.key is not None and any(attribute not in state.dict for attribute in attributes):
         # A row that existed, whose foreign key was never loaded: its parent is unknown.
         # (A new row's unset foreign key is NULL: no parent.)
-        return bulk_identifiers(parent, None)
+        return bulk_identifiers(parent, None, schemas=schemas)
     histories = [state.attrs[key].history for key in attributes]
     current = [state.dict.get(key) for key in attributes]
     if None not in current:
@@ -140,7 +263,9 @@ def _parents(state: InstanceState[Any], relationship: Any) -> set[str]:
         identity = instance_state(obj).key if obj is not None else None
         if identity is not None:
             keys.add(tuple(identity[1]))
-    return bulk_identifiers(parent, keys) if keys else set()
+    if not keys:
+        return set()
+    return bulk_identifiers(parent, keys, schemas=schemas, identity_token=token)
 
 
 def statement_writes(state: ORMExecuteState, result: Any, touch_parents: bool) -> set[str]:
@@ -151,17 +276,63 @@ def statement_writes(state: ORMExecuteState, result: Any, touch_parents: bool) -
     """
     statement = state.statement
     mapper = state.bind_mapper
+    kind: Kind = "delete" if state.is_delete else "update" if state.is_update else "insert"
     if mapper is None:
         table = getattr(statement, "table", None)
         if not isinstance(table, Table):
             return table_write_identifiers(None)
-        return table_write_identifiers([encode_table(table)])
-    written = bulk_identifiers(mapper, _known_keys(state, result, mapper))
+        part = encode_table(table)
+        columns = _set_columns(state, None, table) if kind == "update" else None
+        return table_write_identifiers([part]) | cascaded_identifiers([(part, kind, columns)])
+    schemas = statement_schemas(state)
+    token = state.execution_options.get("identity_token")
+    written = bulk_identifiers(
+        mapper, _known_keys(state, result, mapper), schemas=schemas, identity_token=token
+    )
     if touch_parents:
         for relationship in mapper.relationships:
             if relationship.direction is MANYTOONE and relationship.info.get(TOUCH_INFO_KEY, True):
-                written |= bulk_identifiers(relationship.mapper, None)
-    return written
+                written |= bulk_identifiers(relationship.mapper, None, schemas=schemas)
+    steps: list[tuple[str, Kind, frozenset[str] | None]] = []
+    for table in mapper.tables:
+        part = encode_table(table)
+        if kind == "update" and may_cascade(part, kind):
+            steps.append((part, kind, _set_columns(state, mapper, table)))
+        else:
+            steps.append((part, kind, None))
+    return written | translate_identifiers(cascaded_identifiers(steps), schemas)
+
+
+def _set_columns(
+    state: ORMExecuteState, mapper: Mapper[Any] | None, table: Any
+) -> frozenset[str] | None:
+    """The columns of ``table`` that a bulk UPDATE sets (``None``: cannot tell)."""
+    statement = state.statement
+    values = getattr(statement, "_values", None) or dict(
+        getattr(statement, "_ordered_values", ()) or ()
+    )
+    keys: set[Any] = set(values)
+    parameters = state.parameters
+    if isinstance(parameters, list) and getattr(statement, "whereclause", None) is None:
+        # Bulk UPDATE by primary key: the key names the row, the rest is set.
+        names = set()
+        if mapper is not None:
+            names = {mapper.get_property_by_column(c).key for c in mapper.primary_key}
+        for row in parameters:
+            keys.update(name for name in row if name not in names)
+    elif isinstance(parameters, dict):
+        keys.update(parameters)
+    if getattr(statement, "_multi_values", None):
+        return None
+    if mapper is None:
+        columns: set[str] = set()
+        for key in keys:
+            name = key if isinstance(key, str) else getattr(key, "key", None)
+            if not isinstance(name, str) or name not in table.c:
+                return None
+            columns.add(table.c[name].name.lower())
+        return frozenset(columns)
+    return _columns_of(mapper, table, keys)
 
 
 def _known_keys(
@@ -209,14 +380,143 @@ def _sets_primary_key(statement: Any, mapper: Mapper[Any]) -> bool:
     return False
 
 
-def raw_sql_writes(statement: str, dialect: Dialect) -> set[str]:
-    """What a raw SQL statement writes, from its text (see :mod:`alkey.sql`)."""
-    from alkey.sql import written_tables
+def raw_sql_writes(statement: str, dialect: Dialect, context: Any = None) -> set[str]:
+    """What a statement that reaches the cursor writes, from its text (see
+    :mod:`alkey.sql`), and what the database writes by itself because of it.
 
-    tables = written_tables(statement, dialect.name, dialect.default_schema_name)
-    if tables is not None and not tables:
+    ``context``, the execution context of a compiled Core statement, tells the rows an
+    INSERT, UPDATE or DELETE writes when its parameters carry their primary keys.
+    """
+    from alkey.sql import writes
+
+    found = writes(statement, dialect.name, dialect.default_schema_name)
+    if found is None:
+        return table_write_identifiers(None)
+    if not found:
         return set()
-    return table_write_identifiers(tables)
+    rows = _compiled_rows(context, found) if context is not None else None
+    identifiers: set[str] = set()
+    steps: dict[SchemaMap | None, list[tuple[str, Kind, frozenset[str] | None]]] = {}
+    for write in found:
+        for part in _candidates(write):
+            if rows is not None and part == rows[0]:
+                identifiers |= _rows_identifiers(rows[1], rows[2])
+            else:
+                identifiers |= table_write_identifiers([part])
+            if write.kind != "ddl":
+                step = (write.kind, write.columns)
+                steps.setdefault(None, []).append((part, *step))  # type: ignore[arg-type]
+                # A tenant's copy of a mapped table cascades as the mapped table does,
+                # into the same tenant's tables.
+                for original, copied_by in translations_of(part):
+                    steps.setdefault(copied_by, []).append((original, *step))  # type: ignore[arg-type]
+    for schemas, group in steps.items():
+        identifiers |= translate_identifiers(cascaded_identifiers(group), schemas)
+    return identifiers
+
+
+def _candidates(write: Any) -> set[str]:
+    """Every table that a name in SQL may reach.
+
+    Its spellings (as written, folded, with and without the connection's default schema),
+    and the known tables of that name that the connection's search path (PostgreSQL) or
+    attached databases (SQLite) may lead to, which SQL text alone cannot tell: for a name
+    without a schema, every known table of that name in any schema; for one with a
+    schema, also the known tables of that name declared without one.
+    """
+    parts = set(write.parts)
+    for name in write.names:
+        for part in catalog.tables_named(name):
+            if not write.qualified or "." not in part:
+                parts.add(part)
+    return parts
+
+
+def _rows_identifiers(table: Table, keys: list[tuple[Any, ...]]) -> set[str]:
+    """A write to these rows of ``table``: rows, table, subclass tables, global."""
+    identifiers = {GLOBAL_WRITE_TOKEN, *family_identifiers(table_identifier(table))}
+    for key in keys:
+        identifiers |= family_identifiers(row_identifier(table, *key))
+    return identifiers
+
+
+def _compiled_rows(
+    context: Any, found: tuple[Any, ...]
+) -> tuple[str, Table, list[tuple[Any, ...]]] | None:
+    """The rows a compiled Core INSERT, UPDATE or DELETE writes, when its parameters say.
+
+    An INSERT whose every parameter set carries the primary key (no upsert, no
+    ``INSERT ... SELECT``), or an UPDATE / DELETE whose WHERE clause is a conjunction
+    that pins each primary-key column to a parameter and that sets no primary-key column.
+    Anything else -- or a statement that writes more than its own table -- is ``None``.
+    """
+    from sqlalchemy.sql.dml import Delete, Insert, Update
+
+    compiled = getattr(context, "compiled", None)
+    statement = getattr(compiled, "statement", None)
+    table = getattr(statement, "table", None)
+    parameters = getattr(context, "compiled_parameters", None)
+    if not isinstance(statement, (Insert, Update, Delete)) or not isinstance(table, Table):
+        return None
+    part = encode_table(table)
+    if len(found) != 1 or part not in found[0].parts or not parameters:
+        return None
+    if getattr(statement, "_independent_ctes", None) or getattr(compiled, "ctes", None):
+        return None
+    primary_key = list(table.primary_key.columns)
+    if not primary_key or getattr(statement, "_post_values_clause", None) is not None:
+        return None
+    if getattr(statement, "_prefixes", None) or getattr(statement, "_hints", None):
+        return None
+    if isinstance(statement, Insert):
+        if statement.select is not None or statement._multi_values:
+            return None
+        names: list[Any] = [column.key for column in primary_key]
+    else:
+        if getattr(statement, "_extra_froms", None):
+            return None  # UPDATE ... FROM, DELETE ... USING: may reach other rows
+        columns = found[0].columns
+        if isinstance(statement, Update) and (
+            columns is None or any(c.name.lower() in columns for c in primary_key)
+        ):
+            return None  # the rows' new keys are not the ones named
+        binds = _pinned(statement.whereclause, primary_key)
+        if binds is None:
+            return None
+        bind_names = getattr(compiled, "bind_names", {})
+        names = [bind_names.get(binds[column]) for column in primary_key]
+    keys = []
+    for row in parameters:
+        key = tuple(row.get(name) for name in names)
+        if None in key:
+            return None
+        keys.append(key)
+    return part, table, keys
+
+
+def _pinned(clause: Any, primary_key: list[Any]) -> dict[Any, Any] | None:
+    """Each primary-key column's bind parameter, if ``clause`` is ``pk == :param AND ...``."""
+    from sqlalchemy.sql import operators
+    from sqlalchemy.sql.elements import BinaryExpression, BindParameter, BooleanClauseList
+
+    if clause is None:
+        return None
+    terms = list(clause.clauses) if isinstance(clause, BooleanClauseList) else [clause]
+    if isinstance(clause, BooleanClauseList) and clause.operator is not operators.and_:
+        return None
+    pinned: dict[Any, Any] = {}
+    for term in terms:
+        if not isinstance(term, BinaryExpression) or term.operator is not operators.eq:
+            continue
+        left, right = term.left, term.right
+        if isinstance(left, BindParameter):
+            left, right = right, left
+        if not isinstance(right, BindParameter) or right.expanding:
+            continue
+        for column in primary_key:
+            if left is column:
+                pinned[column] = right
+    return pinned if len(pinned) == len(primary_key) else None
 
 
 def invalidation_identifiers(target: object) -> set[str]:
@@ -280,3 +580,32 @@ def invalidate(*targets: object, tokens: TokenStore | None = None) -> None:
         identifiers |= invalidation_identifiers(target)
     if identifiers:
         (tokens if tokens is not None else store_for(get_redis_client())).bump(identifiers)
+
+
+def bulk_save_parents(context: Any) -> set[str]:
+    """The parents of rows that ``bulk_save_objects`` / ``bulk_*_mappings`` wrote.
+
+    As for a bulk statement, which parent rows is not known: every row of each table the
+    mapped class references many-to-one (``info={TOUCH_INFO_KEY: False}`` opts out).
+    """
+    table = getattr(getattr(getattr(context, "compiled", None), "statement", None), "table", None)
+    if not isinstance(table, Table):
+        return set()
+    identifiers: set[str] = set()
+    for mapper in _mappers_of(table):
+        for relationship in mapper.relationships:
+            if relationship.direction is MANYTOONE and relationship.info.get(TOUCH_INFO_KEY, True):
+                identifiers |= bulk_identifiers(relationship.mapper, None)
+    return identifiers
+
+
+def _mappers_of(table: Table) -> list[Mapper[Any]]:
+    """The configured mappers whose own table is ``table``."""
+    from sqlalchemy.orm import mapperlib
+
+    return [
+        mapper
+        for registry in list(getattr(mapperlib, "_mapper_registries", ()))
+        for mapper in list(getattr(registry, "mappers", ()))
+        if mapper.configured and mapper.local_table is table
+    ]

@@ -1,0 +1,98 @@
+"""Tenants and shards: which copy of a mapped table an instance's row lives in.
+
+Two ways of serving several tenants from one set of models put rows with the same primary
+key in different tables, and those rows must never share a token or a key:
+
+* **schema per tenant**, with ``schema_translate_map`` (on the engine, a connection, a
+  session's bind or one statement): a row of ``Item`` read through
+  ``{None: 'tenant_a'}`` lives in ``tenant_a.items``, so its identifier is
+  ``alkey:tenant_a.items#1``. That is also what raw SQL naming ``tenant_a.items``, and the
+  SQL SQLAlchemy renders for the translated statement, invalidate;
+* **horizontal sharding** (``sqlalchemy.ext.horizontal_shard``, or any ``identity_token``):
+  the row's identity carries its shard, and its identifier too: ``alkey:items#1@shard_a``.
+  Table and unknown-rows tokens are shared by the shards (a write that cannot name its
+  rows changes every shard's row keys of that table: more misses, never a stale hit).
+
+This module records, as SQLAlchemy loads an instance, the schema map it was loaded with
+(:func:`alkey.identity.record_schemas`); :func:`record_flushed` does the same for the
+instances a flush inserts. A tenant's write also changes the key of the mapped class or
+``Table`` (which stands for the table in every schema); to key on one tenant's table, name
+it: ``'alkey:tenant_a.items#*'``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from sqlalchemy import event
+from sqlalchemy.orm import InstanceState, Mapper, ORMExecuteState, Session
+from sqlalchemy.orm.context import QueryContext
+
+from alkey.identity import SchemaMap, freeze_schema_map, record_schemas, schemas_of
+
+__all__ = ["record_flushed", "statement_schemas"]
+
+_QUERY_KEY: Final = "alkey.schemas"
+_UNSET: Final = object()
+
+
+def _bind_schemas(session: Session | None, mapper: Mapper[Any] | None) -> SchemaMap | None:
+    """The schema map of the engine or connection ``session`` uses for ``mapper``."""
+    if session is None:
+        return None
+    try:
+        bind = session.get_bind(mapper=mapper)
+    except Exception:  # no bind at all: nothing was translated
+        return None
+    return freeze_schema_map(bind.get_execution_options().get("schema_translate_map"))
+
+
+def _query_schemas(context: QueryContext, mapper: Mapper[Any]) -> SchemaMap | None:
+    # The options given to execute() win over the statement's own, as in SQLAlchemy.
+    options = context.execution_options.get("schema_translate_map")
+    if options is None:
+        statement_options = getattr(context.query, "_execution_options", None) or {}
+        options = statement_options.get("schema_translate_map")
+    if options is not None:
+        return freeze_schema_map(options)
+    # One query runs on one connection: the first instance's mapper finds its bind.
+    return _bind_schemas(context.session, mapper)
+
+
+def _loaded(state: InstanceState[Any], context: QueryContext | None, *args: Any) -> None:
+    """``load`` / ``refresh``: remember the schema map the row was read through, worked
+    out once per query. (A bulk UPDATE that sets the new values on the instances it
+    matched refreshes them without a query: their row stays where it was.)"""
+    if context is None:
+        return
+    attributes = context.attributes
+    schemas = attributes.get(_QUERY_KEY, _UNSET)
+    if schemas is _UNSET:
+        schemas = attributes[_QUERY_KEY] = _query_schemas(context, state.mapper)
+    if schemas is not None or schemas_of(state) is not None:
+        record_schemas(state, schemas)
+
+
+def record_flushed(session: Session, states: list[InstanceState[Any]]) -> None:
+    """Give the instances a flush inserts the schema map of the bind they were written to
+    (call before working out what the flush wrote)."""
+    for state in states:
+        if state.key is None or schemas_of(state) is None:
+            schemas = _bind_schemas(session, state.mapper)
+            if schemas is not None:
+                record_schemas(state, schemas)
+
+
+def statement_schemas(orm_state: ORMExecuteState) -> SchemaMap | None:
+    """The schema map a statement run through ``Session.execute`` is translated with."""
+    options = orm_state.execution_options.get("schema_translate_map")
+    if options is None:
+        statement_options = getattr(orm_state.statement, "_execution_options", None) or {}
+        options = statement_options.get("schema_translate_map")
+    if options is not None:
+        return freeze_schema_map(options)
+    return _bind_schemas(orm_state.session, orm_state.bind_mapper)
+
+
+event.listen(Mapper, "load", _loaded, raw=True)
+event.listen(Mapper, "refresh", _loaded, raw=True)

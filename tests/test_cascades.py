@@ -1,0 +1,410 @@
+"""Writes the database makes by itself: referential actions, passive_deletes, triggers.
+
+Each test runs against the real database (SQLite with ``PRAGMA foreign_keys=ON``, or
+PostgreSQL) so the database really cascades, and checks the keys of the rows it wrote.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import (
+    Column,
+    Engine,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    create_engine,
+    delete,
+    event,
+    func,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    mapped_column,
+    relationship,
+    sessionmaker,
+)
+
+import alkey
+from alkey import catalog
+from alkey.cache import CacheKeyGenerator
+from alkey.cascades import cascaded_tables
+from alkey.tokens import RedisClient
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData()
+
+
+class Owner(Base):
+    __tablename__ = "owners"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(50), default="")
+    # The database deletes pets with their owner: the mapper says so, the metadata not.
+    pets: Mapped[list[Pet]] = relationship(passive_deletes=True)
+
+
+class Item(Base):
+    __tablename__ = "items"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    owner_id: Mapped[int] = mapped_column(
+        ForeignKey("owners.id", ondelete="CASCADE", onupdate="CASCADE")
+    )
+
+
+class Part(Base):
+    """The second level of the chain owners -> items -> parts."""
+
+    __tablename__ = "parts"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"))
+
+
+class Note(Base):
+    __tablename__ = "notes"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    owner_id: Mapped[int | None] = mapped_column(ForeignKey("owners.id", ondelete="SET NULL"))
+
+
+class Pet(Base):
+    __tablename__ = "pets"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("owners.id"))  # no ondelete here
+
+
+class Order(Base):
+    """A table with a trigger the metadata does not describe (see declare_writes)."""
+
+    __tablename__ = "orders"
+    id: Mapped[int] = mapped_column(primary_key=True)
+
+
+PETS_DDL = (
+    "CREATE TABLE pets (id INTEGER PRIMARY KEY, "
+    "owner_id INTEGER NOT NULL REFERENCES owners (id) ON DELETE CASCADE)"
+)
+
+
+@pytest.fixture
+def database(engine: Engine, redis_client: RedisClient) -> Iterator[Engine]:
+    """The test database with foreign keys enforced, bound for Core and raw SQL."""
+    cascading = create_engine(engine.url)
+    if cascading.dialect.name == "sqlite":
+
+        @event.listens_for(cascading, "connect")
+        def enforce_foreign_keys(dbapi_connection: Any, record: Any) -> None:
+            dbapi_connection.execute("PRAGMA foreign_keys=ON")
+
+    others = [t for t in Base.metadata.sorted_tables if t.name != "pets"]
+    with cascading.begin() as connection:
+        connection.exec_driver_sql("DROP TABLE IF EXISTS pets")
+    Base.metadata.drop_all(cascading)
+    Base.metadata.create_all(cascading, tables=others)
+    with cascading.begin() as connection:
+        connection.exec_driver_sql(PETS_DDL)
+    alkey.bind_engine(cascading, redis_client=redis_client)
+    yield cascading
+    alkey.unbind_engine(cascading)
+    with cascading.begin() as connection:
+        connection.exec_driver_sql("DROP TABLE IF EXISTS pets")
+    Base.metadata.drop_all(cascading)
+    cascading.dispose()
+
+
+@pytest.fixture
+def factory(database: Engine, redis_client: RedisClient) -> Iterator[sessionmaker[Session]]:
+    made = sessionmaker(database, expire_on_commit=False)
+    alkey.bind(made, redis_client=redis_client)
+    with made() as session:
+        session.add_all([Owner(id=1, name="ada"), Owner(id=2, name="bob")])
+        session.flush()
+        session.add_all([Item(id=1, owner_id=1), Item(id=2, owner_id=2)])
+        session.flush()
+        session.add_all([Part(id=1, item_id=1), Note(id=1, owner_id=1), Pet(id=1, owner_id=1)])
+        session.commit()
+    yield made
+    alkey.unbind(made)
+
+
+@pytest.fixture
+def keys(redis_client: RedisClient) -> CacheKeyGenerator:
+    return CacheKeyGenerator(redis_client)
+
+
+WATCHED = (
+    "alkey:items#1",
+    "alkey:items#*",
+    "alkey:parts#1",
+    "alkey:notes#1",
+    "alkey:pets#1",
+    "alkey:orders#*",
+)
+
+
+def changed_keys(keys: CacheKeyGenerator, before: dict[str, str]) -> set[str]:
+    return {name for name in WATCHED if keys(name) != before[name]}
+
+
+def snapshot(keys: CacheKeyGenerator) -> dict[str, str]:
+    return {name: keys(name) for name in WATCHED}
+
+
+def count(session: Session, model: type[Any]) -> int:
+    return session.scalar(select(func.count()).select_from(model)) or 0
+
+
+def run_core_delete(database: Engine) -> None:
+    owners: Table = Owner.__table__  # type: ignore[assignment]
+    with database.begin() as connection:
+        connection.execute(owners.delete().where(owners.c.id == 1))
+
+
+@pytest.mark.parametrize("how", ["orm flush", "bulk statement", "core", "raw sql"])
+def test_deleting_a_parent_changes_the_keys_of_every_row_the_database_cascades_to(
+    factory: sessionmaker[Session], database: Engine, keys: CacheKeyGenerator, how: str
+) -> None:
+    before = snapshot(keys)
+    with factory() as session:
+        if how == "orm flush":
+            session.delete(session.get_one(Owner, 1))
+        elif how == "bulk statement":
+            session.execute(delete(Owner).where(Owner.id == 1))
+        elif how == "raw sql":
+            session.execute(text("DELETE FROM owners WHERE id = 1"))
+        session.commit()
+    if how == "core":
+        run_core_delete(database)
+    with factory() as session:  # the database did cascade
+        assert (count(session, Item), count(session, Part), count(session, Pet)) == (1, 0, 0)
+        assert session.get_one(Note, 1).owner_id is None
+    assert changed_keys(keys, before) == {
+        "alkey:items#1",  # ON DELETE CASCADE
+        "alkey:items#*",
+        "alkey:parts#1",  # and on through items' own ON DELETE CASCADE
+        "alkey:notes#1",  # ON DELETE SET NULL
+        "alkey:pets#1",  # passive_deletes, though the metadata declares no ondelete
+    }
+
+
+@pytest.mark.parametrize("how", ["orm flush", "bulk statement", "core", "raw sql"])
+def test_changing_a_referenced_key_changes_the_keys_of_on_update_cascade_children(
+    factory: sessionmaker[Session], database: Engine, keys: CacheKeyGenerator, how: str
+) -> None:
+    before = snapshot(keys)
+    with factory() as session:
+        session.delete(session.get_one(Pet, 1))  # pets would refuse the change
+        session.get_one(Note, 1).owner_id = None
+        session.commit()
+    before = snapshot(keys)
+    with factory() as session:
+        if how == "orm flush":
+            session.get_one(Owner, 1).id = 10
+        elif how == "bulk statement":
+            session.execute(update(Owner).where(Owner.id == 1).values(id=10))
+        elif how == "raw sql":
+            session.execute(text("UPDATE owners SET id = 10 WHERE id = 1"))
+        session.commit()
+    if how == "core":
+        owners: Table = Owner.__table__  # type: ignore[assignment]
+        with database.begin() as connection:
+            connection.execute(owners.update().where(owners.c.id == 1).values(id=10))
+    with factory() as session:
+        assert session.get_one(Item, 1).owner_id == 10
+    changed = changed_keys(keys, before)
+    assert {"alkey:items#1", "alkey:items#*"} <= changed
+    # items.owner_id is referenced by nothing: parts keep their keys.
+    assert "alkey:parts#1" not in changed
+
+
+@pytest.mark.parametrize("how", ["orm flush", "bulk statement", "core", "raw sql"])
+def test_an_update_that_sets_no_referenced_column_keeps_the_childrens_keys(
+    factory: sessionmaker[Session], database: Engine, keys: CacheKeyGenerator, how: str
+) -> None:
+    before = snapshot(keys)
+    with factory() as session:
+        if how == "orm flush":
+            session.get_one(Owner, 1).name = "grace"
+        elif how == "bulk statement":
+            session.execute(update(Owner).where(Owner.id == 1).values(name="grace"))
+        elif how == "raw sql":
+            session.execute(text("UPDATE owners SET name = 'grace' WHERE id = 1"))
+        session.commit()
+    if how == "core":
+        owners: Table = Owner.__table__  # type: ignore[assignment]
+        with database.begin() as connection:
+            connection.execute(owners.update().values(name="grace"))
+    assert changed_keys(keys, before) == set()
+
+
+def test_an_insert_cascades_to_nothing(
+    factory: sessionmaker[Session], keys: CacheKeyGenerator
+) -> None:
+    before = snapshot(keys)
+    with factory() as session:
+        session.add(Owner(id=3, name="cy"))
+        session.execute(text("INSERT INTO owners (id, name) VALUES (4, 'di')"))
+        session.commit()
+    assert changed_keys(keys, before) == set()
+
+
+def test_a_rolled_back_cascading_delete_changes_nothing(
+    factory: sessionmaker[Session], keys: CacheKeyGenerator
+) -> None:
+    before = snapshot(keys)
+    with factory() as session:
+        session.execute(delete(Owner).where(Owner.id == 1))
+        session.rollback()
+    assert changed_keys(keys, before) == set()
+
+
+# -- the rules, on metadata alone ----------------------------------------------------------
+
+
+@pytest.fixture
+def chain() -> Iterator[MetaData]:
+    """a <- b (ON DELETE SET NULL on b.a_id) <- c (references b.a_id, ON UPDATE CASCADE)
+    and d (references b.id, ON UPDATE CASCADE); e references itself ON DELETE CASCADE."""
+    metadata = MetaData()
+    Table("chain_a", metadata, Column("id", Integer, primary_key=True))
+    Table(
+        "chain_b",
+        metadata,
+        Column("id", Integer, primary_key=True),
+        Column("a_id", ForeignKey("chain_a.id", ondelete="SET NULL"), unique=True),
+    )
+    Table(
+        "chain_c",
+        metadata,
+        Column("id", Integer, primary_key=True),
+        Column("b_a_id", ForeignKey("chain_b.a_id", onupdate="CASCADE")),
+    )
+    Table(
+        "chain_d",
+        metadata,
+        Column("id", Integer, primary_key=True),
+        Column("b_id", ForeignKey("chain_b.id", onupdate="CASCADE", ondelete="RESTRICT")),
+    )
+    Table(
+        "chain_e",
+        metadata,
+        Column("id", Integer, primary_key=True),
+        Column("parent_id", ForeignKey("chain_e.id", ondelete="CASCADE")),
+    )
+    catalog.register_metadata(metadata)
+    yield metadata
+    catalog.unregister_metadata(metadata)
+
+
+def test_set_null_goes_on_only_through_foreign_keys_onto_the_nulled_columns(
+    chain: MetaData,
+) -> None:
+    assert cascaded_tables("chain_a", "delete", None) == {"chain_b", "chain_c"}
+
+
+def test_an_update_of_unknown_columns_follows_only_on_update_actions(chain: MetaData) -> None:
+    assert cascaded_tables("chain_b", "update", None) == {"chain_c", "chain_d"}
+    assert cascaded_tables("chain_b", "update", frozenset({"id"})) == {"chain_d"}
+    assert cascaded_tables("chain_b", "delete", None) == frozenset()  # RESTRICT
+
+
+def test_a_self_referencing_cascade_ends_and_reaches_its_own_table(chain: MetaData) -> None:
+    assert cascaded_tables("chain_e", "delete", None) == {"chain_e"}
+
+
+def test_tables_added_to_a_registered_metadata_later_are_seen(chain: MetaData) -> None:
+    Table(
+        "chain_f",
+        chain,
+        Column("id", Integer, primary_key=True),
+        Column("a_id", ForeignKey("chain_a.id", ondelete="CASCADE")),
+    )
+    assert "chain_f" in cascaded_tables("chain_a", "delete", None)
+
+
+def test_a_core_only_metadata_is_unknown_until_registered() -> None:
+    metadata = MetaData()
+    Table("lone_parent", metadata, Column("id", Integer, primary_key=True))
+    Table(
+        "lone_child",
+        metadata,
+        Column("id", Integer, primary_key=True),
+        Column("parent_id", ForeignKey("lone_parent.id", ondelete="CASCADE")),
+    )
+    assert cascaded_tables("lone_parent", "delete", None) == frozenset()
+    catalog.register_metadata(metadata)
+    try:
+        assert cascaded_tables("lone_parent", "delete", None) == {"lone_child"}
+    finally:
+        catalog.unregister_metadata(metadata)
+
+
+# -- declared writes (triggers) --------------------------------------------------------------
+
+
+@pytest.fixture
+def audit_trigger() -> Iterator[None]:
+    alkey.declare_writes("orders", "order_audit")
+    alkey.declare_writes("order_audit", Order)  # a cycle must end
+    yield
+    alkey.undeclare_writes("orders")
+    alkey.undeclare_writes("order_audit")
+
+
+def test_a_declared_write_changes_the_written_tables_keys_whatever_the_path(
+    factory: sessionmaker[Session], database: Engine, keys: CacheKeyGenerator, audit_trigger: None
+) -> None:
+    for write in ("orm", "raw"):
+        before = keys("alkey:order_audit#*"), keys("alkey:order_audit#5")
+        with factory() as session:
+            if write == "orm":
+                session.add(Order(id=1))
+            else:
+                session.execute(text("UPDATE orders SET id = 2"))
+            session.commit()
+        assert keys("alkey:order_audit#*") != before[0]
+        assert keys("alkey:order_audit#5") != before[1], "rows unknown: every row key"
+
+
+def test_a_declared_write_cascades_through_the_written_tables_foreign_keys(
+    factory: sessionmaker[Session], keys: CacheKeyGenerator
+) -> None:
+    alkey.declare_writes(Order, Owner.__table__)
+    try:
+        before = keys("alkey:items#1")
+        with factory() as session:
+            session.add(Order(id=1))
+            session.commit()
+        assert keys("alkey:items#1") != before
+    finally:
+        alkey.undeclare_writes(Order)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "error", "message"),
+    [
+        ((Order(), "x"), TypeError, r"the table <.*Order.*> is not a table; pass a Table"),
+        (("orders", 42), TypeError, "the written table 42 is not a table"),
+        (("a.b.c", "x"), ValueError, r"table 'a.b.c' is not 'table' or 'schema.table'"),
+        (("orders",), ValueError, "at least one table it also writes"),
+    ],
+)
+def test_declaring_writes_for_something_that_is_not_a_table_says_what_to_pass(
+    arguments: tuple[Any, ...], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        alkey.declare_writes(*arguments)
+
+
+def test_registering_something_that_is_not_a_metadata_says_what_to_pass() -> None:
+    with pytest.raises(TypeError, match=r"pass Base\.metadata"):
+        catalog.register_metadata(Base)  # type: ignore[arg-type]

@@ -1,0 +1,214 @@
+"""Loading before keying: a key built from data older than its token is never a fresh key.
+
+A reader that loads a row, then builds its key, races every writer that commits between
+the two. alkey keys an instance on its row's token *and* on what the instance holds
+(see :mod:`alkey.snapshot`), so such a reader's key is one that no reader of the fresh row
+builds: its stale render is never served to anyone else.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, ForeignKey, MetaData, String, TypeDecorator, select
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    defer,
+    mapped_column,
+    relationship,
+    selectinload,
+    sessionmaker,
+)
+
+import alkey
+from alkey.cache import CacheKeyGenerator
+from alkey.tokens import RedisClient
+
+
+class Opaque:
+    """A value whose repr holds a memory address: no two loads encode alike."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+class OpaqueText(TypeDecorator[Opaque]):
+    impl = String(50)
+    cache_ok = True
+
+    def process_bind_param(self, value: Opaque | None, dialect: Dialect) -> str | None:
+        return None if value is None else value.text
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> Opaque | None:
+        return None if value is None else Opaque(value)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData()
+
+
+class Author(Base):
+    __tablename__ = "load_authors"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(50))
+    bio: Mapped[str] = mapped_column(String(200), default="")
+    books: Mapped[list[Book]] = relationship(back_populates="author", order_by="Book.id")
+
+
+class Book(Base):
+    __tablename__ = "load_books"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    title: Mapped[str] = mapped_column(String(50))
+    author_id: Mapped[int] = mapped_column(ForeignKey("load_authors.id"))
+    author: Mapped[Author] = relationship(back_populates="books")
+
+
+class Gadget(Base):
+    __tablename__ = "load_gadgets"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    blob: Mapped[Opaque] = mapped_column(OpaqueText)
+
+
+@pytest.fixture
+def factory(tables: Engine, redis_client: RedisClient) -> Iterator[sessionmaker[Session]]:
+    Base.metadata.drop_all(tables)
+    Base.metadata.create_all(tables)
+    with Session(tables) as session:
+        author = Author(id=1, name="Ada")
+        session.add_all(
+            [author, Book(id=1, title="Notes", author=author), Gadget(id=1, blob=Opaque("x"))]
+        )
+        session.commit()
+    made = sessionmaker(tables, expire_on_commit=False)
+    alkey.bind(made, redis_client=redis_client)
+    yield made
+    alkey.unbind(made)
+    Base.metadata.drop_all(tables)
+
+
+@pytest.fixture
+def key_generator(redis_client: RedisClient) -> CacheKeyGenerator:
+    return CacheKeyGenerator(redis_client)
+
+
+def fresh_key(factory: sessionmaker[Session], key_generator: CacheKeyGenerator, *args: Any) -> str:
+    """The key a reader that loads the author now builds for it."""
+    with factory() as session:
+        author = session.scalars(
+            select(Author).where(Author.id == 1).options(selectinload(Author.books))
+        ).one()
+        return key_generator(author, *args)
+
+
+def test_a_key_built_from_a_load_that_a_commit_overtook_is_never_a_fresh_readers_key(
+    factory: sessionmaker[Session], key_generator: CacheKeyGenerator
+) -> None:
+    with factory() as reader:
+        author = reader.get_one(Author, 1)  # loaded: name "Ada"
+        with factory() as writer:
+            writer.get_one(Author, 1).name = "Ada Lovelace"
+            writer.commit()  # commits and bumps between the reader's load and its key
+        stale_key = key_generator(author, "page")  # new token, old name
+    assert fresh_key(factory, key_generator, "page") != stale_key
+
+
+def test_fresh_loads_of_an_unchanged_row_share_one_key(
+    factory: sessionmaker[Session], key_generator: CacheKeyGenerator
+) -> None:
+    assert fresh_key(factory, key_generator, "page") == fresh_key(factory, key_generator, "page")
+
+
+def test_a_loaded_collection_whose_member_changed_keys_apart_from_a_fresh_load(
+    factory: sessionmaker[Session], key_generator: CacheKeyGenerator
+) -> None:
+    with factory() as reader:
+        author = reader.scalars(select(Author).options(selectinload(Author.books))).one()
+        with factory() as writer:
+            writer.get_one(Book, 1).title = "Notes, revised"
+            writer.commit()  # touches the author: its token changes, its columns do not
+        stale_key = key_generator(author, "page")
+        assert [book.title for book in author.books] == ["Notes"]
+    assert fresh_key(factory, key_generator, "page") != stale_key
+
+
+def test_an_instance_expired_by_its_commit_keys_like_a_fresh_load(
+    tables: Engine, factory: sessionmaker[Session], key_generator: CacheKeyGenerator
+) -> None:
+    expiring = sessionmaker(tables)  # expire_on_commit=True, SQLAlchemy's default
+    alkey.bind(expiring, tokens=key_generator.tokens)
+    try:
+        with expiring() as session:
+            author = session.get_one(Author, 1)
+            author.bio = "mathematician"
+            session.commit()  # expires every attribute
+            key = key_generator(author)  # loads them again, as reading one would
+            assert "bio" in author.__dict__
+    finally:
+        alkey.unbind(expiring)
+    with factory() as session:
+        assert key_generator(session.get_one(Author, 1)) == key
+
+
+def test_rolled_back_changes_leave_an_instances_key_as_it_was(
+    factory: sessionmaker[Session], key_generator: CacheKeyGenerator
+) -> None:
+    with factory() as session:
+        author = session.get_one(Author, 1)
+        before = key_generator(author)
+        author.name = "draft"
+        session.flush()
+        session.rollback()
+        assert key_generator(author) == before
+
+
+def test_an_instance_with_changes_not_committed_keys_apart_from_its_committed_row(
+    factory: sessionmaker[Session], key_generator: CacheKeyGenerator
+) -> None:
+    with factory() as session:
+        author = session.get_one(Author, 1)
+        author.name = "draft"  # a render of this must never reach other readers
+        assert key_generator(author) != fresh_key(factory, key_generator)
+
+
+def test_a_deferred_column_left_unloaded_is_part_of_the_key_as_not_loaded(
+    factory: sessionmaker[Session], key_generator: CacheKeyGenerator
+) -> None:
+    def partial_key() -> str:
+        with factory() as session:
+            return key_generator(session.scalars(select(Author).options(defer(Author.bio))).one())
+
+    with factory() as session:
+        full = key_generator(session.get_one(Author, 1))
+    assert partial_key() == partial_key()
+    assert partial_key() != full, "a render without the column is another value"
+
+
+def test_an_identifier_string_keys_on_the_token_alone(
+    factory: sessionmaker[Session], key_generator: CacheKeyGenerator
+) -> None:
+    with factory() as session:
+        author = session.get_one(Author, 1)
+        assert key_generator("alkey:load_authors#1") != key_generator(author)
+        assert key_generator("alkey:load_authors#1") == key_generator("alkey:load_authors#1")
+
+
+def test_a_column_value_without_a_stable_text_makes_keys_miss_and_is_logged_once(
+    factory: sessionmaker[Session],
+    key_generator: CacheKeyGenerator,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="alkey.snapshot")
+    keys = set()
+    for _ in range(3):
+        with factory() as session:
+            keys.add(key_generator(session.get_one(Gadget, 1)))
+    assert len(keys) == 3, "never a key another load shares: a miss, never a stale hit"
+    warnings = [record for record in caplog.records if record.name == "alkey.snapshot"]
+    assert len(warnings) == 1
+    assert "Gadget.blob" in warnings[0].getMessage()

@@ -1,0 +1,273 @@
+"""Tenants and shards: rows with the same primary key in different tables never share a key.
+
+Schema per tenant (``schema_translate_map``) runs on PostgreSQL, which has schemas; the
+shards are two SQLite files, which need no server and show the identity token alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import (
+    Engine,
+    ForeignKey,
+    MetaData,
+    String,
+    create_engine,
+    delete,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.ext.horizontal_shard import ShardedSession
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+import alkey
+from alkey.cache import CacheKeyGenerator
+from alkey.identity import identifier_for
+from alkey.tokens import RedisClient
+
+TENANTS = ("alkey_tenant_a", "alkey_tenant_b")
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData()
+
+
+class Item(Base):
+    __tablename__ = "tenant_items"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(50))
+
+
+class Part(Base):
+    """A child the database deletes with its item (ON DELETE CASCADE)."""
+
+    __tablename__ = "tenant_parts"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("tenant_items.id", ondelete="CASCADE"))
+
+
+@pytest.fixture
+def tenant_engines(engine: Engine) -> Iterator[Mapping[str, Engine]]:
+    """One option engine per tenant schema, each holding item 1 named after its tenant."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("schema per tenant needs PostgreSQL")
+    engines = {
+        tenant: engine.execution_options(schema_translate_map={None: tenant}) for tenant in TENANTS
+    }
+    with engine.begin() as connection:
+        for tenant in TENANTS:
+            connection.execute(text(f"DROP SCHEMA IF EXISTS {tenant} CASCADE"))
+            connection.execute(text(f"CREATE SCHEMA {tenant}"))
+    for tenant, tenant_engine in engines.items():
+        Base.metadata.create_all(tenant_engine)
+        with Session(tenant_engine) as session:
+            session.add_all([Item(id=1, name=tenant), Part(id=1, item_id=1)])
+            session.commit()
+    yield engines
+    with engine.begin() as connection:
+        for tenant in TENANTS:
+            connection.execute(text(f"DROP SCHEMA IF EXISTS {tenant} CASCADE"))
+
+
+@pytest.fixture
+def tenant_sessions(
+    tenant_engines: Mapping[str, Engine], redis_client: RedisClient
+) -> Iterator[dict[str, sessionmaker[Session]]]:
+    factories = {
+        tenant: sessionmaker(tenant_engine, expire_on_commit=False)
+        for tenant, tenant_engine in tenant_engines.items()
+    }
+    for factory in factories.values():
+        alkey.bind(factory, redis_client=redis_client)
+    yield factories
+    for factory in factories.values():
+        alkey.unbind(factory)
+
+
+def item_keys(
+    factories: dict[str, sessionmaker[Session]], key_generator: CacheKeyGenerator
+) -> dict[str, str]:
+    """Each tenant's key of its item 1, loaded freshly."""
+    keys = {}
+    for tenant, factory in factories.items():
+        with factory() as session:
+            keys[tenant] = key_generator(session.get_one(Item, 1), "page")
+    return keys
+
+
+def test_two_tenants_rows_with_one_primary_key_have_their_own_tokens(
+    tenant_sessions: dict[str, sessionmaker[Session]],
+) -> None:
+    identifiers = {}
+    for tenant, factory in tenant_sessions.items():
+        with factory() as session:
+            identifiers[tenant] = identifier_for(session.get_one(Item, 1))
+    assert identifiers == {tenant: f"alkey:{tenant}.tenant_items#1" for tenant in TENANTS}
+
+
+def test_a_tenants_flush_changes_its_keys_and_leaves_the_other_tenants_alone(
+    tenant_sessions: dict[str, sessionmaker[Session]], redis_client: RedisClient
+) -> None:
+    key_generator = CacheKeyGenerator(redis_client)
+    a, b = TENANTS
+    before = item_keys(tenant_sessions, key_generator)
+    class_key = key_generator(Item)
+    with tenant_sessions[a]() as session:
+        session.get_one(Item, 1).name = "renamed"
+        session.commit()
+    after = item_keys(tenant_sessions, key_generator)
+    assert after[a] != before[a]
+    assert after[b] == before[b], "tenant B's page stays cached"
+    assert key_generator(Item) != class_key, "the class stands for the table in every schema"
+
+
+def test_a_tenants_bulk_update_changes_its_keys_only(
+    tenant_sessions: dict[str, sessionmaker[Session]], redis_client: RedisClient
+) -> None:
+    key_generator = CacheKeyGenerator(redis_client)
+    a, b = TENANTS
+    before = item_keys(tenant_sessions, key_generator)
+    with tenant_sessions[a]() as session:
+        session.execute(update(Item).where(Item.id == 1).values(name="bulk"))
+        session.commit()
+    after = item_keys(tenant_sessions, key_generator)
+    assert after[a] != before[a]
+    assert after[b] == before[b]
+
+
+def test_raw_sql_on_a_tenants_schema_changes_its_keys_only(
+    tenant_sessions: dict[str, sessionmaker[Session]],
+    tenant_engines: Mapping[str, Engine],
+    redis_client: RedisClient,
+) -> None:
+    key_generator = CacheKeyGenerator(redis_client)
+    a, b = TENANTS
+    before = item_keys(tenant_sessions, key_generator)
+    with tenant_sessions[a]() as session:
+        session.execute(text(f"UPDATE {a}.tenant_items SET name = 'raw'"))
+        session.commit()
+    after = item_keys(tenant_sessions, key_generator)
+    assert after[a] != before[a]
+    assert after[b] == before[b]
+
+
+def test_a_statement_level_schema_translate_map_names_that_tenants_rows(
+    tenant_sessions: dict[str, sessionmaker[Session]], engine: Engine, redis_client: RedisClient
+) -> None:
+    factory = sessionmaker(engine, expire_on_commit=False)
+    alkey.bind(factory, redis_client=redis_client)
+    key_generator = CacheKeyGenerator(redis_client)
+
+    def keys() -> dict[str, str]:
+        keys = {}
+        for tenant in TENANTS:
+            # A session of its own per tenant: one identity map would hand tenant B's query
+            # tenant A's instance of the same primary key (unless an identity_token tells
+            # them apart, which alkey honours too).
+            with factory() as session:
+                item = session.execute(
+                    select(Item).execution_options(schema_translate_map={None: tenant})
+                ).scalar_one()
+                assert identifier_for(item) == f"alkey:{tenant}.tenant_items#1"
+                keys[tenant] = key_generator(item)
+        return keys
+
+    a, b = TENANTS
+    try:
+        before = keys()
+        with tenant_sessions[a]() as session:
+            session.get_one(Item, 1).name = "renamed"
+            session.commit()
+        after = keys()
+    finally:
+        alkey.unbind(factory)
+    assert after[a] != before[a]
+    assert after[b] == before[b]
+
+
+def part_keys(
+    factories: dict[str, sessionmaker[Session]], key_generator: CacheKeyGenerator
+) -> dict[str, str]:
+    keys = {}
+    for tenant, factory in factories.items():
+        with factory() as session:
+            keys[tenant] = key_generator(session.get_one(Part, 1))
+    return keys
+
+
+@pytest.mark.parametrize("path", ["bulk statement", "raw sql"])
+def test_a_cascading_delete_in_one_tenant_changes_that_tenants_child_keys_only(
+    tenant_sessions: dict[str, sessionmaker[Session]], redis_client: RedisClient, path: str
+) -> None:
+    key_generator = CacheKeyGenerator(redis_client)
+    a, b = TENANTS
+    before = part_keys(tenant_sessions, key_generator)
+    by_identifier = key_generator(f"alkey:{a}.tenant_parts#1")
+    item_keys(tenant_sessions, key_generator)  # this process has seen each tenant's items
+    with tenant_sessions[a]() as session:
+        if path == "bulk statement":
+            session.execute(delete(Item).where(Item.id == 1))
+        else:
+            session.execute(text(f"DELETE FROM {a}.tenant_items WHERE id = 1"))
+        session.commit()
+        assert session.get(Part, 1) is None, "the database deleted the child"
+    assert key_generator(f"alkey:{a}.tenant_parts#1") != by_identifier
+    assert part_keys({b: tenant_sessions[b]}, key_generator) == {b: before[b]}
+
+
+# -- horizontal sharding: two databases, one identity token each ----------------------------
+
+
+@pytest.fixture
+def shards(tmp_path: Path, redis_client: RedisClient) -> Iterator[sessionmaker[ShardedSession]]:
+    """A ShardedSession factory over two SQLite files, each holding item 1."""
+    engines = {name: create_engine(f"sqlite:///{tmp_path / name}.db") for name in ("east", "west")}
+    for name, shard in engines.items():
+        Base.metadata.create_all(shard)
+        with Session(shard) as session:
+            session.add(Item(id=1, name=name))
+            session.commit()
+
+    def every_shard(*args: Any, **kwargs: Any) -> list[str]:
+        return list(engines)
+
+    factory = sessionmaker(
+        class_=ShardedSession,
+        shards=engines,
+        shard_chooser=lambda mapper, instance, **kw: "east",
+        identity_chooser=lambda *args, **kwargs: list(engines),
+        execute_chooser=every_shard,
+        expire_on_commit=False,
+    )
+    alkey.bind(factory, redis_client=redis_client)
+    yield factory
+    alkey.unbind(factory)
+    for shard in engines.values():
+        shard.dispose()
+
+
+def test_sharded_rows_with_one_primary_key_have_their_own_tokens(
+    shards: sessionmaker[ShardedSession], redis_client: RedisClient
+) -> None:
+    key_generator = CacheKeyGenerator(redis_client)
+    with shards() as session:
+        items = {item.name: item for item in session.scalars(select(Item))}
+        assert {name: identifier_for(item) for name, item in items.items()} == {
+            "east": "alkey:tenant_items#1@east",
+            "west": "alkey:tenant_items#1@west",
+        }
+        before = {name: key_generator(item) for name, item in items.items()}
+        assert before["east"] != before["west"]
+        items["east"].name = "east, renamed"
+        session.commit()
+    with shards() as session:
+        after = {
+            item.name.split(",")[0]: key_generator(item) for item in session.scalars(select(Item))
+        }
+    assert after["east"] != before["east"]
+    assert after["west"] == before["west"], "the other shard's row stays cached"
