@@ -10,6 +10,12 @@ Writers publish each version to a :class:`Floor` in shared memory only after ``c
 returned; readers sample the floor before they start a read. So the floor is a lower bound
 on what any read must return, across threads and processes alike.
 
+What readers read (:data:`Data`): the counters themselves; a part of each counter that the
+*database* rewrites when the counter's code changes (``ON UPDATE CASCADE``), declared in
+the metadata or not (the control); or the counters of two tenants, one schema each
+(``schema_translate_map``, PostgreSQL), where serving one tenant's value to the other is
+as wrong as serving an old one.
+
 This module imports no pytest, so that spawned processes start quickly.
 """
 
@@ -31,7 +37,18 @@ from multiprocessing.sharedctypes import SynchronizedArray
 from typing import Any, Literal, NamedTuple
 
 import redis
-from sqlalchemy import Engine, MetaData, create_engine, event
+from sqlalchemy import (
+    Column,
+    Engine,
+    ForeignKey,
+    Integer,
+    MetaData,
+    Table,
+    create_engine,
+    event,
+    insert,
+    text,
+)
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -56,6 +73,19 @@ RENDER_TIME = 0.001
 #: loads, then keys by identifier, which no loaded state protects (the checker's control).
 ReadOrder = Literal["key_first", "load_first", "load_first_by_identifier"]
 
+#: What readers serve: ``counters``; ``cascade``, the part of each counter that the
+#: database updates by itself (``ON UPDATE CASCADE`` from the counter's code, declared in
+#: the metadata); ``undeclared_cascade``, the same through a foreign key the metadata does
+#: not declare (the control: alkey cannot know); ``tenants``, the counters of two tenant
+#: schemas (PostgreSQL), read ``by_tenant`` identifiers or by the mapped table's
+#: identifier, which tenants would share (``tenants_shared``, the control).
+Data = Literal["counters", "cascade", "undeclared_cascade", "tenants", "tenants_shared"]
+#: The tenants' schemas, and how many slots of the floor each counter may take.
+TENANTS = ("alkey_stale_t0", "alkey_stale_t1")
+SLOTS = COUNTERS * len(TENANTS)
+#: A counter's code is ``index * CODE_BASE + version``: unique, and changed by every write.
+CODE_BASE = 1_000_000
+
 
 class Base(DeclarativeBase):
     metadata = MetaData()
@@ -65,6 +95,87 @@ class Counter(Base):
     __tablename__ = "stale_counters"
     id: Mapped[int] = mapped_column(primary_key=True)
     version: Mapped[int] = mapped_column(default=0)
+    code: Mapped[int] = mapped_column(unique=True)
+
+
+class Part(Base):
+    """A row the database rewrites when its counter's code changes."""
+
+    __tablename__ = "stale_parts"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    counter_code: Mapped[int] = mapped_column(ForeignKey("stale_counters.code", onupdate="CASCADE"))
+
+
+#: The same, with the foreign key only in the database (created by :func:`create_schema`).
+undeclared_parts = Table(
+    "stale_parts_undeclared",
+    MetaData(),
+    Column("id", Integer, primary_key=True),
+    Column("counter_code", Integer),
+)
+
+
+class UndeclaredPart(Base):
+    __table__ = undeclared_parts
+
+
+def create_schema(engine: Engine) -> None:
+    """Drop and create the checker's tables (and, on PostgreSQL, the tenants' schemas),
+    each counter at version 0 with its parts."""
+    drop_schema(engine)
+    Base.metadata.create_all(engine, tables=_tables("stale_counters", "stale_parts"))
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "CREATE TABLE stale_parts_undeclared (id INTEGER PRIMARY KEY, counter_code "
+                "INTEGER REFERENCES stale_counters (code) ON UPDATE CASCADE)"
+            )
+        )
+        connection.execute(insert(Counter), _counters())
+        for table in (*_tables("stale_parts"), undeclared_parts):
+            connection.execute(
+                insert(table),
+                [{"id": index, "counter_code": index * CODE_BASE} for index in range(COUNTERS)],
+            )
+    if engine.dialect.name == "postgresql":
+        with engine.begin() as connection:
+            for schema in TENANTS:
+                connection.execute(text(f"CREATE SCHEMA {schema}"))
+        for schema in TENANTS:
+            tenant = engine.execution_options(schema_translate_map={None: schema})
+            Base.metadata.create_all(tenant, tables=_tables("stale_counters"))
+            with tenant.begin() as connection:
+                connection.execute(insert(Counter), _counters())
+
+
+def _counters() -> list[dict[str, int]]:
+    return [{"id": index, "version": 0, "code": index * CODE_BASE} for index in range(COUNTERS)]
+
+
+def drop_schema(engine: Engine) -> None:
+    with engine.begin() as connection:
+        connection.execute(text("DROP TABLE IF EXISTS stale_parts_undeclared"))
+        if engine.dialect.name == "postgresql":
+            for schema in TENANTS:
+                connection.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
+    Base.metadata.drop_all(engine, tables=_tables("stale_parts", "stale_counters"))
+
+
+def _tables(*names: str) -> list[Table]:
+    return [Base.metadata.tables[name] for name in names]
+
+
+def checker_engine(url: str) -> Engine:
+    """An engine for the checker: on SQLite, with foreign keys enforced, so that the
+    database cascades as PostgreSQL does."""
+    engine = create_engine(url)
+    if engine.dialect.name == "sqlite":
+
+        @event.listens_for(engine, "connect")
+        def enforce_foreign_keys(dbapi_connection: Any, record: Any) -> None:
+            dbapi_connection.execute("PRAGMA foreign_keys=ON")
+
+    return engine
 
 
 class Committed(NamedTuple):
@@ -79,12 +190,15 @@ class Committed(NamedTuple):
 class StaleRead:
     reader: str
     reader_pid: int
-    counter: int
+    counter: int  # the slot: a counter of one tenant
     read: int
     committed: Committed  # the newest version committed before the read began
     began: float  # time.monotonic() when the read began
+    other_tenant: bool = False  # served a value cached for another tenant's counter
 
     def __str__(self) -> str:
+        if self.other_tenant:
+            return f"{self.reader}, counter {self.counter}: served another tenant's value"
         lag = self.began - self.committed.at
         return (
             f"{self.reader}, counter {self.counter}: read {self.read}, but "
@@ -131,7 +245,7 @@ class Floor:
 
     @classmethod
     def create(cls, context: multiprocessing.context.BaseContext) -> Floor:
-        return cls(*(context.Array(code, COUNTERS) for code in ("q", "d", "q")))
+        return cls(*(context.Array(code, SLOTS) for code in ("q", "d", "q")))
 
     def publish(self, counter: int, version: int) -> None:
         with self.versions.get_lock():
@@ -155,6 +269,13 @@ class App:
     client: redis.Redis
     key_generator: CacheKeyGenerator
     sqlite: bool  # whose writers may time out waiting for the database lock
+    #: What readers serve, and (for tenants) one bound sessionmaker per tenant schema.
+    data: Data = "counters"
+    tenants: tuple[sessionmaker[Session], ...] = ()
+
+    def session_for(self, slot: int) -> sessionmaker[Session]:
+        """The sessionmaker of the tenant whose counters take ``slot`` of the floor."""
+        return self.tenants[slot // COUNTERS] if self.tenants else self.factory
 
 
 def redis_client(url: str) -> redis.Redis:
@@ -171,6 +292,7 @@ def open_app(
     *,
     with_alkey: bool = True,
     store_options: Mapping[str, Any] | None = None,
+    data: Data = "counters",
 ) -> Iterator[App]:
     """An :class:`App` on ``engine`` and the Redis at ``redis_url``; ``store_options`` are
     extra keyword arguments for its :class:`RedisTokenStore`."""
@@ -178,13 +300,30 @@ def open_app(
     options: dict[str, Any] = {"retry_interval": 0.05, **(store_options or {})}
     store = RedisTokenStore(client, **options)
     factory = sessionmaker(engine, expire_on_commit=False)
+    tenants = tuple(
+        sessionmaker(
+            engine.execution_options(schema_translate_map={None: schema}),
+            expire_on_commit=False,
+        )
+        for schema in (TENANTS if data.startswith("tenants") else ())
+    )
+    factories = (factory, *tenants)
     if with_alkey:
-        alkey.bind(factory, tokens=store)
+        for bound in factories:
+            alkey.bind(bound, tokens=store)
     try:
-        yield App(factory, client, CacheKeyGenerator(tokens=store), engine.dialect.name == "sqlite")
+        yield App(
+            factory,
+            client,
+            CacheKeyGenerator(tokens=store),
+            engine.dialect.name == "sqlite",
+            data,
+            tenants,
+        )
     finally:
         if with_alkey:
-            alkey.unbind(factory)
+            for bound in factories:
+                alkey.unbind(bound)
         client.close()
 
 
@@ -204,8 +343,10 @@ def write(
     *,
     kill_after_commits: int | None = None,
     spare_crash_counter: bool = False,
+    pause: float = 0.002,
 ) -> None:
-    """Commit increments of random counters until ``stop``, publishing each version.
+    """Commit increments of random counters until ``stop``, publishing each version and
+    waiting ``pause`` seconds after each.
 
     With ``kill_after_commits``, the process SIGKILLs itself inside its Nth commit, after
     the database COMMIT and before alkey's bump: the crash that durable mode is for. It dies
@@ -230,16 +371,19 @@ def write(
             index = CRASH_COUNTER  # the commit this process dies in
         else:
             index = rng.randrange(CRASH_COUNTER if spare_crash_counter else COUNTERS)
+        slot = index + COUNTERS * rng.randrange(len(app.tenants) or 1)
         try:
-            with app.factory() as session:
+            with app.session_for(slot)() as session:
                 counter = session.get_one(Counter, index)
                 # In SQL, so that concurrent writers never lose an increment (SQLite has no
                 # row locks): versions only ever grow.
                 counter.version = Counter.version + 1
+                if app.data.endswith("cascade"):
+                    counter.code = Counter.code + 1  # the database rewrites the parts
                 session.flush()
                 session.refresh(counter)
                 version = counter.version
-                writing[:] = [index, version]
+                writing[:] = [slot, version]
                 session.commit()
         except Exception as error:
             if app.sqlite and is_lock_timeout(error):  # SQLite's, under contention
@@ -250,8 +394,8 @@ def write(
         finally:
             writing.clear()
         tally.commits += 1
-        floor.publish(index, version)
-        time.sleep(0.002)
+        floor.publish(slot, version)
+        time.sleep(pause)
 
 
 def read(
@@ -263,39 +407,68 @@ def read(
     tally: Tally,
     order: ReadOrder = "key_first",
 ) -> None:
-    """Serve random counters through the cache until ``stop``, checking each read against
-    the floor sampled before it began. A miss reads the database (or, loading first, uses
-    what it loaded) and caches the value."""
+    """Serve random counters (or their parts, or a tenant's) through the cache until
+    ``stop``, checking each read against the floor sampled before it began. A miss reads
+    the database (or, loading first, uses what it loaded) and caches the value, with the
+    slot it belongs to."""
     rng = random.Random(seed)
     while not stop.is_set():
         index = rng.randrange(COUNTERS)
-        committed = floor.sample(index)
+        slot = index + COUNTERS * rng.randrange(len(app.tenants) or 1)
+        committed = floor.sample(slot)
         began = time.monotonic()
         if order == "key_first":
-            key = app.key_generator(row_identifier(Counter.__table__, index), "page")
+            key = app.key_generator(_identifier(app, slot), "page")
             cached = _cached(app, key)
             if cached is None:
-                with app.factory() as session:
-                    version = session.get_one(Counter, index).version
+                with app.session_for(slot)() as session:
+                    version = _version(app, session.get_one(_model(app), index), index)
         else:
-            with app.factory() as session:
-                counter = session.get_one(Counter, index)
-                version = counter.version
+            with app.session_for(slot)() as session:
+                row = session.get_one(_model(app), index)
+                version = _version(app, row, index)
                 time.sleep(RENDER_TIME)
-                keyed_on: object = counter
+                keyed_on: object = row
                 if order == "load_first_by_identifier":
-                    keyed_on = row_identifier(Counter.__table__, index)
+                    keyed_on = _identifier(app, slot)
                 key = app.key_generator(keyed_on, "page")
             cached = _cached(app, key)
+        served = slot
         if cached is not None:
-            version = int(cached)
+            served, version = (int(part) for part in cached.split(b":"))
         else:
             with contextlib.suppress(redis.RedisError):
-                app.client.set(key, version, ex=60)
+                app.client.set(key, f"{slot}:{version}", ex=60)
         tally.reads += 1
         tally.hits += cached is not None
-        if version < committed.version:
-            tally.stale.append(StaleRead(name, os.getpid(), index, version, committed, began))
+        if version < committed.version or served != slot:
+            tally.stale.append(
+                StaleRead(name, os.getpid(), slot, version, committed, began, served != slot)
+            )
+
+
+def _model(app: App) -> type[Base]:
+    """What readers serve: the counter, or the part the database rewrites with it."""
+    if app.data == "cascade":
+        return Part
+    if app.data == "undeclared_cascade":
+        return UndeclaredPart
+    return Counter
+
+
+def _version(app: App, row: Any, index: int) -> int:
+    if isinstance(row, Counter):
+        return row.version
+    return int(row.counter_code) - index * CODE_BASE
+
+
+def _identifier(app: App, slot: int) -> str:
+    """The identifier a key-first reader names: of its tenant's table, or (the tenants'
+    control) of the mapped table, which every tenant would share."""
+    index = slot % COUNTERS
+    if app.data == "tenants":
+        return row_identifier(f"{TENANTS[slot // COUNTERS]}.{Counter.__tablename__}", index)
+    return row_identifier(_model(app).__table__, index)
 
 
 def _cached(app: App, key: str) -> Any:
@@ -326,6 +499,10 @@ class WorkerSpec:
     spare_crash_counter: bool = False
     #: How a reader orders loading and keying.
     read_order: ReadOrder = "key_first"
+    #: What readers serve.
+    data: Data = "counters"
+    #: Seconds a writer waits between its commits.
+    writer_pause: float = 0.002
 
     @property
     def name(self) -> str:
@@ -343,6 +520,7 @@ def run_loop(
     kill_after_commits: int | None = None,
     spare_crash_counter: bool = False,
     read_order: ReadOrder = "key_first",
+    writer_pause: float = 0.002,
 ) -> Tally:
     """Run a writer or reader until ``stop``; an unexpected exception ends it as an error."""
     tally = Tally()
@@ -357,6 +535,7 @@ def run_loop(
                 tally,
                 kill_after_commits=kill_after_commits,
                 spare_crash_counter=spare_crash_counter,
+                pause=writer_pause,
             )
         else:
             read(app, floor, stop, name, seed, tally, read_order)
@@ -374,10 +553,14 @@ def run_process(
 ) -> None:
     """A worker process: build an App from the URLs, say it is ready (``None``), run from
     ``start`` until ``stop``, and send its tally back."""
-    engine = create_engine(spec.database_url)
+    engine = checker_engine(spec.database_url)
     try:
         with open_app(
-            engine, spec.redis_url, with_alkey=spec.with_alkey, store_options=spec.store_options
+            engine,
+            spec.redis_url,
+            with_alkey=spec.with_alkey,
+            store_options=spec.store_options,
+            data=spec.data,
         ) as app:
             with app.factory() as session:  # connect now, not on the clock
                 session.get_one(Counter, 0)
@@ -393,6 +576,7 @@ def run_process(
                     kill_after_commits=spec.kill_after_commits,
                     spare_crash_counter=spec.spare_crash_counter,
                     read_order=spec.read_order,
+                    writer_pause=spec.writer_pause,
                 )
             else:
                 tally = Tally(errors=[f"{spec.name}: never told to start"])

@@ -62,12 +62,21 @@ class Item(Base):
     )
 
 
+class Shelf(Base):
+    """A second parent of parts: the database's deleting a part touches it too."""
+
+    __tablename__ = "shelves"
+    id: Mapped[int] = mapped_column(primary_key=True)
+
+
 class Part(Base):
     """The second level of the chain owners -> items -> parts."""
 
     __tablename__ = "parts"
     id: Mapped[int] = mapped_column(primary_key=True)
     item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"))
+    shelf_id: Mapped[int | None] = mapped_column(ForeignKey("shelves.id"), default=None)
+    shelf: Mapped[Shelf | None] = relationship()
 
 
 class Note(Base):
@@ -126,11 +135,13 @@ def factory(database: Engine, redis_client: RedisClient) -> Iterator[sessionmake
     made = sessionmaker(database, expire_on_commit=False)
     alkey.bind(made, redis_client=redis_client)
     with made() as session:
-        session.add_all([Owner(id=1, name="ada"), Owner(id=2, name="bob")])
+        session.add_all([Owner(id=1, name="ada"), Owner(id=2, name="bob"), Shelf(id=1)])
         session.flush()
         session.add_all([Item(id=1, owner_id=1), Item(id=2, owner_id=2)])
         session.flush()
-        session.add_all([Part(id=1, item_id=1), Note(id=1, owner_id=1), Pet(id=1, owner_id=1)])
+        session.add_all(
+            [Part(id=1, item_id=1, shelf_id=1), Note(id=1, owner_id=1), Pet(id=1, owner_id=1)]
+        )
         session.commit()
     yield made
     alkey.unbind(made)
@@ -148,6 +159,7 @@ WATCHED = (
     "alkey:notes#1",
     "alkey:pets#1",
     "alkey:orders#*",
+    "alkey:shelves#1",
 )
 
 
@@ -191,6 +203,7 @@ def test_deleting_a_parent_changes_the_keys_of_every_row_the_database_cascades_t
         "alkey:items#1",  # ON DELETE CASCADE
         "alkey:items#*",
         "alkey:parts#1",  # and on through items' own ON DELETE CASCADE
+        "alkey:shelves#1",  # the deleted part's parent (touch_parents)
         "alkey:notes#1",  # ON DELETE SET NULL
         "alkey:pets#1",  # passive_deletes, though the metadata declares no ondelete
     }

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import datetime
 import decimal
+import enum
 import uuid
 from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import (
+    CHAR,
     Column,
     DateTime,
     Engine,
+    Enum,
     Integer,
     MetaData,
     Numeric,
@@ -45,6 +48,35 @@ class Event(Base):
     __tablename__ = "identity_events"
     at: Mapped[datetime.datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
     title: Mapped[str] = mapped_column(String(50), default="")
+
+
+class Meeting(Base):
+    """A timestamp key in a column without time zone."""
+
+    __tablename__ = "identity_meetings"
+    at: Mapped[datetime.datetime] = mapped_column(DateTime(timezone=False), primary_key=True)
+    title: Mapped[str] = mapped_column(String(50), default="")
+
+
+class Code(Base):
+    """A fixed-width key: PostgreSQL returns it padded with spaces."""
+
+    __tablename__ = "identity_codes"
+    code: Mapped[str] = mapped_column(CHAR(6), primary_key=True)
+    label: Mapped[str] = mapped_column(String(50), default="")
+
+
+class Color(enum.Enum):
+    RED = 1
+    GREEN = 2
+
+
+class Paint(Base):
+    """An Enum key: the database stores the member's name."""
+
+    __tablename__ = "identity_paints"
+    color: Mapped[Color] = mapped_column(Enum(Color), primary_key=True)
+    label: Mapped[str] = mapped_column(String(50), default="")
 
 
 class Price(Base):
@@ -112,6 +144,55 @@ def test_an_aware_datetime_names_the_same_instant_in_any_time_zone() -> None:
     naive = utc.replace(tzinfo=None)
     spellings = {row_identifier("events", value) for value in (utc, paris, naive)}
     assert spellings == {"alkey:events#2024-01-01T00%3A00%3A00"}
+
+
+def test_an_aware_timestamp_key_in_a_column_without_time_zone_is_bumped_as_read_back(
+    factory: sessionmaker[Session], redis_client: RedisClient
+) -> None:
+    key_generator = CacheKeyGenerator(redis_client)
+    # SQLite stores the wall time and drops the offset; PostgreSQL converts the instant to
+    # its session's time zone (UTC). A reader loads whichever the database kept.
+    at = datetime.datetime(2024, 1, 1, 10, 0, tzinfo=datetime.timezone(datetime.timedelta(hours=2)))
+    with factory() as writer:
+        meeting = Meeting(at=at, title="kick-off")
+        writer.add(meeting)
+        writer.commit()
+        with factory() as reader:
+            [stored] = reader.scalars(select(Meeting.at)).all()
+            key = key_generator(row_identifier("identity_meetings", stored), "agenda")
+        meeting.title = "kick-off, moved"  # the writer names the row by its aware value
+        writer.commit()
+    assert key_generator(row_identifier("identity_meetings", stored), "agenda") != key
+
+
+def test_a_fixed_width_key_names_the_row_padded_or_not(
+    factory: sessionmaker[Session], redis_client: RedisClient
+) -> None:
+    key_generator = CacheKeyGenerator(redis_client)
+    with factory() as writer:
+        code = Code(code="ab", label="new")
+        writer.add(code)
+        writer.commit()
+        with factory() as reader:
+            loaded = reader.get_one(Code, "ab")
+            assert identifier_for(loaded) == identifier_for(code) == "alkey:identity_codes#ab"
+            key = key_generator(identifier_for(loaded))
+        code.label = "changed"
+        writer.commit()
+    assert key_generator("alkey:identity_codes#ab") != key
+
+
+def test_an_enum_key_given_as_a_member_or_as_its_stored_name_names_one_row(
+    factory: sessionmaker[Session],
+) -> None:
+    with factory() as session:
+        session.add(Paint(color=Color.RED))
+        session.commit()
+    with factory() as session:
+        loaded = session.get_one(Paint, Color.RED)
+        assert identifier_for(loaded) == "alkey:identity_paints#RED"
+    mapper = Paint.__mapper__
+    assert bulk_identifiers(mapper, [("RED",)]) == bulk_identifiers(mapper, [(Color.RED,)])
 
 
 def test_numeric_keys_of_any_scale_name_one_row(

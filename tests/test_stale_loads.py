@@ -8,13 +8,15 @@ builds: its stale render is never served to anyone else.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, ForeignKey, MetaData, String, TypeDecorator, select
+from sqlalchemy import Engine, ForeignKey, MetaData, String, TypeDecorator, event, select
 from sqlalchemy.engine import Dialect
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
@@ -27,6 +29,7 @@ from sqlalchemy.orm import (
 )
 
 import alkey
+from alkey.asyncio import AsyncCacheKeyGenerator, AsyncRedisClient
 from alkey.cache import CacheKeyGenerator
 from alkey.tokens import RedisClient
 
@@ -212,3 +215,51 @@ def test_a_column_value_without_a_stable_text_makes_keys_miss_and_is_logged_once
     warnings = [record for record in caplog.records if record.name == "alkey.snapshot"]
     assert len(warnings) == 1
     assert "Gadget.blob" in warnings[0].getMessage()
+
+
+def test_the_expired_instances_of_one_key_are_loaded_in_one_query(
+    tables: Engine, factory: sessionmaker[Session], key_generator: CacheKeyGenerator
+) -> None:
+    with factory() as session:
+        session.add_all([Author(id=index, name=f"author {index}") for index in range(2, 102)])
+        session.commit()
+    statements: list[str] = []
+
+    def count(connection: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(statement)
+
+    expiring = sessionmaker(tables)  # expire_on_commit=True
+    with expiring() as session:
+        authors = session.scalars(select(Author).where(Author.id > 1)).all()
+        session.commit()  # expires all 100
+        event.listen(tables, "before_cursor_execute", count)
+        try:
+            key = key_generator(authors, "list")
+        finally:
+            event.remove(tables, "before_cursor_execute", count)
+    assert len(statements) == 1, statements
+    with factory() as session:
+        fresh = session.scalars(select(Author).where(Author.id > 1).order_by(Author.id)).all()
+        assert key_generator(fresh, "list") == key
+
+
+def test_an_asyncio_key_generator_loads_expired_instances_with_await(
+    factory: sessionmaker[Session],
+    key_generator: CacheKeyGenerator,
+    async_engine: AsyncEngine,
+    async_redis_client: AsyncRedisClient,
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    async_keys = AsyncCacheKeyGenerator(async_redis_client)
+
+    async def key_after_commit() -> str:
+        async with async_sessionmaker(async_engine)() as session:  # expire_on_commit=True
+            author = await session.get_one(Author, 1)
+            await session.commit()
+            with pytest.raises(TypeError, match="AsyncCacheKeyGenerator"):
+                key_generator(author)  # a sync generator cannot await the load
+            return await async_keys(author)
+
+    key = loop.run_until_complete(key_after_commit())
+    with factory() as session:
+        assert key == key_generator(session.get_one(Author, 1))

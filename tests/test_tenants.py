@@ -224,9 +224,19 @@ def test_a_cascading_delete_in_one_tenant_changes_that_tenants_child_keys_only(
 
 
 @pytest.fixture
-def shards(tmp_path: Path, redis_client: RedisClient) -> Iterator[sessionmaker[ShardedSession]]:
-    """A ShardedSession factory over two SQLite files, each holding item 1."""
+def shard_engines(tmp_path: Path) -> Iterator[dict[str, Engine]]:
     engines = {name: create_engine(f"sqlite:///{tmp_path / name}.db") for name in ("east", "west")}
+    yield engines
+    for shard in engines.values():
+        shard.dispose()
+
+
+@pytest.fixture
+def shards(
+    shard_engines: dict[str, Engine], redis_client: RedisClient
+) -> Iterator[sessionmaker[ShardedSession]]:
+    """A ShardedSession factory over two SQLite files, each holding item 1."""
+    engines = shard_engines
     for name, shard in engines.items():
         Base.metadata.create_all(shard)
         with Session(shard) as session:
@@ -247,8 +257,6 @@ def shards(tmp_path: Path, redis_client: RedisClient) -> Iterator[sessionmaker[S
     alkey.bind(factory, redis_client=redis_client)
     yield factory
     alkey.unbind(factory)
-    for shard in engines.values():
-        shard.dispose()
 
 
 def test_sharded_rows_with_one_primary_key_have_their_own_tokens(
@@ -271,3 +279,24 @@ def test_sharded_rows_with_one_primary_key_have_their_own_tokens(
         }
     assert after["east"] != before["east"]
     assert after["west"] == before["west"], "the other shard's row stays cached"
+
+
+def test_a_core_update_naming_a_row_but_not_its_shard_changes_that_rows_key_on_every_shard(
+    shards: sessionmaker[ShardedSession],
+    shard_engines: dict[str, Engine],
+    redis_client: RedisClient,
+) -> None:
+    key_generator = CacheKeyGenerator(redis_client)
+    with shards() as session:
+        before = {item.name: key_generator(item) for item in session.scalars(select(Item))}
+    items = Base.metadata.tables["tenant_items"]
+    alkey.bind_engine(shard_engines["east"], redis_client=redis_client)
+    try:
+        with shard_engines["east"].begin() as connection:
+            # Row-precise Core, which cannot know that this engine is the shard "east".
+            connection.execute(update(items).where(items.c.id == 1).values(name="east"))
+    finally:
+        alkey.unbind_engine(shard_engines["east"])
+    with shards() as session:
+        after = {item.name: key_generator(item) for item in session.scalars(select(Item))}
+    assert after["east"] != before["east"]

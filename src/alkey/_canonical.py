@@ -52,7 +52,7 @@ from sqlalchemy.schema import Table
 from sqlalchemy.sql import ClauseElement, Executable
 
 from alkey import identity
-from alkey.snapshot import loaded_state
+from alkey.snapshot import load_expired, loaded_state
 
 __all__ = ["MAX_DEPTH", "Chunk", "encode_arguments"]
 
@@ -90,11 +90,14 @@ _SCALARS: Final[dict[type, Callable[[Any], bytes]]] = {
 
 
 class _Encoder:
-    __slots__ = ("chunks", "position")
+    __slots__ = ("chunks", "expired", "position")
 
-    def __init__(self, position: int) -> None:
+    def __init__(self, position: int, expired: list[InstanceState[Any]] | None) -> None:
         self.chunks: list[Chunk] = []
         self.position = position
+        #: Where instances whose attributes their session expired are collected, to be
+        #: loaded together (None: each is loaded as it is met).
+        self.expired = expired
 
     def _fail(self, error: type[Exception], problem: str) -> Exception:
         return error(f"cache key argument {self.position + 1}: {problem}")
@@ -108,7 +111,7 @@ class _Encoder:
         state = getattr(value, DEFAULT_STATE_ATTR, None)
         if isinstance(state, InstanceState):
             self.chunks.append(identity.instance_identifier(state))
-            self.chunks.append(loaded_state(state))
+            self.chunks.append(loaded_state(state, self.expired))
             return
         encode_scalar = _SCALARS.get(kind)
         if encode_scalar is not None:
@@ -155,7 +158,7 @@ class _Encoder:
     def _unordered(self, tag: bytes, entries: list[tuple[Any, ...]], depth: int) -> None:
         encoded = []
         for entry in entries:
-            sub = _Encoder(self.position)
+            sub = _Encoder(self.position, self.expired)
             for part in entry:
                 sub.encode(part, depth + 1)
             encoded.append(sub.chunks)
@@ -375,16 +378,31 @@ def _sort_key(chunks: list[Chunk]) -> bytes:
 
 
 def encode_arguments(args: tuple[object, ...]) -> list[Chunk]:
-    """Encode a whole argument list; raise TypeError/ValueError naming the bad argument."""
+    """Encode a whole argument list; raise TypeError/ValueError naming the bad argument.
+
+    Instances whose session expired their attributes (after a commit or rollback) need
+    them loaded for their state (see :mod:`alkey.snapshot`): the first pass collects them,
+    :func:`~alkey.snapshot.load_expired` loads them with one query per class and session,
+    and a second pass encodes them -- rather than one query per instance.
+    """
+    expired: list[InstanceState[Any]] = []
+    chunks = _encode(args, expired)
+    if expired:
+        load_expired(expired)
+        chunks = _encode(args, None)
+    return chunks
+
+
+def _encode(args: tuple[object, ...], expired: list[InstanceState[Any]] | None) -> list[Chunk]:
     chunks: list[Chunk] = [b"A" + str(len(args)).encode("ascii") + b"["]
     for position, arg in enumerate(args):
         # Fast path for the commonest argument, a model instance.
         state = getattr(arg, DEFAULT_STATE_ATTR, None)
         if type(state) is InstanceState:
             chunks.append(identity.instance_identifier(state))
-            chunks.append(loaded_state(state))
+            chunks.append(loaded_state(state, expired))
             continue
-        encoder = _Encoder(position)
+        encoder = _Encoder(position, expired)
         encoder.encode(arg)
         chunks.extend(encoder.chunks)
     chunks.append(b"]")

@@ -12,6 +12,8 @@ import hashlib
 from collections.abc import Sequence
 from typing import Any, Final
 
+from sqlalchemy.exc import MissingGreenlet
+
 from alkey import identity
 from alkey._canonical import Chunk, encode_arguments
 from alkey.client import get_redis_client
@@ -88,7 +90,14 @@ class CacheKeyGenerator(UsesDefaultStore):
         self.prefix = _check_prefix(prefix)
 
     def __call__(self, *args: object) -> str:
-        plan = self.plan(*args)
+        try:
+            plan = self.plan(*args)
+        except MissingGreenlet as error:
+            raise TypeError(
+                "an instance in these arguments belongs to an AsyncSession, which loads its "
+                "expired attributes only with await: build its key with "
+                "alkey.asyncio.AsyncCacheKeyGenerator"
+            ) from error
         return plan.finish(self.tokens.fetch(plan.identifiers))
 
     def plan(self, *args: object) -> KeyPlan:

@@ -28,7 +28,7 @@ from typing import Final, Literal
 from alkey import catalog
 from alkey.identity import table_write_identifiers
 
-__all__ = ["Kind", "cascaded_identifiers", "cascaded_tables", "may_cascade"]
+__all__ = ["Kind", "cascaded_identifiers", "cascaded_parts", "cascaded_tables", "may_cascade"]
 
 #: What a statement does to a table: ``write`` when it may do any of the three (MERGE, a
 #: trigger, ``INSERT OR REPLACE``).
@@ -56,9 +56,11 @@ def cascaded_tables(part: str, kind: Kind, columns: frozenset[str] | None) -> fr
     if found is None:
         found = _follow(part, kind, columns)
         with _cache_lock:
-            if len(_cache) >= _CACHE_SIZE:
-                _cache.clear()
-            _cache[key] = found
+            # Filed only if the catalog did not change while it was worked out.
+            if _cache_version == version == catalog.version():
+                if len(_cache) >= _CACHE_SIZE:
+                    _cache.clear()
+                _cache[key] = found
     return found
 
 
@@ -102,10 +104,16 @@ def may_cascade(part: str, kind: Kind) -> bool:
     return bool(cascaded_tables(part, kind, None))
 
 
-def cascaded_identifiers(writes: Iterable[tuple[str, Kind, frozenset[str] | None]]) -> set[str]:
-    """What the writes the database makes by itself invalidate: every table reached,
-    rows unknown (empty when nothing cascades)."""
+def cascaded_parts(writes: Iterable[tuple[str, Kind, frozenset[str] | None]]) -> set[str]:
+    """Every table the database writes by itself because of ``writes``."""
     parts: set[str] = set()
     for part, kind, columns in writes:
         parts |= cascaded_tables(part, kind, columns)
+    return parts
+
+
+def cascaded_identifiers(writes: Iterable[tuple[str, Kind, frozenset[str] | None]]) -> set[str]:
+    """What the writes the database makes by itself invalidate: every table reached,
+    rows unknown (empty when nothing cascades)."""
+    parts = cascaded_parts(writes)
     return table_write_identifiers(parts) if parts else set()

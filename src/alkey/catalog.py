@@ -43,6 +43,7 @@ __all__ = [
     "Reference",
     "declare_writes",
     "declared_writes",
+    "mappers_of",
     "passive_delete_children",
     "references_to",
     "register_metadata",
@@ -72,6 +73,7 @@ class _Index:
     by_name: dict[str, set[str]] = field(default_factory=dict)
     references: dict[str, list[Reference]] = field(default_factory=dict)
     passive: dict[str, set[str]] = field(default_factory=dict)
+    mappers: dict[str, list[Mapper[Any]]] = field(default_factory=dict)
 
 
 _registered: list[MetaData] = []
@@ -189,6 +191,12 @@ def references_to(part: str) -> tuple[Reference, ...]:
     return tuple(_current().references.get(part, ()))
 
 
+def mappers_of(part: str) -> tuple[Mapper[Any], ...]:
+    """The configured mappers whose own table is table ``part`` (several under single-table
+    inheritance)."""
+    return tuple(_current().mappers.get(part, ()))
+
+
 def passive_delete_children(part: str) -> frozenset[str]:
     """Tables whose rows the database deletes with a row of ``part``, as the mapper says:
     the child (or association) tables of its ``passive_deletes`` relationships."""
@@ -253,6 +261,8 @@ def _build(metadatas: list[MetaData], registries: list[Any]) -> _Index:
         for mapper in list(getattr(registry, "mappers", ())):
             if not mapper.configured:
                 continue  # configured before the first write that could need it
+            if isinstance(mapper.local_table, Table):
+                index.mappers.setdefault(encode_table(mapper.local_table), []).append(mapper)
             for relationship in mapper.relationships:
                 if not relationship.passive_deletes:
                     continue

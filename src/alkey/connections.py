@@ -60,16 +60,22 @@ _SESSION_KEY: Final = "alkey.session"
 _CONNECTIONS_KEY: Final = "alkey.connections"
 _BULK_KEY: Final = "alkey.bulk"
 _BEFORE_COMMIT_KEY: Final = "alkey.before_commit"
+_TOUCH_PARENTS_KEY: Final = "alkey.touch_parents"
 
 
 def claim_connection(
-    session: Session, connection: Connection, before_commit: Callable[[Session], None]
+    session: Session,
+    connection: Connection,
+    before_commit: Callable[[Session], None],
+    touch_parents: bool = True,
 ) -> None:
     """Note that ``session`` runs its transaction on ``connection`` (its ``after_begin``),
-    and that ``before_commit(session)`` is to run just before the connection's COMMIT."""
+    that ``before_commit(session)`` is to run just before the connection's COMMIT, and
+    whether the session's binding touches parents (for the statements recorded here)."""
     connection.info[_SESSION_KEY] = weakref.ref(session)
     in_flush(session)  # drops the mark of a flush that raised, if any
     session.info[_BEFORE_COMMIT_KEY] = before_commit
+    session.info[_TOUCH_PARENTS_KEY] = touch_parents
     # The info dict itself: by the time the transaction ends, the Connection is closed.
     session.info.setdefault(_CONNECTIONS_KEY, []).append(connection.info)
 
@@ -77,6 +83,7 @@ def claim_connection(
 def release_connections(session: Session) -> None:
     """Forget the connections of ``session``'s ended root transaction."""
     session.info.pop(_BEFORE_COMMIT_KEY, None)
+    session.info.pop(_TOUCH_PARENTS_KEY, None)
     for info in session.info.pop(_CONNECTIONS_KEY, ()):
         owner = info.get(_SESSION_KEY)
         if owner is not None and owner() is session:
@@ -119,11 +126,10 @@ def _is_bulk_save(session: Session, context: Any) -> bool:
     return bool(getattr(session, "_flushing", False)) and "compiled_cache" in options
 
 
-def _touches_parents(session: Session) -> bool:
-    from alkey.events import _binding_for
-
-    binding = _binding_for(session)
-    return binding is None or binding.touch_parents
+def _touches_parents(session: Session | None) -> bool:
+    """Whether writes recorded for ``session`` touch their parents (its binding's
+    ``touch_parents``; always, for a connection outside any bound session)."""
+    return session is None or bool(session.info.get(_TOUCH_PARENTS_KEY, True))
 
 
 class EngineBinding(UsesDefaultStore):
@@ -165,10 +171,13 @@ class EngineBinding(UsesDefaultStore):
             session.info.get(_BULK_KEY) or _is_unit_of_work(session, context)
         ):
             return  # the session's own listeners record these, with their rows
-        written = raw_sql_writes(statement, connection.dialect, context)
+        touch_parents = _touches_parents(session)
+        written = raw_sql_writes(
+            statement, connection.dialect, context, touch_parents=touch_parents
+        )
         if not written:
             return
-        if session is not None and _is_bulk_save(session, context) and _touches_parents(session):
+        if session is not None and _is_bulk_save(session, context) and touch_parents:
             written |= bulk_save_parents(context)
         if _autocommits(connection):
             self._bump(written)

@@ -122,7 +122,7 @@ class Binding(UsesDefaultStore):
         self, session: Session, transaction: SessionTransaction, connection: Connection
     ) -> None:
         if self._owns(session):
-            claim_connection(session, connection, self.before_database_commit)
+            claim_connection(session, connection, self.before_database_commit, self.touch_parents)
             watch_engine(connection.engine, self._tokens)
 
     def before_database_commit(self, session: Session) -> None:

@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 
-from sqlalchemy import Uuid, event, inspect
+from sqlalchemy import CHAR, NCHAR, DateTime, Enum, Uuid, event, inspect
 from sqlalchemy.orm import InstanceState, Mapper, configure_mappers, mapperlib
 from sqlalchemy.schema import Table
 from sqlalchemy.sql.expression import FromClause
@@ -57,6 +57,7 @@ __all__ = [
     "is_identifier",
     "parse_identifier",
     "row_identifier",
+    "row_identifiers",
     "table_identifier",
     "table_part",
     "table_write_identifiers",
@@ -215,8 +216,17 @@ def _coercer(column: Any) -> Callable[[Any], Any] | None:
     row back as a :class:`uuid.UUID` or an ``int``; both must name one token. ``None``
     when the column's type does not say (then values are taken as they are).
     """
-    if isinstance(column.type, Uuid):
+    kind = column.type
+    if isinstance(kind, Uuid):
         return _to_uuid  # also for as_uuid=False, whose text may be in any case or form
+    if isinstance(kind, Enum):
+        # The text the database stores, whether the value is given as a member or as it.
+        stored = getattr(kind, "_valid_lookup", None)
+        if isinstance(stored, dict):
+            return lambda value: stored.get(value, value) if _hashable(value) else value
+        return None
+    if isinstance(kind, (CHAR, NCHAR)):
+        return _unpadded  # a fixed-width column compares (and PostgreSQL returns) padded
     try:
         python_type = column.type.python_type
     except (NotImplementedError, AttributeError):
@@ -230,6 +240,18 @@ def _coercer(column: Any) -> Callable[[Any], Any] | None:
     if python_type is datetime.date:
         return _to_date
     return None
+
+
+def _hashable(value: Any) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _unpadded(value: Any) -> Any:
+    return value.rstrip(" ") if isinstance(value, str) else value
 
 
 def _to_uuid(value: Any) -> Any:
@@ -310,6 +332,26 @@ def row_identifier(table: str | FromClause, *key: Any, identity_token: Any = Non
             "(alkey.identity.table_identifier) to stand for it"
         )
     return _format(part, [_encode_value(value) for value in key]) + _token_suffix(identity_token)
+
+
+def row_identifiers(table: Table, key: Sequence[Any]) -> list[str]:
+    """Every identifier a write of ``table``'s row with primary key ``key`` must bump: its
+    own, and the one a reader may load if the database changes the value as it stores it
+    (an aware datetime in a column without time zone; see :func:`_spellings`)."""
+    identifiers = [row_identifier(table, *key)]
+    columns = list(table.primary_key.columns)
+    wall = [
+        value.replace(tzinfo=None)
+        if isinstance(value, datetime.datetime)
+        and value.utcoffset() is not None
+        and isinstance(column.type, DateTime)
+        and not column.type.timezone
+        else value
+        for column, value in zip(columns, key, strict=False)
+    ]
+    if len(columns) == len(key) and wall != list(key):
+        identifiers.append(row_identifier(table, *wall))
+    return identifiers
 
 
 def _token_suffix(token: Any) -> str:
@@ -467,13 +509,14 @@ def _learn(
         f"{_PREFIX}{part}{ROW_SEPARATOR}{UNKNOWN_ROWS}" for part in parts
     )
     for part in parts:
-        _family_tables.setdefault(part, set()).add(own)
+        # Replaced, never changed in place: other threads iterate these without a lock.
+        _family_tables[part] = _family_tables.get(part, frozenset()) | {own}
     if schemas is not None:
         for table in mapper.tables:
             copy = _part(table, schemas)
             original = encode_table(table)
             if copy != original:
-                _translations.setdefault(copy, set()).add((original, schemas))
+                _translations[copy] = _translations.get(copy, frozenset()) | {(original, schemas)}
 
 
 #: The row part of a table's unknown-rows token. A write that reaches a table without
@@ -488,10 +531,10 @@ UNKNOWN_WRITES: Final = f"{_PREFIX}*{ROW_SEPARATOR}{UNKNOWN_ROWS}"
 
 _unknown_rows_of_prefix: dict[str, tuple[str, ...]] = {}
 # Table part -> the own tables of every mapper whose row lives (partly) in that table.
-_family_tables: dict[str, set[str]] = {}
+_family_tables: dict[str, frozenset[str]] = {}
 # A translated table part -> the mapped tables it is a copy of (schema per tenant), each
 # with the schema map that made the copy.
-_translations: dict[str, set[tuple[str, SchemaMap]]] = {}
+_translations: dict[str, frozenset[tuple[str, SchemaMap]]] = {}
 
 
 def translations_of(part: str) -> frozenset[tuple[str, SchemaMap]]:
@@ -537,18 +580,23 @@ def family_identifiers(identifier: str) -> set[str]:
 
 
 def dependencies(identifiers: Iterable[str]) -> list[str]:
-    """The unknown-rows tokens that a key naming ``identifiers`` also depends on, sorted.
+    """The other tokens that a key naming ``identifiers`` also depends on, sorted.
 
     A row depends on its table's (and, for an instance of a joined-table subclass, on
-    every table of its hierarchy's) unknown-rows token. Tables and the global token need
-    none: every write to a table bumps its table token.
+    every table of its hierarchy's) unknown-rows token, and a row of a shard
+    (``alkey:items#1@east``) on the same row without its shard. Tables and the global
+    token need none: every write to a table bumps its table token.
     """
+    identifiers = list(identifiers)
     prefixes = {i[: i.rindex(ROW_SEPARATOR) + 1] for i in identifiers if i[-1] != ALL_ROWS}
+    # A row of a shard also depends on the row without its shard: the token that writes
+    # bump when they name the row but cannot know its shard (Core and raw SQL).
+    unsharded = {i[: i.rindex(TOKEN_SEPARATOR)] for i in identifiers if TOKEN_SEPARATOR in i}
     if not prefixes.issubset(_unknown_rows_of_prefix):
         # An identifier string of a table whose mapper may not be configured yet: do it
         # now, so that the answer does not depend on what the process did before.
         configure_mappers()
-    needs: set[str] = set()
+    needs: set[str] = unsharded
     for prefix in prefixes:
         known = _unknown_rows_of_prefix.get(prefix)
         needs.update(known if known is not None else (prefix + UNKNOWN_ROWS,))
@@ -652,6 +700,36 @@ def _encode_key(mapper: Mapper[Any], values: Sequence[Any]) -> str:
 _key_coercers: dict[Mapper[Any], tuple[Callable[[Any], Any] | None, ...]] = {}
 
 
+def _spellings(mapper: Mapper[Any], values: Sequence[Any]) -> list[str]:
+    """Every row part a write of the row with key ``values`` must bump: its own, and the
+    one a reader may load when the database changes the value as it stores it.
+
+    That is an aware datetime in a column without time zone: PostgreSQL stores the
+    instant in the session's time zone (UTC: alkey's own spelling), SQLite the wall time,
+    dropping the offset. Both are bumped; the first spelling is the instance's own.
+    """
+    spellings = [_encode_key(mapper, values)]
+    positions = _naive_datetimes.get(mapper)
+    if positions is None:
+        positions = _naive_datetimes[mapper] = tuple(
+            index
+            for index, column in enumerate(mapper.primary_key)
+            if isinstance(column.type, DateTime) and not column.type.timezone
+        )
+    if positions and len(values) == len(mapper.primary_key):
+        wall = list(values)
+        for index in positions:
+            value = values[index]
+            if isinstance(value, datetime.datetime) and value.utcoffset() is not None:
+                wall[index] = value.replace(tzinfo=None)
+        if wall != list(values):
+            spellings.append(_encode_key(mapper, wall))
+    return spellings
+
+
+_naive_datetimes: dict[Mapper[Any], tuple[int, ...]] = {}
+
+
 def _family_prefixes(mapper: Mapper[Any], schemas: SchemaMap | None) -> tuple[str, ...]:
     """Row prefixes of every table of ``mapper`` and of all its subclasses' mappers."""
     if schemas is not None:
@@ -687,8 +765,8 @@ def bulk_identifiers(
     else:
         suffix = _token_suffix(identity_token)
         for key in keys:
-            encoded = _encode_key(mapper, key) + suffix
-            identifiers.update(prefix + encoded for prefix in prefixes)
+            for row in _spellings(mapper, key):
+                identifiers.update(prefix + row + suffix for prefix in prefixes)
     return identifiers
 
 
@@ -736,21 +814,17 @@ def write_identifiers(states: Iterable[InstanceState[Any]]) -> set[str]:
         key = state.key
         # A new row of a sharded session knows its shard before it has an identity.
         suffix = _token_suffix(key[2] if key is not None else state.identity_token)
-        old = _encode_key(mapper, key[1]) + suffix if key is not None else None
+        rows = _spellings(mapper, key[1]) if key is not None else []
         current = [state.dict.get(attribute) for attribute in plan.key_attributes]
         # Unset parts of a key the INSERT has not assigned yet: no new row to name (a
         # composite key may have NULL parts, but not all of them).
-        new = (
-            _encode_key(mapper, current) + suffix
-            if any(value is not None for value in current)
-            and (None not in current or state.key is not None)
-            else None
-        )
+        if any(value is not None for value in current) and (
+            None not in current or state.key is not None
+        ):
+            rows += _spellings(mapper, current)
         for prefix in plan.row_prefixes:
-            if old is not None:
-                add(prefix + old)
-            if new is not None and new != old:
-                add(prefix + new)
+            for row in rows:
+                add(prefix + row + suffix)
     if identifiers:
         add(GLOBAL_WRITE_TOKEN)
     return identifiers

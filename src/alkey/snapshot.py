@@ -24,21 +24,26 @@ or pass the instance.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
 import secrets
-from collections.abc import Iterable
+import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 
 from sqlalchemy import exc as sa_exc
+from sqlalchemy import select, tuple_
 from sqlalchemy.orm import InstanceState, Mapper
 from sqlalchemy.orm import exc as orm_exc
 from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.interfaces import MANYTOMANY, ONETOMANY
 
-__all__ = ["loaded_state"]
+from alkey.identity import schemas_of
+
+__all__ = ["LOAD_BATCH", "load_expired", "loaded_state"]
 
 log = logging.getLogger("alkey.snapshot")
 
@@ -72,17 +77,26 @@ def _plan(mapper: Mapper[Any]) -> _Plan:
     return plan
 
 
-def loaded_state(state: InstanceState[Any]) -> bytes:
+def loaded_state(
+    state: InstanceState[Any], expired: list[InstanceState[Any]] | None = None
+) -> bytes:
     """The encoded state of a persistent instance, to follow its identifier in a key.
 
-    Empty for an instance without a row (it stands for its table). Never raises for a
-    value it cannot encode: such a value makes the key one that no other load shares (a
-    guaranteed miss, never a stale hit), and is logged once per attribute.
+    Empty for an instance without a row (it stands for its table). An instance whose
+    column attributes its session expired is added to ``expired`` (and gets an empty
+    state, to be encoded again once :func:`load_expired` loaded them all), or, with no
+    such list, loaded on its own. Never raises for a value it cannot encode: such a value
+    makes the key one that no other load shares (a guaranteed miss, never a stale hit),
+    and is logged once per attribute.
     """
     if state.key is None:
         return b""
     plan = _plans.get(state.mapper) or _plan(state.mapper)
-    _load_expired(state, plan)
+    if state.expired_attributes and not state.expired_attributes.isdisjoint(plan.columns):
+        if expired is not None:
+            expired.append(state)
+            return b""
+        _load_expired(state, plan)
     digest = hashlib.sha256()
     _columns(digest, state, plan)
     values = state.dict
@@ -116,29 +130,99 @@ def _members(value: Any) -> Iterable[Any]:
     return (value,)  # a scalar one-to-one (uselist=False)
 
 
-def _load_expired(state: InstanceState[Any], plan: _Plan) -> None:
-    """Load the expired column attributes, as reading one of them would (one SELECT).
+#: Most rows one query of :func:`load_expired` asks for.
+LOAD_BATCH: Final = 500
+
+
+def load_expired(states: Iterable[InstanceState[Any]]) -> None:
+    """Load the expired column attributes of ``states``: one query per class and session
+    (in batches of :data:`LOAD_BATCH`), as reading them one by one would, in one.
 
     After ``commit()`` (``expire_on_commit``) or ``rollback()`` every attribute is
-    expired; loading them here gives the key the same state a fresh load gives, so such
-    an instance keys like any other. A detached instance, or one of an ``AsyncSession``
-    outside :func:`alkey.asyncio` (which loads them with ``await``), keeps them unloaded.
+    expired; loading them gives a key the same state a fresh load gives, so such
+    instances key like any other. Instances of a tenant's schema or of a shard are loaded
+    one by one, through SQLAlchemy's own load of their identity, which knows where they
+    live. A detached instance keeps its attributes unloaded (its key then misses).
+
+    Raises :class:`~sqlalchemy.exc.MissingGreenlet` for instances of an ``AsyncSession``
+    outside a greenlet: :class:`alkey.asyncio.AsyncCacheKeyGenerator` then loads them with
+    ``await``.
     """
-    expired = state.expired_attributes
-    if not expired:
-        return
+    groups: dict[tuple[int, Mapper[Any]], tuple[Any, dict[Any, InstanceState[Any]]]] = {}
+    alone: list[InstanceState[Any]] = []
+    for state in states:
+        session = state.session
+        key = state.key
+        if session is None or key is None:
+            continue
+        _refuse_without_greenlet(session)
+        if key[2] is not None or schemas_of(state) is not None:
+            alone.append(state)
+            continue
+        _, members = groups.setdefault((id(session), state.mapper), (session, {}))
+        members[tuple(key[1])] = state
+    for (_, mapper), (session, members) in groups.items():
+        keys = list(members)
+        columns = list(mapper.primary_key)
+        for start in range(0, len(keys), LOAD_BATCH):
+            batch = keys[start : start + LOAD_BATCH]
+            where = (
+                columns[0].in_([key[0] for key in batch])
+                if len(columns) == 1
+                else tuple_(*columns).in_(batch)
+            )
+            with _greenlet_errors():
+                # Rows already in the identity map get their expired attributes loaded.
+                session.execute(select(mapper).where(where)).all()
+    for state in [*alone, *(s for _, (_, m) in groups.items() for s in m.values())]:
+        plan = _plans.get(state.mapper) or _plan(state.mapper)
+        if not state.expired_attributes.isdisjoint(plan.columns):
+            _load_expired(state, plan)  # not loaded above: deleted meanwhile, or alone
+
+
+def _load_expired(state: InstanceState[Any], plan: _Plan) -> None:
+    """Load one instance's expired column attributes, as reading one of them would."""
     for key in plan.columns:
-        if key in expired:
+        if key in state.expired_attributes:
             obj = state.obj()
             if obj is None:  # pragma: no cover - the caller holds the instance
                 return
+            if state.session is not None:
+                _refuse_without_greenlet(state.session)
             try:
-                getattr(obj, key)
+                with _greenlet_errors():
+                    getattr(obj, key)
             except (orm_exc.DetachedInstanceError, orm_exc.ObjectDeletedError):
-                return
-            except sa_exc.MissingGreenlet:
-                raise
+                pass  # no row to load: its key misses, the render will say why
             return
+
+
+def _refuse_without_greenlet(session: Any) -> None:
+    """Raise :class:`~sqlalchemy.exc.MissingGreenlet` for the session of an
+    ``AsyncSession`` outside a greenlet -- before a load would start (and leave behind) a
+    coroutine that nothing awaits."""
+    if "sqlalchemy.ext.asyncio" not in sys.modules:
+        return  # no AsyncSession can exist
+    from sqlalchemy.ext.asyncio.session import async_session
+    from sqlalchemy.util.concurrency import in_greenlet
+
+    if async_session(session) is not None and not in_greenlet():
+        raise sa_exc.MissingGreenlet(
+            "the expired attributes of an AsyncSession's instance can only be loaded with "
+            "await (alkey.asyncio.AsyncCacheKeyGenerator does)"
+        )
+
+
+@contextlib.contextmanager
+def _greenlet_errors() -> Iterator[None]:
+    """Raise a load's :class:`~sqlalchemy.exc.MissingGreenlet` as itself: SQLAlchemy wraps
+    it in a ``StatementError`` when a statement meets it."""
+    try:
+        yield
+    except sa_exc.StatementError as error:
+        if isinstance(error.orig, sa_exc.MissingGreenlet):
+            raise error.orig from None
+        raise
 
 
 def _columns(digest: Any, state: InstanceState[Any], plan: _Plan) -> None:

@@ -18,9 +18,12 @@ from sqlalchemy.orm import InstanceState, Mapper, ORMExecuteState, Session, UOWT
 from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.interfaces import MANYTOONE
 from sqlalchemy.schema import Table
+from sqlalchemy.sql import operators
+from sqlalchemy.sql.dml import Delete, Insert, Update
+from sqlalchemy.sql.elements import BinaryExpression, BindParameter, BooleanClauseList
 
 from alkey import catalog
-from alkey.cascades import Kind, cascaded_identifiers, may_cascade
+from alkey.cascades import Kind, cascaded_parts, may_cascade
 from alkey.client import get_redis_client
 from alkey.constants import GLOBAL_WRITE_TOKEN
 from alkey.identity import (
@@ -31,7 +34,7 @@ from alkey.identity import (
     encode_table,
     family_identifiers,
     parse_identifier,
-    row_identifier,
+    row_identifiers,
     schemas_of,
     table_identifier,
     table_part,
@@ -40,6 +43,7 @@ from alkey.identity import (
     translations_of,
     write_identifiers,
 )
+from alkey.sql import writes
 from alkey.tenants import statement_schemas
 from alkey.tokens import TokenStore, store_for
 from alkey.tracking import changes_of
@@ -122,7 +126,7 @@ def flushed(session: Session, flush_context: UOWTransaction, touch_parents: bool
     written = write_identifiers(states)
     if touch_parents:
         written |= _related(states)
-    written |= _flush_cascades(inserted, updated, deleted, before)
+    written |= _flush_cascades(inserted, updated, deleted, before, touch_parents)
     return written
 
 
@@ -134,6 +138,7 @@ def _flush_cascades(
     updated: list[InstanceState[Any]],
     deleted: list[InstanceState[Any]],
     before: dict[InstanceState[Any], frozenset[str]],
+    touch_parents: bool,
 ) -> set[str]:
     """What the database writes by itself because of a flush (see :mod:`alkey.cascades`),
     in the tenant's tables for rows written through a schema translate map."""
@@ -162,8 +167,38 @@ def _flush_cascades(
             )
     written: set[str] = set()
     for schemas, group in steps.items():
-        written |= translate_identifiers(cascaded_identifiers(group), schemas)
+        written |= _cascaded(group, schemas, touch_parents)
     return written
+
+
+def _cascaded(
+    steps: Iterable[tuple[str, Kind, frozenset[str] | None]],
+    schemas: SchemaMap | None,
+    touch_parents: bool,
+) -> set[str]:
+    """What the database's own writes following ``steps`` invalidate (see
+    :mod:`alkey.cascades`): each table it reaches, rows unknown, in the tenant's tables
+    for a write through a schema map -- and, with ``touch_parents``, the parents of the
+    rows it deleted or updated, as for any other write whose rows are unknown."""
+    parts = cascaded_parts(steps)
+    if not parts:
+        return set()
+    identifiers = table_write_identifiers(parts)
+    if touch_parents:
+        for part in parts:
+            for mapper in catalog.mappers_of(part):
+                identifiers |= _all_parents(mapper)
+    return translate_identifiers(identifiers, schemas)
+
+
+def _all_parents(mapper: Mapper[Any]) -> set[str]:
+    """Every row that ``mapper``'s rows reference many-to-one, for writes that do not say
+    which (``info={TOUCH_INFO_KEY: False}`` opts a relationship out)."""
+    identifiers: set[str] = set()
+    for relationship in mapper.relationships:
+        if relationship.direction is MANYTOONE and relationship.info.get(TOUCH_INFO_KEY, True):
+            identifiers |= bulk_identifiers(relationship.mapper, None)
+    return identifiers
 
 
 def _columns_of(mapper: Mapper[Any], table: Any, keys: Iterable[Any]) -> frozenset[str] | None:
@@ -283,7 +318,9 @@ def statement_writes(state: ORMExecuteState, result: Any, touch_parents: bool) -
             return table_write_identifiers(None)
         part = encode_table(table)
         columns = _set_columns(state, None, table) if kind == "update" else None
-        return table_write_identifiers([part]) | cascaded_identifiers([(part, kind, columns)])
+        return table_write_identifiers([part]) | _cascaded(
+            [(part, kind, columns)], None, touch_parents
+        )
     schemas = statement_schemas(state)
     token = state.execution_options.get("identity_token")
     written = bulk_identifiers(
@@ -300,7 +337,7 @@ def statement_writes(state: ORMExecuteState, result: Any, touch_parents: bool) -
             steps.append((part, kind, _set_columns(state, mapper, table)))
         else:
             steps.append((part, kind, None))
-    return written | translate_identifiers(cascaded_identifiers(steps), schemas)
+    return written | _cascaded(steps, schemas, touch_parents)
 
 
 def _set_columns(
@@ -380,15 +417,15 @@ def _sets_primary_key(statement: Any, mapper: Mapper[Any]) -> bool:
     return False
 
 
-def raw_sql_writes(statement: str, dialect: Dialect, context: Any = None) -> set[str]:
+def raw_sql_writes(
+    statement: str, dialect: Dialect, context: Any = None, *, touch_parents: bool = True
+) -> set[str]:
     """What a statement that reaches the cursor writes, from its text (see
     :mod:`alkey.sql`), and what the database writes by itself because of it.
 
     ``context``, the execution context of a compiled Core statement, tells the rows an
     INSERT, UPDATE or DELETE writes when its parameters carry their primary keys.
     """
-    from alkey.sql import writes
-
     found = writes(statement, dialect.name, dialect.default_schema_name)
     if found is None:
         return table_write_identifiers(None)
@@ -411,7 +448,7 @@ def raw_sql_writes(statement: str, dialect: Dialect, context: Any = None) -> set
                 for original, copied_by in translations_of(part):
                     steps.setdefault(copied_by, []).append((original, *step))  # type: ignore[arg-type]
     for schemas, group in steps.items():
-        identifiers |= translate_identifiers(cascaded_identifiers(group), schemas)
+        identifiers |= _cascaded(group, schemas, touch_parents)
     return identifiers
 
 
@@ -436,7 +473,8 @@ def _rows_identifiers(table: Table, keys: list[tuple[Any, ...]]) -> set[str]:
     """A write to these rows of ``table``: rows, table, subclass tables, global."""
     identifiers = {GLOBAL_WRITE_TOKEN, *family_identifiers(table_identifier(table))}
     for key in keys:
-        identifiers |= family_identifiers(row_identifier(table, *key))
+        for row in row_identifiers(table, key):
+            identifiers |= family_identifiers(row)
     return identifiers
 
 
@@ -450,8 +488,6 @@ def _compiled_rows(
     that pins each primary-key column to a parameter and that sets no primary-key column.
     Anything else -- or a statement that writes more than its own table -- is ``None``.
     """
-    from sqlalchemy.sql.dml import Delete, Insert, Update
-
     compiled = getattr(context, "compiled", None)
     statement = getattr(compiled, "statement", None)
     table = getattr(statement, "table", None)
@@ -496,9 +532,6 @@ def _compiled_rows(
 
 def _pinned(clause: Any, primary_key: list[Any]) -> dict[Any, Any] | None:
     """Each primary-key column's bind parameter, if ``clause`` is ``pk == :param AND ...``."""
-    from sqlalchemy.sql import operators
-    from sqlalchemy.sql.elements import BinaryExpression, BindParameter, BooleanClauseList
-
     if clause is None:
         return None
     terms = list(clause.clauses) if isinstance(clause, BooleanClauseList) else [clause]
@@ -592,20 +625,6 @@ def bulk_save_parents(context: Any) -> set[str]:
     if not isinstance(table, Table):
         return set()
     identifiers: set[str] = set()
-    for mapper in _mappers_of(table):
-        for relationship in mapper.relationships:
-            if relationship.direction is MANYTOONE and relationship.info.get(TOUCH_INFO_KEY, True):
-                identifiers |= bulk_identifiers(relationship.mapper, None)
+    for mapper in catalog.mappers_of(encode_table(table)):
+        identifiers |= _all_parents(mapper)
     return identifiers
-
-
-def _mappers_of(table: Table) -> list[Mapper[Any]]:
-    """The configured mappers whose own table is ``table``."""
-    from sqlalchemy.orm import mapperlib
-
-    return [
-        mapper
-        for registry in list(getattr(mapperlib, "_mapper_registries", ()))
-        for mapper in list(getattr(registry, "mappers", ()))
-        if mapper.configured and mapper.local_table is table
-    ]
