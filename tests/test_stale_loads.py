@@ -9,12 +9,32 @@ builds: its stale render is never served to anyone else.
 from __future__ import annotations
 
 import asyncio
+import datetime
+import decimal
 import logging
+import os
+import subprocess
+import sys
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, ForeignKey, MetaData, String, TypeDecorator, event, select
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Engine,
+    ForeignKey,
+    LargeBinary,
+    MetaData,
+    Numeric,
+    String,
+    TypeDecorator,
+    Uuid,
+    event,
+    select,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlalchemy.orm import (
@@ -72,6 +92,19 @@ class Book(Base):
     author: Mapped[Author] = relationship(back_populates="books")
 
 
+class Record(Base):
+    """Columns of many types, whose loaded values must encode alike in every process."""
+
+    __tablename__ = "load_records"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    amount: Mapped[decimal.Decimal] = mapped_column(Numeric(10, 2))
+    at: Mapped[datetime.datetime] = mapped_column(DateTime(timezone=True))
+    token: Mapped[uuid.UUID] = mapped_column(Uuid)
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+    blob: Mapped[bytes] = mapped_column(LargeBinary)
+    note: Mapped[str | None] = mapped_column(String(50))
+
+
 class Gadget(Base):
     __tablename__ = "load_gadgets"
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -86,6 +119,17 @@ def factory(tables: Engine, redis_client: RedisClient) -> Iterator[sessionmaker[
         author = Author(id=1, name="Ada")
         session.add_all(
             [author, Book(id=1, title="Notes", author=author), Gadget(id=1, blob=Opaque("x"))]
+        )
+        session.add(
+            Record(
+                id=1,
+                amount=decimal.Decimal("12.50"),
+                at=datetime.datetime(2024, 5, 1, 12, tzinfo=datetime.timezone.utc),
+                token=uuid.UUID(int=7),
+                data={"b": [1, 2.5, None], "a": {"z": "ünïcode", "y": True}},
+                blob=b"\x00\xff",
+                note=None,
+            )
         )
         session.commit()
     made = sessionmaker(tables, expire_on_commit=False)
@@ -263,3 +307,35 @@ def test_an_asyncio_key_generator_loads_expired_instances_with_await(
     key = loop.run_until_complete(key_after_commit())
     with factory() as session:
         assert key == key_generator(session.get_one(Author, 1))
+
+
+RECORD_KEY = """
+import sys
+from sqlalchemy import create_engine
+from sqlalchemy.orm import Session
+from alkey.cache import CacheKeyGenerator
+from tests.test_stale_loads import Record
+
+with Session(create_engine(sys.argv[1])) as session:
+    plan = CacheKeyGenerator().plan(session.get_one(Record, 1), "page")
+    print(plan.finish(["token"] * len(plan.identifiers)))
+"""
+
+
+def test_an_instance_keys_alike_in_every_process(factory: sessionmaker[Session]) -> None:
+    url = factory.kw["bind"].url.render_as_string(hide_password=False)
+    keys = {
+        subprocess.run(
+            [sys.executable, "-c", RECORD_KEY, url],
+            cwd=Path(__file__).resolve().parent.parent,
+            env={**os.environ, "PYTHONHASHSEED": str(seed)},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        for seed in (1, 2)
+    }
+    with factory() as session:
+        plan = CacheKeyGenerator().plan(session.get_one(Record, 1), "page")
+        keys.add(plan.finish(["token"] * len(plan.identifiers)))
+    assert len(keys) == 1, keys

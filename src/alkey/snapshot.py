@@ -25,12 +25,16 @@ or pass the instance.
 from __future__ import annotations
 
 import contextlib
+import datetime
+import decimal
 import hashlib
 import logging
+import operator
 import re
 import secrets
 import sys
-from collections.abc import Iterable, Iterator
+import uuid
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -57,7 +61,14 @@ _NOT_LOADED: Final = b"-"
 class _Plan:
     """Which attributes of one mapper's instances make up their state, worked out once."""
 
-    columns: tuple[str, ...]
+    columns: frozenset[str]
+    #: The column attributes, in a fixed order, and a function reading them from an
+    #: instance's ``__dict__`` as a tuple.
+    keys: tuple[str, ...]
+    getter: Callable[[dict[str, Any]], tuple[Any, ...]]
+    #: Per column attribute, in that order: its name, and how its value (or its absence)
+    #: is framed in the state when it has no plain repr.
+    frames: tuple[tuple[str, bytes, bytes], ...]
     collections: tuple[str, ...]
 
 
@@ -67,13 +78,21 @@ _plans: dict[Mapper[Any], _Plan] = {}
 def _plan(mapper: Mapper[Any]) -> _Plan:
     plan = _plans.get(mapper)
     if plan is None:
-        columns = tuple(sorted(prop.key for prop in mapper.column_attrs))
+        columns = sorted(prop.key for prop in mapper.column_attrs)
         collections = tuple(
             sorted(
                 rel.key for rel in mapper.relationships if rel.direction in (ONETOMANY, MANYTOMANY)
             )
         )
-        plan = _plans[mapper] = _Plan(columns, collections)
+        frames = tuple((key, f"a{key}=".encode(), f"a{key}-".encode()) for key in columns)
+        getter = (
+            operator.itemgetter(*columns)
+            if len(columns) > 1
+            else lambda values: (values[columns[0]],)
+        )
+        plan = _plans[mapper] = _Plan(
+            frozenset(columns), tuple(columns), getter, frames, collections
+        )
     return plan
 
 
@@ -227,17 +246,46 @@ def _greenlet_errors() -> Iterator[None]:
 
 def _columns(digest: Any, state: InstanceState[Any], plan: _Plan) -> None:
     values = state.dict
-    parts = []
-    for key in plan.columns:
+    if values.keys() >= plan.columns:  # every column loaded: read them in one C call
+        row = plan.getter(values)
+    else:
+        row = tuple(values.get(key, _ABSENT) for key in plan.keys)
+    # The common case: values whose repr is their identity, a valid literal each, so the
+    # repr of the row, in a fixed order of columns, tells every row apart.
+    if _REPR_IS_IDENTITY.issuperset(map(type, row)):
+        text = repr(row)
+        if " at 0x" not in text:  # a tzinfo without a repr of its own, say
+            digest.update(text.encode("utf-8", "surrogatepass"))
+            return
+    parts = [b"\0"]  # never the first byte of a repr: the two forms never meet
+    for key, present, absent in plan.frames:
         value = values.get(key, _ABSENT)
         if value is _ABSENT:
-            parts.append(f"a{key}-".encode())
+            parts.append(absent)
+            continue
+        parts.append(present)
+        kind = type(value)
+        if kind is str:  # the commonest value, framed here without a call
+            body = value.encode("utf-8", "surrogatepass")
+            parts.append(b"str:%d:" % len(body))
+            parts.append(body)
         else:
-            parts.append(f"a{key}=".encode() + _value(state.mapper, key, value))
+            parts.append(_value(state.mapper, key, value))
     digest.update(b"".join(parts))
 
 
-_ABSENT: Final = object()
+class _Absent:
+    """Stands for a column attribute that was not loaded (deferred, or not expired yet)."""
+
+    def __repr__(self) -> str:
+        return "<not loaded>"
+
+
+_ABSENT: Final = _Absent()
+_REPR_IS_IDENTITY: Final = frozenset(
+    {str, int, float, bool, type(None), bytes, decimal.Decimal, uuid.UUID, datetime.datetime,
+     datetime.date, datetime.time, datetime.timedelta, _Absent}
+)  # fmt: skip
 _MEMORY_ADDRESS: Final = re.compile(r" at 0x[0-9a-fA-F]+")
 _unencodable: set[tuple[Mapper[Any], str]] = set()
 
@@ -252,7 +300,9 @@ def _value(mapper: Mapper[Any], key: str, value: Any) -> bytes:
     """
     kind = type(value)
     text: str
-    if kind is str:
+    if kind is int or kind is bool or value is None:
+        text = repr(value)
+    elif kind is str:
         text = value
     elif kind is set or kind is frozenset:
         text = "{" + ", ".join(sorted(repr(item) for item in value)) + "}"
@@ -270,7 +320,7 @@ def _value(mapper: Mapper[Any], key: str, value: Any) -> bytes:
                 )
             return secrets.token_bytes(16)
     body = text.encode("utf-8", "surrogatepass")
-    return f"{kind.__qualname__}:{len(body)}:".encode() + body
+    return b"%s:%d:%s" % (kind.__qualname__.encode(), len(body), body)
 
 
 _PLAIN: Final = frozenset({int, float, bool, type(None)})
