@@ -29,6 +29,7 @@ from sqlalchemy.orm import (
     Mapped,
     Session,
     WriteOnlyMapped,
+    aliased,
     mapped_column,
     relationship,
     sessionmaker,
@@ -517,3 +518,38 @@ def test_mapped_classes_and_tables_inside_new_containers_stay_token_references(
     ada.name = "grace"
     session.commit()
     assert key_generator(*arguments) != tags_written
+
+
+# -- mapped attributes and aliases ------------------------------------------------------------
+
+
+class Elsewhere:
+    class User(RelationBase):
+        """A class named as tests.models.User, mapped elsewhere: ``User.id`` reads alike."""
+
+        __tablename__ = "key_argument_users"
+        id: Mapped[int] = mapped_column(primary_key=True)
+
+
+def test_mapped_attributes_key_by_their_class_import_path_and_name(
+    key_generator: KeyGenerator,
+) -> None:
+    from .models import User as ModelUser
+
+    other = Elsewhere.User
+    assert str(other.id) == str(ModelUser.id) == "User.id"
+    keys = {key_generator(other.id), key_generator(ModelUser.id), key_generator(ModelUser.name)}
+    assert len(keys) == 3
+    assert key_generator(ModelUser.id) == key_generator(ModelUser.id)
+
+
+def test_an_aliased_class_stands_for_its_table_as_the_class_does(
+    session: Session, key_generator: KeyGenerator
+) -> None:
+    from .models import User as ModelUser
+
+    alias = aliased(ModelUser)
+    key = key_generator(alias)
+    assert key == key_generator(ModelUser)
+    commit_users(session, "ada")
+    assert key_generator(alias) != key, "a write to the table changes it"

@@ -1,7 +1,7 @@
 """Tenants and shards: rows with the same primary key in different tables never share a key.
 
 Schema per tenant (``schema_translate_map``) runs on PostgreSQL, which has schemas; the
-shards are two SQLite files, which need no server and show the identity token alone.
+shards are two databases of the test PostgreSQL server, or two SQLite files.
 """
 
 from __future__ import annotations
@@ -224,18 +224,38 @@ def test_a_cascading_delete_in_one_tenant_changes_that_tenants_child_keys_only(
 
 
 @pytest.fixture
-def shard_engines(tmp_path: Path) -> Iterator[dict[str, Engine]]:
-    engines = {name: create_engine(f"sqlite:///{tmp_path / name}.db") for name in ("east", "west")}
+def shard_engines(engine: Engine, tmp_path: Path) -> Iterator[dict[str, Engine]]:
+    """Two databases, one per shard: on the test PostgreSQL server, or two SQLite files."""
+    names = ("east", "west")
+    if engine.dialect.name != "postgresql":
+        engines = {name: create_engine(f"sqlite:///{tmp_path / name}.db") for name in names}
+        yield engines
+        for shard in engines.values():
+            shard.dispose()
+        return
+    databases = {name: f"alkey_shard_{name}" for name in names}
+    server = engine.execution_options(isolation_level="AUTOCOMMIT")
+    with server.connect() as connection:
+        for database in databases.values():
+            connection.execute(text(f"DROP DATABASE IF EXISTS {database}"))
+            connection.execute(text(f"CREATE DATABASE {database}"))
+    engines = {
+        name: create_engine(engine.url.set(database=database))
+        for name, database in databases.items()
+    }
     yield engines
     for shard in engines.values():
         shard.dispose()
+    with server.connect() as connection:
+        for database in databases.values():
+            connection.execute(text(f"DROP DATABASE IF EXISTS {database}"))
 
 
 @pytest.fixture
 def shards(
     shard_engines: dict[str, Engine], redis_client: RedisClient
 ) -> Iterator[sessionmaker[ShardedSession]]:
-    """A ShardedSession factory over two SQLite files, each holding item 1."""
+    """A ShardedSession factory over two databases, each holding item 1."""
     engines = shard_engines
     for name, shard in engines.items():
         Base.metadata.create_all(shard)

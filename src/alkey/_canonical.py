@@ -46,8 +46,16 @@ from typing import Any, Final
 
 from sqlalchemy import inspect
 from sqlalchemy.engine import Row
-from sqlalchemy.orm import AppenderQuery, InstanceState, Mapper, Query, WriteOnlyCollection
+from sqlalchemy.orm import (
+    AppenderQuery,
+    InstanceState,
+    Mapper,
+    Query,
+    QueryableAttribute,
+    WriteOnlyCollection,
+)
 from sqlalchemy.orm.base import DEFAULT_STATE_ATTR
+from sqlalchemy.orm.util import AliasedInsp
 from sqlalchemy.schema import Table
 from sqlalchemy.sql import ClauseElement, Executable
 
@@ -181,8 +189,27 @@ class _Encoder:
         if isinstance(value, Table):
             self.chunks.append(identity.table_identifier(value))
             return
-        if isinstance(inspect(value, raiseerr=False), Mapper):
+        inspected = inspect(value, raiseerr=False)
+        if isinstance(inspected, Mapper):
             self.chunks.append(identity.identifier_for(value))
+            return
+        if isinstance(inspected, AliasedInsp):
+            # aliased(User) stands for the table, as User does; its text is the same for
+            # every alias of every class of that name.
+            self.chunks.append(identity.table_identifier(inspected.mapper.local_table))
+            return
+        if isinstance(value, QueryableAttribute):
+            # User.name: a column of a class, by the class's import path and its key (its
+            # text, "User.name", is shared by classes of that name in other modules).
+            module, qualname = _import_path(value.class_)
+            if not module:
+                raise self._fail(
+                    TypeError,
+                    f"{value} is an attribute of a class that cannot be found again by its "
+                    "name (defined in a function); pass the attribute's name as a string",
+                )
+            name = _text(f"{qualname}.{value.key}")
+            self.chunks.append(b"x" + _framed(b"M", _text(module)) + _framed(b"Q", name))
             return
         kind = type(value)
         fields = _record_fields(value)
