@@ -287,6 +287,20 @@ def test_the_expired_instances_of_one_key_are_loaded_in_one_query(
         assert key_generator(fresh, "list") == key
 
 
+def test_loading_expired_instances_for_a_key_does_not_flush_pending_changes(
+    tables: Engine, factory: sessionmaker[Session], key_generator: CacheKeyGenerator
+) -> None:
+    expiring = sessionmaker(tables)  # expire_on_commit=True
+    with expiring() as session:
+        author = session.get_one(Author, 1)
+        session.commit()  # expires it
+        draft = Author(id=99, name="draft")
+        session.add(draft)
+        key_generator([author])
+        assert draft in session.new, "building a key wrote nothing"
+        session.rollback()
+
+
 def test_an_asyncio_key_generator_loads_expired_instances_with_await(
     factory: sessionmaker[Session],
     key_generator: CacheKeyGenerator,

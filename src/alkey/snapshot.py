@@ -161,7 +161,8 @@ def load_expired(states: Iterable[InstanceState[Any]]) -> None:
     expired; loading them gives a key the same state a fresh load gives, so such
     instances key like any other. Instances of a tenant's schema or of a shard are loaded
     one by one, through SQLAlchemy's own load of their identity, which knows where they
-    live. A detached instance keeps its attributes unloaded (its key then misses).
+    live. A detached instance, or one whose row is gone, keeps them unloaded and keys as
+    such: a reader of it loads its data after the key, if at all.
 
     Raises :class:`~sqlalchemy.exc.MissingGreenlet` for instances of an ``AsyncSession``
     outside a greenlet: :class:`alkey.asyncio.AsyncCacheKeyGenerator` then loads them with
@@ -190,9 +191,10 @@ def load_expired(states: Iterable[InstanceState[Any]]) -> None:
                 if len(columns) == 1
                 else tuple_(*columns).in_(batch)
             )
-            with _greenlet_errors():
-                # Rows already in the identity map get their expired attributes loaded.
-                session.execute(select(mapper).where(where)).all()
+            # Rows already in the identity map get their expired attributes loaded. No
+            # autoflush: building a key must not write the session's pending changes.
+            with _greenlet_errors(), session.no_autoflush:
+                session.scalars(select(mapper).where(where)).unique().all()
     for state in [*alone, *(s for _, (_, m) in groups.items() for s in m.values())]:
         plan = _plans.get(state.mapper) or _plan(state.mapper)
         if not state.expired_attributes.isdisjoint(plan.columns):

@@ -47,16 +47,18 @@ def _bind_schemas(session: Session | None, mapper: Mapper[Any] | None) -> Schema
     return freeze_schema_map(bind.get_execution_options().get("schema_translate_map"))
 
 
-def _query_schemas(context: QueryContext, mapper: Mapper[Any]) -> SchemaMap | None:
-    # The options given to execute() win over the statement's own, as in SQLAlchemy.
-    options = context.execution_options.get("schema_translate_map")
-    if options is None:
-        statement_options = getattr(context.query, "_execution_options", None) or {}
-        options = statement_options.get("schema_translate_map")
-    if options is not None:
-        return freeze_schema_map(options)
-    # One query runs on one connection: the first instance's mapper finds its bind.
-    return _bind_schemas(context.session, mapper)
+def _statement_schemas(
+    options: Any, statement: Any, session: Session | None, mapper: Mapper[Any] | None
+) -> SchemaMap | None:
+    """The schema map a statement runs with: given to ``execute()``, which wins over the
+    statement's own, as in SQLAlchemy; else the statement's; else its bind's."""
+    translate = options.get("schema_translate_map")
+    if translate is None:
+        own = getattr(statement, "_execution_options", None) or {}
+        translate = own.get("schema_translate_map")
+    if translate is not None:
+        return freeze_schema_map(translate)
+    return _bind_schemas(session, mapper)
 
 
 def _loaded(state: InstanceState[Any], context: QueryContext | None, *args: Any) -> None:
@@ -68,7 +70,10 @@ def _loaded(state: InstanceState[Any], context: QueryContext | None, *args: Any)
     attributes = context.attributes
     schemas = attributes.get(_QUERY_KEY, _UNSET)
     if schemas is _UNSET:
-        schemas = attributes[_QUERY_KEY] = _query_schemas(context, state.mapper)
+        # One query runs on one connection: the first instance's mapper finds its bind.
+        schemas = attributes[_QUERY_KEY] = _statement_schemas(
+            context.execution_options, context.query, context.session, state.mapper
+        )
     if schemas is not None or schemas_of(state) is not None:
         record_schemas(state, schemas)
 
@@ -85,13 +90,12 @@ def record_flushed(session: Session, states: list[InstanceState[Any]]) -> None:
 
 def statement_schemas(orm_state: ORMExecuteState) -> SchemaMap | None:
     """The schema map a statement run through ``Session.execute`` is translated with."""
-    options = orm_state.execution_options.get("schema_translate_map")
-    if options is None:
-        statement_options = getattr(orm_state.statement, "_execution_options", None) or {}
-        options = statement_options.get("schema_translate_map")
-    if options is not None:
-        return freeze_schema_map(options)
-    return _bind_schemas(orm_state.session, orm_state.bind_mapper)
+    return _statement_schemas(
+        orm_state.execution_options,
+        orm_state.statement,
+        orm_state.session,
+        orm_state.bind_mapper,
+    )
 
 
 event.listen(Mapper, "load", _loaded, raw=True)
