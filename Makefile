@@ -11,10 +11,11 @@ demo: $(VENV)/.installed-embedded  ## run the guided demo (embedded Redis + SQLi
 test: $(VENV)/.installed-test  ## run the test suite (starts its own redis-server)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-lint: $(VENV)/.installed-dev  ## ruff and mypy --strict
+lint: $(VENV)/.installed-dev  ## ruff, mypy --strict and the import contracts
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 bench: $(VENV)/.installed-bench  ## full benchmark: writes docs/benchmarks.md and .png
 	$(BIN)/python -m benchmarks
