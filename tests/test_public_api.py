@@ -8,7 +8,10 @@ warnings into errors), whatever the modules behind them become.
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
+import subprocess
+import sys
 
 import pytest
 
@@ -84,3 +87,27 @@ def test_every_name_a_module_exports_exists(module: str) -> None:
     imported = importlib.import_module(module)
     missing = [name for name in getattr(imported, "__all__", ()) if not hasattr(imported, name)]
     assert missing == []
+
+
+ASYNC_BIND = """
+import sys
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+import alkey
+
+assert "alkey.asyncio" not in sys.modules, "the core imports no asyncio integration"
+binding = alkey.bind(async_sessionmaker(create_async_engine("sqlite+aiosqlite://")))
+print(type(binding.tokens).__name__)
+"""
+
+
+def test_binding_an_asyncio_target_loads_the_asyncio_integration_by_itself() -> None:
+    """The core never imports alkey.asyncio; alkey.bind still takes asyncio targets, and
+    gives them the asyncio token store, by loading the integration when it meets one."""
+    process = subprocess.run(
+        [sys.executable, "-c", ASYNC_BIND],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "REDIS_URL": "redis://127.0.0.1:1/0"},  # never contacted
+    )
+    assert process.stdout.strip() == "AsyncRedisTokenStore"

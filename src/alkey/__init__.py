@@ -20,8 +20,8 @@ from alkey.connections import bind_engine, unbind_engine
 from alkey.constants import GLOBAL_WRITE_TOKEN
 from alkey.events import bind, unbind
 from alkey.identity import parse_identifier, row_identifier, table_identifier
+from alkey.manual import invalidate, touch
 from alkey.tokens import RedisTokenStore, TokenStore
-from alkey.writes import invalidate, touch
 
 __all__ = [
     "GLOBAL_WRITE_TOKEN",

@@ -1,8 +1,9 @@
 """alkey under asyncio: AsyncSession, async_sessionmaker and redis.asyncio.
 
 Requires ``pip install 'alkey[asyncio]'`` (SQLAlchemy's greenlet support). The core never
-imports this module; :func:`alkey.events.bind` reaches :func:`sync_target` only once
-``sqlalchemy.ext.asyncio`` has been imported.
+imports this module: as it is imported, it registers :func:`sync_target` and
+:func:`store_for` with :func:`alkey.events.support_asyncio`, and :func:`alkey.events.bind`
+loads it by name only once ``sqlalchemy.ext.asyncio`` has been imported.
 
 The guarantees are the sync ones. SQLAlchemy runs an :class:`AsyncSession`'s work, and
 the session events that alkey listens to, in a greenlet of the task that awaits it. From
@@ -503,3 +504,6 @@ class AsyncCacheKeyGenerator:
             # inside a greenlet, as its own awaitable methods do.
             plan = await greenlet_spawn(self._planner.plan, *args)
         return plan.finish(await self.tokens.afetch(plan.identifiers))
+
+
+events.support_asyncio(sync_target, store_for)

@@ -16,10 +16,10 @@ from sqlalchemy.exc import MissingGreenlet
 
 from alkey import identity
 from alkey._canonical import Chunk, encode_arguments
-from alkey.client import get_redis_client
+from alkey.client import UsesDefaultStore, get_redis_client
 from alkey.constants import MAX_KEY_LENGTH
 from alkey.identity import UNKNOWN_WRITES, dependencies
-from alkey.tokens import RedisClient, TokenStore, UsesDefaultStore, store_for
+from alkey.tokens import RedisClient, TokenStore, store_for
 
 __all__ = ["CacheKeyGenerator", "KeyPlan", "get_cache_key_generator", "get_token"]
 

@@ -18,11 +18,12 @@ import redis
 
 from alkey.constants import DEFAULT_REDIS_URL
 from alkey.interfaces import IRedisClientFactory, IRedisConnectionPool
-from alkey.tokens import RedisClient
+from alkey.tokens import RedisClient, TokenStore, store_for
 
 __all__ = [
     "PROVIDERS",
     "RedisConfig",
+    "UsesDefaultStore",
     "get_redis_client",
     "get_redis_config",
     "redact_url",
@@ -175,3 +176,23 @@ def get_redis_client(request: Any = None, *, registry: Any = None) -> RedisClien
         if pool is not None:
             return redis.Redis(connection_pool=pool)
     return _default()
+
+
+class UsesDefaultStore:
+    """Gives a class a ``tokens`` attribute that, left unset, becomes the store of the
+    process's default client on first use -- so that binding or building at import time
+    never connects to Redis. (Here, with the configuration, so that the token stores
+    below never look their configuration up.)"""
+
+    _tokens: TokenStore | None
+
+    @property
+    def tokens(self) -> TokenStore:
+        """The token store in use (the default client's, looked up on first use)."""
+        if self._tokens is None:
+            self._tokens = store_for(get_redis_client())
+        return self._tokens
+
+    @tokens.setter
+    def tokens(self, tokens: TokenStore) -> None:
+        self._tokens = tokens

@@ -40,7 +40,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.orm import Session
 
-from alkey.tokens import RedisClient, TokenStore, UsesDefaultStore, bump, intend, store_for
+from alkey.client import UsesDefaultStore
+from alkey.tokens import RedisClient, TokenStore, bump, intend, store_for
 from alkey.tracking import changes_of
 from alkey.writes import bulk_save_parents, in_flush, raw_sql_writes
 

@@ -20,6 +20,16 @@ ALL_ROWS: Final = "*"
 #: Changes whenever any row of any table bound to alkey is written.
 GLOBAL_WRITE_TOKEN: Final = "alkey:*#*"
 
+#: The row part of a table's unknown-rows token, ``alkey:users#?`` (see
+#: :data:`alkey.identity.UNKNOWN_ROWS`).
+UNKNOWN_ROWS: Final = "?"
+
+#: Bumped by a write whose tables are unknown (raw SQL that cannot be parsed, a stored
+#: procedure); every key that names any token also depends on it. Here rather than with
+#: the identifier grammar because the token stores keep it too, in place of the bumps an
+#: outage made them drop (see :class:`alkey.tokens.OutageLedger`).
+UNKNOWN_WRITES: Final = "alkey:*#?"
+
 #: Seconds a token lives in Redis without being bumped (one day, as in alkey 0.3).
 #: An expired token is recreated with a new random value, so expiry costs one cache miss,
 #: never a stale hit.

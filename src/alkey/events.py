@@ -11,9 +11,11 @@ wrote nothing costs none at its commit.
 
 from __future__ import annotations
 
+import importlib
 import sys
 import threading
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import event
@@ -28,6 +30,7 @@ from sqlalchemy.orm import (
 )
 from sqlalchemy.orm.attributes import instance_state
 
+from alkey.client import UsesDefaultStore
 from alkey.connections import (
     claim_connection,
     release_connections,
@@ -35,23 +38,44 @@ from alkey.connections import (
     watch_engine,
 )
 from alkey.tenants import record_flushed
-from alkey.tokens import RedisClient, TokenStore, UsesDefaultStore, bump, intend, store_for
+from alkey.tokens import RedisClient, TokenStore, bump, intend, store_for
 from alkey.tracking import changes_of
 from alkey.writes import flushed, modified_before_flush, statement_writes
 
-__all__ = ["SESSION_EVENTS", "Binding", "bind", "is_bound", "unbind"]
+__all__ = ["SESSION_EVENTS", "Binding", "bind", "is_bound", "support_asyncio", "unbind"]
 
 _bindings: weakref.WeakKeyDictionary[Any, Binding] = weakref.WeakKeyDictionary()
 _bindings_lock = threading.Lock()
 
 
-def _resolve(target: object) -> Session | type[Session]:
-    if "sqlalchemy.ext.asyncio" in sys.modules:
-        # Only then can target be an asyncio session object; importing it earlier would
-        # make greenlet a requirement of the core.
-        from alkey.asyncio import sync_target
+#: How to bind asyncio session objects: the sync target whose events an asyncio target
+#: fires, and the token store of an asyncio binding. Registered by :mod:`alkey.asyncio`
+#: as it is imported, so that the core never imports it (nor greenlet, which it needs).
+_asyncio_support: tuple[Callable[[object], object], Callable[[], TokenStore]] | None = None
 
-        target = sync_target(target)
+
+def support_asyncio(
+    sync_target: Callable[[object], object], default_store: Callable[[], TokenStore]
+) -> None:
+    """Teach :func:`bind` asyncio session objects (called by :mod:`alkey.asyncio`)."""
+    global _asyncio_support
+    _asyncio_support = (sync_target, default_store)
+
+
+def _asyncio() -> tuple[Callable[[object], object], Callable[[], TokenStore]] | None:
+    """The asyncio support, loaded once asyncio session objects can exist."""
+    if _asyncio_support is None and "sqlalchemy.ext.asyncio" in sys.modules:
+        # An asyncio session object may be given: load the integration, which registers
+        # itself. By name, as a plugin: importing it before would make greenlet a
+        # requirement of the core.
+        importlib.import_module("alkey.asyncio")
+    return _asyncio_support
+
+
+def _resolve(target: object) -> Session | type[Session]:
+    support = _asyncio()
+    if support is not None:
+        target = support[0](target)
     if isinstance(target, scoped_session):
         target = target.session_factory
     if isinstance(target, sessionmaker):
@@ -228,12 +252,11 @@ def bind(
     with _bindings_lock:
         binding = _bindings.get(resolved)
         if binding is None:
-            if tokens is None and resolved is not target and _is_asyncio(target):
+            support = _asyncio()
+            if tokens is None and resolved is not target and _is_asyncio(target) and support:
                 # An asyncio session bumps through redis.asyncio, so that a commit never
                 # blocks the event loop for its round trip.
-                from alkey.asyncio import store_for as asyncio_store_for
-
-                tokens = asyncio_store_for()
+                tokens = support[1]()
             binding = _bindings[resolved] = Binding(resolved, tokens, touch_parents)
             binding.listen()
         else:

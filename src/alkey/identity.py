@@ -42,6 +42,7 @@ from sqlalchemy.orm import InstanceState, Mapper, configure_mappers, mapperlib
 from sqlalchemy.schema import Table
 from sqlalchemy.sql.expression import FromClause
 
+from alkey import constants
 from alkey.constants import ALL_ROWS, GLOBAL_WRITE_TOKEN, NAMESPACE, ROW_SEPARATOR
 
 __all__ = [
@@ -523,11 +524,11 @@ def _learn(
 #: saying which rows (a bulk UPDATE without RETURNING, raw SQL) bumps ``alkey:users#?``;
 #: every key that names a row of ``users`` also depends on it, fetched in the same round
 #: trip. These tokens are internal: identifiers that users pass never end in ``#?``.
-UNKNOWN_ROWS: Final = "?"
+UNKNOWN_ROWS: Final = constants.UNKNOWN_ROWS
 
 #: Bumped by a write whose tables are unknown (raw SQL that cannot be parsed, a stored
 #: procedure); every key that names any token also depends on it.
-UNKNOWN_WRITES: Final = f"{_PREFIX}*{ROW_SEPARATOR}{UNKNOWN_ROWS}"
+UNKNOWN_WRITES: Final = constants.UNKNOWN_WRITES
 
 _unknown_rows_of_prefix: dict[str, tuple[str, ...]] = {}
 # Table part -> the own tables of every mapper whose row lives (partly) in that table.

@@ -32,8 +32,7 @@ from typing import Any, ClassVar, Literal, Protocol, TypeAlias, TypeVar, runtime
 import redis
 from redis.exceptions import MaxConnectionsError, NoScriptError, RedisError
 
-from alkey.constants import DEFAULT_TOKEN_TTL, TOKEN_BYTES
-from alkey.identity import UNKNOWN_WRITES
+from alkey.constants import DEFAULT_TOKEN_TTL, TOKEN_BYTES, UNKNOWN_WRITES
 
 __all__ = [
     "CHUNK_SIZE",
@@ -518,27 +517,6 @@ class ScriptCalls:
             if isinstance(result, Exception):
                 raise result
         return results
-
-
-class UsesDefaultStore:
-    """Gives a class a ``tokens`` attribute that, left unset, becomes the store of the
-    process's default client on first use -- so that binding or building at import time
-    never connects to Redis."""
-
-    _tokens: TokenStore | None
-
-    @property
-    def tokens(self) -> TokenStore:
-        """The token store in use (the default client's, looked up on first use)."""
-        if self._tokens is None:
-            from alkey.client import get_redis_client  # client.py imports this module
-
-            self._tokens = store_for(get_redis_client())
-        return self._tokens
-
-    @tokens.setter
-    def tokens(self, tokens: TokenStore) -> None:
-        self._tokens = tokens
 
 
 class _Recoveries:

@@ -1,10 +1,12 @@
 """What each write path invalidates: flushes, bulk statements, raw SQL, related parents,
-and the manual ``touch`` / ``invalidate`` for writes alkey cannot see.
+the database's own cascades, and the targets of :mod:`alkey.manual`'s ``touch`` and
+``invalidate`` for writes alkey cannot see.
 
 Every function here turns a write into the identifiers whose tokens it must bump -- rows
 when the rows are known, a table's unknown-rows token when they are not, the unknown-writes
 token when even the tables are not -- and leaves *when* to bump to the caller
-(:mod:`alkey.events` at the outermost commit, or :func:`invalidate` at once).
+(:mod:`alkey.events` at the outermost commit, or :func:`alkey.manual.invalidate` at once).
+It never talks to Redis.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from sqlalchemy.sql.elements import BinaryExpression, BindParameter, BooleanClau
 
 from alkey import catalog
 from alkey.cascades import Kind, cascaded_parts, may_cascade
-from alkey.client import get_redis_client
 from alkey.constants import GLOBAL_WRITE_TOKEN
 from alkey.identity import (
     UNKNOWN_WRITES,
@@ -45,18 +46,14 @@ from alkey.identity import (
 )
 from alkey.sql import writes
 from alkey.tenants import statement_schemas
-from alkey.tokens import TokenStore, store_for
-from alkey.tracking import changes_of
 
 __all__ = [
     "TOUCH_INFO_KEY",
     "flushed",
     "in_flush",
-    "invalidate",
     "invalidation_identifiers",
     "raw_sql_writes",
     "statement_writes",
-    "touch",
 ]
 
 #: ``relationship(..., info={TOUCH_INFO_KEY: False})`` stops writes of the child from
@@ -554,7 +551,7 @@ def _pinned(clause: Any, primary_key: list[Any]) -> dict[Any, Any] | None:
 
 def invalidation_identifiers(target: object) -> set[str]:
     """What writing ``target`` -- an instance, a mapped class, a Table or an identifier --
-    invalidates, for :func:`touch` and :func:`invalidate`."""
+    invalidates, for :func:`alkey.touch` and :func:`alkey.invalidate`."""
     if isinstance(target, str):
         parsed = parse_identifier(target)
         if parsed.table is None:
@@ -577,42 +574,6 @@ def invalidation_identifiers(target: object) -> set[str]:
         f"cannot invalidate a {type(target).__qualname__}: pass model instances, mapped "
         "classes, Table objects or alkey identifiers"
     )
-
-
-def touch(session: Session, *targets: object) -> None:
-    """Invalidate ``targets`` when ``session``'s current transaction commits.
-
-    For writes alkey cannot see -- a trigger, another service, a stored procedure -- that
-    belong to this transaction: recorded like any other write, so a rollback drops them.
-    ``session`` must be bound (:func:`alkey.events.bind`).
-    """
-    from alkey.events import is_bound
-
-    if not is_bound(session):
-        raise ValueError(
-            "alkey.touch() needs a session bound with alkey.bind(): this one would never "
-            "bump what it records"
-        )
-    identifiers: set[str] = set()
-    for target in targets:
-        identifiers |= invalidation_identifiers(target)
-    if identifiers:
-        if session.get_transaction() is None:
-            session.begin()  # what the session's next statement would do by itself
-        changes_of(session).record(session, identifiers)
-
-
-def invalidate(*targets: object, tokens: TokenStore | None = None) -> None:
-    """Invalidate ``targets`` now, outside any transaction (one round trip).
-
-    For writes that have already committed elsewhere: a migration script, another service.
-    Tokens live in ``tokens``, else in the default client's store.
-    """
-    identifiers: set[str] = set()
-    for target in targets:
-        identifiers |= invalidation_identifiers(target)
-    if identifiers:
-        (tokens if tokens is not None else store_for(get_redis_client())).bump(identifiers)
 
 
 def bulk_save_parents(context: Any) -> set[str]:
