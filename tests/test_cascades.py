@@ -6,6 +6,7 @@ PostgreSQL) so the database really cascades, and checks the keys of the rows it 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -98,10 +99,74 @@ class Order(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
 
 
+class Basket(Base):
+    __tablename__ = "baskets"
+    id: Mapped[int] = mapped_column(primary_key=True)
+
+
+class Product(Base):
+    __tablename__ = "products"
+    id: Mapped[int] = mapped_column(primary_key=True)
+
+
+class BasketLine(Base):
+    """Deleted with its basket; also references a product."""
+
+    __tablename__ = "basket_lines"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    basket_id: Mapped[int] = mapped_column(ForeignKey("baskets.id", ondelete="CASCADE"))
+    product_id: Mapped[int] = mapped_column(ForeignKey("products.id"))
+    basket: Mapped[Basket] = relationship()
+    product: Mapped[Product] = relationship()
+
+
+playlist_songs = Table(
+    "playlist_songs",
+    Base.metadata,
+    Column("playlist_id", ForeignKey("playlists.id", ondelete="CASCADE"), primary_key=True),
+    Column("song_id", ForeignKey("songs.id", ondelete="CASCADE"), primary_key=True),
+)
+
+
+class Playlist(Base):
+    __tablename__ = "playlists"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    songs: Mapped[list[Song]] = relationship(
+        secondary=playlist_songs, back_populates="playlists", passive_deletes=True
+    )
+
+
+class Song(Base):
+    __tablename__ = "songs"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    playlists: Mapped[list[Playlist]] = relationship(
+        secondary=playlist_songs, back_populates="songs", passive_deletes=True
+    )
+
+
+class Kennel(Base):
+    """Its passive_deletes relationship is added after first use (see the test)."""
+
+    __tablename__ = "kennels"
+    id: Mapped[int] = mapped_column(primary_key=True)
+
+
+class Dog(Base):
+    __tablename__ = "dogs"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kennel_id: Mapped[int] = mapped_column(ForeignKey("kennels.id"))  # no ondelete here
+
+
 PETS_DDL = (
     "CREATE TABLE pets (id INTEGER PRIMARY KEY, "
     "owner_id INTEGER NOT NULL REFERENCES owners (id) ON DELETE CASCADE)"
 )
+DOGS_DDL = (
+    "CREATE TABLE dogs (id INTEGER PRIMARY KEY, "
+    "kennel_id INTEGER NOT NULL REFERENCES kennels (id) ON DELETE CASCADE)"
+)
+#: Tables created from raw DDL: their foreign keys cascade, though the metadata says not.
+RAW_DDL = {"pets": PETS_DDL, "dogs": DOGS_DDL}
 
 
 @pytest.fixture
@@ -114,18 +179,21 @@ def database(engine: Engine, redis_client: RedisClient) -> Iterator[Engine]:
         def enforce_foreign_keys(dbapi_connection: Any, record: Any) -> None:
             dbapi_connection.execute("PRAGMA foreign_keys=ON")
 
-    others = [t for t in Base.metadata.sorted_tables if t.name != "pets"]
+    others = [t for t in Base.metadata.sorted_tables if t.name not in RAW_DDL]
     with cascading.begin() as connection:
-        connection.exec_driver_sql("DROP TABLE IF EXISTS pets")
+        for name in RAW_DDL:
+            connection.exec_driver_sql(f"DROP TABLE IF EXISTS {name}")
     Base.metadata.drop_all(cascading)
     Base.metadata.create_all(cascading, tables=others)
     with cascading.begin() as connection:
-        connection.exec_driver_sql(PETS_DDL)
+        for ddl in RAW_DDL.values():
+            connection.exec_driver_sql(ddl)
     alkey.bind_engine(cascading, redis_client=redis_client)
     yield cascading
     alkey.unbind_engine(cascading)
     with cascading.begin() as connection:
-        connection.exec_driver_sql("DROP TABLE IF EXISTS pets")
+        for name in RAW_DDL:
+            connection.exec_driver_sql(f"DROP TABLE IF EXISTS {name}")
     Base.metadata.drop_all(cascading)
     cascading.dispose()
 
@@ -421,3 +489,99 @@ def test_declaring_writes_for_something_that_is_not_a_table_says_what_to_pass(
 def test_registering_something_that_is_not_a_metadata_says_what_to_pass() -> None:
     with pytest.raises(TypeError, match=r"pass Base\.metadata"):
         catalog.register_metadata(Base)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def shop(factory: sessionmaker[Session]) -> sessionmaker[Session]:
+    """Two baskets with a line each on product 1; a playlist of songs 1 and 2, and one of
+    song 3."""
+    with factory() as session:
+        session.add_all([Basket(id=1), Basket(id=2), Product(id=1)])
+        session.flush()
+        session.add_all(
+            [
+                BasketLine(id=1, basket_id=1, product_id=1),
+                BasketLine(id=2, basket_id=2, product_id=1),
+            ]
+        )
+        songs = [Song(id=index) for index in (1, 2, 3)]
+        session.add_all([Playlist(id=1, songs=songs[:2]), Playlist(id=2, songs=songs[2:])])
+        session.commit()
+    return factory
+
+
+@pytest.mark.parametrize("how", ["bulk statement", "core"])
+def test_rows_the_database_deletes_touch_their_other_parents_but_not_their_siblings(
+    shop: sessionmaker[Session], database: Engine, keys: CacheKeyGenerator, how: str
+) -> None:
+    before = {name: keys(name) for name in ("alkey:products#1", "alkey:baskets#2")}
+    if how == "bulk statement":  # the basket's row is known: RETURNING
+        with shop() as session:
+            session.execute(
+                delete(Basket).where(Basket.id == 1),
+                execution_options={"synchronize_session": "fetch"},
+            )
+            session.commit()
+    else:  # the basket's row is known: its key is in the parameters
+        baskets = Base.metadata.tables["baskets"]
+        with database.begin() as connection:
+            connection.execute(baskets.delete().where(baskets.c.id == 1))
+    with shop() as session:
+        assert session.get(BasketLine, 1) is None, "the database deleted the line"
+    # The deleted line's product lost a line; the other basket lost nothing (the line
+    # reached the baskets only along the foreign key the cascade came by, from basket 1).
+    assert keys("alkey:products#1") != before["alkey:products#1"]
+    assert keys("alkey:baskets#2") == before["alkey:baskets#2"]
+
+
+@pytest.mark.parametrize("how", ["text through the session", "core on a bound engine"])
+def test_a_raw_or_core_write_to_a_child_table_touches_its_parents(
+    shop: sessionmaker[Session], database: Engine, keys: CacheKeyGenerator, how: str
+) -> None:
+    key = keys("alkey:products#1")
+    if how == "text through the session":
+        with shop() as session:
+            session.execute(text("UPDATE basket_lines SET product_id = product_id"))
+            session.commit()
+    else:
+        lines = Base.metadata.tables["basket_lines"]
+        with database.begin() as connection:
+            connection.execute(lines.update().values(product_id=1))
+    assert keys("alkey:products#1") != key
+
+
+@pytest.mark.parametrize("how", ["orm flush", "bulk statement"])
+def test_deleting_a_many_to_many_member_touches_the_collections_it_was_in(
+    shop: sessionmaker[Session], keys: CacheKeyGenerator, how: str
+) -> None:
+    before = keys("alkey:playlists#1")
+    with shop() as session:
+        if how == "orm flush":
+            session.delete(session.get_one(Song, 1))
+        else:
+            session.execute(delete(Song).where(Song.id == 1))
+        session.commit()
+    with shop() as session:
+        assert [song.id for song in session.get_one(Playlist, 1).songs] == [2]
+    assert keys("alkey:playlists#1") != before
+
+
+def test_a_passive_deletes_relationship_added_after_first_use_is_learnt(
+    factory: sessionmaker[Session], keys: CacheKeyGenerator
+) -> None:
+    with factory() as session:
+        session.add(Kennel(id=1))
+        session.flush()
+        session.add(Dog(id=1, kennel_id=1))
+        session.commit()
+    catalog.passive_delete_children("kennels")  # the catalog is in use already
+    # Declarative maps it at once (and it cannot be taken back: it stays for this module).
+    Kennel.dogs = relationship(Dog, passive_deletes=True)
+    time.sleep(catalog.PROPERTY_CHECK_INTERVAL)
+    assert catalog.passive_delete_children("kennels") == {"dogs"}
+    before = keys("alkey:dogs#1")
+    with factory() as session:
+        session.execute(delete(Kennel).where(Kennel.id == 1))
+        session.commit()
+        assert session.get(Dog, 1) is None, "the database deleted the dog"
+    assert keys("alkey:dogs#1") != before

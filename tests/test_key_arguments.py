@@ -541,6 +541,7 @@ def test_mapped_attributes_key_by_their_class_import_path_and_name(
     keys = {key_generator(other.id), key_generator(ModelUser.id), key_generator(ModelUser.name)}
     assert len(keys) == 3
     assert key_generator(ModelUser.id) == key_generator(ModelUser.id)
+    assert key_generator(aliased(ModelUser).name) == key_generator(ModelUser.name)
 
 
 def test_an_aliased_class_stands_for_its_table_as_the_class_does(

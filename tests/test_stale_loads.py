@@ -105,6 +105,15 @@ class Record(Base):
     note: Mapped[str | None] = mapped_column(String(50))
 
 
+class Doc(Base):
+    """A deferred column, which a plain load leaves unloaded (and may refuse to load)."""
+
+    __tablename__ = "load_docs"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    title: Mapped[str] = mapped_column(String(50))
+    body: Mapped[str] = mapped_column(String(200), deferred=True, deferred_raiseload=True)
+
+
 class Gadget(Base):
     __tablename__ = "load_gadgets"
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -119,6 +128,9 @@ def factory(tables: Engine, redis_client: RedisClient) -> Iterator[sessionmaker[
         author = Author(id=1, name="Ada")
         session.add_all(
             [author, Book(id=1, title="Notes", author=author), Gadget(id=1, blob=Opaque("x"))]
+        )
+        session.add_all(
+            [Doc(id=index, title=f"doc {index}", body="long text") for index in range(1, 6)]
         )
         session.add(
             Record(
@@ -353,3 +365,41 @@ def test_an_instance_keys_alike_in_every_process(factory: sessionmaker[Session])
         plan = CacheKeyGenerator().plan(session.get_one(Record, 1), "page")
         keys.add(plan.finish(["token"] * len(plan.identifiers)))
     assert len(keys) == 1, keys
+
+
+def test_deferred_columns_are_neither_loaded_nor_refused_when_instances_are_keyed_after_a_commit(
+    tables: Engine, factory: sessionmaker[Session], key_generator: CacheKeyGenerator
+) -> None:
+    statements: list[str] = []
+
+    def count(connection: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(statement)
+
+    expiring = sessionmaker(tables)  # expire_on_commit=True
+    with expiring() as session:
+        docs = session.scalars(select(Doc).order_by(Doc.id)).all()
+        session.commit()  # expires title and id, and marks body expired too
+        event.listen(tables, "before_cursor_execute", count)
+        try:
+            key = key_generator(docs)  # body is deferred with raiseload: never loaded
+        finally:
+            event.remove(tables, "before_cursor_execute", count)
+    assert len(statements) == 1, statements
+    assert "body" not in statements[0]
+    with factory() as session:
+        assert key_generator(session.scalars(select(Doc).order_by(Doc.id)).all()) == key
+
+
+def test_text_that_merely_mentions_a_memory_address_keys_alike_on_every_load(
+    factory: sessionmaker[Session], key_generator: CacheKeyGenerator
+) -> None:
+    with factory() as session:
+        record = session.get_one(Record, 1)
+        record.data = {"log": ["segfault at 0x7f3a2c"]}
+        record.blob = b"fault at 0xdeadbeef"
+        session.commit()
+    keys = set()
+    for _ in range(2):
+        with factory() as session:
+            keys.add(key_generator(session.get_one(Record, 1)))
+    assert len(keys) == 1

@@ -320,3 +320,18 @@ def test_a_core_update_naming_a_row_but_not_its_shard_changes_that_rows_key_on_e
     with shards() as session:
         after = {item.name: key_generator(item) for item in session.scalars(select(Item))}
     assert after["east"] != before["east"]
+
+
+def test_keying_an_expired_shard_row_loads_it_without_flushing_pending_changes(
+    shards: sessionmaker[ShardedSession], redis_client: RedisClient
+) -> None:
+    key_generator = CacheKeyGenerator(redis_client)
+    with shards() as session:
+        east = next(item for item in session.scalars(select(Item)) if item.name == "east")
+        key = key_generator(east)
+        session.expire(east)  # loaded again, one by one, through its shard
+        draft = Item(id=7, name="draft")
+        session.add(draft)
+        assert key_generator(east) == key
+        assert draft in session.new, "building a key wrote nothing"
+        session.rollback()

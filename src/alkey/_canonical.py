@@ -201,7 +201,9 @@ class _Encoder:
         if isinstance(value, QueryableAttribute):
             # User.name: a column of a class, by the class's import path and its key (its
             # text, "User.name", is shared by classes of that name in other modules).
-            module, qualname = _import_path(value.class_)
+            # Of an alias too: aliased(User).name is the column User.name.
+            owner = getattr(getattr(value, "parent", None), "mapper", None)
+            module, qualname = _import_path(owner.class_ if owner is not None else value.class_)
             if not module:
                 raise self._fail(
                     TypeError,

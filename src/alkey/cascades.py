@@ -37,7 +37,12 @@ Kind = Literal["insert", "update", "delete", "write"]
 _ACTIONS: Final = frozenset({"CASCADE", "SET NULL", "SET DEFAULT"})
 _CACHE_SIZE: Final = 4096
 
-_cache: dict[tuple[str, str, frozenset[str] | None], frozenset[str]] = {}
+#: How the database reached a table it writes by itself: along a foreign key of that
+#: table (the referenced table and the foreign key's columns), or otherwise (None: a
+#: ``passive_deletes`` relationship, a declared write).
+Arrival = tuple[str, frozenset[str]] | None
+
+_cache: dict[tuple[str, str, frozenset[str] | None], dict[str, frozenset[Arrival]]] = {}
 _cache_version = -1
 _cache_lock = threading.Lock()
 
@@ -45,6 +50,13 @@ _cache_lock = threading.Lock()
 def cascaded_tables(part: str, kind: Kind, columns: frozenset[str] | None) -> frozenset[str]:
     """The tables (encoded parts) that the database writes when a statement of ``kind``
     writes table ``part``, setting ``columns`` (lower-case names; ``None``: unknown)."""
+    return frozenset(_cascade(part, kind, columns))
+
+
+def _cascade(
+    part: str, kind: Kind, columns: frozenset[str] | None
+) -> dict[str, frozenset[Arrival]]:
+    """:func:`cascaded_tables`, with how the database reached each table, cached."""
     global _cache_version
     version = catalog.version()
     key = (part, kind, columns)
@@ -64,8 +76,8 @@ def cascaded_tables(part: str, kind: Kind, columns: frozenset[str] | None) -> fr
     return found
 
 
-def _follow(part: str, kind: Kind, columns: frozenset[str] | None) -> frozenset[str]:
-    written: set[str] = set()
+def _follow(part: str, kind: Kind, columns: frozenset[str] | None) -> dict[str, frozenset[Arrival]]:
+    written: dict[str, set[Arrival]] = {}
     seen: set[tuple[str, str, frozenset[str] | None]] = set()
     pending: list[tuple[str, Kind, frozenset[str] | None]] = [(part, kind, columns)]
     while pending:
@@ -74,28 +86,30 @@ def _follow(part: str, kind: Kind, columns: frozenset[str] | None) -> frozenset[
             continue
         seen.add(step)
         table, action, changed = step
-        following: list[tuple[str, Kind, frozenset[str] | None]] = [
-            (target, "write", None) for target in catalog.declared_writes(table)
+        following: list[tuple[tuple[str, Kind, frozenset[str] | None], Arrival]] = [
+            ((target, "write", None), None) for target in catalog.declared_writes(table)
         ]
         if action in ("delete", "write"):
             for reference in catalog.references_to(table):
+                along = (table, reference.columns)
                 if reference.ondelete == "CASCADE":
-                    following.append((reference.child, "delete", None))
+                    following.append(((reference.child, "delete", None), along))
                 elif reference.ondelete in _ACTIONS:
-                    following.append((reference.child, "update", reference.columns))
+                    following.append(((reference.child, "update", reference.columns), along))
             following += [
-                (child, "delete", None) for child in catalog.passive_delete_children(table)
+                ((child, "delete", None), None) for child in catalog.passive_delete_children(table)
             ]
         if action in ("update", "write"):
             for reference in catalog.references_to(table):
                 if reference.onupdate in _ACTIONS and (
                     changed is None or not changed.isdisjoint(reference.referred)
                 ):
-                    following.append((reference.child, "update", reference.columns))
-        for target in following:
-            written.add(target[0])
+                    along = (table, reference.columns)
+                    following.append(((reference.child, "update", reference.columns), along))
+        for target, arrival in following:
+            written.setdefault(target[0], set()).add(arrival)
             pending.append(target)
-    return frozenset(written)
+    return {child: frozenset(arrivals) for child, arrivals in written.items()}
 
 
 def may_cascade(part: str, kind: Kind) -> bool:
@@ -104,11 +118,15 @@ def may_cascade(part: str, kind: Kind) -> bool:
     return bool(cascaded_tables(part, kind, None))
 
 
-def cascaded_parts(writes: Iterable[tuple[str, Kind, frozenset[str] | None]]) -> set[str]:
-    """Every table the database writes by itself because of ``writes``."""
-    parts: set[str] = set()
+def cascaded_parts(
+    writes: Iterable[tuple[str, Kind, frozenset[str] | None]],
+) -> dict[str, set[Arrival]]:
+    """Every table the database writes by itself because of ``writes``, with how it
+    reached each (see :data:`Arrival`)."""
+    parts: dict[str, set[Arrival]] = {}
     for part, kind, columns in writes:
-        parts |= cascaded_tables(part, kind, columns)
+        for child, arrivals in _cascade(part, kind, columns).items():
+            parts.setdefault(child, set()).update(arrivals)
     return parts
 
 

@@ -27,9 +27,10 @@ reports a new mapper, table or foreign key (or one of the functions below is cal
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from sqlalchemy import MetaData, event, inspect
 from sqlalchemy.exc import NoReferencedTableError
@@ -41,6 +42,7 @@ from alkey.identity import encode_table
 
 __all__ = [
     "Reference",
+    "association_sides",
     "declare_writes",
     "declared_writes",
     "mappers_of",
@@ -74,6 +76,7 @@ class _Index:
     references: dict[str, list[Reference]] = field(default_factory=dict)
     passive: dict[str, set[str]] = field(default_factory=dict)
     mappers: dict[str, list[Mapper[Any]]] = field(default_factory=dict)
+    secondaries: dict[str, set[Mapper[Any]]] = field(default_factory=dict)
 
 
 _registered: list[MetaData] = []
@@ -178,7 +181,36 @@ def _changed() -> None:
 
 def version() -> int:
     """A number that changes whenever the catalog's answers may have changed."""
+    _notice_new_properties()
     return _version
+
+
+#: Seconds between two looks for properties added to configured mappers.
+PROPERTY_CHECK_INTERVAL: Final = 0.25
+_properties = -1
+_properties_checked = 0.0
+
+
+def _notice_new_properties() -> None:
+    """Rebuild the index when a relationship was added to a mapper already configured
+    (``Owner.pets = relationship(..., passive_deletes=True)`` after first use), which no
+    SQLAlchemy event reports: by counting the mappers' properties, at most once per
+    :data:`PROPERTY_CHECK_INTERVAL` (the count walks every mapper; writes ask often)."""
+    global _properties, _properties_checked
+    now = time.monotonic()
+    if now - _properties_checked < PROPERTY_CHECK_INTERVAL:
+        return
+    _properties_checked = now
+    count = sum(
+        len(getattr(mapper, "_props", ()))
+        for registry in _registries()
+        for mapper in list(getattr(registry, "mappers", ()))
+    )
+    if count != _properties:
+        with _lock:
+            if _properties >= 0:
+                _changed()
+            _properties = count
 
 
 def tables_named(name: str) -> frozenset[str]:
@@ -195,6 +227,12 @@ def mappers_of(part: str) -> tuple[Mapper[Any], ...]:
     """The configured mappers whose own table is table ``part`` (several under single-table
     inheritance)."""
     return tuple(_current().mappers.get(part, ()))
+
+
+def association_sides(part: str) -> frozenset[Mapper[Any]]:
+    """The mappers whose many-to-many relationships go through table ``part`` (an
+    association table): a write to its rows changes their collections."""
+    return frozenset(_current().secondaries.get(part, ()))
 
 
 def passive_delete_children(part: str) -> frozenset[str]:
@@ -227,6 +265,7 @@ def _current() -> _Index:
     cost next to nothing, so changes are learnt from SQLAlchemy's events, not looked for.
     """
     global _index
+    _notice_new_properties()
     index = _index
     if index is not None:
         return index
@@ -264,6 +303,10 @@ def _build(metadatas: list[MetaData], registries: list[Any]) -> _Index:
             if isinstance(mapper.local_table, Table):
                 index.mappers.setdefault(encode_table(mapper.local_table), []).append(mapper)
             for relationship in mapper.relationships:
+                if isinstance(relationship.secondary, Table):
+                    index.secondaries.setdefault(encode_table(relationship.secondary), set()).add(
+                        mapper
+                    )
                 if not relationship.passive_deletes:
                     continue
                 for parent, child in _passive_pairs(relationship):

@@ -43,7 +43,7 @@ from sqlalchemy.orm import Session
 from alkey.client import UsesDefaultStore
 from alkey.tokens import RedisClient, TokenStore, bump, intend, store_for
 from alkey.tracking import changes_of
-from alkey.writes import bulk_save_parents, in_flush, raw_sql_writes
+from alkey.writes import in_flush, raw_sql_writes
 
 __all__ = [
     "EngineBinding",
@@ -121,12 +121,6 @@ def _is_unit_of_work(session: Session, context: Any) -> bool:
     return "compiled_cache" in options
 
 
-def _is_bulk_save(session: Session, context: Any) -> bool:
-    """Whether a statement comes from ``bulk_save_objects`` / ``bulk_*_mappings``."""
-    options = getattr(context, "execution_options", None) or {}
-    return bool(getattr(session, "_flushing", False)) and "compiled_cache" in options
-
-
 def _touches_parents(session: Session | None) -> bool:
     """Whether writes recorded for ``session`` touch their parents (its binding's
     ``touch_parents``; always, for a connection outside any bound session)."""
@@ -172,14 +166,17 @@ class EngineBinding(UsesDefaultStore):
             session.info.get(_BULK_KEY) or _is_unit_of_work(session, context)
         ):
             return  # the session's own listeners record these, with their rows
-        touch_parents = _touches_parents(session)
+        # Statements a flush runs besides its own rows' (the association rows of changed
+        # many-to-many collections, flush hooks) touch no parents: the flush's own
+        # listeners touch those of the rows it wrote, precisely.
+        touch_parents = _touches_parents(session) and not (
+            session is not None and in_flush(session)
+        )
         written = raw_sql_writes(
             statement, connection.dialect, context, touch_parents=touch_parents
         )
         if not written:
             return
-        if session is not None and _is_bulk_save(session, context) and touch_parents:
-            written |= bulk_save_parents(context)
         if _autocommits(connection):
             self._bump(written)
         elif session is not None:

@@ -32,6 +32,7 @@ import decimal
 import enum
 import re
 import string
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -504,6 +505,14 @@ def _learn(
     tenant's copy of the mapped one: a write to it changes the mapped table's key too,
     which stands for the table in every schema.
     """
+    with _learn_lock:  # a read-modify-write of shared maps: one learner at a time
+        _learn_locked(mapper, schemas)
+
+
+_learn_lock = threading.Lock()
+
+
+def _learn_locked(mapper: Mapper[Any], schemas: SchemaMap | None) -> None:
     own = _part(mapper.local_table, schemas)
     parts = sorted({_part(table, schemas) for table in mapper.tables})
     _unknown_rows_of_prefix[f"{_PREFIX}{own}{ROW_SEPARATOR}"] = tuple(

@@ -13,8 +13,9 @@ holds is:
 * the value of each of its column attributes (a ``column_property`` too), expired ones
   loaded first, as reading them would, and deferred ones marked as not loaded;
 * the members of each loaded one-to-many and many-to-many relationship -- their
-  identities and column values, in collection order -- because writing such a member
-  changes this row's token (``touch_parents``), and a render of the parent shows them.
+  identities and column values, in collection order -- because a render of the parent
+  shows them, and writing a one-to-many member (``touch_parents``), or changing who is a
+  many-to-many member, changes this row's token.
 
 Instances without a row yet (pending or transient) stand for their table, as in alkey
 0.3, and add nothing. Identifier strings have no loaded state: a key built from
@@ -30,7 +31,6 @@ import decimal
 import hashlib
 import logging
 import operator
-import re
 import secrets
 import sys
 import uuid
@@ -62,6 +62,9 @@ class _Plan:
     """Which attributes of one mapper's instances make up their state, worked out once."""
 
     columns: frozenset[str]
+    #: The column attributes a plain load loads (not deferred): those whose expiry makes
+    #: the instance load them again before it is keyed, as a fresh load would have them.
+    loaded: frozenset[str]
     #: The column attributes, in a fixed order, and a function reading them from an
     #: instance's ``__dict__`` as a tuple.
     keys: tuple[str, ...]
@@ -79,6 +82,7 @@ def _plan(mapper: Mapper[Any]) -> _Plan:
     plan = _plans.get(mapper)
     if plan is None:
         columns = sorted(prop.key for prop in mapper.column_attrs)
+        loaded = frozenset(prop.key for prop in mapper.column_attrs if not prop.deferred)
         collections = tuple(
             sorted(
                 rel.key for rel in mapper.relationships if rel.direction in (ONETOMANY, MANYTOMANY)
@@ -91,7 +95,7 @@ def _plan(mapper: Mapper[Any]) -> _Plan:
             else lambda values: (values[columns[0]],)
         )
         plan = _plans[mapper] = _Plan(
-            frozenset(columns), tuple(columns), getter, frames, collections
+            frozenset(columns), loaded, tuple(columns), getter, frames, collections
         )
     return plan
 
@@ -111,7 +115,7 @@ def loaded_state(
     if state.key is None:
         return b""
     plan = _plans.get(state.mapper) or _plan(state.mapper)
-    if state.expired_attributes and not state.expired_attributes.isdisjoint(plan.columns):
+    if state.expired_attributes and not state.expired_attributes.isdisjoint(plan.loaded):
         if expired is not None:
             expired.append(state)
             return b""
@@ -197,24 +201,30 @@ def load_expired(states: Iterable[InstanceState[Any]]) -> None:
                 session.scalars(select(mapper).where(where)).unique().all()
     for state in [*alone, *(s for _, (_, m) in groups.items() for s in m.values())]:
         plan = _plans.get(state.mapper) or _plan(state.mapper)
-        if not state.expired_attributes.isdisjoint(plan.columns):
+        if not state.expired_attributes.isdisjoint(plan.loaded):
             _load_expired(state, plan)  # not loaded above: deleted meanwhile, or alone
 
 
 def _load_expired(state: InstanceState[Any], plan: _Plan) -> None:
-    """Load one instance's expired column attributes, as reading one of them would."""
-    for key in plan.columns:
-        if key in state.expired_attributes:
+    """Load one instance's expired column attributes, as reading one of them would: its
+    expired columns that are not deferred (SQLAlchemy loads them together), and never a
+    deferred one, which a fresh load would not have either (nor a ``raiseload`` one)."""
+    for key in plan.keys:  # sorted: the same column in every process
+        if key in plan.loaded and key in state.expired_attributes:
             obj = state.obj()
             if obj is None:  # pragma: no cover - the caller holds the instance
                 return
-            if state.session is not None:
-                _refuse_without_greenlet(state.session)
+            session = state.session
             try:
-                with _greenlet_errors():
+                if session is None:
+                    getattr(obj, key)  # raises DetachedInstanceError
+                    return
+                _refuse_without_greenlet(session)
+                # No autoflush: building a key must not write pending changes.
+                with _greenlet_errors(), session.no_autoflush:
                     getattr(obj, key)
             except (orm_exc.DetachedInstanceError, orm_exc.ObjectDeletedError):
-                pass  # no row to load: its key misses, the render will say why
+                pass  # no row to load: it keys as not loaded, and renders as it can
             return
 
 
@@ -253,12 +263,12 @@ def _columns(digest: Any, state: InstanceState[Any], plan: _Plan) -> None:
     else:
         row = tuple(values.get(key, _ABSENT) for key in plan.keys)
     # The common case: values whose repr is their identity, a valid literal each, so the
-    # repr of the row, in a fixed order of columns, tells every row apart.
-    if _REPR_IS_IDENTITY.issuperset(map(type, row)):
-        text = repr(row)
-        if " at 0x" not in text:  # a tzinfo without a repr of its own, say
-            digest.update(text.encode("utf-8", "surrogatepass"))
-            return
+    # repr of the row, in a fixed order of columns, tells every row apart (a datetime's
+    # tzinfo must have a repr of its own too).
+    kinds = set(map(type, row))
+    if _REPR_IS_IDENTITY.issuperset(kinds) and (kinds.isdisjoint(_ZONED) or _has_stable_repr(row)):
+        digest.update(repr(row).encode("utf-8", "surrogatepass"))
+        return
     parts = [b"\0"]  # never the first byte of a repr: the two forms never meet
     for key, present, absent in plan.frames:
         value = values.get(key, _ABSENT)
@@ -288,7 +298,7 @@ _REPR_IS_IDENTITY: Final = frozenset(
     {str, int, float, bool, type(None), bytes, decimal.Decimal, uuid.UUID, datetime.datetime,
      datetime.date, datetime.time, datetime.timedelta, _Absent}
 )  # fmt: skip
-_MEMORY_ADDRESS: Final = re.compile(r" at 0x[0-9a-fA-F]+")
+_ZONED: Final = frozenset({datetime.datetime, datetime.time})
 _unencodable: set[tuple[Mapper[Any], str]] = set()
 
 
@@ -310,7 +320,7 @@ def _value(mapper: Mapper[Any], key: str, value: Any) -> bytes:
         text = "{" + ", ".join(sorted(repr(item) for item in value)) + "}"
     else:
         text = repr(value)
-        if kind not in _PLAIN and _MEMORY_ADDRESS.search(text):
+        if not _has_stable_repr(value):
             if (mapper, key) not in _unencodable:
                 _unencodable.add((mapper, key))
                 log.warning(
@@ -325,4 +335,27 @@ def _value(mapper: Mapper[Any], key: str, value: Any) -> bytes:
     return b"%s:%d:%s" % (kind.__qualname__.encode(), len(body), body)
 
 
-_PLAIN: Final = frozenset({int, float, bool, type(None)})
+def _has_stable_repr(value: Any, depth: int = 0) -> bool:
+    """Whether ``value``'s repr is the same in every process: not the default
+    ``<... object at 0x...>`` of an object (or of a datetime's tzinfo), at any depth of
+    the lists, tuples, dicts and sets a JSON, array or pickled column holds. (Text that
+    merely contains " at 0x" is data, and stable.)"""
+    kind = type(value)
+    if kind in _REPR_IS_IDENTITY and kind not in (datetime.datetime, datetime.time):
+        return True
+    if kind is datetime.datetime or kind is datetime.time:
+        return value.tzinfo is None or not _default_repr(type(value.tzinfo))
+    if depth > 32:
+        return False
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return all(_has_stable_repr(item, depth + 1) for item in value)
+    if isinstance(value, dict):
+        return all(
+            _has_stable_repr(k, depth + 1) and _has_stable_repr(v, depth + 1)
+            for k, v in value.items()
+        )
+    return not _default_repr(kind)
+
+
+def _default_repr(kind: type) -> bool:
+    return bool(getattr(kind, "__repr__", None) is object.__repr__)

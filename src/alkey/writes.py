@@ -25,7 +25,7 @@ from sqlalchemy.sql.dml import Delete, Insert, Update
 from sqlalchemy.sql.elements import BinaryExpression, BindParameter, BooleanClauseList
 
 from alkey import catalog
-from alkey.cascades import Kind, cascaded_parts, may_cascade
+from alkey.cascades import Arrival, Kind, cascaded_parts, may_cascade
 from alkey.constants import GLOBAL_WRITE_TOKEN
 from alkey.identity import (
     UNKNOWN_WRITES,
@@ -122,7 +122,7 @@ def flushed(session: Session, flush_context: UOWTransaction, touch_parents: bool
     states = [*inserted, *updated, *deleted]
     written = write_identifiers(states)
     if touch_parents:
-        written |= _related(states)
+        written |= _related(states, deleted)
     written |= _flush_cascades(inserted, updated, deleted, before, touch_parents)
     return written
 
@@ -182,19 +182,37 @@ def _cascaded(
         return set()
     identifiers = table_write_identifiers(parts)
     if touch_parents:
-        for part in parts:
-            for mapper in catalog.mappers_of(part):
-                identifiers |= _all_parents(mapper)
+        for part, arrivals in parts.items():
+            identifiers |= _parents_of_table(part, arrivals)
     return translate_identifiers(identifiers, schemas)
 
 
-def _all_parents(mapper: Mapper[Any]) -> set[str]:
-    """Every row that ``mapper``'s rows reference many-to-one, for writes that do not say
-    which (``info={TOUCH_INFO_KEY: False}`` opts a relationship out)."""
+def _parents_of_table(part: str, arrivals: Iterable[Arrival] = ()) -> set[str]:
+    """The parents of rows of table ``part`` written without saying which: every row its
+    mappers reference many-to-one, and, for an association table, both sides of its
+    many-to-many relationships. Except, when the database wrote them by itself, along
+    the foreign key it came by (``arrivals``, see :mod:`alkey.cascades`): those parents
+    are the rows the statement wrote, bumped already."""
+    along = frozenset(arrivals)
     identifiers: set[str] = set()
-    for relationship in mapper.relationships:
-        if relationship.direction is MANYTOONE and relationship.info.get(TOUCH_INFO_KEY, True):
+    for mapper in catalog.mappers_of(part):
+        for relationship in mapper.relationships:
+            if relationship.direction is not MANYTOONE or not relationship.info.get(
+                TOUCH_INFO_KEY, True
+            ):
+                continue
+            path = (
+                encode_table(relationship.mapper.local_table),
+                frozenset(column.name.lower() for column in relationship.local_columns),
+            )
+            if along and along == {path}:
+                continue
             identifiers |= bulk_identifiers(relationship.mapper, None)
+    for mapper in catalog.association_sides(part):
+        side = encode_table(mapper.local_table)
+        if along and all(arrival is not None and arrival[0] == side for arrival in along):
+            continue
+        identifiers |= bulk_identifiers(mapper, None)
     return identifiers
 
 
@@ -238,15 +256,30 @@ def _property(mapper: Mapper[Any], key: Any) -> Any:
     return None
 
 
-def _related(states: Iterable[InstanceState[Any]]) -> set[str]:
+def _related(
+    states: Iterable[InstanceState[Any]], deleted: Iterable[InstanceState[Any]] = ()
+) -> set[str]:
     """Parents across many-to-one relationships (before and after the flush), and both
-    sides of changed many-to-many collections."""
+    sides of changed many-to-many collections -- a deleted row leaves every collection it
+    was in: its partners if they are loaded, else every row of their table."""
     identifiers: set[str] = set()
+    gone = set(deleted)
     for state in states:
         for relationship in state.mapper.relationships:
             if not relationship.info.get(TOUCH_INFO_KEY, True):
                 continue
             if relationship.secondary is not None:
+                if state in gone:
+                    members = state.dict.get(relationship.key)
+                    if members is None:
+                        identifiers |= bulk_identifiers(relationship.mapper, None)
+                    else:
+                        identifiers |= write_identifiers(instance_state(o) for o in members)
+                    if isinstance(relationship.secondary, Table):
+                        identifiers |= table_write_identifiers(
+                            [encode_table(relationship.secondary)]
+                        )
+                    continue
                 history = state.attrs[relationship.key].history
                 changed = [*history.added, *history.deleted]
                 if changed:
@@ -437,6 +470,9 @@ def raw_sql_writes(
                 identifiers |= _rows_identifiers(rows[1], rows[2])
             else:
                 identifiers |= table_write_identifiers([part])
+            if write.kind != "ddl" and touch_parents:
+                # Rows written by Core or raw SQL never say their foreign keys.
+                identifiers |= _parents_of_table(part)
             if write.kind != "ddl":
                 step = (write.kind, write.columns)
                 steps.setdefault(None, []).append((part, *step))  # type: ignore[arg-type]
@@ -574,18 +610,3 @@ def invalidation_identifiers(target: object) -> set[str]:
         f"cannot invalidate a {type(target).__qualname__}: pass model instances, mapped "
         "classes, Table objects or alkey identifiers"
     )
-
-
-def bulk_save_parents(context: Any) -> set[str]:
-    """The parents of rows that ``bulk_save_objects`` / ``bulk_*_mappings`` wrote.
-
-    As for a bulk statement, which parent rows is not known: every row of each table the
-    mapped class references many-to-one (``info={TOUCH_INFO_KEY: False}`` opts out).
-    """
-    table = getattr(getattr(getattr(context, "compiled", None), "statement", None), "table", None)
-    if not isinstance(table, Table):
-        return set()
-    identifiers: set[str] = set()
-    for mapper in catalog.mappers_of(encode_table(table)):
-        identifiers |= _all_parents(mapper)
-    return identifiers
