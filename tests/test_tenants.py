@@ -23,7 +23,14 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.ext.horizontal_shard import ShardedSession
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    mapped_column,
+    relationship,
+    sessionmaker,
+)
 
 import alkey
 from alkey.cache import CacheKeyGenerator
@@ -49,6 +56,7 @@ class Part(Base):
     __tablename__ = "tenant_parts"
     id: Mapped[int] = mapped_column(primary_key=True)
     item_id: Mapped[int] = mapped_column(ForeignKey("tenant_items.id", ondelete="CASCADE"))
+    item: Mapped[Item] = relationship()
 
 
 @pytest.fixture
@@ -218,6 +226,20 @@ def test_a_cascading_delete_in_one_tenant_changes_that_tenants_child_keys_only(
         assert session.get(Part, 1) is None, "the database deleted the child"
     assert key_generator(f"alkey:{a}.tenant_parts#1") != by_identifier
     assert part_keys({b: tenant_sessions[b]}, key_generator) == {b: before[b]}
+
+
+def test_raw_sql_on_a_tenants_child_table_touches_that_tenants_parents_only(
+    tenant_sessions: dict[str, sessionmaker[Session]], redis_client: RedisClient
+) -> None:
+    key_generator = CacheKeyGenerator(redis_client)
+    a, b = TENANTS
+    before = item_keys(tenant_sessions, key_generator)
+    with tenant_sessions[a]() as session:
+        session.execute(text(f"UPDATE {a}.tenant_parts SET item_id = item_id"))
+        session.commit()
+    after = item_keys(tenant_sessions, key_generator)
+    assert after[a] != before[a]
+    assert after[b] == before[b]
 
 
 # -- horizontal sharding: two databases, one identity token each ----------------------------

@@ -471,8 +471,11 @@ def raw_sql_writes(
             else:
                 identifiers |= table_write_identifiers([part])
             if write.kind != "ddl" and touch_parents:
-                # Rows written by Core or raw SQL never say their foreign keys.
+                # Rows written by Core or raw SQL never say their foreign keys; a tenant's
+                # copy of a mapped table has the mapped table's parents, in that tenant.
                 identifiers |= _parents_of_table(part)
+                for original, copied_by in translations_of(part):
+                    identifiers |= translate_identifiers(_parents_of_table(original), copied_by)
             if write.kind != "ddl":
                 step = (write.kind, write.columns)
                 steps.setdefault(None, []).append((part, *step))  # type: ignore[arg-type]
