@@ -27,9 +27,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 import alkey
 from alkey.cache import CacheKeyGenerator
 from alkey.embedded import EmbeddedRedis
+from alkey.testing import LatencyProxy, RoundTrips, counting_client
 from alkey.tokens import RedisTokenStore
 from benchmarks.original import OriginalKeyGenerator, bind_original
-from benchmarks.roundtrips import LatencyProxy, RoundTrips, counting_client
 
 POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 DOCS = Path(__file__).resolve().parent.parent / "docs"

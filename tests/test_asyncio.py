@@ -41,8 +41,8 @@ from alkey.asyncio import (
 from alkey.cache import CacheKeyGenerator, get_token
 from alkey.client import DEFAULT_CLIENT_OPTIONS, client_from_config, get_redis_config
 from alkey.embedded import EmbeddedRedis
+from alkey.testing import LatencyProxy
 from alkey.tokens import CHUNK_SIZE, RedisClient
-from benchmarks.roundtrips import LatencyProxy
 
 from .conftest import async_database_url, one_incident, token_keys, tokens_of
 from .models import User

@@ -27,8 +27,8 @@ import alkey.asyncio
 from alkey.asyncio import AsyncRedisClient, AsyncRedisTokenStore
 from alkey.cache import CacheKeyGenerator
 from alkey.embedded import EmbeddedRedis
+from alkey.testing import RoundTrips, counting_client
 from alkey.tokens import RedisClient, RedisTokenStore
-from benchmarks.roundtrips import RoundTrips, counting_client
 
 from .models import User
 

@@ -21,8 +21,8 @@ import alkey
 from alkey.cache import CacheKeyGenerator
 from alkey.embedded import EmbeddedRedis
 from alkey.identity import UNKNOWN_WRITES
+from alkey.testing import LatencyProxy
 from alkey.tokens import RedisClient, RedisTokenStore
-from benchmarks.roundtrips import LatencyProxy
 
 from .conftest import one_incident
 from .models import User

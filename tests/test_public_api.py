@@ -61,6 +61,10 @@ DOCUMENTED = [
     "alkey.asyncio.get_async_redis_client",
     "alkey.asyncio.close_async_redis_client",
     "alkey.embedded.EmbeddedRedis",
+    "alkey.testing.EmbeddedRedis",
+    "alkey.testing.LatencyProxy",
+    "alkey.testing.RoundTrips",
+    "alkey.testing.counting_client",
 ]
 
 

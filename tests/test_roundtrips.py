@@ -10,8 +10,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import alkey
 from alkey.cache import CacheKeyGenerator
+from alkey.testing import RoundTrips, counting_client
 from alkey.tokens import CHUNK_SIZE, RedisClient, RedisTokenStore
-from benchmarks.roundtrips import RoundTrips, counting_client
 
 from .models import User
 

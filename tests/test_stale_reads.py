@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session
 
 from alkey.embedded import EmbeddedRedis
 from alkey.identity import row_identifier
-from benchmarks.roundtrips import LatencyProxy
+from alkey.testing import LatencyProxy
 
 from .stale_worker import (
     COUNTERS,

