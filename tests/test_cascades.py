@@ -31,6 +31,7 @@ from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
     Session,
+    attribute_keyed_dict,
     mapped_column,
     relationship,
     sessionmaker,
@@ -142,6 +143,68 @@ class Song(Base):
     playlists: Mapped[list[Playlist]] = relationship(
         secondary=playlist_songs, back_populates="songs", passive_deletes=True
     )
+
+
+badges = Table(
+    "badge_holders",
+    Base.metadata,
+    Column("badge_id", ForeignKey("badges.id"), primary_key=True),
+    Column("holder_id", ForeignKey("holders.id"), primary_key=True),
+)
+
+
+class Holder(Base):
+    __tablename__ = "holders"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(20), default="")
+
+
+class Badge(Base):
+    """Many-to-many relationships of other shapes: one instance, and a dict by name."""
+
+    __tablename__ = "badges"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    holder: Mapped[Holder | None] = relationship(secondary=badges, uselist=False, viewonly=False)
+    by_name: Mapped[dict[str, Holder]] = relationship(
+        secondary=badges, collection_class=attribute_keyed_dict("name"), viewonly=True
+    )
+
+
+follows = Table(
+    "follows",
+    Base.metadata,
+    Column("follower_id", ForeignKey("members.id", ondelete="CASCADE"), primary_key=True),
+    Column("followee_id", ForeignKey("members.id", ondelete="CASCADE"), primary_key=True),
+)
+
+
+class Member(Base):
+    """A self-referential many-to-many: both foreign keys of follows point here."""
+
+    __tablename__ = "members"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    following: Mapped[list[Member]] = relationship(
+        secondary=follows,
+        primaryjoin="Member.id == follows.c.follower_id",
+        secondaryjoin="Member.id == follows.c.followee_id",
+        passive_deletes=True,
+    )
+
+
+class Category(Base):
+    __tablename__ = "categories"
+    id: Mapped[int] = mapped_column(primary_key=True)
+
+
+class Post(Base):
+    """ON DELETE SET DEFAULT: its posts move to category 1, which nothing wrote."""
+
+    __tablename__ = "posts"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    category_id: Mapped[int] = mapped_column(
+        ForeignKey("categories.id", ondelete="SET DEFAULT"), server_default=text("1")
+    )
+    category: Mapped[Category] = relationship()
 
 
 class Kennel(Base):
@@ -585,3 +648,127 @@ def test_a_passive_deletes_relationship_added_after_first_use_is_learnt(
         session.commit()
         assert session.get(Dog, 1) is None, "the database deleted the dog"
     assert keys("alkey:dogs#1") != before
+
+
+@pytest.mark.parametrize("shape", ["one instance", "a dict by name"])
+def test_deleting_a_row_whose_many_to_many_of_another_shape_is_loaded_commits_and_touches(
+    factory: sessionmaker[Session], keys: CacheKeyGenerator, shape: str
+) -> None:
+    with factory() as session:
+        session.add_all([Holder(id=1, name="ada"), Badge(id=1)])
+        session.flush()
+        session.execute(badges.insert().values(badge_id=1, holder_id=1))
+        session.commit()
+    before = keys("alkey:holders#1")
+    with factory() as session:
+        badge = session.get_one(Badge, 1)
+        holder = badge.holder if shape == "one instance" else badge.by_name["ada"]
+        assert holder is not None
+        assert holder.id == 1
+        session.delete(badge)
+        session.commit()
+    assert keys("alkey:holders#1") != before
+
+
+def test_a_member_removed_then_its_owner_deleted_in_one_flush_is_touched(
+    shop: sessionmaker[Session], keys: CacheKeyGenerator
+) -> None:
+    before = keys("alkey:songs#2")
+    with shop() as session:
+        playlist = session.get_one(Playlist, 1)
+        playlist.songs.remove(session.get_one(Song, 2))
+        session.delete(playlist)
+        session.commit()
+    assert keys("alkey:songs#2") != before
+
+
+@pytest.mark.parametrize("how", ["core", "bulk statement"])
+def test_a_self_referential_association_cascade_touches_the_other_members(
+    factory: sessionmaker[Session], database: Engine, keys: CacheKeyGenerator, how: str
+) -> None:
+    with factory() as session:
+        first, second = Member(id=1), Member(id=2)
+        session.add_all([first, second])
+        session.flush()
+        second.following.append(first)
+        session.commit()
+    before = keys("alkey:members#2")
+    if how == "core":
+        members = Base.metadata.tables["members"]
+        with database.begin() as connection:
+            connection.execute(members.delete().where(members.c.id == 1))
+    else:
+        with factory() as session:
+            session.execute(
+                delete(Member).where(Member.id == 1),
+                execution_options={"synchronize_session": "fetch"},
+            )
+            session.commit()
+    with factory() as session:
+        assert session.get_one(Member, 2).following == []
+    assert keys("alkey:members#2") != before
+
+
+def test_set_default_touches_the_default_parent_the_children_move_to(
+    factory: sessionmaker[Session], database: Engine, keys: CacheKeyGenerator
+) -> None:
+    with factory() as session:
+        session.add_all([Category(id=1), Category(id=5)])
+        session.flush()
+        session.add(Post(id=10, category_id=5))
+        session.commit()
+    before = keys("alkey:categories#1")
+    categories = Base.metadata.tables["categories"]
+    with database.begin() as connection:
+        connection.execute(categories.delete().where(categories.c.id == 5))
+    with factory() as session:
+        assert session.get_one(Post, 10).category_id == 1
+    assert keys("alkey:categories#1") != before
+
+
+def test_core_table_statements_through_a_session_touch_their_parents(
+    shop: sessionmaker[Session], keys: CacheKeyGenerator
+) -> None:
+    key = keys("alkey:products#1")
+    lines = Base.metadata.tables["basket_lines"]
+    with shop() as session:
+        session.execute(lines.update().values(product_id=1))
+        session.commit()
+    assert keys("alkey:products#1") != key
+
+
+def test_a_flush_hooks_cascading_delete_touches_the_cascaded_rows_parents(
+    shop: sessionmaker[Session], keys: CacheKeyGenerator
+) -> None:
+    with shop() as session:
+        session.add(Holder(id=1, name="ada"))
+        session.commit()
+    before = keys("alkey:products#1")
+
+    def empty_basket_1(mapper: Any, connection: Any, target: Any) -> None:
+        connection.execute(text("DELETE FROM baskets WHERE id = 1"))  # inside the flush
+
+    event.listen(Holder, "after_update", empty_basket_1)
+    try:
+        with shop() as session:
+            session.get_one(Holder, 1).name = "ada lovelace"
+            session.commit()
+    finally:
+        event.remove(Holder, "after_update", empty_basket_1)
+    with shop() as session:
+        assert session.get(BasketLine, 1) is None, "the database deleted the line"
+    assert keys("alkey:products#1") != before
+
+
+def test_a_core_insert_touches_the_parents_its_parameters_name_and_no_other(
+    shop: sessionmaker[Session], database: Engine, keys: CacheKeyGenerator
+) -> None:
+    with shop() as session:
+        session.add(Product(id=2))
+        session.commit()
+    before = {name: keys(name) for name in ("alkey:products#1", "alkey:products#2")}
+    lines = Base.metadata.tables["basket_lines"]
+    with database.begin() as connection:
+        connection.execute(lines.insert(), [{"id": 3, "basket_id": 2, "product_id": 1}])
+    assert keys("alkey:products#1") != before["alkey:products#1"]
+    assert keys("alkey:products#2") == before["alkey:products#2"], "an audit-style insert"

@@ -91,7 +91,7 @@ def _follow(part: str, kind: Kind, columns: frozenset[str] | None) -> dict[str, 
         ]
         if action in ("delete", "write"):
             for reference in catalog.references_to(table):
-                along = (table, reference.columns)
+                along = _along(table, reference.columns, reference.ondelete)
                 if reference.ondelete == "CASCADE":
                     following.append(((reference.child, "delete", None), along))
                 elif reference.ondelete in _ACTIONS:
@@ -104,12 +104,19 @@ def _follow(part: str, kind: Kind, columns: frozenset[str] | None) -> dict[str, 
                 if reference.onupdate in _ACTIONS and (
                     changed is None or not changed.isdisjoint(reference.referred)
                 ):
-                    along = (table, reference.columns)
+                    along = _along(table, reference.columns, reference.onupdate)
                     following.append(((reference.child, "update", reference.columns), along))
         for target, arrival in following:
             written.setdefault(target[0], set()).add(arrival)
             pending.append(target)
     return {child: frozenset(arrivals) for child, arrivals in written.items()}
+
+
+def _along(table: str, columns: frozenset[str], action: str | None) -> Arrival:
+    """How a referential action reaches the child: along its foreign key onto the rows the
+    statement wrote (CASCADE, SET NULL) -- or, for SET DEFAULT, onto a default parent that
+    nothing wrote, which must not pass for one of them."""
+    return None if action == "SET DEFAULT" else (table, columns)
 
 
 def may_cascade(part: str, kind: Kind) -> bool:

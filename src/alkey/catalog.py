@@ -35,6 +35,7 @@ from typing import Any, Final
 from sqlalchemy import MetaData, event, inspect
 from sqlalchemy.exc import NoReferencedTableError
 from sqlalchemy.orm import Mapper, mapperlib
+from sqlalchemy.orm.exc import UnmappedClassError
 from sqlalchemy.orm.interfaces import MANYTOMANY, ONETOMANY
 from sqlalchemy.schema import ForeignKeyConstraint, Table
 
@@ -201,11 +202,7 @@ def _notice_new_properties() -> None:
     if now - _properties_checked < PROPERTY_CHECK_INTERVAL:
         return
     _properties_checked = now
-    count = sum(
-        len(getattr(mapper, "_props", ()))
-        for registry in _registries()
-        for mapper in list(getattr(registry, "mappers", ()))
-    )
+    count = sum(len(getattr(mapper, "_props", ())) for mapper in _mappers(_registries()))
     if count != _properties:
         with _lock:
             if _properties >= 0:
@@ -245,16 +242,29 @@ def _registries() -> list[Any]:
     return list(getattr(mapperlib, "_mapper_registries", ()))
 
 
+def _mappers(registries: Iterable[Any]) -> list[Mapper[Any]]:
+    """Every mapper of ``registries``, read while other threads may be declaring classes:
+    a registry's mappers are a weak dictionary that such a thread may change under the
+    read, so a read that meets a change is done again."""
+    registries = list(registries)
+    for attempt in range(100):
+        try:
+            return [mapper for registry in registries for mapper in registry.mappers]
+        except (RuntimeError, UnmappedClassError):  # changed meanwhile: read it again
+            time.sleep(0.001 * attempt)
+    return [mapper for registry in registries for mapper in registry.mappers]
+
+
 def _metadatas(registries: Iterable[Any]) -> list[MetaData]:
     found: dict[int, MetaData] = {id(m): m for m in _registered}
     for registry in registries:
         metadata = getattr(registry, "metadata", None)
         if isinstance(metadata, MetaData):
             found.setdefault(id(metadata), metadata)
-        for mapper in list(getattr(registry, "mappers", ())):
-            for table in mapper.tables:
-                if isinstance(table, Table):
-                    found.setdefault(id(table.metadata), table.metadata)
+    for mapper in _mappers(registries):
+        for table in mapper.tables:
+            if isinstance(table, Table):
+                found.setdefault(id(table.metadata), table.metadata)
     return list(found.values())
 
 
@@ -296,21 +306,19 @@ def _build(metadatas: list[MetaData], registries: list[Any]) -> _Index:
                 reference = _reference(part, constraint)
                 if reference is not None:
                     index.references.setdefault(reference.parent, []).append(reference)
-    for registry in registries:
-        for mapper in list(getattr(registry, "mappers", ())):
-            if not mapper.configured:
-                continue  # configured before the first write that could need it
-            if isinstance(mapper.local_table, Table):
-                index.mappers.setdefault(encode_table(mapper.local_table), []).append(mapper)
-            for relationship in mapper.relationships:
-                if isinstance(relationship.secondary, Table):
-                    index.secondaries.setdefault(encode_table(relationship.secondary), set()).add(
-                        mapper
-                    )
-                if not relationship.passive_deletes:
-                    continue
-                for parent, child in _passive_pairs(relationship):
-                    index.passive.setdefault(parent, set()).add(child)
+    for mapper in _mappers(registries):
+        if not mapper.configured:
+            continue  # configured before the first write that could need it
+        if isinstance(mapper.local_table, Table):
+            index.mappers.setdefault(encode_table(mapper.local_table), []).append(mapper)
+        for relationship in mapper.relationships:
+            if isinstance(relationship.secondary, Table):
+                secondary = encode_table(relationship.secondary)
+                index.secondaries.setdefault(secondary, set()).add(mapper)
+            if not relationship.passive_deletes:
+                continue
+            for parent, child in _passive_pairs(relationship):
+                index.passive.setdefault(parent, set()).add(child)
     return index
 
 

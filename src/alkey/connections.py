@@ -166,14 +166,16 @@ class EngineBinding(UsesDefaultStore):
             session.info.get(_BULK_KEY) or _is_unit_of_work(session, context)
         ):
             return  # the session's own listeners record these, with their rows
-        # Statements a flush runs besides its own rows' (the association rows of changed
-        # many-to-many collections, flush hooks) touch no parents: the flush's own
-        # listeners touch those of the rows it wrote, precisely.
-        touch_parents = _touches_parents(session) and not (
-            session is not None and in_flush(session)
-        )
+        # The association rows a flush writes for changed many-to-many collections touch
+        # no sides: the flush's own listeners touch the partners that changed, precisely.
+        # (Flush hooks' statements touch their parents as any other statement does.)
+        flushing = session is not None and in_flush(session)
         written = raw_sql_writes(
-            statement, connection.dialect, context, touch_parents=touch_parents
+            statement,
+            connection.dialect,
+            context,
+            touch_parents=_touches_parents(session),
+            association_sides=not flushing,
         )
         if not written:
             return

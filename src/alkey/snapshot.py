@@ -47,7 +47,7 @@ from sqlalchemy.orm.interfaces import MANYTOMANY, ONETOMANY
 
 from alkey.identity import schemas_of
 
-__all__ = ["LOAD_BATCH", "load_expired", "loaded_state"]
+__all__ = ["LOAD_BATCH", "load_expired", "loaded_state", "members_of"]
 
 log = logging.getLogger("alkey.snapshot")
 
@@ -128,7 +128,7 @@ def loaded_state(
             digest.update(b"c" + key.encode() + _NOT_LOADED)
             continue
         digest.update(b"c" + key.encode() + b"[")
-        for member in _members(values[key]):
+        for member in members_of(values[key]):
             member_state = instance_state(member)
             member_plan = _plans.get(member_state.mapper) or _plan(member_state.mapper)
             identity = member_state.key
@@ -139,7 +139,10 @@ def loaded_state(
     return STATE_TAG + digest.digest()
 
 
-def _members(value: Any) -> Iterable[Any]:
+def members_of(value: Any) -> Iterable[Any]:
+    """The instances a loaded relationship attribute holds, whatever its shape: a list, a
+    set (in the order of their identities, the same in every process), a dict-keyed
+    collection's values, or one instance (``uselist=False``) or none."""
     if value is None:
         return ()
     if isinstance(value, dict):  # attribute_keyed_dict collections
@@ -354,7 +357,8 @@ def _has_stable_repr(value: Any, depth: int = 0) -> bool:
             _has_stable_repr(k, depth + 1) and _has_stable_repr(v, depth + 1)
             for k, v in value.items()
         )
-    return not _default_repr(kind)
+    # Its own repr, which may still show an address (a memoryview, a bound method).
+    return not _default_repr(kind) and " at 0x" not in repr(value)
 
 
 def _default_repr(kind: type) -> bool:

@@ -44,6 +44,7 @@ from alkey.identity import (
     translations_of,
     write_identifiers,
 )
+from alkey.snapshot import members_of
 from alkey.sql import writes
 from alkey.tenants import statement_schemas
 
@@ -187,12 +188,16 @@ def _cascaded(
     return translate_identifiers(identifiers, schemas)
 
 
-def _parents_of_table(part: str, arrivals: Iterable[Arrival] = ()) -> set[str]:
+def _parents_of_table(
+    part: str, arrivals: Iterable[Arrival] = (), *, sides: bool = True
+) -> set[str]:
     """The parents of rows of table ``part`` written without saying which: every row its
     mappers reference many-to-one, and, for an association table, both sides of its
-    many-to-many relationships. Except, when the database wrote them by itself, along
-    the foreign key it came by (``arrivals``, see :mod:`alkey.cascades`): those parents
-    are the rows the statement wrote, bumped already."""
+    many-to-many relationships (unless ``sides`` is false: a flush's own association
+    rows, whose partners the flush touches precisely). Except, when the database wrote
+    them by itself, along the foreign key it came by (``arrivals``, see
+    :mod:`alkey.cascades`): those parents are the rows the statement wrote, bumped
+    already."""
     along = frozenset(arrivals)
     identifiers: set[str] = set()
     for mapper in catalog.mappers_of(part):
@@ -208,9 +213,16 @@ def _parents_of_table(part: str, arrivals: Iterable[Arrival] = ()) -> set[str]:
             if along and along == {path}:
                 continue
             identifiers |= bulk_identifiers(relationship.mapper, None)
-    for mapper in catalog.association_sides(part):
+    for mapper in catalog.association_sides(part) if sides else ():
         side = encode_table(mapper.local_table)
-        if along and all(arrival is not None and arrival[0] == side for arrival in along):
+        onto_side = {
+            (side, reference.columns)
+            for reference in catalog.references_to(side)
+            if reference.child == part
+        }
+        # Skipped only when the rows reached it by the one foreign key it has onto this
+        # side (a self-referential association also holds the other side's rows there).
+        if along and len(onto_side) == 1 and along == onto_side:
             continue
         identifiers |= bulk_identifiers(mapper, None)
     return identifiers
@@ -270,15 +282,7 @@ def _related(
                 continue
             if relationship.secondary is not None:
                 if state in gone:
-                    members = state.dict.get(relationship.key)
-                    if members is None:
-                        identifiers |= bulk_identifiers(relationship.mapper, None)
-                    else:
-                        identifiers |= write_identifiers(instance_state(o) for o in members)
-                    if isinstance(relationship.secondary, Table):
-                        identifiers |= table_write_identifiers(
-                            [encode_table(relationship.secondary)]
-                        )
+                    identifiers |= _left_collections(state, relationship)
                     continue
                 history = state.attrs[relationship.key].history
                 changed = [*history.added, *history.deleted]
@@ -290,6 +294,24 @@ def _related(
                         )
             elif relationship.direction is MANYTOONE:
                 identifiers |= _parents(state, relationship)
+    return identifiers
+
+
+def _left_collections(state: InstanceState[Any], relationship: Any) -> set[str]:
+    """What a deleted row's many-to-many ``relationship`` changes: the partners it had --
+    those loaded now, and those removed earlier in the same flush -- or, not loaded, every
+    row of their table (in the row's tenant); and the association table."""
+    schemas = schemas_of(state)
+    history = state.attrs[relationship.key].history
+    if relationship.key in state.dict:
+        partners = [*members_of(state.dict[relationship.key]), *history.deleted]
+        identifiers = write_identifiers(instance_state(o) for o in partners if o is not None)
+    else:
+        identifiers = bulk_identifiers(relationship.mapper, None, schemas=schemas)
+    if isinstance(relationship.secondary, Table):
+        identifiers |= translate_identifiers(
+            table_write_identifiers([encode_table(relationship.secondary)]), schemas
+        )
     return identifiers
 
 
@@ -348,9 +370,12 @@ def statement_writes(state: ORMExecuteState, result: Any, touch_parents: bool) -
             return table_write_identifiers(None)
         part = encode_table(table)
         columns = _set_columns(state, None, table) if kind == "update" else None
-        return table_write_identifiers([part]) | _cascaded(
+        written = table_write_identifiers([part]) | _cascaded(
             [(part, kind, columns)], None, touch_parents
         )
+        if touch_parents:
+            written |= _parents_of_table(part)  # a Table's rows never say their parents
+        return written
     schemas = statement_schemas(state)
     token = state.execution_options.get("identity_token")
     written = bulk_identifiers(
@@ -448,7 +473,12 @@ def _sets_primary_key(statement: Any, mapper: Mapper[Any]) -> bool:
 
 
 def raw_sql_writes(
-    statement: str, dialect: Dialect, context: Any = None, *, touch_parents: bool = True
+    statement: str,
+    dialect: Dialect,
+    context: Any = None,
+    *,
+    touch_parents: bool = True,
+    association_sides: bool = True,
 ) -> set[str]:
     """What a statement that reaches the cursor writes, from its text (see
     :mod:`alkey.sql`), and what the database writes by itself because of it.
@@ -470,12 +500,16 @@ def raw_sql_writes(
                 identifiers |= _rows_identifiers(rows[1], rows[2])
             else:
                 identifiers |= table_write_identifiers([part])
-            if write.kind != "ddl" and touch_parents:
+            inserted = _inserted_parents(context, part) if write.kind == "insert" else None
+            if write.kind != "ddl" and touch_parents and inserted is not None:
+                identifiers |= inserted  # a Core INSERT's parameters name its parents
+            elif write.kind != "ddl" and touch_parents:
                 # Rows written by Core or raw SQL never say their foreign keys; a tenant's
                 # copy of a mapped table has the mapped table's parents, in that tenant.
-                identifiers |= _parents_of_table(part)
+                identifiers |= _parents_of_table(part, sides=association_sides)
                 for original, copied_by in translations_of(part):
-                    identifiers |= translate_identifiers(_parents_of_table(original), copied_by)
+                    parents = _parents_of_table(original, sides=association_sides)
+                    identifiers |= translate_identifiers(parents, copied_by)
             if write.kind != "ddl":
                 step = (write.kind, write.columns)
                 steps.setdefault(None, []).append((part, *step))  # type: ignore[arg-type]
@@ -485,6 +519,46 @@ def raw_sql_writes(
                     steps.setdefault(copied_by, []).append((original, *step))  # type: ignore[arg-type]
     for schemas, group in steps.items():
         identifiers |= _cascaded(group, schemas, touch_parents)
+    return identifiers
+
+
+def _inserted_parents(context: Any, part: str) -> set[str] | None:
+    """The parent rows of the rows a compiled Core INSERT into table ``part`` writes, read
+    from its parameters: an audit row inserted for one user touches that user, not every
+    user. ``None`` when they cannot all be read (raw SQL, INSERT ... SELECT, a foreign key
+    onto other columns than its parent's primary key, a parameter missing, an association
+    table's sides): then every row of the parent tables counts."""
+    compiled = getattr(context, "compiled", None)
+    statement = getattr(compiled, "statement", None)
+    parameters = getattr(context, "compiled_parameters", None)
+    table = getattr(statement, "table", None)
+    if not isinstance(statement, Insert) or not isinstance(table, Table) or not parameters:
+        return None
+    if encode_table(table) != part or statement.select is not None or statement._multi_values:
+        return None
+    if catalog.association_sides(part):
+        return None
+    identifiers: set[str] = set()
+    for mapper in catalog.mappers_of(part):
+        for relationship in mapper.relationships:
+            if relationship.direction is not MANYTOONE or not relationship.info.get(
+                TOUCH_INFO_KEY, True
+            ):
+                continue
+            parent: Mapper[Any] = relationship.mapper
+            by_remote = {remote: local for local, remote in relationship.local_remote_pairs}
+            if set(by_remote) != set(parent.primary_key):
+                return None
+            names = [by_remote[column].key for column in parent.primary_key]
+            keys: set[tuple[Any, ...]] = set()
+            for row in parameters:
+                if any(name not in row for name in names):
+                    return None
+                key = tuple(row[name] for name in names)
+                if None not in key:  # a NULL foreign key: no parent
+                    keys.add(key)
+            if keys:
+                identifiers |= bulk_identifiers(parent, keys)
     return identifiers
 
 
