@@ -41,6 +41,7 @@ from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.orm import Session
 
 from alkey.client import UsesDefaultStore
+from alkey.identity import freeze_schema_map, note_schema_map
 from alkey.tokens import RedisClient, TokenStore, bump, intend, store_for
 from alkey.tracking import changes_of
 from alkey.writes import in_flush, raw_sql_writes
@@ -166,6 +167,12 @@ class EngineBinding(UsesDefaultStore):
             session.info.get(_BULK_KEY) or _is_unit_of_work(session, context)
         ):
             return  # the session's own listeners record these, with their rows
+        # A tenant's connection or statement: its schema map tells raw SQL naming the
+        # tenant's tables which mapped tables they are copies of.
+        options = getattr(context, "execution_options", None) or {}
+        translate = options.get("schema_translate_map")
+        if translate:
+            note_schema_map(freeze_schema_map(translate))
         # The association rows a flush writes for changed many-to-many collections touch
         # no sides: the flush's own listeners touch the partners that changed, precisely.
         # (Flush hooks' statements touch their parents as any other statement does.)

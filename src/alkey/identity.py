@@ -522,11 +522,7 @@ def _learn_locked(mapper: Mapper[Any], schemas: SchemaMap | None) -> None:
         # Replaced, never changed in place: other threads iterate these without a lock.
         _family_tables[part] = _family_tables.get(part, frozenset()) | {own}
     if schemas is not None:
-        for table in mapper.tables:
-            copy = _part(table, schemas)
-            original = encode_table(table)
-            if copy != original:
-                _translations[copy] = _translations.get(copy, frozenset()) | {(original, schemas)}
+        note_schema_map(schemas)
 
 
 #: The row part of a table's unknown-rows token. A write that reaches a table without
@@ -542,16 +538,33 @@ UNKNOWN_WRITES: Final = constants.UNKNOWN_WRITES
 _unknown_rows_of_prefix: dict[str, tuple[str, ...]] = {}
 # Table part -> the own tables of every mapper whose row lives (partly) in that table.
 _family_tables: dict[str, frozenset[str]] = {}
-# A translated table part -> the mapped tables it is a copy of (schema per tenant), each
-# with the schema map that made the copy.
-_translations: dict[str, frozenset[tuple[str, SchemaMap]]] = {}
+# The schema maps seen so far in this process (replaced, never changed in place).
+_schema_maps: frozenset[SchemaMap] = frozenset()
+
+
+def note_schema_map(schemas: SchemaMap | None) -> None:
+    """Remember a schema translate map met on a load, a write or a connection, so that
+    raw SQL naming the tables it makes is known for a tenant's copy of mapped tables."""
+    global _schema_maps
+    if schemas is not None and schemas not in _schema_maps:
+        _schema_maps = _schema_maps | {schemas}
 
 
 def translations_of(part: str) -> frozenset[tuple[str, SchemaMap]]:
-    """The mapped tables that the encoded table ``part`` was seen as a translated copy of,
-    with the schema map that translates them (``'tenant_a.items'`` -> ``{('items',
-    ((None, 'tenant_a'),))}``), so far in this process."""
-    return frozenset(_translations.get(part, ()))
+    """The tables that the encoded table ``part`` is a translated copy of, under each
+    schema map seen so far, with that map (``'tenant_a.items'`` -> ``{('items',
+    ((None, 'tenant_a'),))}``): a write to the copy is a write to the original in that
+    tenant. Worked out from the maps, whatever rows of it this process has seen."""
+    schema, dot, name = part.rpartition(".")
+    if not dot:
+        return frozenset()
+    target = _unquote(schema)
+    return frozenset(
+        (table_part(original, _unquote(name)), schemas)
+        for schemas in _schema_maps
+        for original, translated_to in schemas
+        if translated_to == target
+    )
 
 
 def translate_identifiers(identifiers: Iterable[str], schemas: SchemaMap | None) -> set[str]:
@@ -795,7 +808,7 @@ def table_write_identifiers(table_parts: Iterable[str] | None) -> set[str]:
         for member in _family_tables.get(part, ()):
             identifiers.add(f"{_PREFIX}{member}{ROW_SEPARATOR}{ALL_ROWS}")
         # A tenant's copy of a mapped table: the mapped table's key changes too.
-        for original, _ in _translations.get(part, ()):
+        for original, _ in translations_of(part):
             identifiers.add(f"{_PREFIX}{original}{ROW_SEPARATOR}{ALL_ROWS}")
     return identifiers
 

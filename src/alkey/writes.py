@@ -188,6 +188,16 @@ def _cascaded(
     return translate_identifiers(identifiers, schemas)
 
 
+def _touched_parents(mapper: Mapper[Any]) -> list[Any]:
+    """``mapper``'s many-to-one relationships whose parents its rows' writes touch
+    (``info={TOUCH_INFO_KEY: False}`` opts one out)."""
+    return [
+        relationship
+        for relationship in mapper.relationships
+        if relationship.direction is MANYTOONE and relationship.info.get(TOUCH_INFO_KEY, True)
+    ]
+
+
 def _parents_of_table(
     part: str, arrivals: Iterable[Arrival] = (), *, sides: bool = True
 ) -> set[str]:
@@ -201,11 +211,7 @@ def _parents_of_table(
     along = frozenset(arrivals)
     identifiers: set[str] = set()
     for mapper in catalog.mappers_of(part):
-        for relationship in mapper.relationships:
-            if relationship.direction is not MANYTOONE or not relationship.info.get(
-                TOUCH_INFO_KEY, True
-            ):
-                continue
+        for relationship in _touched_parents(mapper):
             path = (
                 encode_table(relationship.mapper.local_table),
                 frozenset(column.name.lower() for column in relationship.local_columns),
@@ -382,9 +388,8 @@ def statement_writes(state: ORMExecuteState, result: Any, touch_parents: bool) -
         mapper, _known_keys(state, result, mapper), schemas=schemas, identity_token=token
     )
     if touch_parents:
-        for relationship in mapper.relationships:
-            if relationship.direction is MANYTOONE and relationship.info.get(TOUCH_INFO_KEY, True):
-                written |= bulk_identifiers(relationship.mapper, None, schemas=schemas)
+        for relationship in _touched_parents(mapper):
+            written |= bulk_identifiers(relationship.mapper, None, schemas=schemas)
     steps: list[tuple[str, Kind, frozenset[str] | None]] = []
     for table in mapper.tables:
         part = encode_table(table)
@@ -540,11 +545,7 @@ def _inserted_parents(context: Any, part: str) -> set[str] | None:
         return None
     identifiers: set[str] = set()
     for mapper in catalog.mappers_of(part):
-        for relationship in mapper.relationships:
-            if relationship.direction is not MANYTOONE or not relationship.info.get(
-                TOUCH_INFO_KEY, True
-            ):
-                continue
+        for relationship in _touched_parents(mapper):
             parent: Mapper[Any] = relationship.mapper
             by_remote = {remote: local for local, remote in relationship.local_remote_pairs}
             if set(by_remote) != set(parent.primary_key):
