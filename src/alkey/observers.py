@@ -1,0 +1,1 @@
+"""alkey.observers (being written)."""

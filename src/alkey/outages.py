@@ -1,0 +1,1 @@
+"""alkey.outages (being written)."""

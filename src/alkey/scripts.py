@@ -1,0 +1,1 @@
+"""alkey.scripts (being written)."""

@@ -1,0 +1,1 @@
+"""alkey.settings (being written)."""

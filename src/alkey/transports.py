@@ -1,0 +1,1 @@
+"""alkey.transports (being written)."""
