@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench bench-smoke example example-fastapi clean
+.PHONY: demo test lint bench bench-cpu bench-smoke example example-fastapi clean
 
 demo: $(VENV)/.installed-embedded  ## run the guided demo (embedded Redis + SQLite, or REDIS_URL)
 	$(BIN)/python -m alkey demo
@@ -19,6 +19,9 @@ lint: $(VENV)/.installed-dev  ## ruff, mypy --strict and the import contracts
 
 bench: $(VENV)/.installed-bench  ## full benchmark: writes docs/benchmarks.md and .png
 	$(BIN)/python -m benchmarks
+
+bench-cpu: $(VENV)/.installed-bench  ## alkey's CPU per call, this tree against an earlier one: docs/cpu.md
+	$(BIN)/python -m benchmarks.cpu
 
 bench-smoke: $(VENV)/.installed-test  ## seconds: fails if a round-trip target regresses
 	$(BIN)/python -m benchmarks --smoke

@@ -25,8 +25,8 @@ from sqlalchemy.orm import (
 )
 
 import alkey
-from alkey.cache import CacheKeyGenerator, get_token
 from alkey.identity import parse_identifier, row_identifier, table_identifier
+from alkey.keys import CacheKeyGenerator, get_token
 from alkey.tokens import OutageLedger, RedisClient, RedisTokenStore, store_for
 
 from .conftest import tokens_of
@@ -198,7 +198,7 @@ def test_a_dataclass_argument_is_keyed_field_by_field_and_sees_instances_inside(
 
 DATACLASS_KEY_SCRIPT = """
 import dataclasses
-from alkey.cache import CacheKeyGenerator
+from alkey.keys import CacheKeyGenerator
 
 @dataclasses.dataclass(frozen=True)
 class Filters:

@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from alkey import GLOBAL_WRITE_TOKEN
-from alkey.cache import CacheKeyGenerator, get_cache_key_generator, get_token
 from alkey.constants import MAX_KEY_LENGTH
+from alkey.keys import CacheKeyGenerator, get_cache_key_generator, get_token
 from alkey.tokens import RedisClient
 
 from .conftest import KeyGenerator, SessionAPI
@@ -167,7 +167,7 @@ def test_dicts_and_sets_key_the_same_in_any_order(key_generator: KeyGenerator) -
 
 KEY_SCRIPT = """
 import datetime, decimal, sys, uuid
-from alkey.cache import CacheKeyGenerator
+from alkey.keys import CacheKeyGenerator
 from alkey.tokens import TokenStore
 
 class FixedTokens:

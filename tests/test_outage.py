@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 import alkey
 from alkey.cache import CacheKeyGenerator
 from alkey.embedded import EmbeddedRedis
+from alkey.errors import TokenStoreUnavailableError
 from alkey.identity import UNKNOWN_WRITES
 from alkey.testing import LatencyProxy
 from alkey.tokens import RedisClient, RedisTokenStore
@@ -238,9 +239,9 @@ def test_outage_logs_never_contain_the_password(
 
 def test_a_store_rejects_settings_that_cannot_work() -> None:
     client: RedisClient = redis.Redis()
-    with pytest.raises(ValueError, match="ttl must be a positive number of seconds"):
+    with pytest.raises(ValueError, match="token store option ttl=0 is invalid"):
         RedisTokenStore(client, ttl=0)
-    with pytest.raises(ValueError, match="on_error must be 'degrade' or 'raise'"):
+    with pytest.raises(ValueError, match="option on_error='ignore' is invalid: use 'degrade' or"):
         RedisTokenStore(client, on_error="ignore")  # type: ignore[arg-type]
 
 
@@ -469,8 +470,9 @@ def test_a_server_still_loading_its_data_answers_misses_and_kept_bumps_land_once
                     assert store.pending >= {"alkey:users#1", "alkey:users#*"}, "kept"
                     raising_client = quick_client(server.url)
                     raising = RedisTokenStore(raising_client, on_error="raise")
-                    with pytest.raises(redis.BusyLoadingError):
+                    with pytest.raises(TokenStoreUnavailableError) as raised:
                         CacheKeyGenerator(tokens=raising)(user)
+                    assert isinstance(raised.value.__cause__, redis.BusyLoadingError)
                     raising_client.close()
                     assert loading(), "all of the above met a server still loading"
                     assert key_before not in outage_keys, "keys miss while it loads"

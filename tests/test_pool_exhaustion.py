@@ -21,6 +21,7 @@ import redis.asyncio
 from redis.exceptions import MaxConnectionsError
 
 from alkey.asyncio import AsyncRedisTokenStore
+from alkey.errors import TokenStorePoolExhaustedError
 from alkey.tokens import RedisClient, RedisTokenStore
 
 THREADS = 16
@@ -125,8 +126,9 @@ def test_a_call_that_gets_no_connection_in_time_raises_under_the_raise_policy(
     pool = redis.ConnectionPool.from_url(redis_url, max_connections=1, socket_timeout=0.1)
     store = RedisTokenStore(redis.Redis(connection_pool=pool), on_error="raise")
     held = pool.get_connection()
-    with pytest.raises(MaxConnectionsError):
+    with pytest.raises(TokenStorePoolExhaustedError) as raised:
         store.fetch(["alkey:users#1"])
+    assert isinstance(raised.value.__cause__, MaxConnectionsError)
     pool.release(held)
     assert len(store.fetch(["alkey:users#1"])) == 1
     pool.disconnect()

@@ -93,6 +93,56 @@ def test_every_name_a_module_exports_exists(module: str) -> None:
     assert missing == []
 
 
+#: Modules renamed for what they are, each name as (old path, new path). The old modules
+#: stay, re-exporting the very same objects without a warning.
+MOVED = [
+    ("alkey.cache.CacheKeyGenerator", "alkey.keys.CacheKeyGenerator"),
+    ("alkey.cache.KeyPlan", "alkey.keys.KeyPlan"),
+    ("alkey.cache.get_cache_key_generator", "alkey.keys.get_cache_key_generator"),
+    ("alkey.cache.get_token", "alkey.keys.get_token"),
+    ("alkey.cache.DIGEST_LENGTH", "alkey.keys.DIGEST_LENGTH"),
+    ("alkey.cache.MAX_PREFIX_LENGTH", "alkey.keys.MAX_PREFIX_LENGTH"),
+    ("alkey.tracking.TransactionChanges", "alkey.transactions.TransactionChanges"),
+    ("alkey.tracking.changes_of", "alkey.transactions.changes_of"),
+]
+
+
+@pytest.mark.parametrize(("old", "new"), MOVED, ids=[old for old, _ in MOVED])
+def test_a_moved_name_is_the_same_object_at_its_old_and_new_path(old: str, new: str) -> None:
+    assert resolve(old) is resolve(new)
+
+
+@pytest.mark.parametrize("module", ["alkey.cache", "alkey.tracking"])
+def test_an_old_module_exports_only_moved_names(module: str) -> None:
+    """Each name an old module lists is one of :data:`MOVED`, checked above to be its new
+    module's very object: the old module defines nothing of its own."""
+    exported = {f"{module}.{name}" for name in importlib.import_module(module).__all__}
+    assert exported == {old for old, _ in MOVED if old.startswith(f"{module}.")}
+
+
+OLD_AND_NEW_PATHS = """
+import alkey.cache, alkey.tracking
+from alkey.cache import CacheKeyGenerator, get_cache_key_generator, get_token
+from alkey.tracking import TransactionChanges, changes_of
+import alkey.keys, alkey.transactions
+assert CacheKeyGenerator is alkey.keys.CacheKeyGenerator is alkey.CacheKeyGenerator
+assert TransactionChanges is alkey.transactions.TransactionChanges
+print("imported")
+"""
+
+
+def test_the_old_module_paths_import_silently_in_a_fresh_interpreter() -> None:
+    """In a process of their own, so that they are really imported (not found in
+    sys.modules), first and with every warning an error: no DeprecationWarning."""
+    process = subprocess.run(
+        [sys.executable, "-W", "error", "-c", OLD_AND_NEW_PATHS],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert (process.returncode, process.stdout.strip(), process.stderr) == (0, "imported", "")
+
+
 ASYNC_BIND = """
 import sys
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine

@@ -17,11 +17,12 @@ import redis
 import zope.sqlalchemy
 from pyramid.config import Configurator  # type: ignore[import-untyped]
 from pyramid.exceptions import ConfigurationError  # type: ignore[import-untyped]
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine, event
 from sqlalchemy.orm import Session, sessionmaker
 from webtest import TestApp  # type: ignore[import-untyped]
 
 import alkey
+from alkey import errors
 from alkey.cache import CacheKeyGenerator, get_cache_key_generator, get_token
 from alkey.interfaces import IRedisClientFactory, IRedisConnectionPool
 from alkey.tokens import RedisClient
@@ -339,6 +340,130 @@ def test_a_bad_cache_key_prefix_fails_config_include_naming_the_setting() -> Non
         config.include("alkey")
 
 
+def redis_keys(client: RedisClient) -> set[str]:
+    return {key.decode() if isinstance(key, bytes) else key for key in client.keys("*")}
+
+
+#: A store configured the way an .ini file does it: every value is text.
+INI_STORE_SETTINGS = {
+    "alkey.durable": "true",
+    "alkey.ttl": "3600",
+    "alkey.on_error": "raise",
+    "alkey.key_prefix": "app1:",
+}
+
+
+def test_store_options_in_the_settings_configure_the_store_of_the_binding_and_of_cache_key(
+    ada: User, tables: Engine, redis_url: str, redis_client: RedisClient
+) -> None:
+    app = make_app(tables, {"alkey.redis_url": redis_url, **INI_STORE_SETTINGS})
+    key = app.get("/users/1/key").text
+    assert "app1:alkey:users#1" in redis_keys(redis_client), "request.cache_key's tokens"
+    assert 3500 < redis_client.ttl("app1:alkey:users#1") <= 3600
+    token = redis_client.get("app1:alkey:users#1")
+    app.post("/users/1/rename", {"name": "grace"})
+    assert redis_client.get("app1:alkey:users#1") != token, "the binding bumped the same key"
+    assert app.get("/users/1/key").text != key
+    assert all(name.startswith("app1:") for name in redis_keys(redis_client))
+
+
+def test_alkey_durable_in_the_settings_records_each_commits_intent_before_the_database_commit(
+    ada: User, tables: Engine, redis_url: str, redis_client: RedisClient
+) -> None:
+    seen_at_commit: list[dict[Any, Any]] = []
+
+    def before_the_database_commit(connection: Connection) -> None:
+        seen_at_commit.append(redis_client.hgetall("app1:alkey:{intents}:data"))
+
+    def rename_watching_the_commit(request: Any) -> str:
+        request.dbsession.get_one(User, 1).name = "grace"
+        request.dbsession.flush()
+        # The session has begun, so alkey watches the engine already: this runs after it.
+        event.listen(tables, "commit", before_the_database_commit)
+        return "renamed"
+
+    def add_view(config: Any) -> None:
+        config.add_route("durable", "/durable")
+        config.add_view(rename_watching_the_commit, route_name="durable", renderer="string")
+
+    settings = {"alkey.redis_url": redis_url, **INI_STORE_SETTINGS}
+    app = make_app(tables, settings, after_include=add_view)
+    try:
+        app.get("/durable")
+    finally:
+        event.remove(tables, "commit", before_the_database_commit)
+    [intents] = seen_at_commit
+    [identifiers] = intents.values()
+    assert "alkey:users#1" in identifiers.decode().split("\n")
+    assert redis_client.zcard("app1:alkey:{intents}") == 0, "cleared by the bump"
+
+
+def test_alkey_on_error_raise_in_the_settings_lets_redis_errors_reach_the_view(
+    ada: User, tables: Engine
+) -> None:
+    app = make_app(tables, {"alkey.redis_url": UNREACHABLE_REDIS, "alkey.on_error": "raise"})
+    with pytest.raises(errors.TokenStoreUnavailableError):
+        app.get("/users/1/key")
+
+
+@pytest.mark.parametrize("interface", [IRedisClientFactory, IRedisConnectionPool])
+def test_a_registered_redis_wins_for_the_client_and_the_settings_store_options_still_apply(
+    ada: User, tables: Engine, redis_url: str, redis_client: RedisClient, interface: Any
+) -> None:
+    pool = redis.ConnectionPool.from_url(redis_url, socket_timeout=2)
+    utility: object = pool
+    if interface is IRedisClientFactory:
+        utility = lambda: redis.Redis(connection_pool=pool)  # noqa: E731
+
+    def register(config: Any) -> None:
+        config.registry.registerUtility(utility, interface)
+
+    settings = {"alkey.redis_url": UNREACHABLE_REDIS, "alkey.key_prefix": "registered:"}
+    app = make_app(tables, settings, after_include=register)
+    key = app.get("/users/1/key").text
+    app.post("/users/1/rename", {"name": "grace"})
+    assert app.get("/users/1/key").text != key
+    assert "registered:alkey:users#1" in redis_keys(redis_client)
+    assert token_keys(redis_client) == set()
+    pool.disconnect()
+
+
+def test_store_options_in_the_settings_apply_to_the_redis_of_the_environment(
+    ada: User,
+    tables: Engine,
+    redis_url: str,
+    redis_client: RedisClient,
+    environment_redis: Callable[[str], None],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    environment_redis(redis_url)
+    monkeypatch.setenv("ALKEY_KEY_PREFIX", "environment:")
+    monkeypatch.setenv("ALKEY_TTL", "600")
+    app = make_app(tables, {"alkey.key_prefix": "settings:"})
+    app.get("/users/1/key")
+    assert "settings:alkey:users#1" in redis_keys(redis_client), "the settings win"
+    assert 0 < redis_client.ttl("settings:alkey:users#1") <= 600, "the environment still counts"
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "message"),
+    [
+        ("alkey.durable", "maybe", "alkey.durable = 'maybe' in the settings is invalid: use true"),
+        ("alkey.ttl", "an hour", "alkey.ttl = 'an hour' in the settings is invalid: use a posi"),
+        ("alkey.lease", "-1", "alkey.lease = '-1' in the settings is invalid: use a positive"),
+        ("alkey.tll", "3600", "alkey.tll = '3600' in the settings is not an alkey setting; did"),
+    ],
+)
+def test_a_bad_store_setting_fails_config_include_naming_it(
+    setting: str, value: str, message: str
+) -> None:
+    config = Configurator(settings={"alkey.session_cls": SESSION_CLS, setting: value})
+    with pytest.raises(ConfigurationError) as raised:
+        config.include("alkey")
+    assert message in str(raised.value)
+    assert isinstance(raised.value, errors.ConfigurationError), "alkey's own error too"
+
+
 def test_startup_logs_which_redis_holds_the_tokens_with_its_password_masked(
     tables: Engine, redis_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -346,6 +471,14 @@ def test_startup_logs_which_redis_holds_the_tokens_with_its_password_masked(
     make_app(tables, {"alkey.redis_url": "redis://user:s3cret@127.0.0.1:1/0"})
     assert "alkey.redis_url = redis://user:***@127.0.0.1:1/0" in caplog.text
     assert "s3cret" not in caplog.text
+
+
+def test_startup_logs_the_store_options_and_where_they_came_from(
+    tables: Engine, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="alkey.pyramid")
+    make_app(tables, {"alkey.redis_url": redis_url, "alkey.ttl": "60"})
+    assert f"alkey.redis_url = {redis_url}, with ttl=60 (from setting alkey.ttl)" in caplog.text
 
 
 def test_the_pyramid_docs_have_python_examples() -> None:

@@ -285,6 +285,16 @@ def run_checker(
             scenario.disrupt(link)
             restored = time.monotonic()
             time.sleep(SECONDS * 2 / 3)
+            if scenario.crash_bound is not None:
+                # Run on until the bound is well past the dying commit, however late a
+                # loaded machine let the writer reach it: only then does a run tell a
+                # bump that came within the bound from one that never came.
+                deadline = time.monotonic() + START_TIMEOUT
+                while time.monotonic() < deadline:
+                    crashed = floor.sample(CRASH_COUNTER).at
+                    if crashed and time.monotonic() > crashed + scenario.crash_bound + 1.0:
+                        break
+                    time.sleep(0.05)
             stop.set()
             for thread in threads:
                 thread.join()

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import re
 import threading
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import pytest
-from sqlalchemy import event, select
+from sqlalchemy import Engine, Table, event, select
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
 import alkey
 from alkey import GLOBAL_WRITE_TOKEN
-from alkey.cache import get_token
 from alkey.events import SESSION_EVENTS, Binding
-from alkey.tokens import RedisClient, RedisTokenStore
+from alkey.keys import get_token
+from alkey.tokens import RedisClient, RedisTokenStore, new_token
+from alkey.transactions import ChangeStack, changes_of
 
 from .conftest import (
     KeyGenerator,
@@ -339,3 +342,213 @@ def test_a_key_changes_after_commit_and_only_then(
     assert key_generator(user, "sidebar") != instance_key
     session.commit()
     assert key_generator(row, "sidebar") != key
+
+
+# -- the rules, written once: alkey.transactions.ChangeStack ------------------------------
+#
+# The tests above watch tokens in Redis; these watch what each commit *hands over* to its
+# token store, through real Sessions and real Core connections on the test database, so
+# that a level too many or too few shows at once. The store is a real implementation of
+# the TokenStore protocol that keeps its tokens in a dict and notes each bump.
+
+
+class HandoverStore:
+    """A TokenStore in process memory that notes the identifiers of each bump."""
+
+    def __init__(self) -> None:
+        self.tokens: dict[str, str] = {}
+        self.bumps: list[set[str]] = []
+
+    def fetch(self, identifiers: Sequence[str]) -> list[str]:
+        return [self.tokens.setdefault(identifier, new_token()) for identifier in identifiers]
+
+    def bump(self, identifiers: Collection[str]) -> None:
+        self.bumps.append(set(identifiers))
+        self.tokens.update((identifier, new_token()) for identifier in identifiers)
+
+    def rows(self) -> list[set[int]]:
+        """The user rows of each bump (table and global tokens left out)."""
+        return [
+            {int(identifier.rpartition("#")[2]) for identifier in bump if ROW.fullmatch(identifier)}
+            for bump in self.bumps
+        ]
+
+
+ROW = re.compile(r"alkey:users#\d+")
+
+#: Steps of one transaction: ("write", row), "savepoint", "release", "rollback savepoint",
+#: then the scenario ends with a commit. Each scenario with the user rows its commit bumps.
+SCENARIOS: dict[str, tuple[list[Any], set[int]]] = {
+    "a released savepoint joins its parent": (
+        [("write", 1), "savepoint", ("write", 2), "release"],
+        {1, 2},
+    ),
+    "a rolled-back savepoint drops only its own": (
+        [("write", 1), "savepoint", ("write", 2), "rollback savepoint"],
+        {1},
+    ),
+    "a savepoint that wrote nothing itself drops the released ones inside it": (
+        [("write", 1), "savepoint", "savepoint", ("write", 2), "release", "rollback savepoint"],
+        {1},
+    ),
+    "a write after a rolled-back inner savepoint stays with the outer one": (
+        [
+            "savepoint",
+            ("write", 1),
+            "savepoint",
+            ("write", 2),
+            "rollback savepoint",
+            ("write", 3),
+            "release",
+        ],
+        {1, 3},
+    ),
+    "sibling savepoints: one released, one rolled back": (
+        [
+            "savepoint",
+            ("write", 1),
+            "release",
+            "savepoint",
+            ("write", 2),
+            "rollback savepoint",
+            ("write", 3),
+        ],
+        {1, 3},
+    ),
+    "three levels released one by one reach the root": (
+        [
+            "savepoint",
+            ("write", 1),
+            "savepoint",
+            ("write", 2),
+            "savepoint",
+            ("write", 3),
+            "release",
+            "release",
+            "release",
+        ],
+        {1, 2, 3},
+    ),
+}
+
+
+@pytest.fixture
+def three_users(tables: Engine) -> Engine:
+    with Session(tables) as session:
+        session.add_all([User(id=row, name=f"user {row}") for row in (1, 2, 3)])
+        session.commit()
+    return tables
+
+
+def run_in_session(engine: Engine, steps: list[Any], end: str) -> HandoverStore:
+    store = HandoverStore()
+    factory = sessionmaker(engine)
+    alkey.bind(factory, tokens=store)
+    try:
+        with factory() as session:
+            savepoints: list[Any] = []
+            for step in steps:
+                if step == "savepoint":
+                    savepoints.append(session.begin_nested())
+                elif step == "release":
+                    savepoints.pop().commit()
+                elif step == "rollback savepoint":
+                    savepoints.pop().rollback()
+                else:
+                    session.get_one(User, step[1]).name = f"written {len(store.bumps)}"
+                    session.flush()
+            session.commit() if end == "commit" else session.rollback()
+    finally:
+        alkey.unbind(factory)
+    return store
+
+
+def run_on_connection(engine: Engine, steps: list[Any], end: str) -> HandoverStore:
+    store = HandoverStore()
+    alkey.bind_engine(engine, tokens=store)
+    users: Table = User.__table__  # type: ignore[assignment]
+    try:
+        with engine.connect() as connection:
+            savepoints: list[Any] = []
+            for step in steps:
+                if step == "savepoint":
+                    savepoints.append(connection.begin_nested())
+                elif step == "release":
+                    savepoints.pop().commit()
+                elif step == "rollback savepoint":
+                    savepoints.pop().rollback()
+                else:
+                    connection.execute(
+                        users.update().where(users.c.id == step[1]).values(name="written")
+                    )
+            connection.commit() if end == "commit" else connection.rollback()
+    finally:
+        alkey.unbind_engine(engine)
+    return store
+
+
+RUNNERS = {"session": run_in_session, "connection": run_on_connection}
+
+
+@pytest.mark.parametrize("runner", list(RUNNERS))
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_sessions_and_connections_hand_over_the_same_rows_once_at_the_outermost_commit(
+    three_users: Engine, runner: str, scenario: str
+) -> None:
+    steps, committed = SCENARIOS[scenario]
+    store = RUNNERS[runner](three_users, steps, "commit")
+    assert store.rows() == [committed], "one bump, of exactly the surviving writes"
+
+
+@pytest.mark.parametrize("runner", list(RUNNERS))
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_sessions_and_connections_hand_over_nothing_when_the_outermost_transaction_rolls_back(
+    three_users: Engine, runner: str, scenario: str
+) -> None:
+    steps, _ = SCENARIOS[scenario]
+    assert RUNNERS[runner](three_users, steps, "rollback").bumps == []
+
+
+def test_a_session_that_writes_again_after_its_commit_starts_a_fresh_stack(
+    three_users: Engine,
+) -> None:
+    """What one transaction recorded never leaks into the next one of the same session."""
+    store = HandoverStore()
+    factory = sessionmaker(three_users)
+    alkey.bind(factory, tokens=store)
+    try:
+        with factory() as session:
+            savepoint = session.begin_nested()
+            session.get_one(User, 1).name = "dropped"
+            session.flush()
+            savepoint.rollback()
+            session.get_one(User, 2).name = "kept"
+            session.commit()
+            session.get_one(User, 3).name = "next transaction"
+            session.commit()
+            assert changes_of(session).__bool__() is False, "nothing left behind"
+    finally:
+        alkey.unbind(factory)
+    assert store.rows() == [{2}, {3}]
+
+
+def test_a_change_stack_merges_a_release_into_its_parent_and_a_rollback_drops_one_level() -> None:
+    stack = ChangeStack()
+    stack.record(["root"])
+    stack.push()
+    stack.record(["kept"])
+    stack.push()
+    stack.record(["dropped"])
+    assert (stack.savepoints, stack.written()) == (2, {"root", "kept", "dropped"})
+    stack.rollback()
+    stack.push()
+    stack.record(["released"])
+    stack.release()
+    assert (stack.savepoints, stack.written()) == (1, {"root", "kept", "released"})
+    stack.release()
+    stack.release()  # nothing open: no-op, as an unmatched RELEASE event must be
+    stack.rollback()
+    assert (stack.savepoints, stack.written()) == (0, {"root", "kept", "released"})
+    handed_over = stack.written()
+    stack.clear()
+    assert (bool(stack), handed_over) == (False, {"root", "kept", "released"})

@@ -41,7 +41,7 @@ from sqlalchemy.orm import (
 )
 
 import alkey
-from alkey.cache import CacheKeyGenerator
+from alkey.keys import CacheKeyGenerator
 from alkey.sql import written_tables
 from alkey.tokens import RedisClient
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from alkey.cache import CacheKeyGenerator, get_cache_key_generator, get_token
 from alkey.catalog import declare_writes, register_metadata, undeclare_writes
 from alkey.client import get_redis_client, get_redis_config
 from alkey.connections import bind_engine, unbind_engine
 from alkey.constants import GLOBAL_WRITE_TOKEN
 from alkey.events import bind, unbind
 from alkey.identity import parse_identifier, row_identifier, table_identifier
+from alkey.keys import CacheKeyGenerator, get_cache_key_generator, get_token
 from alkey.manual import invalidate, touch
 from alkey.tokens import RedisTokenStore, TokenStore
 

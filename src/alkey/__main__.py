@@ -17,8 +17,8 @@ from sqlalchemy import String, create_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 import alkey
-from alkey.cache import CacheKeyGenerator
 from alkey.client import client_from_config, get_redis_config, redact_url
+from alkey.keys import CacheKeyGenerator
 from alkey.tokens import RedisClient, RedisTokenStore
 
 #: Token keys the demo writes are prefixed, so that it never touches an application's own.

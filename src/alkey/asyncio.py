@@ -14,7 +14,7 @@ tasks during the round trip.
 
 * :func:`bind` -- :func:`alkey.events.bind` with an asyncio token store;
 * :class:`AsyncCacheKeyGenerator` -- ``await key_generator(user, 'sidebar')``, one round
-  trip, the same key as :class:`~alkey.cache.CacheKeyGenerator` for the same tokens;
+  trip, the same key as :class:`~alkey.keys.CacheKeyGenerator` for the same tokens;
 * :func:`get_async_redis_client` -- each event loop's default client, configured like
   the sync one (:func:`alkey.client.get_redis_config`) and closed when its loop shuts
   down.
@@ -25,31 +25,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import AsyncGenerator, Collection, Coroutine, Iterator, Sequence
+from collections.abc import AsyncGenerator, Collection, Coroutine, Sequence
 from typing import Any, Protocol, TypeAlias, TypeVar, runtime_checkable
 
 import redis.asyncio
-from redis.exceptions import MaxConnectionsError, NoScriptError, RedisError
 from sqlalchemy.exc import MissingGreenlet
 from sqlalchemy.ext.asyncio import AsyncSession, async_scoped_session, async_sessionmaker
 from sqlalchemy.orm import Session
 from sqlalchemy.util import greenlet_spawn
 
 from alkey import events
-from alkey.cache import CacheKeyGenerator
-from alkey.client import DEFAULT_CLIENT_OPTIONS, RedisConfig, get_redis_config
-from alkey.constants import DEFAULT_TOKEN_TTL
-from alkey.tokens import (
-    DEFAULT_LEASE,
-    POOL_WAIT,
-    ErrorPolicy,
-    Exchange,
-    ScriptCalls,
-    ScriptStore,
-    TokenStore,
-    checked_socket_timeout,
-    shared_store,
+from alkey.client import RedisConfig
+from alkey.errors import TokenStoreError
+from alkey.keys import CacheKeyGenerator
+from alkey.observers import StoreObserver
+from alkey.options import ErrorPolicy, StoreOptions
+from alkey.settings import (
+    DEFAULT_CLIENT_OPTIONS,
+    REDIS_SCHEMES,
+    Configuration,
+    configure,
+    configured_store,
+    register_scheme,
 )
+from alkey.tokens import Exchange, ScriptStore, TokenStore, shared_store, store_options
+from alkey.transports import AsyncRedisTransport
 
 try:  # SQLAlchemy 2.1 renamed await_only() to await_(); 2.0 only has the old name.
     from sqlalchemy.util.concurrency import await_
@@ -72,7 +72,6 @@ __all__ = [
 AsyncRedisClient: TypeAlias = "redis.asyncio.Redis"
 
 _T = TypeVar("_T")
-_Call: TypeAlias = "tuple[Any, list[str], tuple[Any, ...]]"
 
 
 def sync_target(target: object) -> object:
@@ -112,20 +111,32 @@ _loop_clients: dict[
 _loop_clients_lock = threading.Lock()
 
 
-def async_client_from_config(config: RedisConfig) -> AsyncRedisClient:
-    """A new asyncio client with its own pool, with the sync default client's settings.
-
-    Same URL, database, pool size and :data:`~alkey.client.DEFAULT_CLIENT_OPTIONS`
-    (socket timeouts, so that an unreachable Redis costs seconds, never a hang).
-    """
-    options: dict[str, Any] = dict(DEFAULT_CLIENT_OPTIONS)
-    if config["max_connections"] is not None:
-        options["max_connections"] = config["max_connections"]
-    pool = redis.asyncio.ConnectionPool.from_url(config["url"], **options)
-    # As for the sync client: the environment's REDIS_DB has been resolved and must win
-    # over the URL's path.
-    pool.connection_kwargs["db"] = config["db"]
+def async_client(configuration: Configuration) -> AsyncRedisClient:
+    """A new asyncio client with its own pool, as :func:`alkey.settings.redis_client`
+    builds the sync one: the configuration's URL, database, pool size and client options
+    (socket timeouts, so that an unreachable Redis costs seconds, never a hang)."""
+    options: dict[str, Any] = dict(configuration.client_options)
+    if configuration.max_connections is not None:
+        options["max_connections"] = configuration.max_connections
+    pool = redis.asyncio.ConnectionPool.from_url(configuration.url, **options)
+    # As for the sync client: the configured database (the environment's REDIS_DB, say)
+    # has been resolved and must win over the URL's path.
+    pool.connection_kwargs["db"] = configuration.db
     return redis.asyncio.Redis.from_pool(pool)
+
+
+def async_client_from_config(config: RedisConfig) -> AsyncRedisClient:
+    """A new asyncio client from :func:`alkey.client.get_redis_config`'s answer, with
+    alkey's default client options (kept for code written against it; see
+    :func:`async_client`)."""
+    return async_client(
+        configure(
+            url=config["url"],
+            db=config["db"],
+            max_connections=config["max_connections"],
+            env={},
+        )
+    )
 
 
 async def _closed_at_loop_shutdown(client: AsyncRedisClient) -> AsyncGenerator[None, None]:
@@ -158,7 +169,7 @@ async def get_async_redis_client() -> AsyncRedisClient:
     entry = _loop_clients.get(loop)
     if entry is not None:
         return entry[0]
-    client = async_client_from_config(get_redis_config())
+    client = async_client(configure())
     closer = _closed_at_loop_shutdown(client)
     with _loop_clients_lock:
         # Forget the clients of loops that were closed without shutting down their async
@@ -215,8 +226,9 @@ class AsyncRedisTokenStore(ScriptStore):
     Outages behave exactly as with the sync store (the same
     :class:`~alkey.tokens.OutageLedger`): with ``on_error="degrade"`` fetches return fresh
     random tokens, bumps are kept and replayed in front of the next call in its round trip,
-    and each incident is logged once when it starts and once when it ends;
-    ``on_error="raise"`` lets :class:`~redis.exceptions.RedisError` through. A pool
+    and each incident is reported once when it starts and once when it ends to the
+    store's ``observers`` (by default, logged); ``on_error="raise"`` raises alkey's
+    :class:`~alkey.errors.TokenStoreError` and its kinds, as the sync store does. A pool
     without a free connection is no outage either: the call waits for one, and at worst
     goes without Redis alone. The calls themselves -- fetch, intent, bump, the recovery
     of due intents -- are :class:`~alkey.tokens.ScriptStore`'s, shared with the sync
@@ -241,15 +253,19 @@ class AsyncRedisTokenStore(ScriptStore):
         self,
         client: AsyncRedisClient | None = None,
         *,
-        ttl: int = DEFAULT_TOKEN_TTL,
-        key_prefix: str = "",
-        on_error: ErrorPolicy = "degrade",
-        max_pending: int = 100_000,
-        retry_interval: float = 1.0,
-        durable: bool = False,
-        lease: float = DEFAULT_LEASE,
+        options: StoreOptions | None = None,
+        observers: Sequence[StoreObserver] | None = None,
+        ttl: int | None = None,
+        key_prefix: str | None = None,
+        on_error: ErrorPolicy | None = None,
+        max_pending: int | None = None,
+        retry_interval: float | None = None,
+        durable: bool | None = None,
+        lease: float | None = None,
     ) -> None:
-        super().__init__(
+        # Checked first: a store that cannot work is refused before its client is looked at.
+        options = store_options(
+            options,
             ttl=ttl,
             key_prefix=key_prefix,
             on_error=on_error,
@@ -258,18 +274,29 @@ class AsyncRedisTokenStore(ScriptStore):
             durable=durable,
             lease=lease,
         )
+        if client is not None:
+            transport = AsyncRedisTransport(client)
+        else:  # each loop's default client, with its options
+            transport = AsyncRedisTransport(
+                get_client=get_async_redis_client,
+                socket_timeout=DEFAULT_CLIENT_OPTIONS["socket_timeout"],
+            )
+        super().__init__(
+            options=options, observers=observers, socket_timeout=transport.socket_timeout
+        )
         self.client = client
+        #: How this store's calls travel to Redis (and which errors mean what).
+        self.transport = transport
         # Bumps that outlived a cancelled caller; referenced until done (asyncio only
         # keeps weak references to tasks).
         self._finishing: set[asyncio.Task[None]] = set()
         self._replayer: asyncio.Task[None] | None = None
-        if client is not None:
-            timeout = checked_socket_timeout(client.connection_pool)
-            self._share_through(client.connection_pool)
-        else:  # each loop's default client: its options
-            timeout = DEFAULT_CLIENT_OPTIONS["socket_timeout"]
-        self.outage.recovery_window += timeout
-        self.pool_wait = timeout or POOL_WAIT
+        self._share_through(transport.share_key)
+
+    @property
+    def pool_wait(self) -> float:
+        """Seconds a call waits for a connection when the pool has none free."""
+        return self.transport.pool_wait
 
     async def afetch(self, identifiers: Sequence[str]) -> list[str]:
         """The current token of each identifier, creating missing ones, in one round trip.
@@ -306,12 +333,13 @@ class AsyncRedisTokenStore(ScriptStore):
         """Carry out one of :class:`~alkey.tokens.ScriptStore`'s calls: await each round
         trip it yields, hand it back the results or the error (see
         ``RedisTokenStore._exchange``)."""
+        run = self.transport.run
         try:
             calls = next(exchange)
             while True:
                 try:
-                    results = await self._run(calls)
-                except RedisError as error:
+                    results = await run(calls)
+                except TokenStoreError as error:
                     calls = exchange.throw(error)
                 else:
                     calls = exchange.send(results)
@@ -331,7 +359,7 @@ class AsyncRedisTokenStore(ScriptStore):
         while self.outage.pending:
             await asyncio.sleep(max(self.outage.retry_interval, 0.01))
             # on_error="raise": nobody to raise to here; the next round retries.
-            with contextlib.suppress(RedisError):
+            with contextlib.suppress(TokenStoreError):
                 await self._abump((), ())
 
     async def wait_replayed(self, timeout: float | None = None) -> bool:
@@ -359,7 +387,7 @@ class AsyncRedisTokenStore(ScriptStore):
 
     def intend(self, identifiers: Collection[str]) -> str | None:
         """:meth:`aintend`, awaited from SQLAlchemy's greenlet (see the class)."""
-        if not self.durable:
+        if not self.options.durable:
             return None
         return self._await(self.aintend(identifiers), "intend")
 
@@ -379,40 +407,6 @@ class AsyncRedisTokenStore(ScriptStore):
                 f"'await store.a{name}(...)' in asyncio code"
             ) from None
 
-    async def _run(self, calls: list[_Call]) -> list[Any]:
-        """Send the script calls in one round trip, waiting for a connection if the pool
-        has none free (see ``RedisTokenStore._run``)."""
-        waits: Iterator[float] | None = None
-        while True:
-            try:
-                return await self._run_once(calls)
-            except MaxConnectionsError:
-                waits = self.waits() if waits is None else waits
-                pause = next(waits, None)
-                if pause is None:
-                    raise
-                await asyncio.sleep(pause)
-
-    async def _run_once(self, calls: list[_Call]) -> list[Any]:
-        client = self.client if self.client is not None else await get_async_redis_client()
-        try:
-            results = await _send(client, calls, self._loaded)
-        except NoScriptError:
-            self._loaded = frozenset()
-            results = await _send(client, calls, self._loaded)
-        self._loaded = ScriptCalls.loaded_after(self._loaded, calls)
-        return results
-
-
-async def _send(client: AsyncRedisClient, calls: list[_Call], loaded: frozenset[str]) -> list[Any]:
-    commands = ScriptCalls.commands(calls, loaded)
-    if len(commands) == 1:
-        return [await client.execute_command(*commands[0])]  # type: ignore[no-untyped-call]
-    pipe = client.pipeline(transaction=False)
-    for command in commands:
-        pipe.execute_command(*command)
-    return ScriptCalls.checked(await pipe.execute(raise_on_error=False))
-
 
 _default_store: AsyncRedisTokenStore | None = None
 
@@ -431,7 +425,8 @@ def store_for(client: AsyncRedisClient | None = None) -> AsyncRedisTokenStore:
     if client is None:
         with _default_lock:
             if _default_store is None:
-                _default_store = AsyncRedisTokenStore()
+                # The environment's store options (ALKEY_TTL...), as for the sync default.
+                _default_store = AsyncRedisTokenStore(options=configure().store_options)
             return _default_store
     return shared_store(
         client.connection_pool, AsyncRedisTokenStore, lambda: AsyncRedisTokenStore(client)
@@ -466,12 +461,12 @@ def bind(
 
 
 class AsyncCacheKeyGenerator:
-    """``await key_generator(user, 'sidebar')``: :class:`~alkey.cache.CacheKeyGenerator`
+    """``await key_generator(user, 'sidebar')``: :class:`~alkey.keys.CacheKeyGenerator`
     for asyncio code.
 
     The same arguments, errors and keys: the arguments are encoded by
-    :meth:`CacheKeyGenerator.plan <alkey.cache.CacheKeyGenerator.plan>` and the key is
-    finished by :meth:`~alkey.cache.KeyPlan.finish`, so for the same tokens both
+    :meth:`CacheKeyGenerator.plan <alkey.keys.CacheKeyGenerator.plan>` and the key is
+    finished by :meth:`~alkey.keys.KeyPlan.finish`, so for the same tokens both
     generators return the same key, and caches can be shared between sync and asyncio
     code. One call costs one round trip however many instances it names (none when it
     names none), and never blocks the event loop: an instance whose attributes its
@@ -505,5 +500,23 @@ class AsyncCacheKeyGenerator:
             plan = await greenlet_spawn(self._planner.plan, *args)
         return plan.finish(await self.tokens.afetch(plan.identifiers))
 
+
+def _configured_store(
+    configuration: Configuration, client: AsyncRedisClient | None
+) -> AsyncRedisTokenStore:
+    """The asyncio store factory of ``redis://``, ``rediss://`` and ``unix://`` URLs
+    (``configure(...).store(flavour="asyncio")``)."""
+    chosen = client if client is not None else async_client(configuration)
+    return configured_store(
+        chosen.connection_pool,
+        AsyncRedisTokenStore,
+        configuration,
+        lambda options: AsyncRedisTokenStore(chosen, options=options),
+        lambda: store_for(chosen),
+    )
+
+
+for _scheme in REDIS_SCHEMES:
+    register_scheme(_scheme, asyncio=_configured_store)
 
 events.support_asyncio(sync_target, store_for)

@@ -1,47 +1,44 @@
-"""Redis configuration from the environment, and the client alkey uses by default.
+"""Redis configuration from the environment, and the client and store alkey use by default.
 
 Configuration follows alkey 0.3: ``REDIS_URL``, ``REDIS_DB`` and
 ``REDIS_MAX_CONNECTIONS``, plus the variables that hosting add-ons set
-(``REDISTOGO_URL``, ``OPENREDIS_URL``, ``REDISCLOUD_URL``, ``REDISGREEN_URL``). See
-:func:`get_redis_config` for the precedence.
+(``REDISTOGO_URL``, ``OPENREDIS_URL``, ``REDISCLOUD_URL``, ``REDISGREEN_URL``), and now
+the token store's options, ``ALKEY_TTL``, ``ALKEY_DURABLE``... All of it is read by
+:func:`alkey.settings.configure`, the one configuration path; this module keeps alkey
+0.3's names on top of it (see :func:`get_redis_config` for the precedence).
 """
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Mapping
 from typing import Any, TypedDict
-from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import redis
 
-from alkey.constants import DEFAULT_REDIS_URL
 from alkey.interfaces import IRedisClientFactory, IRedisConnectionPool
-from alkey.tokens import RedisClient, TokenStore, store_for
+from alkey.settings import (
+    DEFAULT_CLIENT_OPTIONS,
+    PROVIDERS,
+    Configuration,
+    configure,
+    redact_url,
+    redis_client,
+)
+from alkey.tokens import RedisClient, TokenStore
 
 __all__ = [
+    "DEFAULT_CLIENT_OPTIONS",
     "PROVIDERS",
     "RedisConfig",
     "UsesDefaultStore",
+    "client_from_config",
+    "default_configuration",
+    "default_store",
     "get_redis_client",
     "get_redis_config",
     "redact_url",
 ]
-
-#: Environment variable prefixes, in order of precedence: ``<PREFIX>_URL`` names the
-#: server, and ``<PREFIX>_DB`` / ``<PREFIX>_MAX_CONNECTIONS`` go with it.
-PROVIDERS = ("REDIS", "REDISTOGO", "OPENREDIS", "REDISCLOUD", "REDISGREEN")
-
-#: Applied to the default client so that an unreachable Redis costs seconds, not a hang.
-#: A ``?socket_timeout=`` (or any other option) in the URL overrides them.
-DEFAULT_CLIENT_OPTIONS: Mapping[str, Any] = {
-    "socket_connect_timeout": 2.0,
-    "socket_timeout": 2.0,
-    "health_check_interval": 30,
-}
-
-_SCHEMES = ("redis", "rediss", "unix")
 
 
 class RedisConfig(TypedDict):
@@ -52,107 +49,82 @@ class RedisConfig(TypedDict):
     max_connections: int | None
 
 
-def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``, for logs and error messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
-
-
-def _integer(env: Mapping[str, str], name: str) -> int | None:
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
-        return None
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be a whole number, not {raw!r}") from None
-    if value < 0:
-        raise ValueError(f"{name} must not be negative, not {raw!r}")
-    return value
-
-
-def _url_db(url: str) -> int | None:
-    """The database a URL names: its ``?db=`` query, else (redis/rediss) its path."""
-    parts = urlsplit(url)
-    query = parse_qs(parts.query).get("db")
-    text = query[0] if query else ("" if parts.scheme == "unix" else parts.path.strip("/"))
-    if not text:
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"the database in {redact_url(url)!r} must be a number") from None
-
-
 def get_redis_config(env: Mapping[str, str] | None = None) -> RedisConfig:
     """Read Redis settings from ``env`` (default :data:`os.environ`).
 
     * The URL comes from the first of ``REDIS_URL``, ``REDISTOGO_URL``,
       ``OPENREDIS_URL``, ``REDISCLOUD_URL``, ``REDISGREEN_URL`` that is set, else
       ``redis://localhost:6379/0``. ``redis://``, ``rediss://`` (TLS) and ``unix://``
-      URLs are accepted; credentials go in the URL.
+      URLs are accepted (and any scheme registered with
+      :func:`alkey.settings.register_scheme`); credentials go in the URL. alkey's own
+      query options (``?alkey_ttl=...``) are removed from the URL returned.
     * The database is the provider's own ``<PREFIX>_DB`` (e.g. ``REDISTOGO_DB``) if set,
       else ``REDIS_DB``, else the URL's (``?db=``, or the path of a ``redis://`` URL),
       else 0.
     * The pool size is ``<PREFIX>_MAX_CONNECTIONS``, else ``REDIS_MAX_CONNECTIONS``,
       else unbounded (redis-py's default).
 
-    Raises :class:`ValueError` naming the variable when a value is malformed; passwords
-    never appear in the message.
+    alkey 0.3's name for the server part of :func:`alkey.settings.configure` (which also
+    checks the ``ALKEY_*`` store options). Raises
+    :class:`~alkey.errors.ConfigurationError` (a :class:`ValueError`) naming the variable
+    when a value is malformed; passwords never appear in the message.
     """
-    if env is None:
-        env = os.environ
-    prefix, url = "REDIS", DEFAULT_REDIS_URL
-    for candidate in PROVIDERS:
-        value = env.get(f"{candidate}_URL", "").strip()
-        if value:
-            prefix, url = candidate, value
-            break
-    variable = f"{prefix}_URL"
-    if urlsplit(url).scheme not in _SCHEMES:
-        raise ValueError(
-            f"{variable}={redact_url(url)!r} is not a Redis URL: "
-            "use redis://[user:password@]host[:port][/db], rediss://... or unix:///path"
-        )
-
-    def setting(suffix: str) -> int | None:
-        own = _integer(env, f"{prefix}_{suffix}") if prefix != "REDIS" else None
-        return own if own is not None else _integer(env, f"REDIS_{suffix}")
-
-    db = setting("DB")
-    if db is None:
-        db = _url_db(url) or 0
-    return {"url": url, "db": db, "max_connections": setting("MAX_CONNECTIONS")}
+    configuration = configure(env=env)
+    return {
+        "url": configuration.url,
+        "db": configuration.db,
+        "max_connections": configuration.max_connections,
+    }
 
 
 def client_from_config(config: RedisConfig) -> RedisClient:
-    """A new client with its own pool, built from a :class:`RedisConfig`."""
-    options: dict[str, Any] = dict(DEFAULT_CLIENT_OPTIONS)
-    if config["max_connections"] is not None:
-        options["max_connections"] = config["max_connections"]
-    pool = redis.ConnectionPool.from_url(config["url"], **options)
-    # from_url lets the URL's path win over a db argument; the environment's REDIS_DB
-    # has been resolved already and must win.
-    pool.connection_kwargs["db"] = config["db"]
-    return redis.Redis(connection_pool=pool)
+    """A new client with its own pool, built from a :class:`RedisConfig`, with
+    :data:`DEFAULT_CLIENT_OPTIONS`."""
+    configuration = configure(
+        env={}, url=config["url"], db=config["db"], max_connections=config["max_connections"]
+    )
+    return redis_client(configuration)
 
 
 _default_client: RedisClient | None = None
+# The configuration the default client was built from, with that client: the default
+# store's options come from it. (Tests reset _default_client alone; the pair notices.)
+_default_configuration: tuple[RedisClient, Configuration] | None = None
 _default_lock = threading.Lock()
 
 
-def _default() -> RedisClient:
-    global _default_client
+def _default() -> tuple[RedisClient, Configuration]:
+    global _default_client, _default_configuration
     with _default_lock:
         if _default_client is None:
-            _default_client = client_from_config(get_redis_config())
-        return _default_client
+            configuration = configure()
+            _default_client = redis_client(configuration)
+            _default_configuration = (_default_client, configuration)
+        elif _default_configuration is None or _default_configuration[0] is not _default_client:
+            # A client put in place by hand (a test): configure its store from the
+            # environment all the same.
+            _default_configuration = (_default_client, configure())
+        return _default_configuration
+
+
+def default_configuration() -> Configuration:
+    """The configuration of the process's default client and store, read once from the
+    environment by :func:`alkey.settings.configure` (``REDIS_URL``..., ``ALKEY_TTL``...)."""
+    return _default()[1]
+
+
+def default_store() -> TokenStore:
+    """The process's default token store: on the default client, with the store options
+    of the environment (``ALKEY_TTL``, ``ALKEY_KEY_PREFIX``, ``ALKEY_DURABLE``...).
+
+    Why shared: every key generator and session binding given no client or store uses
+    this one object, so the bumps one keeps during an outage are replayed before another
+    builds a key. A store built in code on the default client
+    (``RedisTokenStore(get_redis_client(), ...)``) is used instead when the environment
+    sets no store option.
+    """
+    client, configuration = _default()
+    return configuration.store(client)
 
 
 def get_redis_client(request: Any = None, *, registry: Any = None) -> RedisClient:
@@ -162,8 +134,8 @@ def get_redis_client(request: Any = None, *, registry: Any = None) -> RedisClien
        registered :class:`~alkey.interfaces.IRedisClientFactory` is called, else a client
        is built on a registered :class:`~alkey.interfaces.IRedisConnectionPool`.
     2. Otherwise, the process's default client, configured once from the environment by
-       :func:`get_redis_config`. Its single connection pool is shared by every thread
-       and reset by redis-py in a forked child.
+       :func:`alkey.settings.configure` (see :func:`get_redis_config`). Its single
+       connection pool is shared by every thread and reset by redis-py in a forked child.
     """
     if registry is None and request is not None:
         registry = getattr(request, "registry", None)
@@ -175,14 +147,15 @@ def get_redis_client(request: Any = None, *, registry: Any = None) -> RedisClien
         pool = registry.queryUtility(IRedisConnectionPool)
         if pool is not None:
             return redis.Redis(connection_pool=pool)
-    return _default()
+    return _default()[0]
 
 
 class UsesDefaultStore:
-    """Gives a class a ``tokens`` attribute that, left unset, becomes the store of the
-    process's default client on first use -- so that binding or building at import time
-    never connects to Redis. (Here, with the configuration, so that the token stores
-    below never look their configuration up.)"""
+    """Gives a class a ``tokens`` attribute that, left unset, becomes the process's default
+    store (:func:`default_store`: the default client, the ``ALKEY_*`` store options) on
+    first use -- so that binding or building at import time never connects to Redis.
+    (Here, with the configuration, so that the token stores below never look their
+    configuration up.)"""
 
     _tokens: TokenStore | None
 
@@ -190,7 +163,7 @@ class UsesDefaultStore:
     def tokens(self) -> TokenStore:
         """The token store in use (the default client's, looked up on first use)."""
         if self._tokens is None:
-            self._tokens = store_for(get_redis_client())
+            self._tokens = default_store()
         return self._tokens
 
     @tokens.setter

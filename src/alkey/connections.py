@@ -4,9 +4,10 @@ Writes that never pass through a Session's unit of work -- ``conn.execute(users.
 ``text("DELETE ...")``, ``exec_driver_sql(...)``, DDL, and DML hidden in a ``select()``
 (``from_statement(text("UPDATE ... RETURNING"))``, a data-modifying CTE) -- are recorded
 from the SQL that reaches the cursor, read by :mod:`alkey.sql`, per connection transaction,
-with the same rules as a session's: a released savepoint counts, a rolled-back savepoint
-drops only its own writes, a rollback drops everything, and the bump happens once the
-database COMMIT has returned.
+with the same rules as a session's, from the same code (:class:`alkey.transactions.ChangeStack`):
+a released savepoint counts, a rolled-back savepoint drops only its own writes, a rollback
+drops everything, and the bump happens once the database COMMIT has returned -- where a
+failing token store is logged, never raised (:class:`alkey.transactions.inside_commit`).
 
 SQLAlchemy has no event *after* a connection's COMMIT (``ConnectionEvents.commit`` fires
 before it, and bumping then would let a reader cache the old row under the new key), so
@@ -33,23 +34,25 @@ import contextlib
 import logging
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any, Final
 
+from redis.exceptions import RedisError
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.orm import Session
 
 from alkey.client import UsesDefaultStore
 from alkey.identity import freeze_schema_map, note_schema_map
-from alkey.tokens import RedisClient, TokenStore, bump, intend, store_for
-from alkey.tracking import changes_of
+from alkey.tokens import RedisClient, TokenStore, bump, store_for
+from alkey.transactions import ChangeStack, changes_of, inside_commit
 from alkey.writes import in_flush, raw_sql_writes
 
 __all__ = [
     "EngineBinding",
     "bind_engine",
     "claim_connection",
+    "record_intent",
     "release_connections",
     "session_statement",
     "unbind_engine",
@@ -57,6 +60,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("alkey.connections")
+# Intents are the token store's business: their failures are logged where they always were.
+_intent_log = logging.getLogger("alkey.tokens")
 
 _SESSION_KEY: Final = "alkey.session"
 _CONNECTIONS_KEY: Final = "alkey.connections"
@@ -80,6 +85,31 @@ def claim_connection(
     session.info[_TOUCH_PARENTS_KEY] = touch_parents
     # The info dict itself: by the time the transaction ends, the Connection is closed.
     session.info.setdefault(_CONNECTIONS_KEY, []).append(connection.info)
+
+
+def record_intent(binding: UsesDefaultStore, identifiers: Collection[str]) -> str | None:
+    """Let ``binding``'s store record that ``identifiers`` are about to be bumped, if it
+    is durable (:class:`alkey.tokens.DurableTokenStore`); return the intent's id.
+
+    Called just before a database COMMIT, from inside SQLAlchemy's commit -- for a
+    session's transaction and for a Core connection's alike -- so it never raises
+    (:class:`alkey.transactions.inside_commit`): a failure is logged and the commit goes
+    ahead without an intent. Its bump follows as usual; a Redis error met here is met
+    again there, and reported then (raised by a session's commit under
+    ``on_error="raise"``), so it is only logged at debug level here.
+    """
+    store = binding._tokens  # None until the default store is looked up (that may fail)
+    if store is not None and getattr(store, "intend", None) is None:
+        return None  # not durable: nothing to record, nothing that can fail
+    with inside_commit(
+        _intent_log,
+        "alkey could not record the bumps of a commit; it goes ahead without",
+        reported_later=(RedisError,),
+    ):
+        record = getattr(binding.tokens, "intend", None)
+        intent: str | None = record(identifiers) if record is not None else None
+        return intent
+    return None
 
 
 def release_connections(session: Session) -> None:
@@ -140,10 +170,10 @@ class EngineBinding(UsesDefaultStore):
         #: False while only bound sessions watch the engine: then statements on other
         #: connections (Core code, unbound sessions) are not alkey's business.
         self.all_connections = all_connections
-        # Per connection: the changes of the root transaction and of each open savepoint.
-        # Weak: a connection abandoned without commit or rollback must still be collected
-        # and returned to its pool.
-        self._levels: weakref.WeakKeyDictionary[Connection, list[set[str]]] = (
+        # Per connection outside any session: the changes of its transaction, a level per
+        # open savepoint (the rules are alkey.transactions'). Weak: a connection abandoned
+        # without commit or rollback must still be collected and returned to its pool.
+        self._changes: weakref.WeakKeyDictionary[Connection, ChangeStack] = (
             weakref.WeakKeyDictionary()
         )
         self._lock = threading.Lock()
@@ -192,25 +222,29 @@ class EngineBinding(UsesDefaultStore):
             changes_of(session).record(session, written)
         else:
             with self._lock:
-                levels = self._levels.setdefault(connection, [set()])
-                levels[-1] |= written
+                changes = self._changes.get(connection)
+                if changes is None:
+                    changes = self._changes[connection] = ChangeStack()
+                changes.record(written)
 
     def savepoint(self, connection: Connection, name: str) -> None:
         with self._lock:
-            self._levels.setdefault(connection, [set()]).append(set())
+            changes = self._changes.get(connection)
+            if changes is None:
+                changes = self._changes[connection] = ChangeStack()
+            changes.push()
 
     def release_savepoint(self, connection: Connection, name: str, context: Any) -> None:
         with self._lock:
-            levels = self._levels.get(connection)
-            if levels and len(levels) > 1:
-                released = levels.pop()
-                levels[-1] |= released
+            changes = self._changes.get(connection)
+            if changes is not None:
+                changes.release()
 
     def rollback_savepoint(self, connection: Connection, name: str, context: Any) -> None:
         with self._lock:
-            levels = self._levels.get(connection)
-            if levels and len(levels) > 1:
-                levels.pop()
+            changes = self._changes.get(connection)
+            if changes is not None:
+                changes.rollback()
 
     def commit(self, connection: Connection) -> None:
         """Just before the connection's COMMIT: set its writes aside for
@@ -222,11 +256,11 @@ class EngineBinding(UsesDefaultStore):
             if before_commit is not None:
                 before_commit(session)
         with self._lock:
-            levels = self._levels.pop(connection, None)
-        if levels:
-            written: set[str] = set().union(*levels)
+            changes = self._changes.pop(connection, None)
+        if changes is not None:
+            written = changes.written()
             if written:
-                intent = intend(self.tokens, written)
+                intent = record_intent(self, written)
                 with _committing_lock:
                     _committing.setdefault(id(connection.connection), []).append(
                         (self, written, intent)
@@ -234,15 +268,14 @@ class EngineBinding(UsesDefaultStore):
 
     def rollback(self, connection: Connection) -> None:
         with self._lock:
-            self._levels.pop(connection, None)
+            self._changes.pop(connection, None)
 
     def _bump(self, written: set[str], intent: str | None = None) -> None:
-        # Inside SQLAlchemy's commit machinery an exception would be taken for a database
-        # error: whatever the store's policy, a failure here is logged, never raised.
-        try:
+        # Inside SQLAlchemy's commit machinery (or a statement, under AUTOCOMMIT) an
+        # exception would be taken for a database error: whatever the store's policy, a
+        # failure here is logged, never raised.
+        with inside_commit(log, "alkey could not bump %d token(s) after a COMMIT", len(written)):
             bump(self.tokens, written, intent)
-        except Exception:
-            log.exception("alkey could not bump %d token(s) after a COMMIT", len(written))
 
     def listen(self, engine: Engine) -> None:
         for name in _EVENTS:

@@ -20,6 +20,7 @@ __all__ = [
     "AlkeyError",
     "ConfigurationError",
     "TokenStoreError",
+    "TokenStorePoolExhaustedError",
     "TokenStoreUnavailableError",
 ]
 
@@ -47,3 +48,13 @@ class TokenStoreError(AlkeyError, RedisError):
 class TokenStoreUnavailableError(TokenStoreError, RedisConnectionError):
     """The token store could not be reached in time (connection refused or lost, a
     timeout, a server still loading its data, a failover in progress)."""
+
+
+class TokenStorePoolExhaustedError(TokenStoreUnavailableError):
+    """No connection of the client's pool came free in time (``max_connections``).
+
+    Redis itself answers: only this process ran out of connections. So a degrading store
+    lets the one call go without Redis and marks nothing down; under ``on_error="raise"``
+    this distinct error lets the application tell it from an outage (e.g. to size its
+    pool rather than page someone).
+    """

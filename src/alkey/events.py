@@ -3,7 +3,7 @@
 Write path: ``after_flush`` records the identifiers of every inserted, updated or deleted
 instance (and of its related parents), ``do_orm_execute`` those of bulk statements and raw
 SQL run through the session -- see :mod:`alkey.writes` -- against the session's current
-transaction, in process memory (:mod:`alkey.tracking`). ``after_commit`` and
+transaction, in process memory (:mod:`alkey.transactions`). ``after_commit`` and
 ``after_transaction_end`` decide what survived, and the outermost commit bumps it all with
 one call to the token store. A flush costs no Redis round trip, and a transaction that
 wrote nothing costs none at its commit.
@@ -33,13 +33,14 @@ from sqlalchemy.orm.attributes import instance_state
 from alkey.client import UsesDefaultStore
 from alkey.connections import (
     claim_connection,
+    record_intent,
     release_connections,
     session_statement,
     watch_engine,
 )
 from alkey.tenants import record_flushed
-from alkey.tokens import RedisClient, TokenStore, bump, intend, store_for
-from alkey.tracking import changes_of
+from alkey.tokens import RedisClient, TokenStore, bump, store_for
+from alkey.transactions import changes_of
 from alkey.writes import flushed, modified_before_flush, statement_writes
 
 __all__ = ["SESSION_EVENTS", "Binding", "bind", "is_bound", "support_asyncio", "unbind"]
@@ -151,11 +152,15 @@ class Binding(UsesDefaultStore):
 
     def before_database_commit(self, session: Session) -> None:
         """Run by the connection just before its COMMIT: a durable store records what
-        the commit is about to bump (see :class:`alkey.tokens.DurableTokenStore`)."""
+        the commit is about to bump (see :class:`alkey.tokens.DurableTokenStore`).
+
+        Inside SQLAlchemy's commit, where nothing may raise: the store is only called
+        through :func:`alkey.connections.record_intent`, which logs a failure instead.
+        """
         changes = changes_of(session)
         identifiers = changes.to_be_committed(session)
         if identifiers:
-            changes.intended(session, intend(self.tokens, identifiers))
+            changes.intended(session, record_intent(self, identifiers))
 
     def before_commit(self, session: Session) -> None:
         if self._owns(session):
@@ -170,11 +175,11 @@ class Binding(UsesDefaultStore):
             return
         if transaction.parent is None:
             release_connections(session)
-        changes = changes_of(session)
-        committed = changes.ended(transaction)
-        intent = changes.intent(transaction)
-        if committed:
-            bump(self.tokens, committed, intent)
+        handover = changes_of(session).ended(transaction)
+        if handover is not None:
+            # After the COMMIT, the session clean: unlike the connection's bump, this one
+            # raises under on_error="raise", to the caller of commit().
+            bump(self.tokens, *handover)
 
     def listen(self) -> None:
         for name in SESSION_EVENTS:

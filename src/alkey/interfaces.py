@@ -4,7 +4,7 @@ Register either one as a utility in a component registry (a Pyramid application'
 ``config.registry``, or any :class:`zope.interface.registry.Components`) and
 :func:`alkey.client.get_redis_client` uses it instead of configuring Redis from the
 environment. Applications without a registry pass a client to
-:func:`alkey.events.bind` and :class:`alkey.cache.CacheKeyGenerator` instead.
+:func:`alkey.events.bind` and :class:`alkey.keys.CacheKeyGenerator` instead.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from alkey.client import get_redis_client
 from alkey.events import is_bound
 from alkey.tokens import TokenStore, store_for
-from alkey.tracking import changes_of
+from alkey.transactions import changes_of
 from alkey.writes import invalidation_identifiers
 
 __all__ = ["invalidate", "touch"]

@@ -1,1 +1,338 @@
-"""alkey.outages (being written)."""
+"""What a token store owes Redis while Redis is unreachable, and the recoveries of intents
+that dead writers left behind: the bookkeeping of incidents, without I/O.
+
+Why a module of its own: the sync and asyncio stores (and any store to come) must behave
+identically in an outage, so the policy -- keep, drop past a bound, skip while down,
+miss while others replay, report each incident once -- is written here once. It reports
+incidents to an :class:`OutageEvents` (the store's observers, see :mod:`alkey.observers`),
+never to a logger of its own, so metrics and logs see the same incidents.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Collection
+from typing import Protocol
+
+from alkey.constants import UNKNOWN_WRITES
+from alkey.errors import TokenStoreError
+from alkey.options import ErrorPolicy, StoreOptions
+
+__all__ = ["RECOVERY_BUDGET", "OutageEvents", "OutageLedger", "Recoveries", "Replay"]
+
+#: Seconds one call may spend claiming further batches of a backlog of due intents, on
+#: top of its own round trip and the bump of the last batch it claimed (see
+#: ``ScriptStore._recover`` in :mod:`alkey.tokens`): a few dozen batches of
+#: :data:`~alkey.scripts.CLAIM_LIMIT` on a local Redis. The rest is left to the next
+#: calls, which claim at once.
+RECOVERY_BUDGET = 0.05
+
+
+class OutageEvents(Protocol):
+    """The incidents :class:`OutageLedger` and :class:`Recoveries` report (the methods of
+    :class:`alkey.observers.StoreObserver` of the same names)."""
+
+    def bump_kept(self, *, count: int, pending: int) -> None: ...
+
+    def dropped(self, *, count: int, max_pending: int) -> None: ...
+
+    def outage_began(
+        self, *, action: str, error: BaseException, pending: int, dropped: int, max_pending: int
+    ) -> None: ...
+
+    def outage_ended(self, *, replayed: int, dropped: int) -> None: ...
+
+    def pool_exhausted(self, *, action: str, error: BaseException, pending: int) -> None: ...
+
+    def pool_recovered(self, *, starved: int) -> None: ...
+
+    def recovery_began(self, *, claimed: int, lease: float, backlog: bool) -> None: ...
+
+    def recovery_ended(self, *, total: int, lease: float, backlog: bool) -> None: ...
+
+
+class _Unheard:
+    """Reports to nobody: a ledger made on its own, outside a store."""
+
+    def bump_kept(self, *, count: int, pending: int) -> None:
+        pass
+
+    def dropped(self, *, count: int, max_pending: int) -> None:
+        pass
+
+    def outage_began(
+        self, *, action: str, error: BaseException, pending: int, dropped: int, max_pending: int
+    ) -> None:
+        pass
+
+    def outage_ended(self, *, replayed: int, dropped: int) -> None:
+        pass
+
+    def pool_exhausted(self, *, action: str, error: BaseException, pending: int) -> None:
+        pass
+
+    def pool_recovered(self, *, starved: int) -> None:
+        pass
+
+    def recovery_began(self, *, claimed: int, lease: float, backlog: bool) -> None:
+        pass
+
+    def recovery_ended(self, *, total: int, lease: float, backlog: bool) -> None:
+        pass
+
+
+class Replay(frozenset[str]):
+    """Identifiers to bump again, remembering which failure of each is being replayed."""
+
+    generations: dict[str, int]
+
+    def __new__(cls, generations: dict[str, int]) -> Replay:
+        replay = super().__new__(cls, generations)
+        replay.generations = dict(generations)
+        return replay
+
+
+#: The replay of a ledger that owes nothing.
+NOTHING = Replay({})
+
+
+class OutageLedger:
+    """What a token store owes Redis while it is unreachable, and the policy for it.
+
+    Shared by the sync and asyncio stores, so they behave identically in an outage:
+
+    * ``on_error="degrade"``: :meth:`failed` reports the first failure of an incident
+      (``outage_began``) and returns; the store then answers with fresh random tokens (a
+      guaranteed miss) or keeps the bump with :meth:`keep`, up to ``max_pending``
+      identifiers, for :meth:`replay`;
+    * ``on_error="raise"``: :meth:`failed` re-raises the error.
+
+    A store sends :meth:`replay` in front of its next call, in the same round trip, and
+    reports with :meth:`succeeded`, which reports the end of the incident
+    (``outage_ended``).
+
+    While Redis is known to be down, a degrading store does not wait for it: for
+    ``retry_interval`` seconds after each failure, :meth:`skip` tells it to answer at once
+    (a miss, a kept bump) instead of paying a socket timeout on every call; the first call
+    after that probes Redis again.
+
+    Past ``max_pending`` identifiers, a kept bump is replaced by a bump of
+    :data:`~alkey.identity.UNKNOWN_WRITES`, which every key depends on: memory stays
+    bounded and nothing is lost, at the price of a miss for every key once it is replayed.
+
+    For ``recovery_window`` seconds after an outage ends (``2 * retry_interval``, plus
+    the store's socket timeout), :meth:`recovering` tells
+    the store to answer fetches with misses: other processes may still owe Redis bumps of
+    writes they committed during the outage. They replay them from the background as soon
+    as Redis answers -- at most a socket timeout plus ``retry_interval`` after it is back,
+    when configured alike -- so a key made before then could still use a token from before
+    one of those writes.
+
+    A connection pool with no connection left (``max_connections``) is no outage: Redis
+    answers every other caller. The transport has already waited for a connection by then
+    (:func:`alkey.transports.pool_waits`); :meth:`exhausted` only lets that one call go
+    without Redis -- a miss, a kept bump -- and marks nothing down, so the other calls go
+    on using Redis, and the next call that gets a connection replays the kept bump in
+    front.
+
+    ``events`` hears of each incident (a store passes its observers); by default nobody.
+    """
+
+    def __init__(
+        self,
+        on_error: ErrorPolicy = "degrade",
+        max_pending: int = 100_000,
+        retry_interval: float = 1.0,
+        *,
+        events: OutageEvents | None = None,
+    ) -> None:
+        StoreOptions(on_error=on_error, max_pending=max_pending, retry_interval=retry_interval)
+        self.on_error: ErrorPolicy = on_error
+        self.max_pending = max_pending
+        self.retry_interval = retry_interval
+        self.events: OutageEvents = events if events is not None else _Unheard()
+        #: Seconds after an outage during which fetches answer misses (see the class); the
+        #: stores add their client's socket timeout.
+        self.recovery_window = 2 * retry_interval
+        self._next_probe = 0.0
+        # identifier -> generation of its latest failed bump. A replay only clears the
+        # generations it sent, so a bump that failed meanwhile stays owed.
+        self._pending: dict[str, int] = {}
+        self._generation = 0
+        self._dropped = 0
+        self._failing = False
+        self._recovering_until = 0.0
+        # Calls that went without Redis because the pool had no connection for them, since
+        # the last call that had one (0: no such incident).
+        self._starved = 0
+        self._lock = threading.Lock()
+
+    @property
+    def pending(self) -> frozenset[str]:
+        """Identifiers whose bump is waiting for Redis to answer again."""
+        with self._lock:
+            return frozenset(self._pending)
+
+    def replay(self) -> Replay:
+        """The bumps to send in front of the next call (usually none: no lock taken)."""
+        if not self._pending:
+            return NOTHING
+        with self._lock:
+            return Replay(self._pending)
+
+    def skip(self) -> bool:
+        """Whether to answer without Redis now: it failed less than ``retry_interval`` ago."""
+        return self._failing and self.on_error == "degrade" and time.monotonic() < self._next_probe
+
+    def probe_now(self) -> None:
+        """Let the next call try Redis even if it failed less than ``retry_interval`` ago:
+        for a last attempt, when no later call will come (interpreter exit)."""
+        self._next_probe = 0.0
+
+    def recovering(self) -> bool:
+        """Whether an outage ended less than ``recovery_window`` ago: answer misses."""
+        return self._recovering_until > 0.0 and time.monotonic() < self._recovering_until
+
+    def keep(self, identifiers: Collection[str]) -> None:
+        """Keep a bump that could not reach Redis, for :meth:`replay`."""
+        dropped = 0
+        with self._lock:
+            self._generation += 1
+            for identifier in identifiers:
+                if len(self._pending) >= self.max_pending and identifier not in self._pending:
+                    dropped += 1
+                    # In its place, the token every key depends on (one slot over the bound).
+                    self._pending[UNKNOWN_WRITES] = self._generation
+                else:
+                    self._pending[identifier] = self._generation
+            self._dropped += dropped
+            pending = len(self._pending)
+        if identifiers:
+            self.events.bump_kept(count=len(identifiers), pending=pending)
+        if dropped:
+            self.events.dropped(count=dropped, max_pending=self.max_pending)
+
+    def failed(self, error: TokenStoreError, action: str) -> None:
+        """A call could not reach Redis: raise ``error`` under ``on_error="raise"``, else
+        mark Redis down for ``retry_interval`` (reported once per incident)."""
+        if self.on_error == "raise":
+            raise error
+        with self._lock:
+            first = not self._failing
+            self._failing = True
+            self._next_probe = time.monotonic() + self.retry_interval
+            pending, dropped = len(self._pending), self._dropped
+        if first:
+            self.events.outage_began(
+                action=action,
+                error=error,
+                pending=pending,
+                dropped=dropped,
+                max_pending=self.max_pending,
+            )
+
+    def exhausted(self, error: TokenStoreError, action: str) -> None:
+        """A call waited in vain for a connection from its pool: it goes without Redis
+        (a miss, a kept bump), and the next calls try Redis as usual.
+
+        Unlike :meth:`failed`, this marks nothing down: Redis answers, only this process
+        ran out of connections, so turning the cache off for every call (and asking every
+        fetch to miss for a recovery window) would be wrong. Reported once per incident --
+        until a call gets a connection again -- and raised under ``on_error="raise"``.
+        """
+        if self.on_error == "raise":
+            raise error
+        with self._lock:
+            self._starved += 1
+            first = self._starved == 1
+            pending = len(self._pending)
+        if first:
+            self.events.pool_exhausted(action=action, error=error, pending=pending)
+
+    def succeeded(self, replayed: Replay) -> None:
+        """A call reached Redis, sending ``replayed`` in front: forget those kept bumps,
+        and end the incident if one was open."""
+        if not self._failing and not replayed and not self._starved:
+            return
+        with self._lock:
+            for identifier, generation in replayed.generations.items():
+                if self._pending.get(identifier) == generation:
+                    del self._pending[identifier]
+            recovered, self._failing = self._failing, False
+            dropped, self._dropped = self._dropped, 0
+            starved, self._starved = self._starved, 0
+            if recovered:
+                self._recovering_until = time.monotonic() + self.recovery_window
+        if starved:
+            self.events.pool_recovered(starved=starved)
+        if recovered:
+            self.events.outage_ended(replayed=len(replayed), dropped=dropped)
+
+
+class Recoveries:
+    """The recoveries a store runs -- bumps of due intents on behalf of writers that died
+    between their COMMIT and their bump -- seen as incidents.
+
+    A backlog of due intents is drained in batches of :data:`~alkey.scripts.CLAIM_LIMIT`,
+    possibly over several calls and by several threads or tasks at once, yet it is one
+    incident, reported once: ``recovery_began`` with its first batch's count (``backlog``
+    if that batch was full, or others run), and ``recovery_ended`` with the total. While a
+    recovery runs, or one left intents due (a full last batch), :meth:`busy` tells fetches
+    to miss: a token read then may be one that the recovery is about to replace.
+    """
+
+    def __init__(self, lease: float, events: OutageEvents | None = None) -> None:
+        self.lease = lease
+        self.events: OutageEvents = events if events is not None else _Unheard()
+        self._lock = threading.Lock()
+        self._running = 0  # recoveries in progress in this store
+        self._backlog = False  # the last batch was full, and nobody claimed after it
+        self._incident = False  # a backlog was reported as begun, and not as ended
+        self._open = False  # a recovery was reported as begun, and not as ended
+        self._total = 0  # commits bumped since the last incident ended
+
+    def busy(self) -> bool:
+        """Whether a fetch must miss: a recovery runs here, or left intents due."""
+        return self._backlog or self._running > 0
+
+    def began(self, claimed: int, full: bool = False) -> None:
+        """A recovery of ``claimed`` intents starts (its first batch; ``full``: as many as
+        one claim takes, so more may be due)."""
+        with self._lock:
+            self._running += 1
+            if self._incident:
+                return
+            alone = not full and self._running == 1 and not self._backlog
+            self._incident = not alone
+            self._open = True
+        self.events.recovery_began(claimed=claimed, lease=self.lease, backlog=not alone)
+
+    def applied(self, claimed: int) -> None:
+        """A batch of ``claimed`` intents was bumped and cleared."""
+        with self._lock:
+            self._total += claimed
+
+    def ended(self, more_due: bool) -> None:
+        """A recovery stops, leaving intents due (``more_due``) or not."""
+        with self._lock:
+            self._running -= 1
+            self._backlog = more_due
+        self._close()
+
+    def none_due(self) -> None:
+        """A claim found nothing due: no backlog left."""
+        if self._backlog or self._incident:  # without the lock: the usual case is neither
+            with self._lock:
+                self._backlog = False
+            self._close()
+
+    def _close(self) -> None:
+        with self._lock:
+            if self._running or self._backlog:
+                return
+            total, self._total = self._total, 0
+            backlog, self._incident = self._incident, False
+            began, self._open = self._open, False
+        if began:
+            self.events.recovery_ended(total=total, lease=self.lease, backlog=backlog)

@@ -5,7 +5,7 @@ Including alkey does two things, both configured from the application's settings
 * binds the session named by ``alkey.session_cls`` (default ``pyramid_basemodel.Session``)
   with :func:`alkey.events.bind`, so that every transaction ``pyramid_tm`` commits bumps
   the tokens of the rows it wrote, before the response is returned;
-* adds ``request.cache_key``, a :class:`~alkey.cache.CacheKeyGenerator` on the same token
+* adds ``request.cache_key``, a :class:`~alkey.keys.CacheKeyGenerator` on the same token
   store, so the keys a view builds change exactly when those commits happen.
 
 =========================  ==============================================================
@@ -17,15 +17,23 @@ setting                    meaning
 ``alkey.redis_url``        ``redis://``, ``rediss://`` or ``unix://`` URL of the token
                            Redis; ``redis.url`` is read when it is unset
 ``alkey.cache_key_prefix`` text in front of every ``request.cache_key(...)`` key
+``alkey.ttl``,             the token store's options (:class:`alkey.options.StoreOptions`),
+``alkey.key_prefix``,      read by :func:`alkey.settings.configure` like every other
+``alkey.on_error``,        source: these settings win over the URL's ``alkey_*`` query
+``alkey.max_pending``,     options and the ``ALKEY_*`` environment variables
+``alkey.retry_interval``,
+``alkey.durable``,
+``alkey.lease``
 =========================  ==============================================================
 
 Redis is chosen once per application, in this order: an
 :class:`~alkey.interfaces.IRedisClientFactory` or
 :class:`~alkey.interfaces.IRedisConnectionPool` registered in the application's registry
 (before or after the include), else the URL from the settings, else the environment
-(:func:`alkey.client.get_redis_config`). The choice is made when the configuration is
-committed (``config.commit()`` or ``make_wsgi_app()``), or at the first commit or key
-before that, and logged with any password masked.
+(:func:`alkey.client.get_redis_config`). The store options apply whichever client is
+chosen. The choice is made when the configuration is committed (``config.commit()`` or
+``make_wsgi_app()``), or at the first commit or key before that, and logged with any
+password masked; the settings themselves are checked at ``config.include('alkey')``.
 
 This module is imported only by :func:`alkey.includeme`; the core never imports Pyramid.
 """
@@ -37,15 +45,16 @@ import threading
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any, Final
 
+import pyramid.exceptions  # type: ignore[import-untyped]
 from pyramid.config import Configurator  # type: ignore[import-untyped]
-from pyramid.exceptions import ConfigurationError  # type: ignore[import-untyped]
 from pyramid.interfaces import PHASE3_CONFIG  # type: ignore[import-untyped]
 
-from alkey import events
-from alkey.cache import CacheKeyGenerator
-from alkey.client import client_from_config, get_redis_client, get_redis_config, redact_url
+from alkey import errors, events
+from alkey.client import default_store, get_redis_client
 from alkey.interfaces import IRedisClientFactory, IRedisConnectionPool
-from alkey.tokens import RedisClient, TokenStore, bump, intend, store_for
+from alkey.keys import CacheKeyGenerator
+from alkey.settings import SETTINGS_PREFIX, Configuration, configure
+from alkey.tokens import RedisClient, TokenStore, bump, intend
 
 __all__ = [
     "CACHE_KEY_PREFIX_SETTING",
@@ -53,6 +62,7 @@ __all__ = [
     "REDIS_URL_SETTINGS",
     "SESSION_CLS_SETTING",
     "ApplicationTokenStore",
+    "PyramidConfigurationError",
     "cache_key",
     "includeme",
 ]
@@ -74,21 +84,45 @@ _KEY_GENERATOR: Final = "alkey.key_generator"
 _AFTER_OTHER_ACTIONS: Final = PHASE3_CONFIG + 1000
 
 
+class PyramidConfigurationError(
+    errors.ConfigurationError,
+    pyramid.exceptions.ConfigurationError,  # type: ignore[misc]  # Pyramid is untyped
+):
+    """A setting of ``config.include('alkey')`` cannot work.
+
+    Both :class:`alkey.errors.ConfigurationError` and Pyramid's own
+    :class:`pyramid.exceptions.ConfigurationError`, so that an application catches it
+    either way, and Pyramid reports it as the configuration error it is.
+    """
+
+
 class ApplicationTokenStore:
     """The token store of one Pyramid application, on the Redis its configuration names.
 
     Both the session binding (which bumps) and ``request.cache_key`` (which reads) hold
-    this one object, so they always use the same Redis, however the application
-    configures it. Redis is chosen on first use rather than at ``config.include`` so that
-    an :class:`~alkey.interfaces.IRedisClientFactory` or
+    this one object, so they always use the same Redis and the same store options,
+    however the application configures them. Redis is chosen on first use rather than at
+    ``config.include`` so that an :class:`~alkey.interfaces.IRedisClientFactory` or
     :class:`~alkey.interfaces.IRedisConnectionPool` registered after the include still
     counts; the choice is then kept for the life of the process.
+
+    ``configuration`` is what :func:`alkey.settings.configure` made of the application's
+    settings. (A URL string, or ``None`` for the environment, with the name of the
+    setting that gave it, is still accepted, as before there was a configuration.)
     """
 
-    def __init__(self, registry: Any, redis_url: str | None, redis_url_setting: str) -> None:
+    def __init__(
+        self,
+        registry: Any,
+        configuration: Configuration | str | None = None,
+        redis_url_setting: str = REDIS_URL_SETTINGS[0],
+    ) -> None:
+        if not isinstance(configuration, Configuration):
+            configuration = configure(
+                {redis_url_setting: configuration} if configuration is not None else None
+            )
         self._registry = registry
-        self._redis_url = redis_url
-        self._redis_url_setting = redis_url_setting
+        self.configuration = configuration
         self._client: RedisClient | None = None
         self._store: TokenStore | None = None
         self._lock = threading.Lock()
@@ -102,7 +136,8 @@ class ApplicationTokenStore:
 
     @property
     def store(self) -> TokenStore:
-        """The process's shared store for :attr:`client` (:func:`alkey.tokens.store_for`)."""
+        """The application's store, shared through :attr:`client`'s connection pool
+        (:func:`alkey.tokens.store_for` returns it for that client)."""
         self._resolve()
         assert self._store is not None
         return self._store
@@ -129,46 +164,48 @@ class ApplicationTokenStore:
         with self._lock:
             if self._store is not None:
                 return
-            client, source = self._choose()
+            client, store, source = self._choose()
             log.info("alkey: tokens live in the Redis given by %s", source)
             self._client = client
-            self._store = store_for(client)
+            self._store = store
 
-    def _choose(self) -> tuple[RedisClient, str]:
+    def _choose(self) -> tuple[RedisClient, TokenStore, str]:
+        configuration = self.configuration
+        options = configuration.describe_store_options()
+        with_options = f", with {options}" if options else ""
         if self.registers_redis():
+            client = get_redis_client(registry=self._registry)
             return (
-                get_redis_client(registry=self._registry),
-                "the IRedisClientFactory or IRedisConnectionPool in the registry",
+                client,
+                configuration.store(client),
+                "the IRedisClientFactory or IRedisConnectionPool in the registry" + with_options,
             )
-        if self._redis_url is not None:
-            config = get_redis_config({"REDIS_URL": self._redis_url})
-            source = f"{self._redis_url_setting} = {redact_url(self._redis_url)}"
-            return client_from_config(config), source
-        url = redact_url(get_redis_config()["url"])
-        return get_redis_client(), f"the environment ({url})"
+        url_source = configuration.sources["url"]
+        if url_source.kind == "settings":
+            store = configuration.store()
+            source = f"{url_source.name} = {configuration.redacted_url}{with_options}"
+            return _client_of(store), store, source
+        source = f"the environment ({configuration.redacted_url}){with_options}"
+        if any(source.kind == "settings" for source in configuration.sources.values()):
+            # Options of this application's own: a client of its own too, so that the
+            # process's default store (the environment's options) stays as it is.
+            store = configuration.store()
+            return _client_of(store), store, source
+        # Nothing of the application's own: the process's default client and store,
+        # shared with everything else in the process.
+        return get_redis_client(), default_store(), source
 
 
-def _setting(settings: Mapping[str, Any], name: str) -> Any:
-    # A blank .ini value counts as unset.
-    value = settings.get(name)
-    if isinstance(value, str):
-        return value.strip() or None
-    return value
+def _client_of(store: TokenStore) -> RedisClient:
+    client: RedisClient = getattr(store, "client")  # noqa: B009 - any registered store kind
+    return client
 
 
-def _redis_url(settings: Mapping[str, Any]) -> tuple[str | None, str]:
-    for name in REDIS_URL_SETTINGS:
-        url = _setting(settings, name)
-        if url is None:
-            continue
-        try:
-            get_redis_config({"REDIS_URL": str(url)})
-        except ValueError as error:
-            raise ConfigurationError(
-                f"{name} = {redact_url(str(url))!r} is not a usable Redis URL: {error}"
-            ) from None
-        return str(url), name
-    return None, REDIS_URL_SETTINGS[0]
+def _configuration(settings: Mapping[str, Any]) -> Configuration:
+    try:
+        return configure(settings, prefix=SETTINGS_PREFIX)
+    except errors.ConfigurationError as error:
+        raise PyramidConfigurationError(str(error)) from None
 
 
 def _session_target(config: Configurator, settings: Mapping[str, Any]) -> object:
@@ -177,7 +214,7 @@ def _session_target(config: Configurator, settings: Mapping[str, Any]) -> object
         # maybe_dotted also accepts the object itself, for settings passed in code.
         return config.maybe_dotted(value)
     except Exception as error:
-        raise ConfigurationError(
+        raise PyramidConfigurationError(
             f"{SESSION_CLS_SETTING} = {value!r} does not resolve "
             f"({type(error).__name__}: {error}). Set {SESSION_CLS_SETTING} to the dotted "
             "path of the Session class, sessionmaker or scoped_session that your "
@@ -199,24 +236,25 @@ def includeme(config: Configurator) -> None:
     """Bind the configured session and add ``request.cache_key``.
 
     Errors in the settings -- a ``alkey.session_cls`` that does not resolve or cannot be
-    bound, a malformed Redis URL or key prefix -- raise
-    :class:`pyramid.exceptions.ConfigurationError` here, at startup, naming the setting.
+    bound, a malformed Redis URL, store option or key prefix, an ``alkey.*`` setting that
+    does not exist -- raise :class:`PyramidConfigurationError` (both alkey's and Pyramid's
+    ``ConfigurationError``) here, at startup, naming the setting.
     """
     settings: Mapping[str, Any] = config.get_settings() or {}
     target = _session_target(config, settings)
-    redis_url, redis_url_setting = _redis_url(settings)
-    tokens = ApplicationTokenStore(config.registry, redis_url, redis_url_setting)
+    tokens = ApplicationTokenStore(config.registry, _configuration(settings))
+    prefix = settings.get(CACHE_KEY_PREFIX_SETTING)
     try:
         generator = CacheKeyGenerator(
-            tokens=tokens, prefix=str(_setting(settings, CACHE_KEY_PREFIX_SETTING) or "")
+            tokens=tokens, prefix=prefix.strip() if isinstance(prefix, str) else str(prefix or "")
         )
     except ValueError as error:
-        raise ConfigurationError(f"{CACHE_KEY_PREFIX_SETTING}: {error}") from None
+        raise PyramidConfigurationError(f"{CACHE_KEY_PREFIX_SETTING}: {error}") from None
     try:
         events.bind(target, tokens=tokens)
     except TypeError as error:
         value = settings.get(SESSION_CLS_SETTING, DEFAULT_SESSION_CLS)
-        raise ConfigurationError(f"{SESSION_CLS_SETTING} = {value!r}: {error}") from None
+        raise PyramidConfigurationError(f"{SESSION_CLS_SETTING} = {value!r}: {error}") from None
     config.registry[_KEY_GENERATOR] = generator
     config.add_request_method(cache_key, "cache_key", reify=True)
 

@@ -1,1 +1,220 @@
-"""alkey.scripts (being written)."""
+"""The Lua scripts behind the token stores, and the script calls of each store call.
+
+Why a module of its own: what a fetch, a bump or an intent *sends* is the same for every
+store and every client library (redis-py, its asyncio client, a cluster client to come);
+only how it travels differs (:mod:`alkey.transports`). Everything here is pure
+bookkeeping -- no I/O, no client library -- so the store core (:mod:`alkey.tokens`) can
+build its round trips here and hand them to whichever transport it has.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import secrets
+from collections.abc import Collection, Sequence
+from typing import Any, TypeAlias
+
+from alkey.constants import DEFAULT_TOKEN_TTL, TOKEN_BYTES
+from alkey.errors import ConfigurationError
+
+__all__ = [
+    "CHUNK_SIZE",
+    "CLAIM_LIMIT",
+    "Call",
+    "Script",
+    "ScriptCalls",
+    "fresh",
+    "new_token",
+]
+
+
+def new_token() -> str:
+    """A fresh random token (128 bits, URL-safe text)."""
+    return secrets.token_urlsafe(TOKEN_BYTES)
+
+
+def fresh(identifiers: Sequence[str]) -> list[str]:
+    """Tokens for a call that cannot use Redis's: new random ones, a guaranteed miss."""
+    return [new_token() for _ in identifiers]
+
+
+# KEYS: token keys. ARGV[1]: TTL in seconds, ARGV[2]: a fresh random base. Returns the
+# token of every key, creating missing ones as <base>.<position>: unique per key and call,
+# and unpredictable, because the base is 128 random bits drawn for this call.
+FETCH_SCRIPT = """
+local tokens = redis.call('MGET', unpack(KEYS))
+for i = 1, #KEYS do
+  if not tokens[i] then
+    tokens[i] = ARGV[2] .. '.' .. i
+    redis.call('SET', KEYS[i], tokens[i], 'EX', ARGV[1])
+  end
+end
+return tokens
+"""
+
+# KEYS: token keys. ARGV as above. Gives every key a new token.
+BUMP_SCRIPT = """
+for i = 1, #KEYS do
+  redis.call('SET', KEYS[i], ARGV[2] .. '.' .. i, 'EX', ARGV[1])
+end
+return #KEYS
+"""
+
+# Durable mode. KEYS[1]: the intents (a sorted set: intent id -> server time it was
+# written), KEYS[2]: their identifiers (a hash: intent id -> identifiers, one per line).
+# Both names share a hash tag, so a cluster would keep them on one node.
+
+# ARGV[1]: intent id, ARGV[2]: identifiers. Written just before the database COMMIT.
+INTEND_SCRIPT = """
+local now = redis.call('TIME')
+redis.call('ZADD', KEYS[1], now[1] + now[2] / 1000000, ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+return 1
+"""
+
+# ARGV: intent ids whose bump has been done. Sent in the bump's own pipeline, which is
+# not a transaction: it must fail whenever the bump does. The one failure they would not
+# share is a full Redis (maxmemory, noeviction), which refuses the bump's SET but not
+# ZREM. So the script starts with a ZADD that adds nothing (XX: only existing members)
+# yet, like SET, may grow memory: Redis refuses it in a full Redis and stops the script
+# there, leaving the intent for a claimer.
+CLEAR_SCRIPT = """
+redis.call('ZADD', KEYS[1], 'XX', 0, '')
+redis.call('ZREM', KEYS[1], unpack(ARGV))
+redis.call('HDEL', KEYS[2], unpack(ARGV))
+return #ARGV
+"""
+
+# ARGV[1]: lease in seconds, ARGV[2]: most intents to claim. Returns id, identifiers, ...
+# of the intents older than the lease, and leases them again to the caller, who bumps
+# them and clears them; if the caller dies too, they fall due again a lease later.
+CLAIM_SCRIPT = """
+local now = redis.call('TIME')
+now = now[1] + now[2] / 1000000
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]),
+                       'LIMIT', 0, tonumber(ARGV[2]))
+local claimed = {}
+for _, id in ipairs(due) do
+  local identifiers = redis.call('HGET', KEYS[2], id)
+  if identifiers then
+    redis.call('ZADD', KEYS[1], now, id)
+    claimed[#claimed + 1] = id
+    claimed[#claimed + 1] = identifiers
+  else
+    redis.call('ZREM', KEYS[1], id)
+  end
+end
+return claimed
+"""
+
+#: Intents one claim takes at most: the size of one batch of a recovery, so that no single
+#: script run or round trip grows with the backlog.
+CLAIM_LIMIT = 100
+
+#: Keys per script call. Larger bumps are split into several calls sent in one pipeline
+#: (still one round trip), which bounds the size of each command and of each script run.
+CHUNK_SIZE = 1000
+
+
+class Script:
+    """A Lua script and its SHA1, the name ``EVALSHA`` runs it by once Redis has it."""
+
+    __slots__ = ("sha", "source")
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode("ascii")).hexdigest()
+
+
+# The name alkey used before the scripts had a module of their own.
+_Script = Script
+
+FETCH = Script(FETCH_SCRIPT)
+BUMP = Script(BUMP_SCRIPT)
+INTEND = Script(INTEND_SCRIPT)
+CLEAR = Script(CLEAR_SCRIPT)
+CLAIM = Script(CLAIM_SCRIPT)
+
+#: One script call: the script, its keys, its other arguments. A round trip is a list of
+#: them; a transport decides how they travel (``EVAL``/``EVALSHA``, one pipeline).
+Call: TypeAlias = "tuple[Script, list[str], tuple[Any, ...]]"
+
+
+class ScriptCalls:
+    """Builds the script calls of a fetch or bump, and reads a fetch's answer.
+
+    Pure bookkeeping, no I/O: the sync and asyncio stores send the calls through their
+    transports.
+    """
+
+    def __init__(self, ttl: int = DEFAULT_TOKEN_TTL, key_prefix: str = "") -> None:
+        if ttl <= 0:
+            raise ConfigurationError(f"ttl must be a positive number of seconds, not {ttl!r}")
+        self.ttl = ttl
+        self.key_prefix = key_prefix
+        #: Where durable mode keeps intents. No identifier can take these names: every
+        #: identifier has a ``#``.
+        self.intent_keys = [f"{key_prefix}alkey:{{intents}}", f"{key_prefix}alkey:{{intents}}:data"]
+
+    def _calls(self, script: Script, identifiers: Collection[str]) -> list[Call]:
+        prefix = self.key_prefix
+        keys = [prefix + identifier for identifier in identifiers] if prefix else list(identifiers)
+        return [
+            (script, keys[start : start + CHUNK_SIZE], (self.ttl, new_token()))
+            for start in range(0, len(keys), CHUNK_SIZE)
+        ]
+
+    def bump(self, identifiers: Collection[str], intents: Collection[str] = ()) -> list[Call]:
+        """The bump, then the clearing of the intents it carries out."""
+        calls = self._calls(BUMP, identifiers) if identifiers else []
+        if intents:
+            calls.append((CLEAR, self.intent_keys, tuple(intents)))
+        return calls
+
+    def intend(self, intent: str, identifiers: Collection[str]) -> list[Call]:
+        return [(INTEND, self.intent_keys, (intent, "\n".join(identifiers)))]
+
+    def claim(self, lease: float) -> Call:
+        return (CLAIM, self.intent_keys, (lease, CLAIM_LIMIT))
+
+    @staticmethod
+    def claimed(result: list[Any]) -> dict[str, list[str]]:
+        """The identifiers of each intent a claim returned, by intent id."""
+        text = [v.decode("ascii") if type(v) is bytes else str(v) for v in result]
+        return {text[i]: text[i + 1].split("\n") for i in range(0, len(text) - 1, 2)}
+
+    def fetch(self, identifiers: Sequence[str], replay: Collection[str]) -> list[Call]:
+        """The replayed bumps first, then the fetch."""
+        return [*self.bump(replay), *self._calls(FETCH, identifiers)]
+
+    @staticmethod
+    def tokens(results: list[Any], identifiers: Sequence[str]) -> list[str]:
+        """The fetched tokens, in order, from the results of :meth:`fetch`'s calls."""
+        tokens: list[str] = []
+        for values in results[-math.ceil(len(identifiers) / CHUNK_SIZE) :]:
+            tokens.extend([v.decode("ascii") if type(v) is bytes else v for v in values])
+        return tokens
+
+    @staticmethod
+    def loaded_after(loaded: frozenset[str], calls: list[Call]) -> frozenset[str]:
+        return loaded.union(script.sha for script, _, _ in calls)
+
+    @staticmethod
+    def commands(calls: list[Call], loaded: frozenset[str]) -> list[tuple[Any, ...]]:
+        """The Redis commands for ``calls``: ``EVALSHA`` for scripts in ``loaded``, else
+        ``EVAL`` with the source (which also loads it)."""
+        return [
+            ("EVALSHA", script.sha, len(keys), *keys, *args)
+            if script.sha in loaded
+            else ("EVAL", script.source, len(keys), *keys, *args)
+            for script, keys, args in calls
+        ]
+
+    @staticmethod
+    def checked(results: list[Any]) -> list[Any]:
+        """A pipeline's results, raising the first error among them."""
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return results

@@ -5,12 +5,32 @@
 * :class:`LatencyProxy` -- a TCP proxy in front of Redis that delays every request by a
   fixed time, or cuts the link and restores it: what a slow or failing network does to
   an application's keys and commits;
-* :func:`counting_client` and :class:`RoundTrips` -- a client that counts the requests it
-  sends (one per command, one per pipeline: its round trips), to assert how many round
-  trips a request of the application costs.
+* :func:`counting_client`, :func:`async_counting_client` and :class:`RoundTrips` -- a
+  client (redis-py, or ``redis.asyncio``) that counts the requests it sends (one per
+  command, one per pipeline: its round trips), to assert how many round trips a request
+  of the application costs.
 
 ``with EmbeddedRedis() as server, LatencyProxy(server.port, latency=0.001) as proxy:`` and
 point the application at ``proxy.url``.
+
+pytest fixtures
+---------------
+
+:mod:`alkey.pytest_plugin` gives your own tests a Redis without any set-up. Load it with
+``pytest -p alkey.pytest_plugin``, or ``pytest_plugins = ["alkey.pytest_plugin"]`` in your
+top-level ``conftest.py``:
+
+* ``alkey_redis`` -- the URL of a private redis-server started for the test session (on
+  first use, on a free port) and stopped after it; ``ALKEY_TEST_REDIS_URL`` names an
+  existing server to use instead (its database is flushed before each test!);
+* ``alkey_redis_client`` -- a ``redis.Redis`` of it, with a 2 s socket timeout, on a
+  database flushed before the test and closed after it;
+* ``alkey_store`` -- a :class:`~alkey.tokens.RedisTokenStore` on that client, the one
+  ``store_for(alkey_redis_client)`` returns: bind your sessions and build your key
+  generators with it;
+* ``alkey_private_redis`` -- an :class:`EmbeddedRedis` of the test's own, to ``stop()``,
+  ``pause()`` and ``start()`` again, for tests of what your application does when Redis
+  fails.
 """
 
 from __future__ import annotations
@@ -24,30 +44,101 @@ import time
 from typing import Any
 
 import redis
+import redis.asyncio
 
 from alkey.embedded import EmbeddedRedis
 
-__all__ = ["CountingConnection", "EmbeddedRedis", "LatencyProxy", "RoundTrips", "counting_client"]
+__all__ = [
+    "AsyncCountingConnection",
+    "CountingConnection",
+    "EmbeddedRedis",
+    "LatencyProxy",
+    "RoundTrips",
+    "async_counting_client",
+    "counting_client",
+]
 
 
 class CountingConnection(redis.Connection):
-    """A redis-py connection that counts the requests it sends (its round trips)."""
+    """A redis-py connection that counts the requests it sends (its round trips).
+
+    A new connection's handshake (``HELLO``, ``AUTH``, ``CLIENT SETINFO``, ``SELECT``) is
+    not counted: it is paid once per connection, not per call -- also when a connection
+    is made again after Redis came back."""
 
     requests = 0
     _lock = threading.Lock()
+    _handshaking = 0
+
+    def on_connect(self) -> None:
+        self._handshaking += 1
+        try:
+            super().on_connect()  # type: ignore[no-untyped-call]
+        finally:
+            self._handshaking -= 1
+
+    def on_connect_check_health(self, check_health: bool = True) -> None:  # redis-py >= 6
+        self._handshaking += 1
+        try:
+            super().on_connect_check_health(check_health)
+        finally:
+            self._handshaking -= 1
 
     def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-        with CountingConnection._lock:
-            CountingConnection.requests += 1
+        if not self._handshaking:
+            with CountingConnection._lock:
+                CountingConnection.requests += 1
         super().send_packed_command(command, check_health)  # type: ignore[no-untyped-call]
 
 
-def counting_client(url: str) -> redis.Redis:
-    """A client whose round trips show in ``CountingConnection.requests``, connected."""
-    pool = redis.ConnectionPool.from_url(url, connection_class=CountingConnection)
-    client = redis.Redis(connection_pool=pool)
+class AsyncCountingConnection(redis.asyncio.Connection):
+    """A ``redis.asyncio`` connection that counts the requests it sends, in
+    ``CountingConnection.requests`` too (so :class:`RoundTrips` counts both kinds); not
+    its handshake either."""
+
+    _handshaking = 0
+
+    async def on_connect(self) -> None:
+        self._handshaking += 1
+        try:
+            await super().on_connect()
+        finally:
+            self._handshaking -= 1
+
+    async def on_connect_check_health(self, check_health: bool = True) -> None:
+        self._handshaking += 1
+        try:
+            await super().on_connect_check_health(check_health)
+        finally:
+            self._handshaking -= 1
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        if not self._handshaking:
+            with CountingConnection._lock:
+                CountingConnection.requests += 1
+        await super().send_packed_command(command, check_health)
+
+
+def counting_client(url: str, **options: Any) -> redis.Redis:
+    """A client whose round trips show in ``CountingConnection.requests``, connected.
+
+    ``options`` are connection options, as for ``redis.Redis.from_url`` (e.g.
+    ``socket_timeout=2``)."""
+    pool = redis.ConnectionPool.from_url(url, connection_class=CountingConnection, **options)
+    client = redis.Redis.from_pool(pool)  # its own pool, disconnected by client.close()
     client.ping()  # connect now, so the handshake is not counted later
     return client
+
+
+def async_counting_client(url: str, **options: Any) -> redis.asyncio.Redis:
+    """A ``redis.asyncio`` client whose round trips show in ``CountingConnection.requests``.
+
+    Not connected yet (there may be no event loop running here): its first command also
+    sends the connection's handshake, so make one before counting."""
+    pool = redis.asyncio.ConnectionPool.from_url(
+        url, connection_class=AsyncCountingConnection, **options
+    )
+    return redis.asyncio.Redis.from_pool(pool)  # its own pool, closed by await client.aclose()
 
 
 class RoundTrips:

@@ -12,27 +12,37 @@ missing token is created inside the fetch script, which Redis runs atomically, s
 concurrent readers agree on the first one written; a token lost to eviction, expiry or a
 Redis restart comes back as a new random value: keys built on it change, they never
 revert to an old key.
+
+The store is built in layers (README, "Architecture"): :mod:`alkey.scripts` (what each
+call sends), :mod:`alkey.outages` (what an outage owes, and recoveries),
+:mod:`alkey.observers` (who hears of incidents), :mod:`alkey.transports` (how calls
+travel, and which client errors mean what), and here :class:`ScriptStore`, the calls
+themselves, written once for the sync and asyncio stores. The names that lived here
+before the split are still importable from here.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import hashlib
-import inspect
 import logging
-import math
-import secrets
 import threading
 import time
 import weakref
-from collections.abc import Callable, Collection, Generator, Iterator, Sequence
-from typing import Any, ClassVar, Literal, Protocol, TypeAlias, TypeVar, runtime_checkable
+from collections.abc import Callable, Collection, Generator, Sequence
+from typing import Any, ClassVar, Protocol, TypeAlias, TypeVar, runtime_checkable
 
-import redis
-from redis.exceptions import MaxConnectionsError, NoScriptError, RedisError
-
-from alkey.constants import DEFAULT_TOKEN_TTL, TOKEN_BYTES, UNKNOWN_WRITES
+from alkey.errors import TokenStoreError, TokenStorePoolExhaustedError
+from alkey.observers import LoggingObserver, ObserverGroup, StoreObserver
+from alkey.options import DEFAULT_LEASE, ErrorPolicy, StoreOptions
+from alkey.outages import NOTHING, OutageLedger, Recoveries, Replay
+from alkey.outages import RECOVERY_BUDGET as RECOVERY_BUDGET
+from alkey.scripts import CHUNK_SIZE, Call, ScriptCalls, fresh, new_token
+from alkey.scripts import CLAIM_LIMIT as CLAIM_LIMIT
+from alkey.transports import POOL_WAIT as POOL_WAIT
+from alkey.transports import RedisClient as RedisClient
+from alkey.transports import RedisTransport
+from alkey.transports import checked_socket_timeout as checked_socket_timeout
 
 __all__ = [
     "CHUNK_SIZE",
@@ -53,26 +63,13 @@ __all__ = [
 
 log = logging.getLogger("alkey.tokens")
 
-#: ``"degrade"``: Redis errors never reach the application (keys miss, bumps are kept and
-#: replayed); ``"raise"``: they propagate as :class:`redis.exceptions.RedisError`.
-ErrorPolicy: TypeAlias = Literal["degrade", "raise"]
-
-#: The synchronous redis-py client type alkey works with.
-RedisClient: TypeAlias = redis.Redis
-
-_Call: TypeAlias = "tuple[_Script, list[str], tuple[Any, ...]]"
 _R = TypeVar("_R")
 #: One call of a store (a fetch, a bump, an intent) as the round trips it needs: the
 #: generator yields the script calls of each round trip and is sent their results, or
-#: thrown the :class:`~redis.exceptions.RedisError` that stopped them; it returns the
+#: thrown the :class:`~alkey.errors.TokenStoreError` that stopped them; it returns the
 #: call's answer. :class:`ScriptStore` writes each call once, as such a generator, and
 #: the sync and asyncio stores only differ in how they wait for the round trips.
-Exchange: TypeAlias = "Generator[list[_Call], list[Any], _R]"
-
-
-def new_token() -> str:
-    """A fresh random token (128 bits, URL-safe text)."""
-    return secrets.token_urlsafe(TOKEN_BYTES)
+Exchange: TypeAlias = "Generator[list[Call], list[Any], _R]"
 
 
 @runtime_checkable
@@ -109,25 +106,17 @@ class DurableTokenStore(TokenStore, Protocol):
 
 
 def intend(tokens: TokenStore, identifiers: Collection[str]) -> str | None:
-    """``tokens.intend(identifiers)`` if ``tokens`` is a :class:`DurableTokenStore`.
+    """``tokens.intend(identifiers)`` if ``tokens`` is a :class:`DurableTokenStore`, else
+    ``None``: what a wrapper store (Pyramid's application store, say) forwards.
 
-    Called from inside SQLAlchemy's commit, just before the COMMIT, where an exception
-    would abort it half-way (SQLAlchemy would skip the COMMIT yet hand the connection back
-    to its pool with the transaction still open). So this never raises: whatever the
-    store's policy, a failure is logged and the commit goes ahead without an intent; its
-    bump follows as usual, and raises then under ``on_error="raise"``.
+    It may raise like the store. The listeners call it just before the database COMMIT
+    only through :func:`alkey.connections.record_intent`, the one place that keeps a
+    failure there from breaking SQLAlchemy's commit.
     """
     record = getattr(tokens, "intend", None)
     if record is None or not identifiers:
         return None
-    try:
-        intent: str | None = record(identifiers)
-    except RedisError as error:  # on_error="raise": the bump will raise it, after the COMMIT
-        log.debug("alkey could not record the bumps of a commit: %s", error)
-        return None
-    except Exception:
-        log.exception("alkey could not record the bumps of a commit; it goes ahead without")
-        return None
+    intent: str | None = record(identifiers)
     return intent
 
 
@@ -140,551 +129,137 @@ def bump(tokens: TokenStore, identifiers: Collection[str], intent: str | None) -
         tokens.bump(identifiers, intent=intent)
 
 
-# KEYS: token keys. ARGV[1]: TTL in seconds, ARGV[2]: a fresh random base. Returns the
-# token of every key, creating missing ones as <base>.<position>: unique per key and call,
-# and unpredictable, because the base is 128 random bits drawn for this call.
-_FETCH_SCRIPT = """
-local tokens = redis.call('MGET', unpack(KEYS))
-for i = 1, #KEYS do
-  if not tokens[i] then
-    tokens[i] = ARGV[2] .. '.' .. i
-    redis.call('SET', KEYS[i], tokens[i], 'EX', ARGV[1])
-  end
-end
-return tokens
-"""
-
-# KEYS: token keys. ARGV as above. Gives every key a new token.
-_BUMP_SCRIPT = """
-for i = 1, #KEYS do
-  redis.call('SET', KEYS[i], ARGV[2] .. '.' .. i, 'EX', ARGV[1])
-end
-return #KEYS
-"""
-
-# Durable mode. KEYS[1]: the intents (a sorted set: intent id -> server time it was
-# written), KEYS[2]: their identifiers (a hash: intent id -> identifiers, one per line).
-# Both names share a hash tag, so a cluster would keep them on one node.
-
-# ARGV[1]: intent id, ARGV[2]: identifiers. Written just before the database COMMIT.
-_INTEND_SCRIPT = """
-local now = redis.call('TIME')
-redis.call('ZADD', KEYS[1], now[1] + now[2] / 1000000, ARGV[1])
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-return 1
-"""
-
-# ARGV: intent ids whose bump has been done. Sent in the bump's own pipeline, which is
-# not a transaction: it must fail whenever the bump does. The one failure they would not
-# share is a full Redis (maxmemory, noeviction), which refuses the bump's SET but not
-# ZREM. So the script starts with a ZADD that adds nothing (XX: only existing members)
-# yet, like SET, may grow memory: Redis refuses it in a full Redis and stops the script
-# there, leaving the intent for a claimer.
-_CLEAR_SCRIPT = """
-redis.call('ZADD', KEYS[1], 'XX', 0, '')
-redis.call('ZREM', KEYS[1], unpack(ARGV))
-redis.call('HDEL', KEYS[2], unpack(ARGV))
-return #ARGV
-"""
-
-# ARGV[1]: lease in seconds, ARGV[2]: most intents to claim. Returns id, identifiers, ...
-# of the intents older than the lease, and leases them again to the caller, who bumps
-# them and clears them; if the caller dies too, they fall due again a lease later.
-_CLAIM_SCRIPT = """
-local now = redis.call('TIME')
-now = now[1] + now[2] / 1000000
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]),
-                       'LIMIT', 0, tonumber(ARGV[2]))
-local claimed = {}
-for _, id in ipairs(due) do
-  local identifiers = redis.call('HGET', KEYS[2], id)
-  if identifiers then
-    redis.call('ZADD', KEYS[1], now, id)
-    claimed[#claimed + 1] = id
-    claimed[#claimed + 1] = identifiers
-  else
-    redis.call('ZREM', KEYS[1], id)
-  end
-end
-return claimed
-"""
-
-#: Seconds after which any alkey process bumps a commit's intent that was not cleared.
-DEFAULT_LEASE = 5.0
-
-#: Intents one claim takes at most: the size of one batch of a recovery, so that no single
-#: script run or round trip grows with the backlog.
-CLAIM_LIMIT = 100
-
-#: Seconds one call may spend claiming further batches of a backlog of due intents, on
-#: top of its own round trip and the bump of the last batch it claimed (see
-#: :meth:`ScriptStore._recover`): a few dozen batches of :data:`CLAIM_LIMIT` on a local
-#: Redis. The rest is left to the next calls, which claim at once.
-RECOVERY_BUDGET = 0.05
-
-#: Seconds a call waits for a connection from an exhausted pool when its client has no
-#: socket timeout to go by (otherwise it waits that long: see :meth:`ScriptStore.waits`).
-POOL_WAIT = 2.0
-
-#: Keys per script call. Larger bumps are split into several calls sent in one pipeline
-#: (still one round trip), which bounds the size of each command and of each script run.
-CHUNK_SIZE = 1000
-
-
-class _Script:
-    __slots__ = ("sha", "source")
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.sha = hashlib.sha1(source.encode("ascii")).hexdigest()
-
-
-_FETCH = _Script(_FETCH_SCRIPT)
-_BUMP = _Script(_BUMP_SCRIPT)
-_INTEND = _Script(_INTEND_SCRIPT)
-_CLEAR = _Script(_CLEAR_SCRIPT)
-_CLAIM = _Script(_CLAIM_SCRIPT)
-
-
-class OutageLedger:
-    """What a token store owes Redis while it is unreachable, and the policy for it.
-
-    Shared by the sync and asyncio stores, so they behave identically in an outage:
-
-    * ``on_error="degrade"``: :meth:`failed` logs the first failure of an incident and
-      returns; the store then answers with fresh random tokens (a guaranteed miss) or keeps
-      the bump with :meth:`keep`, up to ``max_pending`` identifiers, for :meth:`replay`;
-    * ``on_error="raise"``: :meth:`failed` re-raises the error.
-
-    A store sends :meth:`replay` in front of its next call, in the same round trip, and
-    reports with :meth:`succeeded`, which logs the end of the incident.
-
-    While Redis is known to be down, a degrading store does not wait for it: for
-    ``retry_interval`` seconds after each failure, :meth:`skip` tells it to answer at once
-    (a miss, a kept bump) instead of paying a socket timeout on every call; the first call
-    after that probes Redis again.
-
-    Past ``max_pending`` identifiers, a kept bump is replaced by a bump of
-    :data:`~alkey.identity.UNKNOWN_WRITES`, which every key depends on: memory stays
-    bounded and nothing is lost, at the price of a miss for every key once it is replayed.
-
-    For ``recovery_window`` seconds after an outage ends (``2 * retry_interval``, plus
-    the store's socket timeout), :meth:`recovering` tells
-    the store to answer fetches with misses: other processes may still owe Redis bumps of
-    writes they committed during the outage. They replay them from the background as soon
-    as Redis answers -- at most a socket timeout plus ``retry_interval`` after it is back,
-    when configured alike -- so a key made before then could still use a token from before
-    one of those writes.
-
-    A connection pool with no connection left (``max_connections``) is no outage: Redis
-    answers every other caller. The store has already waited for a connection by then
-    (:meth:`ScriptStore.waits`); :meth:`exhausted` only lets that one call go without
-    Redis -- a miss, a kept bump -- and marks nothing down, so the other calls go on using
-    Redis, and the next call that gets a connection replays the kept bump in front.
-    """
-
-    def __init__(
-        self,
-        on_error: ErrorPolicy = "degrade",
-        max_pending: int = 100_000,
-        retry_interval: float = 1.0,
-    ) -> None:
-        if on_error not in ("degrade", "raise"):
-            raise ValueError(f"on_error must be 'degrade' or 'raise', not {on_error!r}")
-        if retry_interval < 0:
-            raise ValueError(f"retry_interval must not be negative, not {retry_interval!r}")
-        self.on_error: ErrorPolicy = on_error
-        self.max_pending = max_pending
-        self.retry_interval = retry_interval
-        #: Seconds after an outage during which fetches answer misses (see the class); the
-        #: stores add their client's socket timeout.
-        self.recovery_window = 2 * retry_interval
-        self._next_probe = 0.0
-        # identifier -> generation of its latest failed bump. A replay only clears the
-        # generations it sent, so a bump that failed meanwhile stays owed.
-        self._pending: dict[str, int] = {}
-        self._generation = 0
-        self._dropped = 0
-        self._failing = False
-        self._recovering_until = 0.0
-        # Calls that went without Redis because the pool had no connection for them, since
-        # the last call that had one (0: no such incident).
-        self._starved = 0
-        self._lock = threading.Lock()
-
-    @property
-    def pending(self) -> frozenset[str]:
-        """Identifiers whose bump is waiting for Redis to answer again."""
-        with self._lock:
-            return frozenset(self._pending)
-
-    def replay(self) -> Replay:
-        """The bumps to send in front of the next call (usually none: no lock taken)."""
-        if not self._pending:
-            return _NOTHING
-        with self._lock:
-            return Replay(self._pending)
-
-    def skip(self) -> bool:
-        """Whether to answer without Redis now: it failed less than ``retry_interval`` ago."""
-        return self._failing and self.on_error == "degrade" and time.monotonic() < self._next_probe
-
-    def probe_now(self) -> None:
-        """Let the next call try Redis even if it failed less than ``retry_interval`` ago:
-        for a last attempt, when no later call will come (interpreter exit)."""
-        self._next_probe = 0.0
-
-    def recovering(self) -> bool:
-        """Whether an outage ended less than ``recovery_window`` ago: answer misses."""
-        return self._recovering_until > 0.0 and time.monotonic() < self._recovering_until
-
-    def keep(self, identifiers: Collection[str]) -> None:
-        with self._lock:
-            self._generation += 1
-            for identifier in identifiers:
-                if len(self._pending) >= self.max_pending and identifier not in self._pending:
-                    self._dropped += 1
-                    # In its place, the token every key depends on (one slot over the bound).
-                    self._pending[UNKNOWN_WRITES] = self._generation
-                else:
-                    self._pending[identifier] = self._generation
-
-    def failed(self, error: Exception, action: str) -> None:
-        if self.on_error == "raise":
-            raise error
-        with self._lock:
-            first = not self._failing
-            self._failing = True
-            self._next_probe = time.monotonic() + self.retry_interval
-            pending, dropped = len(self._pending), self._dropped
-        if first:
-            # The exception text never contains the password: redis-py formats errors
-            # from host and port only.
-            log.warning(
-                "Redis unavailable, alkey could not %s: %s: %s. Keys miss until it answers; "
-                "%d bump(s) kept for replay, %d over max_pending=%d.",
-                action,
-                type(error).__name__,
-                error,
-                pending,
-                dropped,
-                self.max_pending,
-            )
-
-    def exhausted(self, error: RedisError, action: str) -> None:
-        """A call waited in vain for a connection from its pool: it goes without Redis
-        (a miss, a kept bump), and the next calls try Redis as usual.
-
-        Unlike :meth:`failed`, this marks nothing down: Redis answers, only this process
-        ran out of connections, so turning the cache off for every call (and asking every
-        fetch to miss for a recovery window) would be wrong. Logged once per incident --
-        until a call gets a connection again -- and raised under ``on_error="raise"``.
-        """
-        if self.on_error == "raise":
-            raise error
-        with self._lock:
-            self._starved += 1
-            first = self._starved == 1
-            pending = len(self._pending)
-        if first:
-            log.warning(
-                "alkey could not %s: %s: %s, even after waiting for a connection of its "
-                "Redis pool (max_connections). Redis is not marked down: this call goes "
-                "without it (a miss, or a bump kept for replay; %d kept) and the next "
-                "ones use it as usual.",
-                action,
-                type(error).__name__,
-                error,
-                pending,
-            )
-
-    def succeeded(self, replayed: Replay) -> None:
-        if not self._failing and not replayed and not self._starved:
-            return
-        with self._lock:
-            for identifier, generation in replayed.generations.items():
-                if self._pending.get(identifier) == generation:
-                    del self._pending[identifier]
-            recovered, self._failing = self._failing, False
-            dropped, self._dropped = self._dropped, 0
-            starved, self._starved = self._starved, 0
-            if recovered:
-                self._recovering_until = time.monotonic() + self.recovery_window
-        if starved:
-            log.info(
-                "alkey gets Redis connections from its pool again; %d call(s) went without "
-                "one meanwhile.",
-                starved,
-            )
-        if recovered:
-            log.log(
-                logging.WARNING if dropped else logging.INFO,
-                "Redis answers again; alkey replayed %d bump(s)%s.",
-                len(replayed),
-                f", and bumped {UNKNOWN_WRITES} for {dropped} more past max_pending"
-                if dropped
-                else "",
-            )
-
-
-class Replay(frozenset[str]):
-    """Identifiers to bump again, remembering which failure of each is being replayed."""
-
-    generations: dict[str, int]
-
-    def __new__(cls, generations: dict[str, int]) -> Replay:
-        replay = super().__new__(cls, generations)
-        replay.generations = dict(generations)
-        return replay
-
-
-_NOTHING = Replay({})
-
-
-class ScriptCalls:
-    """Builds the script calls of a fetch or bump, and reads a fetch's answer.
-
-    Pure bookkeeping, no I/O: the sync and asyncio stores send the calls themselves.
-    """
-
-    def __init__(self, ttl: int = DEFAULT_TOKEN_TTL, key_prefix: str = "") -> None:
-        if ttl <= 0:
-            raise ValueError(f"ttl must be a positive number of seconds, not {ttl!r}")
-        self.ttl = ttl
-        self.key_prefix = key_prefix
-        #: Where durable mode keeps intents. No identifier can take these names: every
-        #: identifier has a ``#``.
-        self.intent_keys = [f"{key_prefix}alkey:{{intents}}", f"{key_prefix}alkey:{{intents}}:data"]
-
-    def _calls(self, script: _Script, identifiers: Collection[str]) -> list[_Call]:
-        prefix = self.key_prefix
-        keys = [prefix + identifier for identifier in identifiers] if prefix else list(identifiers)
-        return [
-            (script, keys[start : start + CHUNK_SIZE], (self.ttl, new_token()))
-            for start in range(0, len(keys), CHUNK_SIZE)
-        ]
-
-    def bump(self, identifiers: Collection[str], intents: Collection[str] = ()) -> list[_Call]:
-        """The bump, then the clearing of the intents it carries out."""
-        calls = self._calls(_BUMP, identifiers) if identifiers else []
-        if intents:
-            calls.append((_CLEAR, self.intent_keys, tuple(intents)))
-        return calls
-
-    def intend(self, intent: str, identifiers: Collection[str]) -> list[_Call]:
-        return [(_INTEND, self.intent_keys, (intent, "\n".join(identifiers)))]
-
-    def claim(self, lease: float) -> _Call:
-        return (_CLAIM, self.intent_keys, (lease, CLAIM_LIMIT))
-
-    @staticmethod
-    def claimed(result: list[Any]) -> dict[str, list[str]]:
-        """The identifiers of each intent a claim returned, by intent id."""
-        text = [v.decode("ascii") if type(v) is bytes else str(v) for v in result]
-        return {text[i]: text[i + 1].split("\n") for i in range(0, len(text) - 1, 2)}
-
-    def fetch(self, identifiers: Sequence[str], replay: Collection[str]) -> list[_Call]:
-        """The replayed bumps first, then the fetch."""
-        return [*self.bump(replay), *self._calls(_FETCH, identifiers)]
-
-    @staticmethod
-    def tokens(results: list[Any], identifiers: Sequence[str]) -> list[str]:
-        """The fetched tokens, in order, from the results of :meth:`fetch`'s calls."""
-        tokens: list[str] = []
-        for values in results[-math.ceil(len(identifiers) / CHUNK_SIZE) :]:
-            tokens.extend([v.decode("ascii") if type(v) is bytes else v for v in values])
-        return tokens
-
-    @staticmethod
-    def loaded_after(loaded: frozenset[str], calls: list[_Call]) -> frozenset[str]:
-        return loaded.union(script.sha for script, _, _ in calls)
-
-    @staticmethod
-    def commands(calls: list[_Call], loaded: frozenset[str]) -> list[tuple[Any, ...]]:
-        """The Redis commands for ``calls``: ``EVALSHA`` for scripts in ``loaded``, else
-        ``EVAL`` with the source (which also loads it)."""
-        return [
-            ("EVALSHA", script.sha, len(keys), *keys, *args)
-            if script.sha in loaded
-            else ("EVAL", script.source, len(keys), *keys, *args)
-            for script, keys, args in calls
-        ]
-
-    @staticmethod
-    def checked(results: list[Any]) -> list[Any]:
-        """A pipeline's results, raising the first error among them."""
-        for result in results:
-            if isinstance(result, Exception):
-                raise result
-        return results
-
-
-class _Recoveries:
-    """The recoveries a store runs -- bumps of due intents on behalf of writers that died
-    between their COMMIT and their bump -- seen as incidents.
-
-    A backlog of due intents is drained in batches of :data:`CLAIM_LIMIT`, possibly over
-    several calls and by several threads or tasks at once, yet it is one incident, logged
-    once: a warning when it begins, with its first batch's count, and, unless that batch
-    was all of it, one line when it ends, with the total. While a recovery runs, or one
-    left intents due (a full last batch), :meth:`busy` tells fetches to miss: a token read
-    then may be one that the recovery is about to replace.
-    """
-
-    def __init__(self, lease: float) -> None:
-        self.lease = lease
-        self._lock = threading.Lock()
-        self._running = 0  # recoveries in progress in this store
-        self._backlog = False  # the last batch was full, and nobody claimed after it
-        self._incident = False  # an incident was logged as begun, and not as ended
-        self._total = 0  # commits bumped since the last incident ended
-
-    def busy(self) -> bool:
-        """Whether a fetch must miss: a recovery runs here, or left intents due."""
-        return self._backlog or self._running > 0
-
-    def began(self, claimed: int) -> None:
-        """A recovery of ``claimed`` intents starts (its first batch)."""
-        with self._lock:
-            self._running += 1
-            if self._incident:
-                return
-            alone = claimed < CLAIM_LIMIT and self._running == 1 and not self._backlog
-            self._incident = not alone
-        if alone:
-            log.warning(
-                "alkey bumps the tokens of %d commit(s) whose own bump did not arrive "
-                "within the %gs lease: their process died between the database COMMIT "
-                "and the bump, or could not reach Redis.",
-                claimed,
-                self.lease,
-            )
-        else:
-            log.warning(
-                "alkey bumps the tokens of %d commit(s) so far, and more are due, whose own "
-                "bump did not arrive within the %gs lease: their process died between the "
-                "database COMMIT and the bump, or could not reach Redis. Keys miss until "
-                "they are all bumped.",
-                claimed,
-                self.lease,
-            )
-
-    def applied(self, claimed: int) -> None:
-        """A batch of ``claimed`` intents was bumped and cleared."""
-        with self._lock:
-            self._total += claimed
-
-    def ended(self, more_due: bool) -> None:
-        """A recovery stops, leaving intents due (``more_due``) or not."""
-        with self._lock:
-            self._running -= 1
-            self._backlog = more_due
-        self._close()
-
-    def none_due(self) -> None:
-        """A claim found nothing due: no backlog left."""
-        if self._backlog or self._incident:  # without the lock: the usual case is neither
-            with self._lock:
-                self._backlog = False
-            self._close()
-
-    def _close(self) -> None:
-        with self._lock:
-            if self._running or self._backlog:
-                return
-            total, self._total = self._total, 0
-            logged, self._incident = self._incident, False
-        if logged:
-            log.info(
-                "alkey has bumped the tokens of every commit whose own bump did not arrive "
-                "within the %gs lease: %d in all.",
-                self.lease,
-                total,
-            )
-
-
-#: What redis-py's ``BlockingConnectionPool`` (sync and asyncio) raises, as a plain
-#: ``ConnectionError``, when no connection came back within its ``timeout``.
-_BLOCKING_POOL_TIMEOUT = ("No connection available.",)
-
-
-def _fresh(identifiers: Sequence[str]) -> list[str]:
-    """Tokens for a call that cannot use Redis's: new random ones, a guaranteed miss."""
-    return [new_token() for _ in identifiers]
+def store_options(options: StoreOptions | None = None, **settings: Any) -> StoreOptions:
+    """``options`` (default: the defaults) with the ``settings`` a caller gave as keyword
+    arguments (``None``: not given) applied over it, and checked
+    (:class:`~alkey.errors.ConfigurationError`)."""
+    base = options if options is not None else StoreOptions()
+    given = {name: value for name, value in settings.items() if value is not None}
+    return base.replace(**given) if given else base
+
+
+# Where a store is shared through its key (a transport's share_key: redis-py's connection
+# pool, a cluster client): an attribute on the key, named by the store kind's
+# pool_attribute, so that key and store live and die together (the store holds its client,
+# which holds the key: a registry holding either strongly would never let them go). A key
+# that takes no attribute (__slots__) falls back to this registry, which holds the store
+# weakly: it is shared as long as something uses it.
+_shared: dict[str, weakref.WeakKeyDictionary[Any, weakref.ref[ScriptStore]]] = {}
+_stores_lock = threading.RLock()
 
 
 class ScriptStore:
-    """What the sync and asyncio Redis stores share: settings, outage ledger, which
-    scripts the server has seen, how a store is shared through its connection pool, and
-    each call itself -- fetch, intend, bump and recovery -- written once as an
-    :data:`Exchange`. The stores differ only in how they wait for Redis: they drive these
-    generators, sending each yielded round trip with ``_run`` (which also waits for a
-    connection of an exhausted pool, see :meth:`waits`)."""
+    """What the sync and asyncio Redis stores share: options, outage ledger, observers,
+    how a store is shared through its transport's share key, and each call itself --
+    fetch, intend, bump and recovery -- written once as an :data:`Exchange`, with no I/O.
 
-    #: Where on a connection pool the pool's shared store of this kind lives.
+    The stores differ only in how they wait for Redis: they drive these generators,
+    sending each yielded round trip through their transport, which raises only alkey's
+    errors (:func:`alkey.transports.store_error`). So this core never sees a client
+    library's exceptions.
+
+    ``options`` (a :class:`~alkey.options.StoreOptions`) and the keyword arguments
+    (applied over it, and checked: :class:`~alkey.errors.ConfigurationError`) set the
+    behaviour; ``observers`` hear of incidents (default: one
+    :class:`~alkey.observers.LoggingObserver`).
+    """
+
+    #: Which registry of shared stores this kind lives in (see :func:`shared_store`).
     pool_attribute: ClassVar[str]
 
     def __init__(
         self,
         *,
-        ttl: int = DEFAULT_TOKEN_TTL,
-        key_prefix: str = "",
-        on_error: ErrorPolicy = "degrade",
-        max_pending: int = 100_000,
-        retry_interval: float = 1.0,
-        durable: bool = False,
-        lease: float = DEFAULT_LEASE,
+        options: StoreOptions | None = None,
+        observers: Sequence[StoreObserver] | None = None,
+        socket_timeout: float = 0.0,
+        ttl: int | None = None,
+        key_prefix: str | None = None,
+        on_error: ErrorPolicy | None = None,
+        max_pending: int | None = None,
+        retry_interval: float | None = None,
+        durable: bool | None = None,
+        lease: float | None = None,
     ) -> None:
-        if not lease > 0:
-            raise ValueError(f"lease must be a positive number of seconds, not {lease!r}")
-        self.calls = ScriptCalls(ttl, key_prefix)
-        # The stores add their client's socket timeout to its recovery_window.
-        self.outage = OutageLedger(on_error, max_pending, retry_interval)
-        #: Whether commits record their intended bumps in Redis before the COMMIT.
-        self.durable = durable
-        #: Seconds after which any process bumps an intent that its writer did not clear.
-        self.lease = lease
+        options = store_options(
+            options,
+            ttl=ttl,
+            key_prefix=key_prefix,
+            on_error=on_error,
+            max_pending=max_pending,
+            retry_interval=retry_interval,
+            durable=durable,
+            lease=lease,
+        )
+        #: The store's options (read-only: make a new store to change them).
+        self.options = options
+        self._observe = ObserverGroup(observers if observers is not None else (LoggingObserver(),))
+        self.calls = ScriptCalls(options.ttl, options.key_prefix)
+        self.outage = OutageLedger(
+            options.on_error, options.max_pending, options.retry_interval, events=self._observe
+        )
+        self.outage.recovery_window += socket_timeout
         #: The recoveries of due intents this store runs (durable mode).
-        self.recoveries = _Recoveries(lease)
-        #: Seconds a call waits for a connection when the pool has none free (see
-        #: :meth:`waits`): the stores set it to their client's socket timeout.
-        self.pool_wait = POOL_WAIT
-        self._loaded: frozenset[str] = frozenset()
+        self.recoveries = Recoveries(options.lease, self._observe)
         self._next_claim = 0.0
 
-    def waits(self) -> Iterator[float]:
-        """The pauses of a call whose pool has no free connection
-        (:class:`~redis.exceptions.MaxConnectionsError`), one before each new try: short
-        and growing, ``pool_wait`` seconds in all; then the call goes without Redis
-        (:meth:`OutageLedger.exhausted`).
+    @property
+    def durable(self) -> bool:
+        """Whether commits record their intended bumps in Redis before the COMMIT."""
+        return self.options.durable
 
-        Why wait: alkey holds a connection for one round trip, so one is usually free again
-        about a round trip later, while going without costs more -- a miss costs the
-        application a query and a render, and a bump kept for replay leaves the other
-        processes, whose Redis answers, on the old tokens until the replay. Why no longer
-        than the client's socket timeout: that is how long the application lets a call
-        wait for Redis anyway. The pool refuses before anything is sent, so trying again
-        never sends a command twice.
-        """
-        deadline = time.monotonic() + self.pool_wait
-        pause = 0.0005
-        while (left := deadline - time.monotonic()) > 0:
-            yield min(pause, left)
-            pause = min(pause * 2, 0.005)
+    @property
+    def lease(self) -> float:
+        """Seconds after which any process bumps an intent that its writer did not clear."""
+        return self.options.lease
+
+    @property
+    def observers(self) -> tuple[StoreObserver, ...]:
+        """Who hears of this store's incidents (see :mod:`alkey.observers`)."""
+        return self._observe.observers
+
+    def add_observer(self, observer: StoreObserver) -> None:
+        """Report this store's events to ``observer`` too, from now on (for metrics)."""
+        self._observe.add(observer)
+
+    @property
+    def pending(self) -> frozenset[str]:
+        """Identifiers whose bump is waiting for Redis to answer again."""
+        return self.outage.pending
+
+    def _share_through(self, key: object | None) -> None:
+        """Become the store that :func:`shared_store` returns for ``key`` (a transport's
+        share key; ``None``: nothing to share through)."""
+        if key is None:
+            return
+        with _stores_lock:
+            try:
+                setattr(key, self.pool_attribute, self)
+            except AttributeError:
+                registry = _shared.setdefault(self.pool_attribute, weakref.WeakKeyDictionary())
+                registry[key] = weakref.ref(self)
 
     def _replay_soon(self) -> None:
         """Replay the kept bumps without waiting for this process's next call (each store
         does it its own way: a thread, a task)."""
         raise NotImplementedError
 
-    def _failed(self, error: RedisError, action: str) -> None:
-        """A call could not reach Redis: an outage, or only an exhausted pool -- a
-        ``ConnectionPool`` refused after :meth:`waits`, or a ``BlockingConnectionPool``
-        after waiting its own ``timeout`` (it raises a bare ``ConnectionError`` then)."""
-        if isinstance(error, MaxConnectionsError) or error.args == _BLOCKING_POOL_TIMEOUT:
+    def _failed(self, error: TokenStoreError, action: str) -> None:
+        """A call could not reach Redis: an outage, or only an exhausted pool."""
+        if isinstance(error, TokenStorePoolExhaustedError):
             self.outage.exhausted(error, action)
         else:
             self.outage.failed(error, action)
+
+    def _missed(self, identifiers: Sequence[str]) -> list[str]:
+        """A fetch's answer without Redis's tokens: fresh ones, a guaranteed miss."""
+        if self._observe.fetched_hooks:
+            self._observe.fetched(identifiers=identifiers, missed=True)
+        return fresh(identifiers)
+
+    def _bumped(self, count: int, replayed: int) -> None:
+        if count and self._observe.bumped_hooks:
+            self._observe.bumped(count=count, replayed=replayed)
 
     def _fetching(self, identifiers: Sequence[str]) -> Exchange[list[str]]:
         """``fetch``: the current tokens, in one round trip unless a recovery comes first.
@@ -695,39 +270,44 @@ class ScriptStore:
         tokens Redis holds then may be about to be replaced.
         """
         if self.outage.skip():
-            return _fresh(identifiers)
+            return self._missed(identifiers)
         replay = self.outage.replay()
         claim = self._claim()
         try:
             results = yield [*claim, *self.calls.fetch(identifiers, replay)]
-        except RedisError as error:
+        except TokenStoreError as error:
             self._failed(error, "fetch tokens")
-            return _fresh(identifiers)
+            return self._missed(identifiers)
         self.outage.succeeded(replay)
+        if replay:
+            self._bumped(len(replay), len(replay))
         if claim:
             claimed = self._claimed(results[0])
             if claimed:
                 # Fetched again behind the recovery's last bump: the tokens it replaced.
                 after = yield from self._recover(claimed, self.calls.fetch(identifiers, ()))
                 if after is None:
-                    return _fresh(identifiers)
+                    return self._missed(identifiers)
                 results = after
         if self.outage.recovering() or self.recoveries.busy():
-            return _fresh(identifiers)
+            return self._missed(identifiers)
+        if self._observe.fetched_hooks:
+            self._observe.fetched(identifiers=identifiers, missed=False)
         return self.calls.tokens(results, identifiers)
 
     def _intending(self, identifiers: Collection[str]) -> Exchange[str | None]:
         """``intend``: in durable mode, record the bumps a commit is about to make."""
-        if not self.durable or not identifiers or self.outage.skip():
+        if not self.options.durable or not identifiers or self.outage.skip():
             return None
         intent = new_token()
         replay = self.outage.replay()
         try:
             yield [*self.calls.bump(replay), *self.calls.intend(intent, identifiers)]
-        except RedisError as error:
+        except TokenStoreError as error:
             self._failed(error, "record the bumps a commit intends")
             return None
         self.outage.succeeded(replay)
+        self._bumped(len(replay), len(replay))
         return intent
 
     def _bump_plan(self, identifiers: Collection[str]) -> tuple[Replay, Collection[str]] | None:
@@ -753,39 +333,43 @@ class ScriptStore:
         claim = self._claim()
         try:
             results = yield [*claim, *self.calls.bump(todo, intents)]
-        except RedisError as error:
+        except TokenStoreError as error:
             self.outage.keep(identifiers)
             self._replay_soon()
             self._failed(error, f"bump {len(todo)} token(s)")
             return
         self.outage.succeeded(replay)
+        self._bumped(len(todo), len(replay))
         if claim:
             claimed = self._claimed(results[0])
             if claimed:
                 yield from self._recover(claimed, [])
 
-    def _claim(self) -> list[_Call]:
+    def _claim(self) -> list[Call]:
         """A claim of the due intents, to send in front of this call: in durable mode, at
         most once per half lease (so a crashed writer's bump is at most 1.5 leases late
         while the application makes calls), else never -- except that after a recovery
         that left intents due, the next call claims at once."""
-        if not self.durable:
+        if not self.options.durable:
             return []
         now = time.monotonic()
         if now < self._next_claim:
             return []
-        self._next_claim = now + self.lease / 2
-        return [self.calls.claim(self.lease)]
+        lease = self.options.lease
+        self._next_claim = now + lease / 2
+        return [self.calls.claim(lease)]
 
     def _claimed(self, result: list[Any]) -> dict[str, list[str]]:
         """The intents a claim took over (rarely any: a writer died)."""
         claimed = ScriptCalls.claimed(result)
         if not claimed:
             self.recoveries.none_due()
+        else:
+            self._observe.intents_claimed(count=len(claimed))
         return claimed
 
     def _recover(
-        self, claimed: dict[str, list[str]], then: list[_Call]
+        self, claimed: dict[str, list[str]], then: list[Call]
     ) -> Exchange[list[Any] | None]:
         """Bump the intents a claim took over and clear them; while the claims come back
         full, claim and bump the next batch, for up to :data:`RECOVERY_BUDGET` seconds.
@@ -799,7 +383,7 @@ class ScriptStore:
         Redis failed): ``then``'s tokens could be about to be replaced.
         """
         deadline = time.monotonic() + RECOVERY_BUDGET
-        self.recoveries.began(len(claimed))
+        self.recoveries.began(len(claimed), full=len(claimed) >= CLAIM_LIMIT)
         more_due = True
         try:
             while True:
@@ -808,19 +392,20 @@ class ScriptStore:
                 again = more_due and time.monotonic() < deadline
                 calls = self.calls.bump(identifiers, claimed.keys())
                 if again:
-                    calls.append(self.calls.claim(self.lease))
+                    calls.append(self.calls.claim(self.options.lease))
                 try:
                     results = yield [*calls, *then] if again or not more_due else calls
-                except RedisError as error:
+                except TokenStoreError as error:
                     self.outage.keep(identifiers)
                     self._replay_soon()
                     self._failed(error, f"bump {len(identifiers)} token(s)")
                     return None
-                self.outage.succeeded(_NOTHING)
+                self.outage.succeeded(NOTHING)
                 self.recoveries.applied(len(claimed))
+                self._bumped(len(identifiers), len(identifiers))
                 if not again:
                     return None if more_due else results
-                claimed = ScriptCalls.claimed(results[len(calls) - 1])
+                claimed = self._claimed(results[len(calls) - 1])
                 if not claimed:
                     more_due = False
                     return results
@@ -829,30 +414,28 @@ class ScriptStore:
                 self._next_claim = 0.0  # the next call claims at once
             self.recoveries.ended(more_due)
 
-    @property
-    def pending(self) -> frozenset[str]:
-        """Identifiers whose bump is waiting for Redis to answer again."""
-        return self.outage.pending
-
-    def _share_through(self, pool: Any) -> None:
-        """Become the store that :func:`shared_store` returns for ``pool``: it lives on
-        the pool, as long as the pool and no longer."""
-        with _stores_lock:
-            setattr(pool, self.pool_attribute, self)
-
 
 _Store = TypeVar("_Store", bound=ScriptStore)
-_stores_lock = threading.RLock()
 
 
-def shared_store(pool: Any, kind: type[_Store], make: Callable[[], _Store]) -> _Store:
-    """The store of ``kind`` most recently created on ``pool``, else ``make()``'s."""
-    store = getattr(pool, kind.pool_attribute, None)
+def shared_store(key: Any, kind: type[_Store], make: Callable[[], _Store]) -> _Store:
+    """The store of ``kind`` most recently created on ``key`` (a transport's share key:
+    redis-py's connection pool), else ``make()``'s."""
+    store = _shared_on(key, kind)
     if isinstance(store, kind):
         return store
     with _stores_lock:  # reentrant: the new store shares itself under it
-        store = getattr(pool, kind.pool_attribute, None)
+        store = _shared_on(key, kind)
         return store if isinstance(store, kind) else make()
+
+
+def _shared_on(key: Any, kind: type[ScriptStore]) -> ScriptStore | None:
+    store = getattr(key, kind.pool_attribute, None)
+    if store is None:
+        registry = _shared.get(kind.pool_attribute)
+        reference = registry.get(key) if registry is not None else None
+        store = reference() if reference is not None else None
+    return store if isinstance(store, ScriptStore) else None
 
 
 class RedisTokenStore(ScriptStore):
@@ -868,7 +451,7 @@ class RedisTokenStore(ScriptStore):
 
     Scripts need all their keys on one node. A cluster-aware store (not part of alkey yet)
     would group keys by hash slot and send one such call per slot in one pipeline per
-    node, behind the same :class:`TokenStore` protocol.
+    node, behind the same :class:`TokenStore` protocol, through a transport of its own.
 
     With ``on_error="degrade"`` (the default), a Redis error never reaches the caller:
 
@@ -878,13 +461,20 @@ class RedisTokenStore(ScriptStore):
       process generates after Redis recovers therefore never reuses a token from before
       a write that committed during the outage.
 
-    Each outage is logged once when it starts and once when it ends, on the
+    With ``on_error="raise"``, calls raise alkey's errors
+    (:class:`~alkey.errors.TokenStoreUnavailableError`,
+    :class:`~alkey.errors.TokenStorePoolExhaustedError`,
+    :class:`~alkey.errors.TokenStoreError`; all still redis-py ``RedisError`` subclasses), with
+    redis-py's error as ``__cause__``.
+
+    Each outage is reported once when it starts and once when it ends to the store's
+    ``observers``; the default :class:`~alkey.observers.LoggingObserver` logs it on the
     ``alkey.tokens`` logger, with counts (see :class:`OutageLedger`).
 
     A connection pool with no free connection (``max_connections``) is no outage: the
-    call waits for one, at most the client's socket timeout (:meth:`ScriptStore.waits`),
-    and only if none comes does that call alone go without Redis, as above, marking
-    nothing down (:meth:`OutageLedger.exhausted`).
+    call waits for one, at most the client's socket timeout
+    (:func:`alkey.transports.pool_waits`), and only if none comes does that call alone go
+    without Redis, as above, marking nothing down (:meth:`OutageLedger.exhausted`).
 
     ``durable=True`` closes the one gap memory cannot: a process that dies (or loses
     Redis for good) between the database COMMIT and the bump. Just before the COMMIT the
@@ -899,6 +489,9 @@ class RedisTokenStore(ScriptStore):
     :data:`RECOVERY_BUDGET` seconds per call, the next calls going on at once; meanwhile
     fetches miss (see :meth:`ScriptStore._recover`).
 
+    ``options`` (:class:`~alkey.options.StoreOptions`) holds all of these settings in one
+    object; keyword arguments given as well are applied over it.
+
     Share one store per Redis (``store_for(client)`` does this) so that the key generator
     sees the bumps that the session listeners could not send yet.
     """
@@ -909,15 +502,19 @@ class RedisTokenStore(ScriptStore):
         self,
         client: RedisClient,
         *,
-        ttl: int = DEFAULT_TOKEN_TTL,
-        key_prefix: str = "",
-        on_error: ErrorPolicy = "degrade",
-        max_pending: int = 100_000,
-        retry_interval: float = 1.0,
-        durable: bool = False,
-        lease: float = DEFAULT_LEASE,
+        options: StoreOptions | None = None,
+        observers: Sequence[StoreObserver] | None = None,
+        ttl: int | None = None,
+        key_prefix: str | None = None,
+        on_error: ErrorPolicy | None = None,
+        max_pending: int | None = None,
+        retry_interval: float | None = None,
+        durable: bool | None = None,
+        lease: float | None = None,
     ) -> None:
-        super().__init__(
+        # Checked first: a store that cannot work is refused before its client is looked at.
+        options = store_options(
+            options,
             ttl=ttl,
             key_prefix=key_prefix,
             on_error=on_error,
@@ -926,14 +523,22 @@ class RedisTokenStore(ScriptStore):
             durable=durable,
             lease=lease,
         )
+        transport = RedisTransport(client)
+        super().__init__(
+            options=options, observers=observers, socket_timeout=transport.socket_timeout
+        )
         self.client = client
-        timeout = checked_socket_timeout(client.connection_pool)
-        self.outage.recovery_window += timeout
-        self.pool_wait = timeout or POOL_WAIT
+        #: How this store's calls travel to Redis (and which errors mean what).
+        self.transport = transport
         self._replayer: threading.Thread | None = None
         self._replayer_lock = threading.Lock()
         self._replays_at_exit = False
-        self._share_through(client.connection_pool)
+        self._share_through(transport.share_key)
+
+    @property
+    def pool_wait(self) -> float:
+        """Seconds a call waits for a connection when the pool has none free."""
+        return self.transport.pool_wait
 
     def fetch(self, identifiers: Sequence[str]) -> list[str]:
         if not identifiers:
@@ -957,12 +562,13 @@ class RedisTokenStore(ScriptStore):
     def _exchange(self, exchange: Exchange[_R]) -> _R:
         """Carry out one of :class:`ScriptStore`'s calls: send each round trip it yields,
         hand it back the results or the error."""
+        run = self.transport.run
         try:
             calls = next(exchange)
             while True:
                 try:
-                    results = self._run(calls)
-                except RedisError as error:
+                    results = run(calls)
+                except TokenStoreError as error:
                     calls = exchange.throw(error)
                 else:
                     calls = exchange.send(results)
@@ -1001,7 +607,7 @@ class RedisTokenStore(ScriptStore):
 
     def _replay_now(self) -> None:
         # on_error="raise": nobody to raise to here; the next round retries.
-        with contextlib.suppress(RedisError):
+        with contextlib.suppress(TokenStoreError):
             self._bump((), ())
 
     def wait_replayed(self, timeout: float | None = None) -> bool:
@@ -1012,95 +618,6 @@ class RedisTokenStore(ScriptStore):
         if replayer is not None:
             replayer.join(timeout)
         return not self.outage.pending
-
-    def _run(self, calls: list[_Call]) -> list[Any]:
-        """Send the script calls in one round trip, waiting for a connection if the pool
-        has none free (see :meth:`ScriptStore.waits`)."""
-        waits: Iterator[float] | None = None
-        while True:
-            try:
-                return self._run_once(calls)
-            except MaxConnectionsError:
-                waits = self.waits() if waits is None else waits
-                pause = next(waits, None)
-                if pause is None:
-                    raise
-                time.sleep(pause)
-
-    def _run_once(self, calls: list[_Call]) -> list[Any]:
-        """Send the script calls in one round trip.
-
-        A script this store has not run yet goes out as ``EVAL`` with its source, which
-        also loads it; after that, ``EVALSHA``. If Redis has forgotten it (restart,
-        ``SCRIPT FLUSH``), the ``NOSCRIPT`` answer costs one more round trip, once.
-        """
-        try:
-            results = self._send(calls, self._loaded)
-        except NoScriptError:
-            self._loaded = frozenset()
-            results = self._send(calls, self._loaded)
-        self._loaded = ScriptCalls.loaded_after(self._loaded, calls)
-        return results
-
-    def _send(self, calls: list[_Call], loaded: frozenset[str]) -> list[Any]:
-        commands = ScriptCalls.commands(calls, loaded)
-        if len(commands) == 1:
-            return [self.client.execute_command(*commands[0])]  # type: ignore[no-untyped-call]
-        pipe = self.client.pipeline(transaction=False)
-        for command in commands:
-            pipe.execute_command(*command)  # type: ignore[no-untyped-call]
-        return ScriptCalls.checked(pipe.execute(raise_on_error=False))
-
-
-def _connection_option(pool: Any, name: str) -> Any:
-    """A connection option of ``pool``: its own setting, else the connection class's
-    default (redis-py 8 gives connections a 5 s socket timeout; earlier versions none)."""
-    options = getattr(pool, "connection_kwargs", {})
-    if name in options:
-        return options[name]
-    for cls in getattr(getattr(pool, "connection_class", None), "__mro__", ()):
-        init = cls.__dict__.get("__init__")
-        if init is None:
-            continue
-        try:
-            parameter = inspect.signature(init).parameters.get(name)
-        except (TypeError, ValueError):  # pragma: no cover - a C-level __init__
-            continue
-        if parameter is not None and parameter.default is not inspect.Parameter.empty:
-            return parameter.default
-    return None
-
-
-def checked_socket_timeout(pool: Any) -> float:
-    """The socket timeout of a pool's connections (0 if none), for a store's recovery
-    window; first, a warning if the pool lets one call wait for an unanswering Redis
-    without bound or many times over.
-
-    A store answers at once only *after* a failure (``retry_interval``); the call that meets
-    the outage first waits as long as the client lets it -- inside a commit, after the
-    COMMIT, or, in durable mode, before it, with the transaction's locks held. alkey's
-    default client waits 2 s, once. Before redis-py 8 a client built by hand has no socket
-    timeout (a hung Redis then blocks it for good), and ``redis.Redis(host=...)`` retries
-    10 times under redis-py 8; both are worth a warning, once per store.
-    """
-    timeout = _connection_option(pool, "socket_timeout")
-    retry = _connection_option(pool, "retry")
-    retries = retry.get_retries() if hasattr(retry, "get_retries") else 0
-    problems = []
-    if not isinstance(timeout, int | float):
-        problems.append("no socket_timeout (a hung Redis would block it for good)")
-    if retries:
-        count = "unlimited" if retries < 0 else str(retries)
-        problems.append(f"{count} retries (each multiplies the wait)")
-    if problems:
-        log.warning(
-            "alkey's Redis client has %s: the first call to meet a Redis outage waits for "
-            "it, even inside a commit. Build it with socket_timeout=2 and no retries "
-            "(redis.Redis.from_url(url, socket_timeout=2), or retry=Retry(NoBackoff(), 0)), "
-            "as alkey's default client is.",
-            " and ".join(problems),
-        )
-    return float(timeout) if isinstance(timeout, int | float) else 0.0
 
 
 def _replay_at_exit(store: weakref.ref[RedisTokenStore]) -> None:

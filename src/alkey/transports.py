@@ -1,1 +1,298 @@
-"""alkey.transports (being written)."""
+"""Transports: how a token store's script calls travel to Redis, one per client kind.
+
+Why a layer of its own: the store core (:class:`alkey.tokens.ScriptStore`) decides
+*what* to send -- the script calls of one round trip, built by :mod:`alkey.scripts` --
+and what an answer or a failure means for keys and bumps. A transport owns everything
+that depends on the client library:
+
+* sending a list of script calls in one round trip (one call: ``execute_command``;
+  several: a non-transactional pipeline), as ``EVALSHA`` once the server knows a script
+  and ``EVAL`` with its source before, reloading once after ``NOSCRIPT``;
+* waiting for a connection of an exhausted pool (:func:`pool_waits`);
+* its socket timeout (:func:`checked_socket_timeout`, with its warning) and the object a
+  store is shared through (:attr:`RedisTransport.share_key`);
+* **which errors mean what**: every client error leaves a transport as one of alkey's
+  (:func:`store_error`), with the original as ``__cause__``, so the store core never
+  sees a client library's exceptions, and a valkey-py or cluster transport plugs in with
+  its own mapping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import redis
+import redis.exceptions
+from redis.exceptions import MaxConnectionsError, NoScriptError, RedisError, ResponseError
+
+from alkey.errors import TokenStoreError, TokenStorePoolExhaustedError, TokenStoreUnavailableError
+from alkey.scripts import Call, ScriptCalls
+
+if TYPE_CHECKING:
+    import redis.asyncio
+
+__all__ = [
+    "POOL_WAIT",
+    "AsyncRedisTransport",
+    "RedisClient",
+    "RedisTransport",
+    "checked_socket_timeout",
+    "pool_waits",
+    "store_error",
+]
+
+log = logging.getLogger("alkey.tokens")
+
+#: The synchronous redis-py client type alkey works with.
+RedisClient: TypeAlias = redis.Redis
+#: The asyncio redis-py client type alkey works with.
+AsyncRedisClient: TypeAlias = "redis.asyncio.Redis"
+
+#: Seconds a call waits for a connection from an exhausted pool when its client has no
+#: socket timeout to go by (otherwise it waits that long: see :func:`pool_waits`).
+POOL_WAIT = 2.0
+
+#: What redis-py's ``BlockingConnectionPool`` (sync and asyncio) raises, as a plain
+#: ``ConnectionError``, when no connection came back within its ``timeout``.
+_BLOCKING_POOL_TIMEOUT = ("No connection available.",)
+
+# Answers of a server that cannot serve now but will (a failover, a cluster resharding):
+# errors of redis-py versions that have them.
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    redis.exceptions.ConnectionError,  # refused, lost, LOADING, authentication
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ReadOnlyError,  # a replica left behind by a failover
+    *(
+        getattr(redis.exceptions, name)
+        for name in ("MasterDownError", "ClusterDownError", "TryAgainError")
+        if hasattr(redis.exceptions, name)
+    ),
+)
+
+
+def store_error(error: RedisError) -> TokenStoreError:
+    """alkey's error for a redis-py error (raise it ``from error``).
+
+    * no connection free in the pool, even after waiting (``MaxConnectionsError``, or a
+      ``BlockingConnectionPool``'s timeout) -> :class:`TokenStorePoolExhaustedError`:
+      Redis is fine, this process ran out of connections;
+    * Redis cannot be reached or cannot serve now -- connection refused or lost,
+      timeouts, ``LOADING``, ``BUSY`` (a long script), ``READONLY``, ``MASTERDOWN``,
+      cluster down -> :class:`TokenStoreUnavailableError`;
+    * anything else (``OOM`` of a full Redis, a wrong type...) -> :class:`TokenStoreError`.
+
+    The message is the client's own, which names host and port, never a password.
+    """
+    if isinstance(error, MaxConnectionsError) or error.args == _BLOCKING_POOL_TIMEOUT:
+        return TokenStorePoolExhaustedError(*error.args)
+    if isinstance(error, _UNAVAILABLE) or (
+        isinstance(error, ResponseError) and str(error).startswith("BUSY ")
+    ):
+        return TokenStoreUnavailableError(*error.args)
+    return TokenStoreError(*error.args)
+
+
+def pool_waits(pool_wait: float) -> Iterator[float]:
+    """The pauses of a call whose pool has no free connection, one before each new try:
+    short and growing, ``pool_wait`` seconds in all; then the call goes without Redis
+    (:meth:`alkey.outages.OutageLedger.exhausted`).
+
+    Why wait: alkey holds a connection for one round trip, so one is usually free again
+    about a round trip later, while going without costs more -- a miss costs the
+    application a query and a render, and a bump kept for replay leaves the other
+    processes, whose Redis answers, on the old tokens until the replay. Why no longer than
+    the client's socket timeout: that is how long the application lets a call wait for
+    Redis anyway. The pool refuses before anything is sent, so trying again never sends a
+    command twice.
+    """
+    deadline = time.monotonic() + pool_wait
+    pause = 0.0005
+    while (left := deadline - time.monotonic()) > 0:
+        yield min(pause, left)
+        pause = min(pause * 2, 0.005)
+
+
+class RedisTransport:
+    """Script calls over a synchronous ``redis.Redis`` (redis-py), one round trip each.
+
+    :meth:`run` raises only alkey's errors (see :func:`store_error`).
+    """
+
+    def __init__(self, client: RedisClient) -> None:
+        self.client = client
+        #: The client's socket timeout (0 if none), which a store adds to its recovery
+        #: window; a warning if the client can wait for a hung Redis without bound.
+        self.socket_timeout = checked_socket_timeout(client.connection_pool)
+        #: Seconds a call waits for a connection when the pool has none free.
+        self.pool_wait = self.socket_timeout or POOL_WAIT
+        #: What stores are shared through (:func:`alkey.tokens.store_for`): the pool, so
+        #: that clients made per request from one pool share one store.
+        self.share_key: object | None = client.connection_pool
+        self._loaded: frozenset[str] = frozenset()
+
+    def run(self, calls: list[Call]) -> list[Any]:
+        """Send the script calls in one round trip, waiting for a connection if the pool
+        has none free (see :func:`pool_waits`); their results, in order."""
+        waits: Iterator[float] | None = None
+        while True:
+            try:
+                return self._run_once(calls)
+            except MaxConnectionsError as error:
+                waits = pool_waits(self.pool_wait) if waits is None else waits
+                pause = next(waits, None)
+                if pause is None:
+                    raise store_error(error) from error
+                time.sleep(pause)
+            except RedisError as error:
+                raise store_error(error) from error
+
+    def _run_once(self, calls: list[Call]) -> list[Any]:
+        """Send the script calls in one round trip.
+
+        A script this transport has not run yet goes out as ``EVAL`` with its source,
+        which also loads it; after that, ``EVALSHA``. If Redis has forgotten it (restart,
+        ``SCRIPT FLUSH``), the ``NOSCRIPT`` answer costs one more round trip, once.
+        """
+        try:
+            results = self._send(calls, self._loaded)
+        except NoScriptError:
+            self._loaded = frozenset()
+            results = self._send(calls, self._loaded)
+        self._loaded = ScriptCalls.loaded_after(self._loaded, calls)
+        return results
+
+    def _send(self, calls: list[Call], loaded: frozenset[str]) -> list[Any]:
+        commands = ScriptCalls.commands(calls, loaded)
+        if len(commands) == 1:
+            return [self.client.execute_command(*commands[0])]  # type: ignore[no-untyped-call]
+        pipe = self.client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)  # type: ignore[no-untyped-call]
+        return ScriptCalls.checked(pipe.execute(raise_on_error=False))
+
+
+class AsyncRedisTransport:
+    """Script calls over ``redis.asyncio.Redis``, one awaited round trip each.
+
+    ``client``, or, without one, ``get_client``: awaited on every call for the client to
+    use (each event loop's default client, as :mod:`alkey.asyncio` does), with
+    ``socket_timeout`` the timeout those clients are configured with. Such a transport
+    has no :attr:`share_key`. :meth:`run` raises only alkey's errors.
+    """
+
+    def __init__(
+        self,
+        client: AsyncRedisClient | None = None,
+        *,
+        get_client: Callable[[], Awaitable[AsyncRedisClient]] | None = None,
+        socket_timeout: float = 0.0,
+    ) -> None:
+        if (client is None) == (get_client is None):
+            raise TypeError("pass either client or get_client")
+        self.client = client
+        self._get_client = get_client
+        if client is not None:
+            socket_timeout = checked_socket_timeout(client.connection_pool)
+        #: As :attr:`RedisTransport.socket_timeout`.
+        self.socket_timeout = socket_timeout
+        #: As :attr:`RedisTransport.pool_wait`.
+        self.pool_wait = socket_timeout or POOL_WAIT
+        #: As :attr:`RedisTransport.share_key` (``None``: a client per loop, no pool).
+        self.share_key: object | None = client.connection_pool if client is not None else None
+        self._loaded: frozenset[str] = frozenset()
+
+    async def run(self, calls: list[Call]) -> list[Any]:
+        """As :meth:`RedisTransport.run`, without blocking the event loop."""
+        waits: Iterator[float] | None = None
+        while True:
+            try:
+                return await self._run_once(calls)
+            except MaxConnectionsError as error:
+                waits = pool_waits(self.pool_wait) if waits is None else waits
+                pause = next(waits, None)
+                if pause is None:
+                    raise store_error(error) from error
+                await asyncio.sleep(pause)
+            except RedisError as error:
+                raise store_error(error) from error
+
+    async def _run_once(self, calls: list[Call]) -> list[Any]:
+        client = self.client
+        if client is None:
+            assert self._get_client is not None
+            client = await self._get_client()
+        try:
+            results = await self._send(client, calls, self._loaded)
+        except NoScriptError:
+            self._loaded = frozenset()
+            results = await self._send(client, calls, self._loaded)
+        self._loaded = ScriptCalls.loaded_after(self._loaded, calls)
+        return results
+
+    @staticmethod
+    async def _send(
+        client: AsyncRedisClient, calls: list[Call], loaded: frozenset[str]
+    ) -> list[Any]:
+        commands = ScriptCalls.commands(calls, loaded)
+        if len(commands) == 1:
+            return [await client.execute_command(*commands[0])]  # type: ignore[no-untyped-call]
+        pipe = client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return ScriptCalls.checked(await pipe.execute(raise_on_error=False))
+
+
+def _connection_option(pool: Any, name: str) -> Any:
+    """A connection option of ``pool``: its own setting, else the connection class's
+    default (redis-py 8 gives connections a 5 s socket timeout; earlier versions none)."""
+    options = getattr(pool, "connection_kwargs", {})
+    if name in options:
+        return options[name]
+    for cls in getattr(getattr(pool, "connection_class", None), "__mro__", ()):
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            continue
+        try:
+            parameter = inspect.signature(init).parameters.get(name)
+        except (TypeError, ValueError):  # pragma: no cover - a C-level __init__
+            continue
+        if parameter is not None and parameter.default is not inspect.Parameter.empty:
+            return parameter.default
+    return None
+
+
+def checked_socket_timeout(pool: Any) -> float:
+    """The socket timeout of a pool's connections (0 if none), for a store's recovery
+    window; first, a warning if the pool lets one call wait for an unanswering Redis
+    without bound or many times over.
+
+    A store answers at once only *after* a failure (``retry_interval``); the call that meets
+    the outage first waits as long as the client lets it -- inside a commit, after the
+    COMMIT, or, in durable mode, before it, with the transaction's locks held. alkey's
+    default client waits 2 s, once. Before redis-py 8 a client built by hand has no socket
+    timeout (a hung Redis then blocks it for good), and ``redis.Redis(host=...)`` retries
+    10 times under redis-py 8; both are worth a warning, once per store.
+    """
+    timeout = _connection_option(pool, "socket_timeout")
+    retry = _connection_option(pool, "retry")
+    retries = retry.get_retries() if hasattr(retry, "get_retries") else 0
+    problems = []
+    if not isinstance(timeout, int | float):
+        problems.append("no socket_timeout (a hung Redis would block it for good)")
+    if retries:
+        count = "unlimited" if retries < 0 else str(retries)
+        problems.append(f"{count} retries (each multiplies the wait)")
+    if problems:
+        log.warning(
+            "alkey's Redis client has %s: the first call to meet a Redis outage waits for "
+            "it, even inside a commit. Build it with socket_timeout=2 and no retries "
+            "(redis.Redis.from_url(url, socket_timeout=2), or retry=Retry(NoBackoff(), 0)), "
+            "as alkey's default client is.",
+            " and ".join(problems),
+        )
+    return float(timeout) if isinstance(timeout, int | float) else 0.0
