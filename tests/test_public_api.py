@@ -65,6 +65,19 @@ DOCUMENTED = [
     "alkey.testing.LatencyProxy",
     "alkey.testing.RoundTrips",
     "alkey.testing.counting_client",
+    "alkey.testing.async_counting_client",
+    "alkey.keys.CacheKeyGenerator",
+    "alkey.settings.configure",
+    "alkey.settings.register_scheme",
+    "alkey.settings.Configuration",
+    "alkey.options.StoreOptions",
+    "alkey.observers.StoreObserver",
+    "alkey.observers.LoggingObserver",
+    "alkey.errors.AlkeyError",
+    "alkey.errors.ConfigurationError",
+    "alkey.errors.TokenStoreError",
+    "alkey.errors.TokenStoreUnavailableError",
+    "alkey.errors.TokenStorePoolExhaustedError",
 ]
 
 
