@@ -22,10 +22,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from webtest import TestApp  # type: ignore[import-untyped]
 
 import alkey
+from alkey import client as alkey_client
 from alkey import errors
 from alkey.cache import CacheKeyGenerator, get_cache_key_generator, get_token
 from alkey.interfaces import IRedisClientFactory, IRedisConnectionPool
-from alkey.tokens import RedisClient
+from alkey.tokens import RedisClient, store_for
 
 from .conftest import readme_section, run_python_examples, token_keys
 from .models import User
@@ -443,6 +444,22 @@ def test_store_options_in_the_settings_apply_to_the_redis_of_the_environment(
     app.get("/users/1/key")
     assert "settings:alkey:users#1" in redis_keys(redis_client), "the settings win"
     assert 0 < redis_client.ttl("settings:alkey:users#1") <= 600, "the environment still counts"
+
+
+def test_settings_options_on_the_environments_redis_share_the_default_clients_store(
+    ada: User,
+    tables: Engine,
+    redis_url: str,
+    environment_redis: Callable[[str], None],
+) -> None:
+    """One store per pool: code using the default store (``alkey.bind`` without a client,
+    ``CacheKeyGenerator()``) sees the bumps the application keeps during an outage."""
+    environment_redis(redis_url)
+    app = make_app(tables, {"alkey.key_prefix": "settings:"})
+    app.get("/users/1/key")
+    shared = store_for(alkey_client.get_redis_client())
+    assert shared.options.key_prefix == "settings:"
+    assert alkey_client.default_store() is shared
 
 
 @pytest.mark.parametrize(

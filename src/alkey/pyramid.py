@@ -187,10 +187,12 @@ class ApplicationTokenStore:
             return _client_of(store), store, source
         source = f"the environment ({configuration.redacted_url}){with_options}"
         if any(source.kind == "settings" for source in configuration.sources.values()):
-            # Options of this application's own: a client of its own too, so that the
-            # process's default store (the environment's options) stays as it is.
-            store = configuration.store()
-            return _client_of(store), store, source
+            # Options of this application's own, on the process's default client: the
+            # store is shared through its pool, so that code using the default store
+            # (alkey.bind without a client, CacheKeyGenerator()) sees the bumps this one
+            # keeps during an outage, and no second pool is opened.
+            client = get_redis_client()
+            return client, configuration.store(client), source
         # Nothing of the application's own: the process's default client and store,
         # shared with everything else in the process.
         return get_redis_client(), default_store(), source
