@@ -28,6 +28,7 @@ def test_a_dropped_client_releases_its_pool_and_its_store(redis_url: str) -> Non
     store = RedisTokenStore(client)
     store.fetch(["alkey:users#1"])  # a connection in the pool
     pool, kept = weakref.ref(client.connection_pool), weakref.ref(store)
+    client.connection_pool.disconnect()  # its sockets closed; its objects still referenced
     del client, store
     gc.collect()
     assert pool() is None
