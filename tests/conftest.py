@@ -23,8 +23,11 @@ from __future__ import annotations
 
 import os
 
+from alkey.pytest_plugin import alkey_redis
+
 from .support.databases import (
     DATABASE_URL,
+    ada,
     async_database_url,
     async_engine,
     engine,
@@ -76,6 +79,8 @@ __all__ = [
     "SavepointAPI",
     "SessionAPI",
     "Sessions",
+    "ada",
+    "alkey_redis",
     "async_database_url",
     "async_engine",
     "async_redis_client",

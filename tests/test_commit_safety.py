@@ -21,7 +21,7 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 import pytest
 import redis
 from sqlalchemy import Engine, Table, text
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import sessionmaker
 
 import alkey
 from alkey.testing import EmbeddedRedis
@@ -63,14 +63,6 @@ class BrokenIntentStore:
     def bump(self, identifiers: Collection[str], intent: str | None = None) -> None:
         assert intent is None, "no intent was recorded"
         self.bumped.append(set(identifiers))
-
-
-@pytest.fixture
-def ada(tables: Engine) -> Engine:
-    with Session(tables) as session:
-        session.add(User(id=1, name="ada"))
-        session.commit()
-    return tables
 
 
 @pytest.fixture

@@ -37,14 +37,6 @@ LEASE = 0.5
 INTENTS, INTENT_DATA = "alkey:{intents}", "alkey:{intents}:data"
 
 
-@pytest.fixture
-def ada(tables: Engine) -> Engine:
-    with Session(tables) as session:
-        session.add(User(id=1, name="ada"))
-        session.commit()
-    return tables
-
-
 def durable_store(client: RedisClient, **options: object) -> RedisTokenStore:
     return RedisTokenStore(client, durable=True, lease=LEASE, **options)  # type: ignore[arg-type]
 

@@ -281,12 +281,10 @@ class AsyncRedisTokenStore(ScriptStore):
                 get_client=get_async_redis_client,
                 socket_timeout=DEFAULT_CLIENT_OPTIONS["socket_timeout"],
             )
-        super().__init__(
-            options=options, observers=observers, socket_timeout=transport.socket_timeout
-        )
+        super().__init__(options, observers, transport)
         self.client = client
         #: How this store's calls travel to Redis (and which errors mean what).
-        self.transport = transport
+        self.transport: AsyncRedisTransport = transport
         # Bumps that outlived a cancelled caller; referenced until done (asyncio only
         # keeps weak references to tasks).
         self._finishing: set[asyncio.Task[None]] = set()

@@ -40,8 +40,8 @@ from alkey.outages import RECOVERY_BUDGET as RECOVERY_BUDGET
 from alkey.scripts import CHUNK_SIZE, Call, ScriptCalls, fresh, new_token
 from alkey.scripts import CLAIM_LIMIT as CLAIM_LIMIT
 from alkey.transports import POOL_WAIT as POOL_WAIT
+from alkey.transports import AsyncRedisTransport, RedisTransport
 from alkey.transports import RedisClient as RedisClient
-from alkey.transports import RedisTransport
 from alkey.transports import checked_socket_timeout as checked_socket_timeout
 
 __all__ = [
@@ -158,10 +158,9 @@ class ScriptStore:
     errors (:func:`alkey.transports.store_error`). So this core never sees a client
     library's exceptions.
 
-    ``options`` (a :class:`~alkey.options.StoreOptions`) and the keyword arguments
-    (applied over it, and checked: :class:`~alkey.errors.ConfigurationError`) set the
-    behaviour; ``observers`` hear of incidents (default: one
-    :class:`~alkey.observers.LoggingObserver`).
+    ``options`` (checked already: the stores' own keyword arguments are applied over it
+    by :func:`store_options`) set the behaviour; ``observers`` hear of incidents (default:
+    one :class:`~alkey.observers.LoggingObserver`); ``transport`` carries the round trips.
     """
 
     #: Which registry of shared stores this kind lives in (see :func:`shared_store`).
@@ -169,28 +168,10 @@ class ScriptStore:
 
     def __init__(
         self,
-        *,
-        options: StoreOptions | None = None,
-        observers: Sequence[StoreObserver] | None = None,
-        socket_timeout: float = 0.0,
-        ttl: int | None = None,
-        key_prefix: str | None = None,
-        on_error: ErrorPolicy | None = None,
-        max_pending: int | None = None,
-        retry_interval: float | None = None,
-        durable: bool | None = None,
-        lease: float | None = None,
+        options: StoreOptions,
+        observers: Sequence[StoreObserver] | None,
+        transport: RedisTransport | AsyncRedisTransport,
     ) -> None:
-        options = store_options(
-            options,
-            ttl=ttl,
-            key_prefix=key_prefix,
-            on_error=on_error,
-            max_pending=max_pending,
-            retry_interval=retry_interval,
-            durable=durable,
-            lease=lease,
-        )
         #: The store's options (read-only: make a new store to change them).
         self.options = options
         self._observe = ObserverGroup(observers if observers is not None else (LoggingObserver(),))
@@ -198,7 +179,7 @@ class ScriptStore:
         self.outage = OutageLedger(
             options.on_error, options.max_pending, options.retry_interval, events=self._observe
         )
-        self.outage.recovery_window += socket_timeout
+        self.outage.recovery_window += transport.socket_timeout
         #: The recoveries of due intents this store runs (durable mode).
         self.recoveries = Recoveries(options.lease, self._observe)
         self._next_claim = 0.0
@@ -524,12 +505,10 @@ class RedisTokenStore(ScriptStore):
             lease=lease,
         )
         transport = RedisTransport(client)
-        super().__init__(
-            options=options, observers=observers, socket_timeout=transport.socket_timeout
-        )
+        super().__init__(options, observers, transport)
         self.client = client
         #: How this store's calls travel to Redis (and which errors mean what).
-        self.transport = transport
+        self.transport: RedisTransport = transport
         self._replayer: threading.Thread | None = None
         self._replayer_lock = threading.Lock()
         self._replays_at_exit = False

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import URL, Engine, create_engine, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.orm import Session
 
-from ..models import SCHEMA, Base
+from ..models import SCHEMA, Base, User
 
 DATABASE_URL = os.environ.get("ALKEY_TEST_DATABASE_URL", "")
 
@@ -39,6 +40,15 @@ def tables(engine: Engine) -> Iterator[Engine]:
     Base.metadata.create_all(engine)
     yield engine
     Base.metadata.drop_all(engine)
+
+
+@pytest.fixture
+def ada(tables: Engine) -> Engine:
+    """The tables, holding one user: ada, id 1."""
+    with Session(tables) as session:
+        session.add(User(id=1, name="ada"))
+        session.commit()
+    return tables
 
 
 def async_database_url(url: URL) -> URL:

@@ -8,27 +8,20 @@ start one of their own (:class:`alkey.testing.EmbeddedRedis`), never this one.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 
 import pytest
 import redis
 
 from alkey import client as alkey_client
-from alkey.embedded import EmbeddedRedis
 from alkey.tokens import RedisClient
-
-#: An existing Redis to test against instead of a private one (its database is flushed!).
-EXTERNAL_REDIS_URL = os.environ.get("ALKEY_TEST_REDIS_URL", "")
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
-    if EXTERNAL_REDIS_URL:
-        yield EXTERNAL_REDIS_URL
-        return
-    with EmbeddedRedis() as server:
-        yield server.url
+def redis_url(alkey_redis: str) -> str:
+    """The session's Redis: the one alkey's pytest plugin gives users (a private
+    redis-server, or ``ALKEY_TEST_REDIS_URL``), so the suite runs on what it ships."""
+    return alkey_redis
 
 
 @pytest.fixture
