@@ -64,6 +64,7 @@ from .support.inspection import (
     commands_processed,
     one_incident,
     set_calls,
+    stored,
     token_keys,
     tokens_of,
 )
@@ -105,6 +106,7 @@ __all__ = [
     "session_factory",
     "sessions",
     "set_calls",
+    "stored",
     "sync_session_of",
     "tables",
     "token_keys",

@@ -19,6 +19,8 @@ import pytest
 from alkey.asyncio import AsyncRedisClient, AsyncRedisTokenStore
 from alkey.tokens import CLAIM_LIMIT, RECOVERY_BUDGET, RedisClient, RedisTokenStore
 
+from .support.inspection import stored
+
 LEASE = 0.5
 INTENTS, INTENT_DATA = "alkey:{intents}", "alkey:{intents}:data"
 BACKLOG = 50_000
@@ -76,15 +78,15 @@ def test_a_backlog_of_50000_due_intents_is_drained_by_bounded_fetches_that_miss_
             calls += 1
             assert calls < BACKLOG // CLAIM_LIMIT, "every call drains at least one batch"
             if redis_client.zcard(INTENTS):
-                assert token.encode() != redis_client.get("alkey:orders#0"), (
+                assert stored(token) != redis_client.get("alkey:orders#0"), (
                     "intents are still due: a fetch must miss"
                 )
         [token] = store.fetch(["alkey:orders#0"])
-    assert token.encode() == redis_client.get("alkey:orders#0"), "drained: a real token"
+    assert stored(token) == redis_client.get("alkey:orders#0"), "drained: a real token"
     assert slowest < RECOVERY_BUDGET + 0.5, "one call's work is bounded"
     assert calls > 1, "the backlog took several calls, each within the budget"
     after = tokens_in_redis(redis_client, identifiers)
-    assert all(old.encode() != new for old, new in zip(before, after, strict=True))
+    assert all(stored(old) != new for old, new in zip(before, after, strict=True))
     assert redis_client.hlen(INTENT_DATA) == 0
     one_recovery(caplog, BACKLOG)
 
@@ -109,16 +111,16 @@ def test_an_asyncio_store_drains_a_backlog_of_50000_due_intents_the_same_way(
             calls += 1
             assert calls < BACKLOG // CLAIM_LIMIT
             if await async_redis_client.zcard(INTENTS):
-                assert token.encode() != await async_redis_client.get("alkey:orders#0")
+                assert stored(token) != await async_redis_client.get("alkey:orders#0")
         return calls, slowest, await store.afetch(["alkey:orders#0"])
 
     with caplog.at_level(logging.INFO, logger="alkey"):
         calls, slowest, [token] = loop.run_until_complete(drain())
-    assert token.encode() == redis_client.get("alkey:orders#0")
+    assert stored(token) == redis_client.get("alkey:orders#0")
     assert slowest < RECOVERY_BUDGET + 0.5
     assert calls > 1
     after = tokens_in_redis(redis_client, identifiers)
-    assert all(old.encode() != new for old, new in zip(before, after, strict=True))
+    assert all(stored(old) != new for old, new in zip(before, after, strict=True))
     one_recovery(caplog, BACKLOG)
 
 
@@ -135,7 +137,7 @@ def test_a_fetch_that_drains_the_backlog_itself_returns_the_tokens_after_the_rec
     [token] = store.fetch(["alkey:users#1"])
     assert redis_client.zcard(INTENTS) == 0, "drained within the call's budget"
     assert token != before
-    assert token.encode() == redis_client.get("alkey:users#1")
+    assert stored(token) == redis_client.get("alkey:users#1")
 
 
 def test_a_bump_recovers_a_backlog_too_and_the_next_calls_finish_it(
@@ -154,9 +156,9 @@ def test_a_bump_recovers_a_backlog_too_and_the_next_calls_finish_it(
                 break
         [token] = store.fetch(["alkey:orders#7"])
     assert redis_client.zcard(INTENTS) == 0
-    assert token.encode() == redis_client.get("alkey:orders#7")
+    assert stored(token) == redis_client.get("alkey:orders#7")
     after = tokens_in_redis(redis_client, identifiers)
-    assert all(old.encode() != new for old, new in zip(before, after, strict=True))
+    assert all(stored(old) != new for old, new in zip(before, after, strict=True))
     one_recovery(caplog, BACKLOG // 5)
 
 
@@ -168,6 +170,6 @@ def test_a_small_recovery_is_logged_in_one_line(
     with caplog.at_level(logging.INFO, logger="alkey"):
         [token] = store.fetch(["alkey:orders#3"])
         store.fetch(["alkey:orders#3"])
-    assert token.encode() == redis_client.get("alkey:orders#3")
+    assert stored(token) == redis_client.get("alkey:orders#3")
     [record] = caplog.records
     assert f"{CLAIM_LIMIT - 1} commit(s) whose own bump" in record.getMessage()

@@ -103,7 +103,9 @@ def test_tokens_are_random_128_bit_values_not_counters_or_timestamps(
     assert len(tokens) == 50
     bases = set()
     for token in tokens:
-        base, _, position = token.partition(".")
+        stored, _, epoch = token.partition("@")
+        assert len(epoch) == 16, "the server's epoch, folded in"
+        base, _, position = stored.partition(".")
         assert len(base) >= 22  # 16 random bytes, URL-safe base64
         assert len(set(base)) > 10, "random text, not digits of a time or a counter"
         assert position.isdigit()

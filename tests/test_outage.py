@@ -25,7 +25,7 @@ from alkey.identity import UNKNOWN_WRITES
 from alkey.testing import LatencyProxy
 from alkey.tokens import RedisClient, RedisTokenStore
 
-from .conftest import one_incident
+from .conftest import one_incident, stored
 from .models import User
 
 
@@ -117,10 +117,10 @@ def test_the_first_call_after_an_outage_carries_the_kept_bumps_in_its_round_trip
     private_redis.stop()
     store.bump(["alkey:users#1"])  # kept
     private_redis.start()  # the old token is back from disk
-    assert observer.get("alkey:users#1") == token.encode()
+    assert observer.get("alkey:users#1") == stored(token)
     store.outage.probe_now()  # as once retry_interval has passed
     store.fetch(["alkey:users#2"])
-    assert observer.get("alkey:users#1") not in (None, token.encode()), "sent in front"
+    assert observer.get("alkey:users#1") not in (None, stored(token)), "sent in front"
     assert store.pending == frozenset()
     observer.close()
     client.close()
@@ -268,7 +268,7 @@ def test_while_redis_is_known_down_calls_answer_at_once_and_recovery_is_probed(
         private_redis.resume()
     # Past retry_interval the kept bump goes out by itself (the store's background replay).
     assert store.wait_replayed(timeout=2)
-    assert client.get("alkey:users#2") not in (None, other_token.encode()), "sent"
+    assert client.get("alkey:users#2") not in (None, stored(other_token)), "sent"
     # For 2 x retry_interval after the outage, keys still miss: other processes may owe
     # bumps of writes they committed during it, and replay them within retry_interval.
     assert key_generator("alkey:users#1") != key
@@ -290,7 +290,9 @@ def test_two_namespaces_on_one_redis_never_see_each_others_tokens(
 
 #: The least a Redis ACL user needs for alkey: its own keys, and the commands alkey's
 #: scripts and connections run. Documented in the README.
-ACL_RULES = "on >s3cret-acl ~alkey:* resetchannels -@all +eval +evalsha +mget +set +ping"
+ACL_RULES = (
+    "on >s3cret-acl ~alkey:* resetchannels -@all +eval +evalsha +mget +set +ping +select +info"
+)
 #: What durable mode's scripts add to it.
 ACL_DURABLE = "+time +zadd +zrangebyscore +zrem +hset +hget +hdel"
 
@@ -301,18 +303,27 @@ def test_an_acl_user_limited_to_alkey_keys_is_enough_and_its_password_never_show
     rules = f"{ACL_RULES} {ACL_DURABLE}".split()
     redis_client.execute_command("ACL", "SETUSER", "alkey", *rules)  # type: ignore[no-untyped-call]
     host_port = redis_url.removeprefix("redis://")
-    limited = redis.Redis.from_url(f"redis://alkey:s3cret-acl@{host_port}")
+    # On database 1: an ACL without +select fails on any database but 0.
+    limited = redis.Redis.from_url(f"redis://alkey:s3cret-acl@{host_port}/1")
+    database_1 = redis.Redis.from_url(f"redis://{host_port}/1")
+    database_1.flushdb()
     store = RedisTokenStore(limited, on_error="raise", durable=True, lease=0.05)
-    token = store.fetch(["alkey:users#1"])[0]
+    with caplog.at_level(logging.WARNING, logger="alkey"):
+        token = store.fetch(["alkey:users#1"])[0]
+    assert not caplog.records, "+info shows the replication id: failovers are seen"
+    assert token.rpartition("@")[2], "an epoch"
     store.bump(["alkey:users#1"], intent=store.intend(["alkey:users#1"]))
     assert store.fetch(["alkey:users#1"])[0] != token
     store.intend(["alkey:users#2"])  # never cleared: claimed and applied below
     time.sleep(0.1)
     store.fetch(["alkey:users#2"])
-    assert redis_client.zcard("alkey:{intents}") == 0, "claimed and cleared"
+    assert database_1.zcard("alkey:{intents}") == 0, "claimed and cleared"
+    assert database_1.exists("alkey:users#1") == 1, "on database 1"
     with pytest.raises(redis.exceptions.NoPermissionError):
         limited.set("other:key", "x")  # the ACL really limits this user
     limited.close()
+    database_1.flushdb()
+    database_1.close()
 
     wrong = redis.Redis.from_url(f"redis://alkey:wrong-pw@{host_port}", retry=None)
     with caplog.at_level(logging.DEBUG, logger="alkey"):

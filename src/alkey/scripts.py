@@ -21,12 +21,18 @@ from alkey.errors import ConfigurationError
 __all__ = [
     "CHUNK_SIZE",
     "CLAIM_LIMIT",
+    "EPOCH_LENGTH",
     "Call",
     "Script",
     "ScriptCalls",
     "fresh",
     "new_token",
 ]
+
+
+#: Hex digits of the server's replication id kept in a token's epoch: 64 bits, so that two
+#: dataset histories never share one by chance.
+EPOCH_LENGTH = 16
 
 
 def new_token() -> str:
@@ -40,9 +46,31 @@ def fresh(identifiers: Sequence[str]) -> list[str]:
 
 
 # KEYS: token keys. ARGV[1]: TTL in seconds, ARGV[2]: a fresh random base. Returns the
-# token of every key, creating missing ones as <base>.<position>: unique per key and call,
-# and unpredictable, because the base is 128 random bits drawn for this call.
+# server's epoch (see below), then the token of every key, creating missing ones as
+# <base>.<position>: unique per key and call, and unpredictable, because the base is 128
+# random bits drawn for this call.
+#
+# The epoch is the server's replication id (INFO replication: master_replid), which Redis
+# defines as "a history of the dataset": it is drawn anew whenever this server's data may
+# have lost or diverged from acknowledged writes -- a restart (from an RDB snapshot or an
+# AOF, or empty), a replica promoted to primary (by hand, by Sentinel, by a cluster
+# failover) -- and never otherwise, but for one harmless case (a primary whose replicas
+# were all gone for repl-backlog-ttl). Folded into every token, it makes the keys built
+# after such an event differ from every key built before it, instead of reverting to the
+# keys of tokens the lost writes had replaced. Read in the same script as the tokens, it
+# is the epoch of exactly the data they come from. A replica is refused (its tokens may
+# lag the primary's acknowledged bumps): the error starts with READONLY, which clients
+# read as "not the primary (any more)". A server that hides the id (a proxy, an ACL
+# without +info) gives an empty epoch, which the store reports once.
 FETCH_SCRIPT = """
+local info = redis.pcall('INFO', 'replication')
+local epoch = ''
+if type(info) == 'string' then
+  if string.find(info, 'role:slave', 1, true) then
+    return redis.error_reply('READONLY alkey reads tokens only from the primary')
+  end
+  epoch = string.match(info, 'master_replid:(%x+)') or ''
+end
 local tokens = redis.call('MGET', unpack(KEYS))
 for i = 1, #KEYS do
   if not tokens[i] then
@@ -50,6 +78,7 @@ for i = 1, #KEYS do
     redis.call('SET', KEYS[i], tokens[i], 'EX', ARGV[1])
   end
 end
+table.insert(tokens, 1, epoch)
 return tokens
 """
 
@@ -190,11 +219,25 @@ class ScriptCalls:
 
     @staticmethod
     def tokens(results: list[Any], identifiers: Sequence[str]) -> list[str]:
-        """The fetched tokens, in order, from the results of :meth:`fetch`'s calls."""
+        """The fetched tokens, in order, from the results of :meth:`fetch`'s calls, each
+        with its server's epoch folded in (``<token>@<epoch>``: see ``FETCH_SCRIPT``)."""
         tokens: list[str] = []
         for values in results[-math.ceil(len(identifiers) / CHUNK_SIZE) :]:
-            tokens.extend([v.decode("ascii") if type(v) is bytes else v for v in values])
+            epoch = values[0]
+            if type(epoch) is bytes:  # redis-py's default: bytes
+                tail = b"@" + epoch[:EPOCH_LENGTH]
+                tokens.extend([(v + tail).decode("ascii") for v in values[1:]])
+            else:  # a client built with decode_responses=True
+                text = "@" + str(epoch)[:EPOCH_LENGTH]
+                tokens.extend([str(v) + text for v in values[1:]])
         return tokens
+
+    @staticmethod
+    def epochs(results: list[Any], identifiers: Sequence[str]) -> list[str]:
+        """The epoch of each server that answered :meth:`fetch`'s calls (``""``: the
+        server hid it)."""
+        chunks = results[-math.ceil(len(identifiers) / CHUNK_SIZE) :]
+        return [v.decode("ascii") if type(v) is bytes else str(v) for v, *_ in chunks]
 
     @staticmethod
     def loaded_after(loaded: frozenset[str], calls: list[Call]) -> frozenset[str]:

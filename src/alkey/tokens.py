@@ -183,6 +183,7 @@ class ScriptStore:
         #: The recoveries of due intents this store runs (durable mode).
         self.recoveries = Recoveries(options.lease, self._observe)
         self._next_claim = 0.0
+        self._epoch_hidden = False
 
     @property
     def durable(self) -> bool:
@@ -274,7 +275,19 @@ class ScriptStore:
             return self._missed(identifiers)
         if self._observe.fetched_hooks:
             self._observe.fetched(identifiers=identifiers, missed=False)
+        if not results[-1][0] and not self._epoch_hidden:
+            self._hidden_epoch()
         return self.calls.tokens(results, identifiers)
+
+    def _hidden_epoch(self) -> None:
+        """Redis answered without its replication id: say once what that costs."""
+        self._epoch_hidden = True
+        log.warning(
+            "alkey's Redis does not show its replication id (INFO replication): a proxy "
+            "in front of it, or an ACL without +info. Keys then cannot tell a failover or "
+            "a restart that lost writes, and may come back to their values from before "
+            "the lost bumps. Allow +info for alkey's user, or connect to Redis directly."
+        )
 
     def _intending(self, identifiers: Collection[str]) -> Exchange[str | None]:
         """``intend``: in durable mode, record the bumps a commit is about to make."""

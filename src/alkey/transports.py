@@ -20,6 +20,7 @@ that depends on the client library:
 from __future__ import annotations
 
 import asyncio
+import importlib
 import inspect
 import logging
 import time
@@ -28,7 +29,6 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import redis
 import redis.exceptions
-from redis.exceptions import MaxConnectionsError, NoScriptError, RedisError, ResponseError
 
 from alkey.errors import TokenStoreError, TokenStorePoolExhaustedError, TokenStoreUnavailableError
 from alkey.scripts import Call, ScriptCalls
@@ -38,10 +38,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "POOL_WAIT",
+    "REDIS_ERRORS",
     "AsyncRedisTransport",
+    "ClientErrors",
     "RedisClient",
     "RedisTransport",
     "checked_socket_timeout",
+    "errors_of",
     "pool_waits",
     "store_error",
 ]
@@ -61,37 +64,88 @@ POOL_WAIT = 2.0
 #: ``ConnectionError``, when no connection came back within its ``timeout``.
 _BLOCKING_POOL_TIMEOUT = ("No connection available.",)
 
-# Answers of a server that cannot serve now but will (a failover, a cluster resharding):
-# errors of redis-py versions that have them.
-_UNAVAILABLE: tuple[type[BaseException], ...] = (
-    redis.exceptions.ConnectionError,  # refused, lost, LOADING, authentication
-    redis.exceptions.TimeoutError,
-    redis.exceptions.ReadOnlyError,  # a replica left behind by a failover
-    *(
-        getattr(redis.exceptions, name)
-        for name in ("MasterDownError", "ClusterDownError", "TryAgainError")
-        if hasattr(redis.exceptions, name)
-    ),
-)
+
+class ClientErrors:
+    """Which exceptions of one client library mean what, for :func:`store_error`.
+
+    Why per library: valkey-py is a fork of redis-py with the same classes under other
+    names (``valkey.exceptions.ConnectionError`` is no ``redis.exceptions.ConnectionError``),
+    and a client error that slipped through unmapped would break the outage guarantee --
+    a ``session.commit()`` raising after the database committed, a key generation
+    raising instead of missing. So each transport asks :func:`errors_of` for the classes
+    of its own client's library, and every library's errors take the same way out.
+    """
+
+    __slots__ = ("base", "max_connections", "no_script", "response", "unavailable")
+
+    def __init__(self, exceptions: Any) -> None:
+        named = vars(exceptions)
+        #: Every error the library raises for a command (its ``RedisError``/``ValkeyError``).
+        self.base: type[Exception] = named.get("RedisError") or named["ValkeyError"]
+        #: No connection free in the pool.
+        self.max_connections: type[Exception] = named["MaxConnectionsError"]
+        #: ``NOSCRIPT``: the server forgot a script (restart, ``SCRIPT FLUSH``).
+        self.no_script: type[Exception] = named["NoScriptError"]
+        #: An error answer of the server.
+        self.response: type[Exception] = named["ResponseError"]
+        #: Answers of a server that cannot serve now but will (a restart, a failover, a
+        #: cluster resharding): refused, lost, timed out, ``LOADING``, authentication,
+        #: ``READONLY`` (a replica, or a primary demoted by a failover), ``MASTERDOWN``,
+        #: cluster down, ``TRYAGAIN`` -- those of the library's version that exist.
+        self.unavailable: tuple[type[Exception], ...] = tuple(
+            named[name]
+            for name in (
+                "ConnectionError",
+                "TimeoutError",
+                "ReadOnlyError",
+                "MasterDownError",
+                "ClusterDownError",
+                "TryAgainError",
+            )
+            if name in named
+        )
 
 
-def store_error(error: RedisError) -> TokenStoreError:
-    """alkey's error for a redis-py error (raise it ``from error``).
+#: redis-py's errors (also what :func:`store_error` maps by default).
+REDIS_ERRORS = ClientErrors(redis.exceptions)
+_errors_by_library: dict[str, ClientErrors] = {"redis": REDIS_ERRORS}
+
+
+def errors_of(client: object) -> ClientErrors:
+    """The error classes of ``client``'s library: redis-py's, or valkey-py's for a valkey
+    client (any library laid out like redis-py, found by the client's top-level
+    package)."""
+    library = type(client).__module__.partition(".")[0]
+    errors = _errors_by_library.get(library)
+    if errors is None:
+        try:
+            module = importlib.import_module(f"{library}.exceptions")
+            errors = ClientErrors(module)
+        except (ImportError, KeyError):
+            errors = REDIS_ERRORS  # not laid out like redis-py: map what we know
+        _errors_by_library[library] = errors
+    return errors
+
+
+def store_error(error: Exception, errors: ClientErrors = REDIS_ERRORS) -> TokenStoreError:
+    """alkey's error for a client library's error (raise it ``from error``).
 
     * no connection free in the pool, even after waiting (``MaxConnectionsError``, or a
       ``BlockingConnectionPool``'s timeout) -> :class:`TokenStorePoolExhaustedError`:
       Redis is fine, this process ran out of connections;
     * Redis cannot be reached or cannot serve now -- connection refused or lost,
-      timeouts, ``LOADING``, ``BUSY`` (a long script), ``READONLY``, ``MASTERDOWN``,
+      timeouts, ``LOADING``, ``BUSY`` (a long script), ``READONLY`` (a replica), ``MASTERDOWN``,
       cluster down -> :class:`TokenStoreUnavailableError`;
     * anything else (``OOM`` of a full Redis, a wrong type...) -> :class:`TokenStoreError`.
 
-    The message is the client's own, which names host and port, never a password.
+    ``errors``: the classes of the library that raised it (:func:`errors_of`; default
+    redis-py's). The message is the client's own, which names host and port, never a
+    password.
     """
-    if isinstance(error, MaxConnectionsError) or error.args == _BLOCKING_POOL_TIMEOUT:
+    if isinstance(error, errors.max_connections) or error.args == _BLOCKING_POOL_TIMEOUT:
         return TokenStorePoolExhaustedError(*error.args)
-    if isinstance(error, _UNAVAILABLE) or (
-        isinstance(error, ResponseError) and str(error).startswith("BUSY ")
+    if isinstance(error, errors.unavailable) or (
+        isinstance(error, errors.response) and str(error).startswith(("BUSY ", "READONLY "))
     ):
         return TokenStoreUnavailableError(*error.args)
     return TokenStoreError(*error.args)
@@ -133,6 +187,8 @@ class RedisTransport:
         #: What stores are shared through (:func:`alkey.tokens.store_for`): the pool, so
         #: that clients made per request from one pool share one store.
         self.share_key: object | None = client.connection_pool
+        #: What the client's library raises, and what each error means.
+        self.errors = errors_of(client)
         self._loaded: frozenset[str] = frozenset()
 
     def run(self, calls: list[Call]) -> list[Any]:
@@ -142,14 +198,17 @@ class RedisTransport:
         while True:
             try:
                 return self._run_once(calls)
-            except MaxConnectionsError as error:
+            except Exception as error:
+                errors = self.errors
+                if not isinstance(error, errors.base):
+                    raise
+                if not isinstance(error, errors.max_connections):
+                    raise store_error(error, errors) from error
                 waits = pool_waits(self.pool_wait) if waits is None else waits
                 pause = next(waits, None)
                 if pause is None:
-                    raise store_error(error) from error
+                    raise store_error(error, errors) from error
                 time.sleep(pause)
-            except RedisError as error:
-                raise store_error(error) from error
 
     def _run_once(self, calls: list[Call]) -> list[Any]:
         """Send the script calls in one round trip.
@@ -160,7 +219,7 @@ class RedisTransport:
         """
         try:
             results = self._send(calls, self._loaded)
-        except NoScriptError:
+        except self.errors.no_script:
             self._loaded = frozenset()
             results = self._send(calls, self._loaded)
         self._loaded = ScriptCalls.loaded_after(self._loaded, calls)
@@ -204,6 +263,8 @@ class AsyncRedisTransport:
         self.pool_wait = socket_timeout or POOL_WAIT
         #: As :attr:`RedisTransport.share_key` (``None``: a client per loop, no pool).
         self.share_key: object | None = client.connection_pool if client is not None else None
+        #: As :attr:`RedisTransport.errors` (``get_client``'s clients: learnt on first use).
+        self.errors = errors_of(client) if client is not None else REDIS_ERRORS
         self._loaded: frozenset[str] = frozenset()
 
     async def run(self, calls: list[Call]) -> list[Any]:
@@ -212,23 +273,27 @@ class AsyncRedisTransport:
         while True:
             try:
                 return await self._run_once(calls)
-            except MaxConnectionsError as error:
+            except Exception as error:
+                errors = self.errors  # learnt from the client (see _run_once)
+                if not isinstance(error, errors.base):
+                    raise
+                if not isinstance(error, errors.max_connections):
+                    raise store_error(error, errors) from error
                 waits = pool_waits(self.pool_wait) if waits is None else waits
                 pause = next(waits, None)
                 if pause is None:
-                    raise store_error(error) from error
+                    raise store_error(error, errors) from error
                 await asyncio.sleep(pause)
-            except RedisError as error:
-                raise store_error(error) from error
 
     async def _run_once(self, calls: list[Call]) -> list[Any]:
         client = self.client
         if client is None:
             assert self._get_client is not None
             client = await self._get_client()
+            self.errors = errors_of(client)
         try:
             results = await self._send(client, calls, self._loaded)
-        except NoScriptError:
+        except self.errors.no_script:
             self._loaded = frozenset()
             results = await self._send(client, calls, self._loaded)
         self._loaded = ScriptCalls.loaded_after(self._loaded, calls)

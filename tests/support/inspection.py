@@ -19,6 +19,12 @@ def tokens_of(client: RedisClient, *identifiers: str) -> dict[str, Any]:
     return dict(zip(identifiers, client.mget(identifiers), strict=True))
 
 
+def stored(token: str) -> bytes:
+    """What Redis holds for a token a store fetched: the token without the server's
+    epoch that the store folds into it (``<stored>@<epoch>``)."""
+    return token.rpartition("@")[0].encode()
+
+
 def commands_processed(client: RedisClient) -> int:
     """How many commands the server has run so far (this INFO call included)."""
     stats: dict[str, Any] = client.info("stats")

@@ -19,12 +19,16 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import valkey
+import valkey.asyncio
+import valkey.backoff
+import valkey.retry
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from alkey.asyncio import AsyncRedisClient, AsyncRedisTokenStore
-from alkey.testing import async_counting_client, counting_client
+from alkey.testing import CountingConnection, async_counting_client, counting_client
 from alkey.tokens import RedisClient, RedisTokenStore
 
 _T = TypeVar("_T")
@@ -194,6 +198,78 @@ def open_async_store(
     return opened
 
 
+class ValkeyCountingConnection(valkey.Connection):
+    """A valkey-py connection that counts its requests in ``CountingConnection.requests``
+    (so :class:`alkey.testing.RoundTrips` counts them), not its handshake."""
+
+    _handshaking = 0
+
+    def on_connect(self) -> None:
+        self._handshaking += 1
+        try:
+            super().on_connect()  # type: ignore[no-untyped-call]
+        finally:
+            self._handshaking -= 1
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        if not self._handshaking:
+            with CountingConnection._lock:
+                CountingConnection.requests += 1
+        super().send_packed_command(command, check_health)  # type: ignore[no-untyped-call]
+
+
+class AsyncValkeyCountingConnection(valkey.asyncio.Connection):
+    """As :class:`ValkeyCountingConnection`, for ``valkey.asyncio``."""
+
+    _handshaking = 0
+
+    async def on_connect(self) -> None:
+        self._handshaking += 1
+        try:
+            await super().on_connect()
+        finally:
+            self._handshaking -= 1
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        if not self._handshaking:
+            with CountingConnection._lock:
+                CountingConnection.requests += 1
+        await super().send_packed_command(command, check_health)
+
+
+def open_valkey_store(
+    url: str, loop: asyncio.AbstractEventLoop, options: dict[str, Any]
+) -> StoreUnderTest:
+    """A store on a valkey-py client: its errors must take the same way out."""
+    pool = valkey.ConnectionPool.from_url(
+        url,
+        connection_class=ValkeyCountingConnection,
+        socket_timeout=SOCKET_TIMEOUT,
+        socket_connect_timeout=SOCKET_TIMEOUT,
+        retry=valkey.retry.Retry(valkey.backoff.NoBackoff(), 0),
+    )
+    client = valkey.Valkey.from_pool(pool)
+    client.ping()
+    return SyncStore(RedisTokenStore(client, **options), client)  # type: ignore[arg-type]
+
+
+def open_async_valkey_store(
+    url: str, loop: asyncio.AbstractEventLoop, options: dict[str, Any]
+) -> StoreUnderTest:
+    """A store on a ``valkey.asyncio`` client."""
+    pool = valkey.asyncio.ConnectionPool.from_url(
+        url,
+        connection_class=AsyncValkeyCountingConnection,
+        socket_timeout=SOCKET_TIMEOUT,
+        socket_connect_timeout=SOCKET_TIMEOUT,
+        retry=valkey.asyncio.retry.Retry(valkey.backoff.NoBackoff(), 0),
+    )
+    client = valkey.asyncio.Valkey.from_pool(pool)
+    opened = AsyncStore(AsyncRedisTokenStore(client, **options), client, loop)  # type: ignore[arg-type]
+    opened._run(client.ping())
+    return opened
+
+
 @dataclass(frozen=True)
 class StoreKind:
     """A kind of store the contract runs against."""
@@ -208,4 +284,6 @@ class StoreKind:
 STORE_KINDS = [
     StoreKind("redis-py", open_sync_store),
     StoreKind("redis.asyncio", open_async_store),
+    StoreKind("valkey-py", open_valkey_store),
+    StoreKind("valkey.asyncio", open_async_valkey_store),
 ]

@@ -1,0 +1,159 @@
+"""Every token carries its server's epoch, and every client library takes the same way out.
+
+The epoch is the server's replication id, folded into each fetched token (``<token>@<epoch>``).
+Redis draws a new one whenever its dataset may have lost acknowledged writes (a restart, a
+promoted replica), so keys built after such an event differ from every key built before
+it instead of reverting. The failover and restart scenarios themselves are in
+``test_failover.py``, ``test_sentinel.py`` and the stale-read checker; this module checks
+the epoch's source, what happens when a server hides it, and that a valkey-py client keeps
+the outage guarantee through a real session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+
+import pytest
+import redis
+import valkey
+import valkey.asyncio
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+import alkey
+from alkey.asyncio import AsyncRedisTokenStore
+from alkey.cache import CacheKeyGenerator
+from alkey.embedded import EmbeddedRedis
+from alkey.scripts import EPOCH_LENGTH
+from alkey.tokens import RedisClient, RedisTokenStore
+
+from .models import User
+
+
+@pytest.fixture
+def private_redis() -> Iterator[EmbeddedRedis]:
+    """A Redis of this test's own, to stop and restart."""
+    with EmbeddedRedis() as server:
+        yield server
+
+
+def test_every_fetched_token_ends_with_the_servers_replication_id_as_its_epoch(
+    redis_client: RedisClient,
+) -> None:
+    store = RedisTokenStore(redis_client)
+    tokens = store.fetch(["alkey:users#1", "alkey:users#*"])
+    replid = str(redis_client.info("replication")["master_replid"])
+    assert {token.rpartition("@")[2] for token in tokens} == {replid[:EPOCH_LENGTH]}
+    stored = [value.decode() for value in redis_client.mget(["alkey:users#1", "alkey:users#*"])]
+    assert [token.rpartition("@")[0] for token in tokens] == stored, "Redis keeps the token"
+
+
+def test_a_restart_that_keeps_every_token_still_changes_every_key(
+    private_redis: EmbeddedRedis,
+) -> None:
+    """A restart from a snapshot gives the same stored tokens back -- possibly from before
+    bumps the snapshot missed -- so the keys must differ from all keys built before."""
+    client = redis.Redis.from_url(private_redis.url, socket_timeout=2)
+    store = RedisTokenStore(client, retry_interval=0)
+    generate = CacheKeyGenerator(tokens=store)
+    before = generate("alkey:users#1", "sidebar")
+    stored = client.get("alkey:users#1")
+    client.save()
+    private_redis.stop()  # --save "": nothing more is written on the way out
+    private_redis.start()
+    assert client.get("alkey:users#1") == stored, "the snapshot kept the token"
+    generate("alkey:users#1")  # the first call after the restart may meet the old socket
+    store.outage.probe_now()
+    after = generate("alkey:users#1", "sidebar")
+    assert after != before
+    assert client.get("alkey:users#1") == stored, "no token was bumped: only the epoch moved"
+    client.close()
+
+
+def test_a_redis_that_hides_its_replication_id_still_works_and_is_reported_once(
+    redis_url: str, redis_client: RedisClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An ACL without +info (or a proxy) hides the id: keys work, without failover
+    detection, and the log says so once per store and what to do about it."""
+    rules = ["on", ">pw", "~alkey:*", "resetchannels", "-@all", "+eval", "+evalsha", "+mget"]
+    rules += ["+set", "+ping"]
+    redis_client.execute_command("ACL", "SETUSER", "noinfo", *rules)  # type: ignore[no-untyped-call]
+    host_port = redis_url.removeprefix("redis://")
+    limited = redis.Redis.from_url(f"redis://noinfo:pw@{host_port}")
+    store = RedisTokenStore(limited, on_error="raise")
+    with caplog.at_level(logging.WARNING, logger="alkey"):
+        first = store.fetch(["alkey:users#1"])
+        assert store.fetch(["alkey:users#1"]) == first
+        store.bump(["alkey:users#1"])
+        assert store.fetch(["alkey:users#1"]) != first
+    assert first[0].endswith("@"), "an empty epoch"
+    warnings = [record.getMessage() for record in caplog.records]
+    assert len(warnings) == 1, warnings
+    assert "+info" in warnings[0]
+    limited.close()
+    redis_client.execute_command("ACL", "DELUSER", "noinfo")  # type: ignore[no-untyped-call]
+
+
+@pytest.fixture
+def valkey_factory(
+    tables: Engine, private_redis: EmbeddedRedis
+) -> Iterator[tuple[sessionmaker[Session], RedisTokenStore]]:
+    client = valkey.Valkey.from_url(
+        private_redis.url, socket_timeout=0.3, socket_connect_timeout=0.3, retry=None
+    )
+    store = RedisTokenStore(client, retry_interval=0)  # type: ignore[arg-type]
+    factory = sessionmaker(tables, expire_on_commit=False)
+    alkey.bind(factory, tokens=store)
+    yield factory, store
+    alkey.unbind(factory)
+    client.close()
+
+
+def test_with_a_valkey_client_an_outage_breaks_no_commit_and_no_key_and_loses_no_bump(
+    valkey_factory: tuple[sessionmaker[Session], RedisTokenStore],
+    private_redis: EmbeddedRedis,
+) -> None:
+    """valkey-py raises its own ``ConnectionError``, no redis-py error: it must be mapped
+    like redis-py's, or ``session.commit()`` raises after the database committed."""
+    factory, store = valkey_factory
+    generate = CacheKeyGenerator(tokens=store)
+    with factory() as session:
+        user = User(id=1, name="ada")
+        session.add(user)
+        session.commit()
+    key_before = generate(user)
+    private_redis.stop()
+    with factory() as session:
+        session.get_one(User, 1).name = "grace"
+        session.commit()  # must not raise
+    outage_key = generate(user)  # must not raise: a miss
+    assert outage_key not in (key_before, generate(user)), "fresh tokens: a guaranteed miss"
+    assert store.pending, "the bump is kept for replay"
+    private_redis.start()
+    store.outage.probe_now()
+    generate(user)  # carries the kept bump
+    assert store.wait_replayed(5)
+    assert generate(user) != key_before
+
+
+def test_with_a_valkey_asyncio_client_keys_change_after_a_bump_and_miss_in_an_outage(
+    private_redis: EmbeddedRedis,
+) -> None:
+    async def scenario() -> None:
+        client = valkey.asyncio.Valkey.from_url(
+            private_redis.url, socket_timeout=0.3, socket_connect_timeout=0.3, retry=None
+        )
+        store = AsyncRedisTokenStore(client, retry_interval=0)  # type: ignore[arg-type]
+        before = await store.afetch(["alkey:users#1"])
+        assert await store.afetch(["alkey:users#1"]) == before
+        await store.abump(["alkey:users#1"])
+        after = await store.afetch(["alkey:users#1"])
+        assert after != before
+        private_redis.stop()
+        missed = await store.afetch(["alkey:users#1"])  # must not raise
+        assert missed not in (before, after)
+        await client.aclose()
+
+    asyncio.run(scenario())
