@@ -55,12 +55,21 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 import alkey
 from alkey.cache import CacheKeyGenerator
 from alkey.identity import row_identifier
+from alkey.settings import SENTINEL_SCHEMES, configure
+from alkey.settings import redis_client as configured_client
 from alkey.tokens import RedisTokenStore
 
 COUNTERS = 5
 #: In a crashed-writer scenario, the counter that only the dying commit writes, so that
 #: no later commit of another writer bumps its token and hides a missed bump.
 CRASH_COUNTER = COUNTERS - 1
+#: In a scenario that loses Redis writes (a failover, a restart from a snapshot), the
+#: counter whose bumps are lost: while Redis is losing writes (:data:`LOSING`) every writer
+#: writes it alone, and after they were lost (:data:`LOST`) none writes it again -- a
+#: later bump would hide a lost one. Its key must then change, never revert.
+LOST_COUNTER = COUNTERS - 1
+#: Writer phases (:attr:`Floor.phase`): all counters; only :data:`LOST_COUNTER`; all but it.
+NORMAL, LOSING, LOST = 0, 1, 2
 #: How long a worker process may take to start before the checker gives up on it.
 START_TIMEOUT = 60.0
 #: What a load-first reader does between loading a row and keying it (rendering, say):
@@ -242,10 +251,19 @@ class Floor:
     versions: SynchronizedArray[int]
     published_at: SynchronizedArray[float]
     writer_pids: SynchronizedArray[int]
+    #: Which counters writers write, set by a scenario that loses writes (see
+    #: :data:`LOSING`): :data:`NORMAL`, :data:`LOSING` or :data:`LOST`.
+    phase: SynchronizedArray[int]
 
     @classmethod
     def create(cls, context: multiprocessing.context.BaseContext) -> Floor:
-        return cls(*(context.Array(code, SLOTS) for code in ("q", "d", "q")))
+        versions, published_at, writer_pids = (
+            context.Array(code, SLOTS) for code in ("q", "d", "q")
+        )
+        return cls(versions, published_at, writer_pids, context.Array("q", 1))
+
+    def set_phase(self, phase: int) -> None:
+        self.phase[0] = phase
 
     def publish(self, counter: int, version: int) -> None:
         with self.versions.get_lock():
@@ -281,7 +299,14 @@ class App:
 def redis_client(url: str) -> redis.Redis:
     """A client that fails fast when Redis or the link to it does: every call gives up
     after 0.5 s. (``from_url`` gives no retries; ``redis.Redis()``'s default policy would
-    retry a timed-out call three times with backoff, about 9 s in all.)"""
+    retry a timed-out call three times with backoff, about 9 s in all.)
+
+    A Sentinel URL (``redis+sentinel://``) gets the client alkey's configuration builds
+    for it -- ``master_for``, no retries -- with the same timeouts, so that the cache and
+    the tokens follow a failover together, as in an application configured by URL."""
+    if url.startswith(SENTINEL_SCHEMES):
+        timeouts = {"socket_timeout": 0.5, "socket_connect_timeout": 0.5}
+        return configured_client(configure(url=url, env={}, client_options=timeouts))
     return redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
 
 
@@ -367,10 +392,14 @@ def write(
 
         event.listen(app.factory, "after_commit", die_between_commit_and_bump, insert=True)
     while not stop.is_set():
+        phase = floor.phase[0]
         if kill_after_commits is not None and tally.commits + 1 >= kill_after_commits:
             index = CRASH_COUNTER  # the commit this process dies in
+        elif phase == LOSING:
+            index = LOST_COUNTER
         else:
-            index = rng.randrange(CRASH_COUNTER if spare_crash_counter else COUNTERS)
+            spared = spare_crash_counter or phase == LOST
+            index = rng.randrange(CRASH_COUNTER if spared else COUNTERS)
         slot = index + COUNTERS * rng.randrange(len(app.tenants) or 1)
         try:
             with app.session_for(slot)() as session:

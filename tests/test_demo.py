@@ -63,7 +63,9 @@ def test_the_token_command_prints_current_tokens(redis_url: str, redis_client: R
     result = run_alkey("token", "alkey:users#1", "alkey:users#*", env=env)
     assert result.returncode == 0, result.stderr
     lines = dict(line.split(" ") for line in result.stdout.splitlines())
-    assert lines["alkey:users#1"].encode() == redis_client.get("alkey:users#1")
+    token, _, epoch = lines["alkey:users#1"].partition("@")
+    assert token.encode() == redis_client.get("alkey:users#1")
+    assert epoch, "with the server's epoch"
     assert token_keys(redis_client) == {"alkey:users#1", "alkey:users#*"}
 
 

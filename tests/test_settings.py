@@ -313,7 +313,8 @@ def test_an_unregistered_scheme_is_refused_listing_the_registered_ones(
         configure({"alkey.redis_url": "valkey://host:6379/0"}, env={})
     message = str(raised.value)
     assert "alkey.redis_url = 'valkey://host:6379/0' in the settings is not a Redis URL" in message
-    assert "registered schemes: redis, rediss, relay, unix" in message
+    schemes = "redis, redis+sentinel, rediss, rediss+sentinel, relay, unix"
+    assert f"registered schemes: {schemes}" in message
 
 
 def test_each_flavour_of_a_scheme_is_registered_on_its_own(

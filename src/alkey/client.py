@@ -55,9 +55,12 @@ def get_redis_config(env: Mapping[str, str] | None = None) -> RedisConfig:
     * The URL comes from the first of ``REDIS_URL``, ``REDISTOGO_URL``,
       ``OPENREDIS_URL``, ``REDISCLOUD_URL``, ``REDISGREEN_URL`` that is set, else
       ``redis://localhost:6379/0``. ``redis://``, ``rediss://`` (TLS) and ``unix://``
-      URLs are accepted (and any scheme registered with
-      :func:`alkey.settings.register_scheme`); credentials go in the URL. alkey's own
-      query options (``?alkey_ttl=...``) are removed from the URL returned.
+      URLs are accepted, and Sentinel's ``redis+sentinel://[[user]:password@]host1:26379
+      [,host2:26379...]/service_name[/db]`` (``rediss+sentinel://`` for TLS), whose
+      default client is the service's primary, found through the sentinels and followed
+      across a failover (:func:`alkey.settings.sentinel_client`); also any scheme
+      registered with :func:`alkey.settings.register_scheme`. Credentials go in the URL.
+      alkey's own query options (``?alkey_ttl=...``) are removed from the URL returned.
     * The database is the provider's own ``<PREFIX>_DB`` (e.g. ``REDISTOGO_DB``) if set,
       else ``REDIS_DB``, else the URL's (``?db=``, or the path of a ``redis://`` URL),
       else 0.

@@ -64,16 +64,25 @@ class EmbeddedRedis:
     ``stop()``, ``pause()`` and ``resume()`` let tests take Redis away and bring it back.
     """
 
-    def __init__(self, prefer: Preference = "path", *, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        prefer: Preference = "path",
+        *,
+        extra_args: tuple[str, ...] = (),
+        password: str | None = None,
+    ) -> None:
         self.executable = find_redis_server(prefer)
         self.port = _free_port()
         self.extra_args = extra_args
+        #: The server's ``requirepass`` (None: no password), also in :attr:`url`.
+        self.password = password
         self._dir = tempfile.TemporaryDirectory(prefix="alkey-redis-")
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password is not None else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, *, loaded: bool = True) -> EmbeddedRedis:
         """Start the server and wait until it answers.
@@ -89,6 +98,7 @@ class EmbeddedRedis:
             "--save", "",
             "--appendonly", "no",
             "--dir", self._dir.name,
+            *(("--requirepass", self.password) if self.password is not None else ()),
             *self.extra_args,
         ]  # fmt: skip
         self._process = subprocess.Popen(
@@ -96,7 +106,10 @@ class EmbeddedRedis:
         )
         # No retry: the loop below is the retry, and redis-py's default backs off for seconds.
         client = redis.Redis(
-            port=self.port, socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0)
+            port=self.port,
+            password=self.password,
+            socket_connect_timeout=0.2,
+            retry=Retry(NoBackoff(), 0),
         )
         deadline = time.monotonic() + 10
         try:
@@ -124,6 +137,20 @@ class EmbeddedRedis:
                 self._process.kill()
                 self._process.wait()
             self._process = None
+
+    def kill(self) -> None:
+        """Kill the server at once (SIGKILL): what a crash or the OOM killer does. Nothing
+        is saved on the way out, so :meth:`start` in the same directory comes back with
+        what the last explicit ``SAVE`` wrote, if anything -- a restart from a snapshot."""
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait()
+            self._process = None
+
+    @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs (``None`` when stopped)."""
+        return self._process.pid if self._process is not None else None
 
     def pause(self) -> None:
         """Freeze the server (SIGSTOP): clients time out, as on a cut link; data is kept."""

@@ -38,9 +38,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Final, Literal, TypeAlias, TypeVar
-from urllib.parse import parse_qs, parse_qsl, urlsplit, urlunsplit
+from urllib.parse import parse_qs, parse_qsl, unquote, urlsplit, urlunsplit
 
 import redis
+import redis.asyncio
+import redis.asyncio.sentinel
+import redis.sentinel
+from redis.backoff import NoBackoff
+from redis.connection import URL_QUERY_ARGUMENT_PARSERS
+from redis.retry import Retry
 
 from alkey.constants import DEFAULT_REDIS_URL
 from alkey.errors import ConfigurationError
@@ -60,19 +66,23 @@ __all__ = [
     "INTEGRATION_SETTINGS",
     "PROVIDERS",
     "REDIS_SCHEMES",
+    "SENTINEL_SCHEMES",
     "SETTINGS_PREFIX",
     "STORE_OPTIONS",
     "URL_OPTION_PREFIX",
     "Configuration",
     "Flavour",
+    "SentinelURL",
     "Source",
     "StoreFactory",
+    "async_sentinel_client",
     "configure",
     "redact_url",
     "redis_client",
     "register_scheme",
     "registered_schemes",
     "scheme_factory",
+    "sentinel_client",
     "unregister_scheme",
 ]
 
@@ -88,6 +98,11 @@ DEFAULT_CLIENT_OPTIONS: Mapping[str, Any] = MappingProxyType(
 
 #: The schemes alkey registers itself: plain, TLS and Unix-socket Redis (redis-py).
 REDIS_SCHEMES: Final = ("redis", "rediss", "unix")
+#: A primary found through Redis Sentinel (plain or TLS): ``redis+sentinel://[[user]:
+#: password@]host1:26379[,host2:26379...]/service_name[/db][?options]``.
+SENTINEL_SCHEMES: Final = ("redis+sentinel", "rediss+sentinel")
+#: The port of a sentinel named without one.
+SENTINEL_PORT: Final = 26379
 
 #: Where alkey's settings live in a settings mapping (a Pyramid ``.ini`` file).
 SETTINGS_PREFIX: Final = "alkey."
@@ -117,21 +132,26 @@ def redact_url(url: str) -> str:
     """``url`` with any password replaced by ``***``, for logs and error messages.
 
     Why here: every message about a setting goes through this module, and a Redis URL
-    is the one setting that carries a secret.
+    is the one setting that carries a secret -- in its user part, and for a Sentinel URL
+    also in its query (``?sentinel_password=...``). Several hosts (a Sentinel URL's
+    ``host1:26379,host2:26379``) are kept as written: they say which servers were meant.
     """
     try:
         parts = urlsplit(url)
-        password = parts.password
-        port = parts.port
-    except ValueError:  # a malformed port: hide everything between // and @
+    except ValueError:  # not even a URL: hide everything between // and @
         return re.sub(r"//[^/@]*@", "//***@", url)
-    if password is None:
+    netloc = parts.netloc
+    userinfo, at, hosts = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.split(':', 1)[0]}:***@{hosts}"
+    query = _PASSWORD_IN_QUERY.sub(r"\1***", parts.query)
+    if netloc == parts.netloc and query == parts.query:
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if port is not None:
-        host = f"{host}:{port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+# ``password=...`` or ``sentinel_password=...`` (any option whose name ends in password).
+_PASSWORD_IN_QUERY: Final = re.compile(r"((?:^|&)[^&=]*password=)[^&]*")
 
 
 # -- where a value came from -----------------------------------------------------------------
@@ -446,7 +466,12 @@ def _url_db(url: str, source: Source) -> int | None:
     """The database a URL names: its ``?db=`` query, else (redis/rediss) its path."""
     parts = urlsplit(url)
     query = parse_qs(parts.query).get("db")
-    text = query[0] if query else ("" if parts.scheme == "unix" else parts.path.strip("/"))
+    if query:
+        text = query[0]
+    elif parts.scheme in SENTINEL_SCHEMES:  # /service_name[/db]
+        text = parts.path.strip("/").partition("/")[2]
+    else:
+        text = "" if parts.scheme == "unix" else parts.path.strip("/")
     if not text:
         return None
     try:
@@ -554,10 +579,13 @@ def configure(
     if scheme not in registered_schemes():
         raise ConfigurationError(
             f"{url_source.spell(chosen)} is not a Redis URL: use "
-            "redis://[user:password@]host[:port][/db], rediss://... or unix:///path "
+            "redis://[user:password@]host[:port][/db], rediss://..., unix:///path or "
+            "redis+sentinel://[user:password@]host:26379[,host:26379...]/service[/db] "
             f"(registered schemes: {', '.join(registered_schemes())})"
         )
     redis_url, url_options = _split_url_options(chosen)
+    if scheme in SENTINEL_SCHEMES:
+        SentinelURL.parse(redis_url, url_source)  # checked now, not at the first commit
 
     def from_env(suffix: str) -> tuple[int | None, Source]:
         if provider and provider != "REDIS":
@@ -642,7 +670,15 @@ def configure(
 
 def redis_client(configuration: Configuration) -> RedisClient:
     """A new ``redis.Redis`` with its own pool, for ``redis://``, ``rediss://`` and
-    ``unix://`` URLs: the configuration's URL, database, pool size and client options."""
+    ``unix://`` URLs: the configuration's URL, database, pool size and client options.
+
+    For a Sentinel URL (:data:`SENTINEL_SCHEMES`), the primary's client of
+    :func:`sentinel_client`, so that every path that builds alkey's default client (the
+    environment's ``REDIS_URL``, ``get_redis_client()``, ``client_from_config``) follows a
+    failover."""
+    if configuration.scheme in SENTINEL_SCHEMES:
+        client: RedisClient = sentinel_client(configuration)
+        return client
     options: dict[str, Any] = dict(configuration.client_options)
     if configuration.max_connections is not None:
         options["max_connections"] = configuration.max_connections
@@ -700,5 +736,226 @@ def _redis_store(configuration: Configuration, client: RedisClient | None) -> To
     )
 
 
+# -- Redis Sentinel ----------------------------------------------------------------------------
+
+# The query options of a Sentinel URL that configure the sentinels rather than the primary:
+# ``sentinel_<option>`` (sentinel_password, sentinel_username, sentinel_socket_timeout...).
+_SENTINEL_OPTION: Final = "sentinel_"
+# Options of the Sentinel object itself, not of any connection.
+_SENTINEL_MANAGER_OPTIONS: Final = {"min_other_sentinels": int}
+# Connection options the sentinels share with the primary when the URL sets no
+# ``sentinel_`` variant: timeouts (so a dead sentinel costs seconds) and TLS.
+_SHARED_WITH_SENTINELS: Final = ("socket_timeout", "socket_connect_timeout", "socket_keepalive")
+
+
+@dataclass(frozen=True, repr=False)
+class SentinelURL:
+    """A ``redis+sentinel://`` (or ``rediss+sentinel://``) URL, taken apart.
+
+    ``redis+sentinel://[[user]:password@]host1:26379[,host2:26379...]/service_name[/db]
+    [?options]``: the credentials and the query options (``socket_timeout``...) are the
+    primary's; ``sentinel_password``, ``sentinel_username`` and any other
+    ``sentinel_<option>`` are the sentinels' own (Sentinel has its own ``requirepass``);
+    ``min_other_sentinels`` goes to redis-py's ``Sentinel``. A sentinel named without a
+    port is on 26379.
+
+    Why a class: the URL is checked once, by :func:`configure` (an unknown scheme, a
+    missing service name or a malformed port is a
+    :class:`~alkey.errors.ConfigurationError` then, password masked), and read by the
+    sync and asyncio client builders alike.
+    """
+
+    sentinels: tuple[tuple[str, int], ...]
+    service_name: str
+    #: The database the URL's path or ``?db=`` names (``None``: not named).
+    db: int | None
+    #: The primary's connection options: credentials, TLS, the URL's query options.
+    connection: Mapping[str, Any]
+    #: The sentinels' connection options (``sentinel_<option>``, without the prefix).
+    sentinel: Mapping[str, Any]
+    #: Options of redis-py's ``Sentinel`` itself (``min_other_sentinels``).
+    manager: Mapping[str, Any]
+
+    def __repr__(self) -> str:
+        hosts = ",".join(f"{host}:{port}" for host, port in self.sentinels)
+        return f"SentinelURL(sentinels={hosts!r}, service_name={self.service_name!r})"
+
+    @classmethod
+    def parse(cls, url: str, source: Source = _DEFAULT) -> SentinelURL:
+        """``url`` taken apart; a :class:`ConfigurationError` naming ``source`` (and the
+        URL, password masked) if it cannot name a Sentinel group."""
+
+        def invalid(problem: str) -> ConfigurationError:
+            return ConfigurationError(f"{source.spell(url)} is invalid: {problem}")
+
+        parts = urlsplit(url)
+        if parts.scheme not in SENTINEL_SCHEMES:
+            raise invalid(f"a Sentinel URL starts with {' or '.join(SENTINEL_SCHEMES)}://")
+        userinfo, _, hosts = parts.netloc.rpartition("@")
+        sentinels = []
+        for item in hosts.split(","):
+            host, colon, port = item.strip().rpartition(":")
+            if not colon or "]" in port:  # no port, or an IPv6 address without one
+                host, port = item.strip(), str(SENTINEL_PORT)
+            host = host.strip("[]")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise invalid(f"sentinel {item.strip()!r} is not host[:port], e.g. sentinel1:26379")
+            sentinels.append((unquote(host), int(port)))
+        service, _, db_text = parts.path.strip("/").partition("/")
+        if not service:
+            raise invalid(
+                "it names no service: redis+sentinel://host:26379[,host:26379...]/service[/db]"
+            )
+        connection: dict[str, Any] = {}
+        sentinel: dict[str, Any] = {}
+        manager: dict[str, Any] = {}
+        for name, value in parse_qsl(parts.query, keep_blank_values=True):
+            target, key = connection, name
+            if name in _SENTINEL_MANAGER_OPTIONS:
+                target = manager
+            elif name.startswith(_SENTINEL_OPTION):
+                target, key = sentinel, name[len(_SENTINEL_OPTION) :]
+            parsers: Mapping[str, Any] = URL_QUERY_ARGUMENT_PARSERS
+            parse = _SENTINEL_MANAGER_OPTIONS.get(name) or parsers.get(key)
+            try:
+                target[key] = parse(value) if parse is not None else value
+            except (TypeError, ValueError):
+                raise invalid(f"option {name}={value!r} is not valid for redis-py") from None
+        db: int | None = None
+        text = str(connection.pop("db", "")) or db_text
+        if text:
+            try:
+                db = int(text)
+            except ValueError:
+                raise invalid(f"the database {text!r} must be a number") from None
+        if userinfo:
+            user, colon, password = userinfo.partition(":")
+            if user:
+                connection["username"] = unquote(user)
+            if colon and password:
+                connection["password"] = unquote(password)
+        if parts.scheme == "rediss+sentinel":
+            connection["ssl"] = True
+        return cls(
+            tuple(sentinels),
+            unquote(service),
+            db,
+            MappingProxyType(connection),
+            MappingProxyType(sentinel),
+            MappingProxyType(manager),
+        )
+
+    def sentinel_options(self, client_options: Mapping[str, Any]) -> dict[str, Any]:
+        """The keyword arguments of the clients that ask the sentinels where the primary
+        is: the primary's timeouts and TLS unless the URL gives their ``sentinel_``
+        variant, the ``sentinel_`` options, and never a retry.
+
+        Why no retry: redis-py's ``redis.Redis()`` retries three times with a backoff of
+        seconds, and a sentinel that is down would then hold every new connection of
+        the primary's pool for that long during a failover, when it matters most."""
+        merged = {**client_options, **self.connection}
+        options: dict[str, Any] = {
+            name: merged[name] for name in _SHARED_WITH_SENTINELS if name in merged
+        }
+        if merged.get("ssl"):
+            options.update(
+                {name: value for name, value in merged.items() if name.startswith("ssl")}
+            )
+        options.update(self.sentinel)
+        options["retry"] = Retry(NoBackoff(), 0)
+        return options
+
+
+def _sentinel_arguments(
+    configuration: Configuration,
+) -> tuple[SentinelURL, dict[str, Any], dict[str, Any]]:
+    """The parsed URL, the primary's connection options and the sentinels' ones, for the
+    sync and the asyncio client alike."""
+    parsed = SentinelURL.parse(configuration.url, configuration.sources.get("url", _DEFAULT))
+    options: dict[str, Any] = dict(configuration.client_options)
+    options.update(parsed.connection)
+    options["db"] = configuration.db
+    options.setdefault("retry", Retry(NoBackoff(), 0))
+    if configuration.max_connections is not None:
+        options["max_connections"] = configuration.max_connections
+    return parsed, options, parsed.sentinel_options(configuration.client_options)
+
+
+class _SentinelPrimary(redis.Redis):
+    """The primary's client of a Sentinel URL: closing it also closes the clients that
+    asked the sentinels, which redis-py leaves open (they belong to the ``Sentinel``
+    object, which alkey made for this client alone)."""
+
+    def close(self) -> None:
+        super().close()
+        manager = getattr(self.connection_pool, "sentinel_manager", None)
+        for sentinel in getattr(manager, "sentinels", ()):
+            sentinel.close()
+
+
+class _AsyncSentinelPrimary(redis.asyncio.Redis):
+    """:class:`_SentinelPrimary` for asyncio."""
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        manager = getattr(self.connection_pool, "sentinel_manager", None)
+        for sentinel in getattr(manager, "sentinels", ()):
+            await sentinel.aclose()
+
+
+def sentinel_client(configuration: Configuration) -> RedisClient:
+    """A new client of the primary of a Sentinel URL's service, with its own pool:
+    redis-py's ``Sentinel(...).master_for(service, ...)``, with the configuration's
+    database, pool size and client options (alkey's 2 s socket timeouts), the URL's own
+    options over them, and no retries -- as alkey's default client, so that a failover
+    costs a bounded wait.
+
+    Why ``master_for``: its pool asks the sentinels for the primary's address on every
+    new connection and drops connections to a primary that became a replica
+    (``READONLY``), so the client follows a failover by itself; alkey's outage handling
+    covers the seconds in between (misses; bumps kept and replayed on the new primary).
+    """
+    parsed, options, sentinel_kwargs = _sentinel_arguments(configuration)
+    manager = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+        parsed.sentinels, sentinel_kwargs=sentinel_kwargs, **parsed.manager
+    )
+    client: RedisClient = manager.master_for(  # type: ignore[no-untyped-call]
+        parsed.service_name, redis_class=_SentinelPrimary, **options
+    )
+    return client
+
+
+def async_sentinel_client(configuration: Configuration) -> redis.asyncio.Redis:
+    """:func:`sentinel_client` for asyncio: ``redis.asyncio``'s ``master_for`` client,
+    with the same options (for ``alkey.asyncio``'s default client and stores)."""
+    parsed, options, sentinel_kwargs = _sentinel_arguments(configuration)
+    manager = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+        parsed.sentinels, sentinel_kwargs=sentinel_kwargs, **parsed.manager
+    )
+    client: redis.asyncio.Redis = manager.master_for(
+        parsed.service_name, redis_class=_AsyncSentinelPrimary, **options
+    )
+    return client
+
+
+def _sentinel_async_store(configuration: Configuration, client: Any) -> TokenStore:
+    """The asyncio store of a Sentinel URL (``configure(...).store(flavour="asyncio")``):
+    as ``alkey.asyncio``'s for ``redis://``, on a ``redis.asyncio`` ``master_for`` client.
+    ``alkey.asyncio`` is loaded by name, as :func:`scheme_factory` does, so that this
+    layer never imports it."""
+    module = importlib.import_module("alkey.asyncio")
+    chosen = client if client is not None else async_sentinel_client(configuration)
+    store: TokenStore = configured_store(
+        chosen.connection_pool,
+        module.AsyncRedisTokenStore,
+        configuration,
+        lambda options: module.AsyncRedisTokenStore(chosen, options=options),
+        lambda: module.store_for(chosen),
+    )
+    return store
+
+
 for _scheme in REDIS_SCHEMES:
     register_scheme(_scheme, sync=_redis_store)
+for _scheme in SENTINEL_SCHEMES:
+    register_scheme(_scheme, sync=_redis_store, asyncio=_sentinel_async_store)

@@ -241,7 +241,7 @@ def open_valkey_store(
     url: str, loop: asyncio.AbstractEventLoop, options: dict[str, Any]
 ) -> StoreUnderTest:
     """A store on a valkey-py client: its errors must take the same way out."""
-    pool = valkey.ConnectionPool.from_url(
+    pool = valkey.ConnectionPool.from_url(  # type: ignore[no-untyped-call]
         url,
         connection_class=ValkeyCountingConnection,
         socket_timeout=SOCKET_TIMEOUT,
