@@ -2,7 +2,8 @@
 
 The Pyramid, Flask-SQLAlchemy and asyncio sections describe applications of their own;
 their examples run in tests/test_pyramid.py, tests/test_flask.py and
-tests/test_asyncio_docs.py.
+tests/test_asyncio_docs.py; Deploying's run against the servers they name, in
+tests/test_sentinel.py.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import alkey
 
 from .conftest import README, python_blocks, readme_section
 
-OWN_TESTS = ("Pyramid", "Flask-SQLAlchemy", "asyncio")
+OWN_TESTS = ("Pyramid", "Flask-SQLAlchemy", "asyncio", "Deploying")
 
 
 def core_blocks() -> list[str]:

@@ -43,6 +43,7 @@ from alkey.settings import (
 from alkey.tokens import RedisTokenStore, store_for
 
 from .models import User
+from .support.docs import python_blocks, readme_section
 from .support.replication import SERVICE, ReplicationGroup, replication_group
 
 PASSWORD = "pr1mary-s3cret"
@@ -232,6 +233,31 @@ def test_a_master_for_client_built_by_hand_binds_sessions_and_builds_keys(
     finally:
         alkey.unbind(factory)
         client.close()
+
+
+def test_the_readmes_master_for_example_builds_a_store_on_the_primary(
+    group: ReplicationGroup, primary: redis.Redis
+) -> None:
+    """README, "Deploying": the example runs against a real sentinel, with only its
+    address, service name and passwords put in."""
+    [block] = python_blocks(readme_section("Deploying"))
+    port = group.sentinels[0].port
+    for written, real in [
+        ('("sentinel1", 26379)', f'("127.0.0.1", {port})'),
+        ('{"socket_timeout": 2}', f'{{"socket_timeout": 2, "password": "{SENTINEL_PASSWORD}"}}'),
+        ('master_for("mymaster", ', f'master_for("{SERVICE}", password="{PASSWORD}", '),
+    ]:
+        assert written in block
+        block = block.replace(written, real)
+    namespace: dict[str, Any] = {}
+    exec(compile(block, "README.md, Deploying", "exec"), namespace)
+    store = namespace["store"]
+    try:
+        assert isinstance(store, RedisTokenStore)
+        store.fetch([ADA])
+        assert primary.get(ADA) is not None, "the token lives on the primary"
+    finally:
+        namespace["client"].close()
 
 
 def test_the_asyncio_store_of_a_sentinel_url_uses_an_asyncio_master_for_client(
