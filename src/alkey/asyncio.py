@@ -48,8 +48,8 @@ from alkey.settings import (
     configured_store,
     register_scheme,
 )
-from alkey.tokens import Exchange, ScriptStore, TokenStore, shared_store, store_options
-from alkey.transports import AsyncRedisTransport
+from alkey.tokens import Exchange, ScriptStore, TokenStore, share_key, shared_store, store_options
+from alkey.transports import AsyncClusterClient, AsyncRedisTransport, async_transport_for
 
 try:  # SQLAlchemy 2.1 renamed await_only() to await_(); 2.0 only has the old name.
     from sqlalchemy.util.concurrency import await_
@@ -241,7 +241,9 @@ class AsyncRedisTokenStore(ScriptStore):
     up mid-request): the database has committed by then, and a lost bump would leave keys
     stale until their tokens expire.
 
-    ``client`` is a ``redis.asyncio.Redis``; without one, each call uses the running
+    ``client`` is a ``redis.asyncio.Redis`` or a ``redis.asyncio.cluster.RedisCluster``
+    (each call split by hash slot, one pipeline per node, all nodes at once: see
+    :class:`~alkey.transports.AsyncClusterTransport`); without one, each call uses the running
     loop's :func:`get_async_redis_client`, so one store serves every loop of the process
     and keeps its pending bumps across them. Share one store per client
     (:func:`store_for` does this).
@@ -251,7 +253,7 @@ class AsyncRedisTokenStore(ScriptStore):
 
     def __init__(
         self,
-        client: AsyncRedisClient | None = None,
+        client: AsyncRedisClient | AsyncClusterClient | None = None,
         *,
         options: StoreOptions | None = None,
         observers: Sequence[StoreObserver] | None = None,
@@ -275,14 +277,16 @@ class AsyncRedisTokenStore(ScriptStore):
             lease=lease,
         )
         if client is not None:
-            transport = AsyncRedisTransport(client)
+            transport = async_transport_for(client)
         else:  # each loop's default client, with its options
             transport = AsyncRedisTransport(
                 get_client=get_async_redis_client,
                 socket_timeout=DEFAULT_CLIENT_OPTIONS["socket_timeout"],
             )
         super().__init__(options, observers, transport)
-        self.client = client
+        #: As :attr:`RedisTokenStore.client <alkey.tokens.RedisTokenStore.client>`: typed
+        #: as before clusters; a cluster store's is its ``RedisCluster``.
+        self.client: AsyncRedisClient | None = client  # type: ignore[assignment]
         #: How this store's calls travel to Redis (and which errors mean what).
         self.transport: AsyncRedisTransport = transport
         # Bumps that outlived a cancelled caller; referenced until done (asyncio only
@@ -409,7 +413,7 @@ class AsyncRedisTokenStore(ScriptStore):
 _default_store: AsyncRedisTokenStore | None = None
 
 
-def store_for(client: AsyncRedisClient | None = None) -> AsyncRedisTokenStore:
+def store_for(client: AsyncRedisClient | AsyncClusterClient | None = None) -> AsyncRedisTokenStore:
     """The process's shared :class:`AsyncRedisTokenStore` for ``client``'s pool.
 
     As :func:`alkey.tokens.store_for`: the store most recently created on this pool (so a
@@ -427,7 +431,7 @@ def store_for(client: AsyncRedisClient | None = None) -> AsyncRedisTokenStore:
                 _default_store = AsyncRedisTokenStore(options=configure().store_options)
             return _default_store
     return shared_store(
-        client.connection_pool, AsyncRedisTokenStore, lambda: AsyncRedisTokenStore(client)
+        share_key(client), AsyncRedisTokenStore, lambda: AsyncRedisTokenStore(client)
     )
 
 

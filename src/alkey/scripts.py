@@ -1,14 +1,20 @@
 """The Lua scripts behind the token stores, and the script calls of each store call.
 
 Why a module of its own: what a fetch, a bump or an intent *sends* is the same for every
-store and every client library (redis-py, its asyncio client, a cluster client to come);
+store and every client library (redis-py, its asyncio client, their cluster clients);
 only how it travels differs (:mod:`alkey.transports`). Everything here is pure
 bookkeeping -- no I/O, no client library -- so the store core (:mod:`alkey.tokens`) can
 build its round trips here and hand them to whichever transport it has.
+
+On a Redis Cluster a script may only touch keys of one hash slot (``CROSSSLOT``
+otherwise), so a clustered :class:`ScriptCalls` splits every call by slot
+(:func:`key_slot`, computed here without a client library); the transport then sends the
+calls of each node in one pipeline, to all nodes at once.
 """
 
 from __future__ import annotations
 
+import binascii
 import hashlib
 import math
 import secrets
@@ -21,13 +27,54 @@ from alkey.errors import ConfigurationError
 __all__ = [
     "CHUNK_SIZE",
     "CLAIM_LIMIT",
+    "CLUSTER_SLOTS",
     "EPOCH_LENGTH",
     "Call",
     "Script",
     "ScriptCalls",
     "fresh",
+    "key_slot",
     "new_token",
+    "slot_groups",
 ]
+
+#: The hash slots of a Redis Cluster.
+CLUSTER_SLOTS = 16384
+
+
+def key_slot(key: str) -> int:
+    """The Redis Cluster hash slot of ``key``, as the server computes it.
+
+    CRC16 (the XMODEM variant, which :func:`binascii.crc_hqx` computes in C) of the key's
+    UTF-8 bytes, modulo 16384 -- or, if the key holds a non-empty hash tag (the text
+    between its first ``{`` and the next ``}``), of the tag alone, so that keys sharing a
+    tag share a slot (durable mode's ``alkey:{intents}`` keys do; so would every key under
+    a ``key_prefix`` such as ``{myapp}:``). Why here and not the client library's: what a
+    call sends is worked out without one, and the grouping must match the server's
+    exactly whichever client carries the calls (``tests/test_cluster.py`` checks it
+    against ``CLUSTER KEYSLOT``).
+    """
+    data = key.encode()
+    start = data.find(b"{")
+    if start != -1:
+        end = data.find(b"}", start + 1)
+        if end > start + 1:
+            data = data[start + 1 : end]
+    return binascii.crc_hqx(data, 0) % CLUSTER_SLOTS
+
+
+def slot_groups(keys: Sequence[str]) -> list[list[int]]:
+    """The positions of ``keys`` grouped by hash slot -- slots in the order they first
+    appear, positions in order within each: how a clustered call is split."""
+    groups: dict[int, list[int]] = {}
+    for position, key in enumerate(keys):
+        slot = key_slot(key)
+        group = groups.get(slot)
+        if group is None:
+            groups[slot] = [position]
+        else:
+            group.append(position)
+    return list(groups.values())
 
 
 #: Hex digits of the server's replication id kept in a token's epoch: 64 bits, so that two
@@ -146,6 +193,16 @@ CLAIM_LIMIT = 100
 CHUNK_SIZE = 1000
 
 
+def _with_epoch(values: list[Any]) -> list[str]:
+    """One fetch call's tokens (``values[1:]``), each with the call's epoch (``values[0]``)."""
+    epoch = values[0]
+    if type(epoch) is bytes:  # redis-py's default: bytes
+        tail = b"@" + epoch[:EPOCH_LENGTH]
+        return [(v + tail).decode("ascii") for v in values[1:]]
+    text = "@" + str(epoch)[:EPOCH_LENGTH]  # a client built with decode_responses=True
+    return [str(v) + text for v in values[1:]]
+
+
 class Script:
     """A Lua script and its SHA1, the name ``EVALSHA`` runs it by once Redis has it."""
 
@@ -174,24 +231,46 @@ class ScriptCalls:
     """Builds the script calls of a fetch or bump, and reads a fetch's answer.
 
     Pure bookkeeping, no I/O: the sync and asyncio stores send the calls through their
-    transports.
+    transports. ``clustered``: for a Redis Cluster, each call's keys are of one hash slot
+    (a call per slot, and per :data:`CHUNK_SIZE` keys within it); otherwise calls are cut
+    by size alone, and a single Redis pays nothing for the cluster's needs.
     """
 
-    def __init__(self, ttl: int = DEFAULT_TOKEN_TTL, key_prefix: str = "") -> None:
+    def __init__(
+        self, ttl: int = DEFAULT_TOKEN_TTL, key_prefix: str = "", *, clustered: bool = False
+    ) -> None:
         if ttl <= 0:
             raise ConfigurationError(f"ttl must be a positive number of seconds, not {ttl!r}")
         self.ttl = ttl
         self.key_prefix = key_prefix
+        self.clustered = clustered
         #: Where durable mode keeps intents. No identifier can take these names: every
         #: identifier has a ``#``.
         self.intent_keys = [f"{key_prefix}alkey:{{intents}}", f"{key_prefix}alkey:{{intents}}:data"]
 
-    def _calls(self, script: Script, identifiers: Collection[str]) -> list[Call]:
+    def _keys(self, identifiers: Collection[str]) -> list[str]:
         prefix = self.key_prefix
-        keys = [prefix + identifier for identifier in identifiers] if prefix else list(identifiers)
+        return [prefix + identifier for identifier in identifiers] if prefix else list(identifiers)
+
+    def _calls(self, script: Script, identifiers: Collection[str]) -> list[Call]:
+        keys = self._keys(identifiers)
+        if self.clustered:
+            return [
+                (script, [keys[position] for position in chunk], (self.ttl, new_token()))
+                for chunk in self._chunks(keys)
+            ]
         return [
             (script, keys[start : start + CHUNK_SIZE], (self.ttl, new_token()))
             for start in range(0, len(keys), CHUNK_SIZE)
+        ]
+
+    @staticmethod
+    def _chunks(keys: Sequence[str]) -> list[list[int]]:
+        """A clustered call's positions: by slot, then at most :data:`CHUNK_SIZE` each."""
+        return [
+            group[start : start + CHUNK_SIZE]
+            for group in slot_groups(keys)
+            for start in range(0, len(group), CHUNK_SIZE)
         ]
 
     def bump(self, identifiers: Collection[str], intents: Collection[str] = ()) -> list[Call]:
@@ -217,26 +296,39 @@ class ScriptCalls:
         """The replayed bumps first, then the fetch."""
         return [*self.bump(replay), *self._calls(FETCH, identifiers)]
 
-    @staticmethod
-    def tokens(results: list[Any], identifiers: Sequence[str]) -> list[str]:
+    def tokens(self, results: list[Any], identifiers: Sequence[str]) -> list[str]:
         """The fetched tokens, in order, from the results of :meth:`fetch`'s calls, each
-        with its server's epoch folded in (``<token>@<epoch>``: see ``FETCH_SCRIPT``)."""
+        with its server's epoch folded in (``<token>@<epoch>``: see ``FETCH_SCRIPT``).
+
+        On a cluster every call carries the epoch of the node that answered it, so each
+        token gets the epoch of the node that holds it: a failover changes the keys of
+        the promoted node's rows, and only those.
+        """
+        if self.clustered:
+            return self._clustered_tokens(results, identifiers)
         tokens: list[str] = []
         for values in results[-math.ceil(len(identifiers) / CHUNK_SIZE) :]:
-            epoch = values[0]
-            if type(epoch) is bytes:  # redis-py's default: bytes
-                tail = b"@" + epoch[:EPOCH_LENGTH]
-                tokens.extend([(v + tail).decode("ascii") for v in values[1:]])
-            else:  # a client built with decode_responses=True
-                text = "@" + str(epoch)[:EPOCH_LENGTH]
-                tokens.extend([str(v) + text for v in values[1:]])
+            tokens.extend(_with_epoch(values))
         return tokens
 
-    @staticmethod
-    def epochs(results: list[Any], identifiers: Sequence[str]) -> list[str]:
+    def _clustered_tokens(self, results: list[Any], identifiers: Sequence[str]) -> list[str]:
+        """:meth:`tokens` of a clustered fetch, whose calls hold the keys by slot: put
+        back in the order asked (the grouping computed again, as :meth:`fetch` did)."""
+        chunks = self._chunks(self._keys(identifiers))
+        tokens: list[str] = [""] * len(identifiers)
+        for chunk, values in zip(chunks, results[len(results) - len(chunks) :], strict=True):
+            for position, token in zip(chunk, _with_epoch(values), strict=True):
+                tokens[position] = token
+        return tokens
+
+    def epochs(self, results: list[Any], identifiers: Sequence[str]) -> list[str]:
         """The epoch of each server that answered :meth:`fetch`'s calls (``""``: the
-        server hid it)."""
-        chunks = results[-math.ceil(len(identifiers) / CHUNK_SIZE) :]
+        server hid it), one per call."""
+        if self.clustered:
+            count = len(self._chunks(self._keys(identifiers)))
+        else:
+            count = math.ceil(len(identifiers) / CHUNK_SIZE)
+        chunks = results[len(results) - count :]
         return [v.decode("ascii") if type(v) is bytes else str(v) for v, *_ in chunks]
 
     @staticmethod

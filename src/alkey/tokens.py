@@ -40,7 +40,7 @@ from alkey.outages import RECOVERY_BUDGET as RECOVERY_BUDGET
 from alkey.scripts import CHUNK_SIZE, Call, ScriptCalls, fresh, new_token
 from alkey.scripts import CLAIM_LIMIT as CLAIM_LIMIT
 from alkey.transports import POOL_WAIT as POOL_WAIT
-from alkey.transports import AsyncRedisTransport, RedisTransport
+from alkey.transports import AsyncRedisTransport, ClusterClient, RedisTransport, transport_for
 from alkey.transports import RedisClient as RedisClient
 from alkey.transports import checked_socket_timeout as checked_socket_timeout
 
@@ -175,7 +175,7 @@ class ScriptStore:
         #: The store's options (read-only: make a new store to change them).
         self.options = options
         self._observe = ObserverGroup(observers if observers is not None else (LoggingObserver(),))
-        self.calls = ScriptCalls(options.ttl, options.key_prefix)
+        self.calls = ScriptCalls(options.ttl, options.key_prefix, clustered=transport.clustered)
         self.outage = OutageLedger(
             options.on_error, options.max_pending, options.retry_interval, events=self._observe
         )
@@ -443,9 +443,10 @@ class RedisTokenStore(ScriptStore):
     restart or ``SCRIPT FLUSH`` one call is answered ``NOSCRIPT`` and sent again with the
     source. No call ever pays for a ``SCRIPT EXISTS`` round trip.
 
-    Scripts need all their keys on one node. A cluster-aware store (not part of alkey yet)
-    would group keys by hash slot and send one such call per slot in one pipeline per
-    node, behind the same :class:`TokenStore` protocol, through a transport of its own.
+    ``client`` may be a ``redis.cluster.RedisCluster``: scripts need all their keys in one
+    hash slot, so each call is then split by slot, and the calls of each node go out in
+    one pipeline, to every node at once (:class:`~alkey.transports.ClusterTransport`): a
+    call costs one round trip per node it touches, in parallel -- the latency of one.
 
     With ``on_error="degrade"`` (the default), a Redis error never reaches the caller:
 
@@ -494,7 +495,7 @@ class RedisTokenStore(ScriptStore):
 
     def __init__(
         self,
-        client: RedisClient,
+        client: RedisClient | ClusterClient,
         *,
         options: StoreOptions | None = None,
         observers: Sequence[StoreObserver] | None = None,
@@ -517,9 +518,12 @@ class RedisTokenStore(ScriptStore):
             durable=durable,
             lease=lease,
         )
-        transport = RedisTransport(client)
+        transport = transport_for(client)
         super().__init__(options, observers, transport)
-        self.client = client
+        #: The client given. Typed as ``redis.Redis``, as before clusters, so that code
+        #: reaching through it (``store.client.connection_pool``) still type-checks; a
+        #: cluster store's is the ``RedisCluster`` it was given (``transport.cluster``).
+        self.client: RedisClient = client  # type: ignore[assignment]
         #: How this store's calls travel to Redis (and which errors mean what).
         self.transport: RedisTransport = transport
         self._replayer: threading.Thread | None = None
@@ -625,7 +629,7 @@ def _replay_at_exit(store: weakref.ref[RedisTokenStore]) -> None:
         live._replay_now()
 
 
-def store_for(client: RedisClient) -> RedisTokenStore:
+def store_for(client: RedisClient | ClusterClient) -> RedisTokenStore:
     """The process's shared :class:`RedisTokenStore` for ``client``'s connection pool.
 
     That is the store most recently created on this pool -- so a store configured with
@@ -633,6 +637,14 @@ def store_for(client: RedisClient) -> RedisTokenStore:
     ``CacheKeyGenerator(client)``, ``get_token(client, ...)`` and
     ``bind(..., redis_client=client)`` use too -- or a new one with default settings.
     Clients created per request from one pool share it, and with it the bumps that wait
-    for an outage to end.
+    for an outage to end. A ``redis.cluster.RedisCluster`` (which owns a pool per node)
+    shares its store through the client itself.
     """
-    return shared_store(client.connection_pool, RedisTokenStore, lambda: RedisTokenStore(client))
+    return shared_store(share_key(client), RedisTokenStore, lambda: RedisTokenStore(client))
+
+
+def share_key(client: Any) -> object:
+    """What stores of ``client`` are shared through: its connection pool, or a cluster
+    client itself (it has a pool per node, and none of its own)."""
+    pool = getattr(client, "connection_pool", None)
+    return pool if pool is not None else client

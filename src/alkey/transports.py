@@ -15,6 +15,12 @@ that depends on the client library:
   (:func:`store_error`), with the original as ``__cause__``, so the store core never
   sees a client library's exceptions, and a valkey-py or cluster transport plugs in with
   its own mapping.
+
+Redis Cluster (:class:`ClusterTransport`, :class:`AsyncClusterTransport`): the calls come
+split by hash slot (:class:`~alkey.scripts.ScriptCalls` with ``clustered=True``); each is
+addressed to the node serving its slot, and one pipeline per node goes out to every node
+before any answer is read, so a round trip touching three nodes costs the latency of
+one. redis-py's cluster pipeline follows ``MOVED`` and ``ASK`` (a resharding) by itself.
 """
 
 from __future__ import annotations
@@ -28,10 +34,13 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import redis
+import redis.asyncio
+import redis.asyncio.cluster
+import redis.cluster
 import redis.exceptions
 
 from alkey.errors import TokenStoreError, TokenStorePoolExhaustedError, TokenStoreUnavailableError
-from alkey.scripts import Call, ScriptCalls
+from alkey.scripts import CLEAR, Call, ScriptCalls
 
 if TYPE_CHECKING:
     import redis.asyncio
@@ -55,6 +64,10 @@ log = logging.getLogger("alkey.tokens")
 RedisClient: TypeAlias = redis.Redis
 #: The asyncio redis-py client type alkey works with.
 AsyncRedisClient: TypeAlias = "redis.asyncio.Redis"
+#: redis-py's Redis Cluster client.
+ClusterClient: TypeAlias = redis.cluster.RedisCluster
+#: redis-py's asyncio Redis Cluster client.
+AsyncClusterClient: TypeAlias = redis.asyncio.cluster.RedisCluster
 
 #: Seconds a call waits for a connection from an exhausted pool when its client has no
 #: socket timeout to go by (otherwise it waits that long: see :func:`pool_waits`).
@@ -81,7 +94,9 @@ class ClientErrors:
     def __init__(self, exceptions: Any) -> None:
         named = vars(exceptions)
         #: Every error the library raises for a command (its ``RedisError``/``ValkeyError``).
-        self.base: type[Exception] = named.get("RedisError") or named["ValkeyError"]
+        self.base: type[Exception] | tuple[type[Exception], ...] = (
+            named.get("RedisError") or named["ValkeyError"]
+        )
         #: No connection free in the pool.
         self.max_connections: type[Exception] = named["MaxConnectionsError"]
         #: ``NOSCRIPT``: the server forgot a script (restart, ``SCRIPT FLUSH``).
@@ -108,23 +123,64 @@ class ClientErrors:
 
 #: redis-py's errors (also what :func:`store_error` maps by default).
 REDIS_ERRORS = ClientErrors(redis.exceptions)
-_errors_by_library: dict[str, ClientErrors] = {"redis": REDIS_ERRORS}
+
+
+def _cluster_errors(exceptions: Any) -> ClientErrors:
+    """A library's errors as its cluster client raises them: also its
+    ``RedisClusterException``s, which are no ``RedisError``. What means the cluster cannot
+    serve now, and will: a ``RedisClusterException`` (redis-py's cluster client raises
+    them when no node answers its discovery, or no node is known to serve a slot, as
+    during a failover: ``SlotNotCoveredError``), ``MOVED``/``ASK`` answers left once the
+    client followed its redirections, and its ``ClusterError`` ("TTL exhausted": it gave
+    up after too many redirections or ``TRYAGAIN`` answers, as while a slot's keys are
+    half moved)."""
+    errors = ClientErrors(exceptions)
+    named = vars(exceptions)
+    cluster = named.get("RedisClusterException") or named["ValkeyClusterException"]
+    errors.base = (*_classes(errors.base), cluster)
+    errors.unavailable = (
+        *errors.unavailable,
+        named["ClusterError"],  # "TTL exhausted": redirections or TRYAGAIN, too many
+        named["AskError"],  # MOVED or ASK, still, after the client followed them
+        cluster,  # no node reachable to map the slots, a slot no node serves...
+    )
+    return errors
+
+
+def _classes(base: type[Exception] | tuple[type[Exception], ...]) -> tuple[type[Exception], ...]:
+    return base if isinstance(base, tuple) else (base,)
+
+
+#: redis-py's errors, as its cluster clients raise them.
+CLUSTER_ERRORS = _cluster_errors(redis.exceptions)
+_errors_by_library: dict[str, ClientErrors] = {
+    "redis": REDIS_ERRORS,
+    "redis cluster": CLUSTER_ERRORS,
+}
 
 
 def errors_of(client: object) -> ClientErrors:
     """The error classes of ``client``'s library: redis-py's, or valkey-py's for a valkey
     client (any library laid out like redis-py, found by the client's top-level
-    package)."""
+    package); for a cluster client, with its cluster errors (:func:`_cluster_errors`)."""
     library = type(client).__module__.partition(".")[0]
-    errors = _errors_by_library.get(library)
+    key = f"{library} cluster" if is_cluster(client) else library
+    errors = _errors_by_library.get(key)
     if errors is None:
         try:
             module = importlib.import_module(f"{library}.exceptions")
-            errors = ClientErrors(module)
+            errors = _cluster_errors(module) if is_cluster(client) else ClientErrors(module)
         except (ImportError, KeyError):
-            errors = REDIS_ERRORS  # not laid out like redis-py: map what we know
-        _errors_by_library[library] = errors
+            errors = CLUSTER_ERRORS if is_cluster(client) else REDIS_ERRORS
+        _errors_by_library[key] = errors
     return errors
+
+
+def is_cluster(client: object) -> bool:
+    """Whether ``client`` is a Redis Cluster client -- redis-py's ``RedisCluster`` (sync
+    or asyncio), or one laid out like it (valkey-py's ``ValkeyCluster``): it maps slots
+    to nodes and has no connection pool of its own."""
+    return hasattr(client, "nodes_manager") and hasattr(client, "get_node_from_key")
 
 
 def store_error(error: Exception, errors: ClientErrors = REDIS_ERRORS) -> TokenStoreError:
@@ -135,7 +191,11 @@ def store_error(error: Exception, errors: ClientErrors = REDIS_ERRORS) -> TokenS
       Redis is fine, this process ran out of connections;
     * Redis cannot be reached or cannot serve now -- connection refused or lost,
       timeouts, ``LOADING``, ``BUSY`` (a long script), ``READONLY`` (a replica), ``MASTERDOWN``,
-      cluster down -> :class:`TokenStoreUnavailableError`;
+      cluster down -> :class:`TokenStoreUnavailableError`; through a cluster client also
+      a failover or resharding under way (see :func:`_cluster_errors`);
+    * a plain client pointed at one node of a Redis Cluster (``CROSSSLOT``, ``MOVED``,
+      ``ASK``) -> :class:`TokenStoreError`, whose message says to use a cluster client:
+      without it every key would miss, for good, behind a log line about an outage;
     * anything else (``OOM`` of a full Redis, a wrong type...) -> :class:`TokenStoreError`.
 
     ``errors``: the classes of the library that raised it (:func:`errors_of`; default
@@ -148,7 +208,20 @@ def store_error(error: Exception, errors: ClientErrors = REDIS_ERRORS) -> TokenS
         isinstance(error, errors.response) and str(error).startswith(("BUSY ", "READONLY "))
     ):
         return TokenStoreUnavailableError(*error.args)
+    if isinstance(error, errors.response) and (
+        str(error).startswith("CROSSSLOT") or type(error).__name__ in _CLUSTER_NODE_ANSWERS
+    ):
+        return TokenStoreError(
+            f"{type(error).__name__}: {error} -- this Redis is a node of a Redis Cluster: "
+            "give alkey a redis.cluster.RedisCluster (redis.asyncio.cluster.RedisCluster "
+            "under asyncio), which sends each hash slot's keys to the node that serves it"
+        )
     return TokenStoreError(*error.args)
+
+
+#: What a client library makes of a cluster node's answers to a call that a plain client
+#: sent it: keys of several slots (``CROSSSLOT``), or of a slot another node serves.
+_CLUSTER_NODE_ANSWERS = ("ClusterCrossSlotError", "AskError", "MovedError")
 
 
 def pool_waits(pool_wait: float) -> Iterator[float]:
@@ -176,6 +249,9 @@ class RedisTransport:
 
     :meth:`run` raises only alkey's errors (see :func:`store_error`).
     """
+
+    #: Whether calls must be split by hash slot (a Redis Cluster): not here.
+    clustered = False
 
     def __init__(self, client: RedisClient) -> None:
         self.client = client
@@ -244,6 +320,9 @@ class AsyncRedisTransport:
     has no :attr:`share_key`. :meth:`run` raises only alkey's errors.
     """
 
+    #: As :attr:`RedisTransport.clustered`.
+    clustered = False
+
     def __init__(
         self,
         client: AsyncRedisClient | None = None,
@@ -310,6 +389,225 @@ class AsyncRedisTransport:
         for command in commands:
             pipe.execute_command(*command)
         return ScriptCalls.checked(await pipe.execute(raise_on_error=False))
+
+
+# -- Redis Cluster ----------------------------------------------------------------------------
+
+
+def _waves(calls: list[Call], nodes: list[str]) -> list[list[int]]:
+    """The positions of ``calls`` (addressed to ``nodes``) in the order their pipelines may
+    go out: usually one wave, to every node at once.
+
+    Why sometimes two: durable mode clears an intent (:data:`~alkey.scripts.CLEAR`) in the
+    round trip of the bump that carries it out, and the clear must never succeed where the
+    bump failed -- the intent is what lets another process make the bump. On one Redis
+    they share a connection and fail together; on a cluster the intents live on their own
+    slot's node, which can answer while a bump's node is down. So when the round trip
+    also goes to other nodes, the clear -- and what follows it on its node, to keep that
+    node's order -- waits until every other call has succeeded: one more round trip, for
+    durable writing commits on a cluster only.
+    """
+    everything = list(range(len(calls)))
+    first = next((i for i, (script, _, _) in enumerate(calls) if script is CLEAR), None)
+    if first is None or all(node == nodes[first] for node in nodes):
+        return [everything]
+    later = [i for i in everything if i >= first and nodes[i] == nodes[first]]
+    after = set(later)
+    return [[i for i in everything if i not in after], later]
+
+
+class _ClusterRoundTrip:
+    """One round trip of script calls on a cluster: the node each call goes to, each
+    node's loaded scripts (``EVALSHA`` there, ``EVAL`` with the source elsewhere), and the
+    results as they come."""
+
+    def __init__(
+        self,
+        calls: list[Call],
+        nodes: list[Any],
+        loaded: dict[str, frozenset[str]],
+        errors: ClientErrors,
+    ) -> None:
+        self.calls = calls
+        self.nodes = nodes
+        self.names: list[str] = [node.name for node in nodes]
+        self.loaded = loaded
+        self.errors = errors
+        self.results: list[Any] = [None] * len(calls)
+
+    def commands(self, positions: list[int]) -> list[tuple[tuple[Any, ...], Any]]:
+        """The command of each call at ``positions``, with its node."""
+        return [
+            (
+                ScriptCalls.commands([self.calls[i]], self.loaded.get(self.names[i], frozenset()))[
+                    0
+                ],
+                self.nodes[i],
+            )
+            for i in positions
+        ]
+
+    def answered(self, positions: list[int], results: list[Any]) -> list[int]:
+        """Keep the results of the calls at ``positions``; return the positions to send
+        again with the script's source: those whose node answered ``NOSCRIPT`` (it
+        restarted, was promoted, or flushed its scripts), which forgets its scripts."""
+        again = []
+        for i, result in zip(positions, results, strict=True):
+            name = self.names[i]
+            if isinstance(result, self.errors.no_script):
+                self.loaded[name] = frozenset()
+                again.append(i)
+                continue
+            self.results[i] = result
+            if not isinstance(result, Exception):
+                self.loaded[name] = self.loaded.get(name, frozenset()) | {self.calls[i][0].sha}
+        return again
+
+    def checked(self, positions: list[int]) -> None:
+        """Raise the first error among the results at ``positions``."""
+        ScriptCalls.checked([self.results[i] for i in positions])
+
+
+class ClusterTransport(RedisTransport):
+    """Script calls over redis-py's ``redis.cluster.RedisCluster``: one pipeline per node
+    touched, each written before any is read, so a round trip costs the latency of the
+    slowest node, not the sum (``tests/test_cluster.py`` measures it).
+
+    Each call is addressed to the node serving its slot (``target_nodes``): left to
+    itself, redis-py 8's sync cluster pipeline asks a server for the keys of every
+    ``EVAL`` and ``EVALSHA`` (``COMMAND GETKEYS``) first, one round trip per call, one
+    after the other. A call answered ``MOVED`` or ``ASK`` (a slot changing hands) is sent
+    again by redis-py to the node named, before the pipeline returns. Which scripts are
+    loaded is tracked per node: a node that never ran one, or forgot it, gets its source.
+    """
+
+    clustered = True
+
+    def __init__(self, client: ClusterClient) -> None:
+        self.client = client  # type: ignore[assignment]
+        self.cluster = client
+        self.socket_timeout = checked_socket_timeout(_cluster_options(client))
+        self.pool_wait = self.socket_timeout or POOL_WAIT
+        #: The cluster client: it owns every node's connection pool.
+        self.share_key = client
+        self.errors = errors_of(client)
+        self._loaded = frozenset()
+        self._node_scripts: dict[str, frozenset[str]] = {}
+        self._rediscover = False
+
+    def _run_once(self, calls: list[Call]) -> list[Any]:
+        client = self.cluster
+        try:
+            if self._rediscover:
+                client.nodes_manager.initialize()
+                self._rediscover = False
+            nodes = [self._node(keys[0]) for _, keys, _ in calls]
+            trip = _ClusterRoundTrip(calls, nodes, self._node_scripts, self.errors)
+            for wave in _waves(calls, trip.names):
+                again = trip.answered(wave, self._pipeline(trip.commands(wave)))
+                if again:
+                    trip.answered(again, self._pipeline(trip.commands(again)))
+                trip.checked(wave)
+        except self.errors.unavailable:
+            # A node failed or a slot moved: ask the cluster who serves what before the
+            # next call (CLUSTER SLOTS, one round trip once), or a client would go on
+            # sending a failed-over primary's slots to the dead node.
+            self._rediscover = True
+            raise
+        return trip.results
+
+    def _node(self, key: str) -> Any:
+        """The node that serves ``key``'s slot, as far as the client knows."""
+        return self.cluster.get_node_from_key(key)  # type: ignore[no-untyped-call]
+
+    def _pipeline(self, commands: list[tuple[tuple[Any, ...], Any]]) -> list[Any]:
+        pipe = self.cluster.pipeline(transaction=False)  # type: ignore[no-untyped-call]
+        for command, node in commands:
+            pipe.execute_command(*command, target_nodes=node)
+        results: list[Any] = pipe.execute(raise_on_error=False)
+        return results
+
+
+class AsyncClusterTransport(AsyncRedisTransport):
+    """:class:`ClusterTransport` for ``redis.asyncio.cluster.RedisCluster``, whose cluster
+    pipeline sends each node's commands in a task of its own, all gathered."""
+
+    clustered = True
+
+    def __init__(self, client: AsyncClusterClient) -> None:
+        self.client = client  # type: ignore[assignment]
+        self.cluster = client
+        self._get_client = None
+        self.socket_timeout = checked_socket_timeout(_cluster_options(client))
+        self.pool_wait = self.socket_timeout or POOL_WAIT
+        self.share_key = client
+        self.errors = errors_of(client)
+        self._loaded = frozenset()
+        self._node_scripts: dict[str, frozenset[str]] = {}
+        self._rediscover = False
+
+    async def _run_once(self, calls: list[Call]) -> list[Any]:
+        client = self.cluster
+        try:
+            if client._initialize:  # first use: discover the cluster
+                await client.initialize()
+            elif self._rediscover:
+                await client.nodes_manager.initialize()
+            self._rediscover = False
+            nodes = [client.get_node_from_key(keys[0]) for _, keys, _ in calls]
+            trip = _ClusterRoundTrip(calls, nodes, self._node_scripts, self.errors)
+            for wave in _waves(calls, trip.names):
+                again = trip.answered(wave, await self._pipeline(trip.commands(wave)))
+                if again:
+                    trip.answered(again, await self._pipeline(trip.commands(again)))
+                trip.checked(wave)
+        except self.errors.unavailable:
+            # As ClusterTransport: the asyncio cluster pipeline never asks the cluster
+            # again after a node failed, so a failed-over primary's slots would go on
+            # being sent to the dead node.
+            self._rediscover = True
+            raise
+        return trip.results
+
+    async def _pipeline(self, commands: list[tuple[tuple[Any, ...], Any]]) -> list[Any]:
+        pipe = self.cluster.pipeline(transaction=False)
+        for command, node in commands:
+            pipe.execute_command(*command, target_nodes=node)
+        results: list[Any] = await pipe.execute(raise_on_error=False)
+        return results
+
+
+class _ClusterOptions:
+    """A cluster client's connection options, shaped like a connection pool's, for
+    :func:`checked_socket_timeout`: every node's connections are made with them."""
+
+    def __init__(self, options: dict[str, Any], connection_class: Any, retry: Any) -> None:
+        self.connection_kwargs = {**options, "retry": retry}
+        self.connection_class = connection_class
+
+
+def _cluster_options(client: ClusterClient | AsyncClusterClient) -> _ClusterOptions:
+    manager = getattr(client, "nodes_manager", None)
+    options: dict[str, Any] = dict(
+        getattr(client, "connection_kwargs", None) or getattr(manager, "connection_kwargs", {})
+    )
+    asyncio_client = isinstance(client, redis.asyncio.cluster.RedisCluster)
+    default = redis.asyncio.Connection if asyncio_client else redis.Connection
+    return _ClusterOptions(options, options.pop("connection_class", default), client.retry)
+
+
+def transport_for(client: RedisClient | ClusterClient) -> RedisTransport:
+    """The transport of a synchronous client: a cluster client's, or a plain one's."""
+    if is_cluster(client):
+        return ClusterTransport(client)  # type: ignore[arg-type]
+    return RedisTransport(client)  # type: ignore[arg-type]
+
+
+def async_transport_for(client: AsyncRedisClient | AsyncClusterClient) -> AsyncRedisTransport:
+    """The transport of an asyncio client: a cluster client's, or a plain one's."""
+    if is_cluster(client):
+        return AsyncClusterTransport(client)  # type: ignore[arg-type]
+    return AsyncRedisTransport(client)  # type: ignore[arg-type]
 
 
 def _connection_option(pool: Any, name: str) -> Any:
