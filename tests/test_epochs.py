@@ -26,6 +26,7 @@ import alkey
 from alkey.asyncio import AsyncRedisTokenStore
 from alkey.cache import CacheKeyGenerator
 from alkey.embedded import EmbeddedRedis
+from alkey.errors import TokenStoreUnavailableError
 from alkey.scripts import EPOCH_LENGTH
 from alkey.tokens import RedisClient, RedisTokenStore
 
@@ -166,3 +167,28 @@ def test_with_a_valkey_asyncio_client_keys_change_after_a_bump_and_miss_in_an_ou
         await client.aclose()
 
     asyncio.run(scenario())
+
+
+def test_a_primary_cut_off_from_its_replicas_refuses_bumps_which_are_kept_and_replayed() -> None:
+    """The README's split-brain advice: with ``min-replicas-to-write``, a primary that
+    cannot reach a replica answers ``NOREPLICAS`` instead of taking a bump it may lose;
+    alkey keeps the bump, like any outage's, and sends it again once writes are taken."""
+    with EmbeddedRedis() as server:
+        client = redis.Redis.from_url(server.url, socket_timeout=2, retry=None)
+        store = RedisTokenStore(client, retry_interval=0)
+        client.set("alkey:users#1", "before")
+        client.config_set("min-replicas-to-write", 1)  # and no replica answers
+        store.bump(["alkey:users#1"])
+        assert client.get("alkey:users#1") == b"before", "refused"
+        assert store.pending == frozenset({"alkey:users#1"}), "kept for replay"
+        raising = RedisTokenStore(
+            redis.Redis.from_url(server.url, socket_timeout=2, retry=None), on_error="raise"
+        )
+        with pytest.raises(TokenStoreUnavailableError, match="NOREPLICAS"):
+            raising.bump(["alkey:users#2"])
+        client.config_set("min-replicas-to-write", 0)
+        store.outage.probe_now()
+        assert store.wait_replayed(5)
+        assert client.get("alkey:users#1") != b"before", "replayed"
+        client.close()
+        raising.client.close()

@@ -240,7 +240,7 @@ def test_the_readmes_master_for_example_builds_a_store_on_the_primary(
 ) -> None:
     """README, "Deploying": the example runs against a real sentinel, with only its
     address, service name and passwords put in."""
-    [block] = python_blocks(readme_section("Deploying"))
+    [block] = [b for b in python_blocks(readme_section("Deploying")) if "Sentinel(" in b]
     port = group.sentinels[0].port
     for written, real in [
         ('("sentinel1", 26379)', f'("127.0.0.1", {port})'),

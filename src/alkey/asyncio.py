@@ -43,7 +43,9 @@ from alkey.options import ErrorPolicy, StoreOptions
 from alkey.settings import (
     DEFAULT_CLIENT_OPTIONS,
     REDIS_SCHEMES,
+    SENTINEL_SCHEMES,
     Configuration,
+    async_sentinel_client,
     configure,
     configured_store,
     register_scheme,
@@ -114,7 +116,10 @@ _loop_clients_lock = threading.Lock()
 def async_client(configuration: Configuration) -> AsyncRedisClient:
     """A new asyncio client with its own pool, as :func:`alkey.settings.redis_client`
     builds the sync one: the configuration's URL, database, pool size and client options
-    (socket timeouts, so that an unreachable Redis costs seconds, never a hang)."""
+    (socket timeouts, so that an unreachable Redis costs seconds, never a hang); for a
+    Sentinel URL, the primary's ``master_for`` client, which follows a failover."""
+    if configuration.scheme in SENTINEL_SCHEMES:
+        return async_sentinel_client(configuration)
     options: dict[str, Any] = dict(configuration.client_options)
     if configuration.max_connections is not None:
         options["max_connections"] = configuration.max_connections

@@ -113,7 +113,7 @@ FETCH_SCRIPT = """
 local info = redis.pcall('INFO', 'replication')
 local epoch = ''
 if type(info) == 'string' then
-  if string.find(info, 'role:slave', 1, true) then
+  if string.find(info, 'role:slave', 1, true) or string.find(info, 'role:replica', 1, true) then
     return redis.error_reply('READONLY alkey reads tokens only from the primary')
   end
   epoch = string.match(info, 'master_replid:(%x+)') or ''

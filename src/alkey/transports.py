@@ -183,6 +183,11 @@ def is_cluster(client: object) -> bool:
     return hasattr(client, "nodes_manager") and hasattr(client, "get_node_from_key")
 
 
+# Error answers of a server that cannot serve now but will, whichever class a client
+# library gives them: a long script, a replica, a primary cut off from its replicas.
+_CANNOT_SERVE_NOW = ("BUSY ", "READONLY ", "NOREPLICAS ")
+
+
 def store_error(error: Exception, errors: ClientErrors = REDIS_ERRORS) -> TokenStoreError:
     """alkey's error for a client library's error (raise it ``from error``).
 
@@ -190,8 +195,10 @@ def store_error(error: Exception, errors: ClientErrors = REDIS_ERRORS) -> TokenS
       ``BlockingConnectionPool``'s timeout) -> :class:`TokenStorePoolExhaustedError`:
       Redis is fine, this process ran out of connections;
     * Redis cannot be reached or cannot serve now -- connection refused or lost,
-      timeouts, ``LOADING``, ``BUSY`` (a long script), ``READONLY`` (a replica), ``MASTERDOWN``,
-      cluster down -> :class:`TokenStoreUnavailableError`; through a cluster client also
+      timeouts, ``LOADING``, ``BUSY`` (a long script), ``READONLY`` (a replica),
+      ``MASTERDOWN``, ``NOREPLICAS`` (a primary cut off from its replicas, under
+      ``min-replicas-to-write``), cluster down -> :class:`TokenStoreUnavailableError`;
+      through a cluster client also
       a failover or resharding under way (see :func:`_cluster_errors`);
     * a plain client pointed at one node of a Redis Cluster (``CROSSSLOT``, ``MOVED``,
       ``ASK``) -> :class:`TokenStoreError`, whose message says to use a cluster client:
@@ -205,7 +212,7 @@ def store_error(error: Exception, errors: ClientErrors = REDIS_ERRORS) -> TokenS
     if isinstance(error, errors.max_connections) or error.args == _BLOCKING_POOL_TIMEOUT:
         return TokenStorePoolExhaustedError(*error.args)
     if isinstance(error, errors.unavailable) or (
-        isinstance(error, errors.response) and str(error).startswith(("BUSY ", "READONLY "))
+        isinstance(error, errors.response) and str(error).startswith(_CANNOT_SERVE_NOW)
     ):
         return TokenStoreUnavailableError(*error.args)
     if isinstance(error, errors.response) and (
