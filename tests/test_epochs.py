@@ -19,6 +19,7 @@ import pytest
 import redis
 import valkey
 import valkey.asyncio
+import valkey.exceptions
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -29,6 +30,7 @@ from alkey.embedded import EmbeddedRedis
 from alkey.errors import TokenStoreUnavailableError
 from alkey.scripts import EPOCH_LENGTH
 from alkey.tokens import RedisClient, RedisTokenStore
+from alkey.transports import errors_of
 
 from .models import User
 
@@ -134,18 +136,23 @@ def test_with_a_valkey_client_an_outage_breaks_no_commit_and_no_key_and_loses_no
         session.add(user)
         session.commit()
     key_before = generate(user)
+    observer = redis.Redis.from_url(private_redis.url)
+    row = "alkey:users#1"
+    before = observer.get(row)
+    observer.save()  # the restart brings this token back: only the replay can change it
     private_redis.stop()
     with factory() as session:
         session.get_one(User, 1).name = "grace"
         session.commit()  # must not raise
     outage_key = generate(user)  # must not raise: a miss
     assert outage_key not in (key_before, generate(user)), "fresh tokens: a guaranteed miss"
-    assert store.pending, "the bump is kept for replay"
+    assert row in store.pending, "the bump is kept for replay"
     private_redis.start()
     store.outage.probe_now()
     generate(user)  # carries the kept bump
     assert store.wait_replayed(5)
-    assert generate(user) != key_before
+    assert observer.get(row) not in (None, before), "the kept bump reached Redis"
+    observer.close()
 
 
 def test_with_a_valkey_asyncio_client_keys_change_after_a_bump_and_miss_in_an_outage(
@@ -192,3 +199,37 @@ def test_a_primary_cut_off_from_its_replicas_refuses_bumps_which_are_kept_and_re
         assert client.get("alkey:users#1") != b"before", "replayed"
         client.close()
         raising.client.close()
+
+
+class AppValkey(valkey.Valkey):
+    """An application's own subclass of a valkey client (its module is not valkey's)."""
+
+
+def test_a_subclass_of_a_valkey_client_takes_the_same_way_out_in_an_outage() -> None:
+    """The library is found through the client's bases: an application's subclass of
+    ``valkey.Valkey`` must not be mapped by redis-py's errors, or valkey's
+    ``ConnectionError`` escapes key generation and the commit's bump."""
+    with EmbeddedRedis() as server:
+        url = server.url
+    client = AppValkey.from_url(url, socket_timeout=0.3, socket_connect_timeout=0.3, retry=None)
+    assert errors_of(client).base == (valkey.exceptions.ValkeyError,)
+    store = RedisTokenStore(client)  # type: ignore[arg-type]
+    key = CacheKeyGenerator(tokens=store)("alkey:users#1")  # must not raise
+    assert len(key) == 64
+    store.bump(["alkey:users#1"])  # must not raise
+    assert store.pending == frozenset({"alkey:users#1"})
+    raising = RedisTokenStore(client, on_error="raise")  # type: ignore[arg-type]
+    with pytest.raises(TokenStoreUnavailableError):
+        raising.fetch(["alkey:users#1"])
+
+
+def test_a_client_of_no_known_library_is_mapped_by_every_known_librarys_errors() -> None:
+    """Fail closed: errors of any library alkey knows are alkey's, whatever the client."""
+
+    class Elsewhere:
+        pass
+
+    errors = errors_of(Elsewhere())
+    assert redis.exceptions.RedisError in errors.base
+    assert valkey.exceptions.ValkeyError in errors.base
+    assert valkey.exceptions.ConnectionError in errors.unavailable

@@ -122,9 +122,9 @@ def test_a_malformed_sentinel_url_is_refused_at_configuration_without_its_passwo
 
 
 def test_passwords_in_a_sentinel_url_are_masked_in_its_user_part_and_its_query() -> None:
-    url = "rediss+sentinel://app:pw1@s1:26379,s2:26380/svc/0?sentinel_password=pw2&x=1"
+    url = "rediss+sentinel://app:pw1@s1:26379,s2:26380/svc/0?sentinel_password=pw2&db=1"
     assert redact_url(url) == (
-        "rediss+sentinel://app:***@s1:26379,s2:26380/svc/0?sentinel_password=***&x=1"
+        "rediss+sentinel://app:***@s1:26379,s2:26380/svc/0?sentinel_password=***&db=1"
     )
     configuration = configure(url=url, env={})
     for shown in (repr(configuration), configuration.describe(), configuration.redacted_url):
@@ -141,6 +141,18 @@ def test_a_tls_sentinel_url_connects_to_the_primary_and_the_sentinels_over_tls()
     [sentinel] = pool.sentinel_manager.sentinels
     assert issubclass(sentinel.connection_pool.connection_class, redis.SSLConnection)
     assert sentinel.connection_pool.connection_kwargs["ssl_cert_reqs"] == "none"
+    client.close()
+
+
+def test_sentinel_ssl_false_keeps_the_sentinels_plain_while_the_primary_uses_tls() -> None:
+    """``sentinel_ssl=false`` is a boolean, not the text "false" (which is true)."""
+    client = redis_client(
+        configure(url="rediss+sentinel://s1:26379/svc?sentinel_ssl=false", env={})
+    )
+    pool: Any = client.connection_pool
+    assert issubclass(pool.connection_class, redis.sentinel.SentinelManagedSSLConnection)
+    [sentinel] = pool.sentinel_manager.sentinels
+    assert not issubclass(sentinel.connection_pool.connection_class, redis.SSLConnection)
     client.close()
 
 
@@ -244,7 +256,7 @@ def test_the_readmes_master_for_example_builds_a_store_on_the_primary(
     port = group.sentinels[0].port
     for written, real in [
         ('("sentinel1", 26379)', f'("127.0.0.1", {port})'),
-        ('{"socket_timeout": 2}', f'{{"socket_timeout": 2, "password": "{SENTINEL_PASSWORD}"}}'),
+        ('"socket_timeout": 2,', f'"socket_timeout": 2, "password": "{SENTINEL_PASSWORD}",'),
         ('master_for("mymaster", ', f'master_for("{SERVICE}", password="{PASSWORD}", '),
     ]:
         assert written in block

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -466,3 +467,63 @@ def test_an_asyncio_store_is_built_from_the_same_configuration_and_shared_per_po
     asyncio.run(bump_through_the_configured_store())
     assert redis_client.keys("*") == [b"aio:alkey:users#1"]
     assert 0 < redis_client.ttl("aio:alkey:users#1") <= 60
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "rediss://:AbC/dEf+Gh=@host:6380/0",  # an Azure-style key with a "/"
+        "redis://user:Xy7#Zq9w@host:6379/0",
+        "redis+sentinel://:Qw8?Er4t@sentinel1:26379/svc/0",
+    ],
+)
+def test_a_password_with_an_unencoded_slash_hash_or_question_mark_is_refused_unshown(
+    url: str,
+) -> None:
+    """A URL parser ends the user part at such a character: refused at configuration,
+    saying how to encode the password, and never showing a piece of it."""
+    with pytest.raises(ConfigurationError) as raised:
+        configure(url=url, env={})
+    message = str(raised.value)
+    assert "percent-encoded" in message
+    assert "quote(password" in message
+    password = url.partition("://")[2].rpartition("@")[0].partition(":")[2]
+    for piece in (password, *re.split(r"[/#?]", password)):
+        assert piece not in message, piece
+
+
+def test_an_at_sign_in_a_query_options_value_is_no_password() -> None:
+    configuration = configure(url="redis://h:1/0?client_name=me@x", env={})
+    assert configuration.url == "redis://h:1/0?client_name=me@x"
+
+
+@pytest.mark.parametrize(
+    ("url", "named", "suggested"),
+    [
+        ("redis://host:6379/0?foo=1", "'foo'", None),
+        ("redis://host:6379/0?socket_timout=1", "'socket_timout'", "socket_timeout"),
+        (
+            "redis+sentinel://s1:26379/svc?sentinel_pasword=S3cr3tPw",
+            "'sentinel_pasword'",
+            "sentinel_password",
+        ),
+    ],
+)
+def test_an_unknown_url_option_is_refused_at_configuration_with_a_suggestion(
+    url: str, named: str, suggested: str | None
+) -> None:
+    """redis-py would hand it to every new connection, whose TypeError would reach the
+    first commit; refused here instead, naming it (and its value masked if it may be a
+    password)."""
+    with pytest.raises(ConfigurationError) as raised:
+        configure(url=url, env={})
+    message = str(raised.value)
+    assert f"{named} is not an option of a Redis connection" in message
+    if suggested:
+        assert f"did you mean {suggested}?" in message
+    assert "S3cr3tPw" not in message
+
+
+def test_every_redis_py_connection_option_passes_configuration() -> None:
+    url = "redis://h:1/0?socket_timeout=3&max_connections=5&client_name=app&protocol=3"
+    assert configure(url=url, env={}).url == url

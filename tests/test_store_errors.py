@@ -158,3 +158,36 @@ def test_under_the_degrade_policy_the_same_failures_raise_nothing() -> None:
     assert len(store.fetch(["alkey:users#1"])) == 1, "a miss, no exception"
     assert store.outage.skip(), "Redis is marked down instead"
     client.close()
+
+
+#: What redis-py before 7.4 put in a Sentinel ``MasterNotFoundError``: each sentinel
+#: client's repr, with its connection's password.
+LEAKY_MESSAGE = (
+    "No master found for 'svc' : <redis.client.Redis(<redis.connection.ConnectionPool("
+    "<redis.connection.Connection(db=0,username=None,password=S3NT1NEL-PW,socket_timeout=2)"
+    ">)>)>, {'password': 'PR1MARY-PW', 'port': 26379}"
+)
+
+
+def test_a_password_in_a_client_libraries_error_message_is_masked_in_alkeys_error_and_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """alkey raises and logs its client library's messages; whatever one prints of a
+    connection, no password gets through (``alkey.errors.redacted``)."""
+    from alkey.observers import LoggingObserver
+    from alkey.transports import store_error
+
+    cause = redis.exceptions.ConnectionError(LEAKY_MESSAGE)
+    error = store_error(cause)
+    error.__cause__ = cause
+    assert isinstance(error, TokenStoreUnavailableError)
+    assert "S3NT1NEL-PW" not in str(error)
+    assert "PR1MARY-PW" not in str(error)
+    assert "password=***" in str(error), "says what was there"
+    with caplog.at_level("WARNING", logger="alkey"):
+        LoggingObserver().outage_began(
+            action="fetch tokens", error=error, pending=0, dropped=0, max_pending=1
+        )
+    assert "No master found for 'svc'" in caplog.text
+    assert "S3NT1NEL-PW" not in caplog.text
+    assert "PR1MARY-PW" not in caplog.text

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 from typing import Literal
+from urllib.parse import quote
 
 import redis
 from redis.backoff import NoBackoff
@@ -84,7 +85,7 @@ class EmbeddedRedis:
 
     @property
     def url(self) -> str:
-        auth = f":{self.password}@" if self.password is not None else ""
+        auth = f":{quote(self.password, safe='')}@" if self.password is not None else ""
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, *, loaded: bool = True) -> EmbeddedRedis:

@@ -13,6 +13,8 @@ subclasses :class:`ValueError` for the same reason.
 
 from __future__ import annotations
 
+import re
+
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
@@ -22,7 +24,27 @@ __all__ = [
     "TokenStoreError",
     "TokenStorePoolExhaustedError",
     "TokenStoreUnavailableError",
+    "redacted",
 ]
+
+# A password in a client's repr or options, as client libraries print them in their
+# errors: ``password=s3cret,`` / ``password=s3cret>`` (a connection's repr) and
+# ``'password': 's3cret'`` (a dict of options); any option ending in "password".
+_PASSWORD = re.compile(
+    r"""(password=)[^,>)\s]*|(password['"]?\s*:\s*)(?:'[^']*'|"[^"]*"|[^,}\s]*)""",
+    re.IGNORECASE,
+)
+
+
+def redacted(text: str) -> str:
+    """``text`` with every password a client library may have put in it masked.
+
+    Why: alkey logs and raises its client library's error messages, which are meant to
+    name only host and port; but some do more -- redis-py before 7.4 printed each sentinel
+    client's connection, password included, in ``MasterNotFoundError`` -- and alkey's
+    promise is that no password reaches a log or an error of its own.
+    """
+    return _PASSWORD.sub(lambda m: f"{m.group(1) or m.group(2)}***", text)
 
 
 class AlkeyError(Exception):

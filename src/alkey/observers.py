@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from alkey.constants import UNKNOWN_WRITES
+from alkey.errors import redacted
 
 __all__ = ["EVENTS", "LoggingObserver", "ObserverGroup", "StoreObserver"]
 
@@ -110,7 +111,8 @@ class LoggingObserver(StoreObserver):
     were replayed), the same for an exhausted pool, and for recoveries of due intents.
 
     Installed by default; leave it out of a store's ``observers`` to silence them.
-    Passwords never appear: redis-py's errors name only host and port.
+    Passwords never appear: client errors name host and port, and anything that looks
+    like a password in them is masked (:func:`~alkey.errors.redacted`).
     """
 
     def outage_began(
@@ -122,7 +124,7 @@ class LoggingObserver(StoreObserver):
             "%d bump(s) kept for replay, %d over max_pending=%d.",
             action,
             type(cause).__name__,
-            cause,
+            redacted(str(cause)),
             pending,
             dropped,
             max_pending,
@@ -145,7 +147,7 @@ class LoggingObserver(StoreObserver):
             "ones use it as usual.",
             action,
             type(cause).__name__,
-            cause,
+            redacted(str(cause)),
             pending,
         )
 

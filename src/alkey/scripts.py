@@ -321,16 +321,6 @@ class ScriptCalls:
                 tokens[position] = token
         return tokens
 
-    def epochs(self, results: list[Any], identifiers: Sequence[str]) -> list[str]:
-        """The epoch of each server that answered :meth:`fetch`'s calls (``""``: the
-        server hid it), one per call."""
-        if self.clustered:
-            count = len(self._chunks(self._keys(identifiers)))
-        else:
-            count = math.ceil(len(identifiers) / CHUNK_SIZE)
-        chunks = results[len(results) - count :]
-        return [v.decode("ascii") if type(v) is bytes else str(v) for v, *_ in chunks]
-
     @staticmethod
     def loaded_after(loaded: frozenset[str], calls: list[Call]) -> frozenset[str]:
         return loaded.union(script.sha for script, _, _ in calls)

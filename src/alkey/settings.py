@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import importlib
+import inspect
 import math
 import os
 import re
@@ -136,22 +138,40 @@ def redact_url(url: str) -> str:
     also in its query (``?sentinel_password=...``). Several hosts (a Sentinel URL's
     ``host1:26379,host2:26379``) are kept as written: they say which servers were meant.
     """
-    try:
-        parts = urlsplit(url)
-    except ValueError:  # not even a URL: hide everything between // and @
-        return re.sub(r"//[^/@]*@", "//***@", url)
-    netloc = parts.netloc
-    userinfo, at, hosts = netloc.rpartition("@")
-    if at and ":" in userinfo:
-        netloc = f"{userinfo.split(':', 1)[0]}:***@{hosts}"
-    query = _PASSWORD_IN_QUERY.sub(r"\1***", parts.query)
-    if netloc == parts.netloc and query == parts.query:
+    scheme, separator, rest = url.partition("://")
+    if not separator:
         return url
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
+    # The user part ends at the last "@": a password with an unencoded "/", "#" or "?"
+    # (an Azure key, say) would end it early for a URL parser, and show.
+    userinfo, at, after = rest.rpartition("@")
+    if at and ":" in userinfo:
+        rest = f"{userinfo.split(':', 1)[0]}:***@{after}"
+    head, question, query = rest.partition("?")
+    if question:
+        rest = head + "?" + _PASSWORD_IN_QUERY.sub(r"\1***", query)
+    return f"{scheme}://{rest}"
 
 
-# ``password=...`` or ``sentinel_password=...`` (any option whose name ends in password).
-_PASSWORD_IN_QUERY: Final = re.compile(r"((?:^|&)[^&=]*password=)[^&]*")
+def _check_encoded(url: str, source: Source) -> None:
+    """Refuse a URL whose password has an unencoded ``/``, ``#`` or ``?``: a URL parser
+    ends the user part there, so the client would connect to a "host" made of a piece
+    of the password (and print it), and the database or query would be read from the
+    rest. The message shows the URL masked, and how to encode the password."""
+    rest = url.partition("://")[2]
+    netloc = urlsplit(url).netloc
+    before, at, _ = rest.rpartition("@")
+    # (An "@" in a query option's value, "?client_name=me@x", is no user part.)
+    if at and "@" not in netloc and not re.search(r"\?[^@]*=", before[len(netloc) :]):
+        raise ConfigurationError(
+            f"{source.spell(url)}: its password holds a '/', '#' or '?' that is not "
+            "percent-encoded; encode it (%2F, %23, %3F), e.g. "
+            "urllib.parse.quote(password, safe='')"
+        )
+
+
+# ``password=...``, ``sentinel_password=...``: any option whose name looks like it holds a
+# secret, misspelt ones included (``sentinel_pasword``), since a refused option is shown.
+_PASSWORD_IN_QUERY: Final = re.compile(r"((?:^|&)[^&=]*(?:pass|pasw|pwd|secret)[^&=]*=)[^&]*", re.I)
 
 
 # -- where a value came from -----------------------------------------------------------------
@@ -496,6 +516,47 @@ def _split_url_options(url: str) -> tuple[str, list[tuple[str, str]]]:
     return urlunsplit(parts._replace(query="&".join(kept))), options
 
 
+@functools.cache
+def _connection_options() -> frozenset[str]:
+    """The query options a Redis URL may carry: what redis-py's connections and pools
+    take (read from their signatures, so that a new redis-py's options are known)."""
+    names: set[str] = {"max_connections", "timeout", *URL_QUERY_ARGUMENT_PARSERS}
+    for cls in (
+        redis.connection.AbstractConnection,
+        redis.connection.Connection,
+        redis.connection.SSLConnection,
+        redis.connection.UnixDomainSocketConnection,
+    ):
+        names.update(inspect.signature(cls.__init__).parameters)
+    return frozenset(names - {"self", "kwargs"})
+
+
+def _check_url_options(url: str, source: Source) -> None:
+    """Refuse a query option redis-py does not take (``?foo=1``, a misspelt
+    ``sentinel_pasword``): redis-py would pass it on to each new connection, whose
+    ``TypeError`` would reach the first key generation or commit instead of this
+    configuration. A Sentinel URL also takes ``sentinel_<option>``, ``ssl`` and
+    ``min_other_sentinels``."""
+    known = _connection_options()
+    sentinel = urlsplit(url).scheme in SENTINEL_SCHEMES
+    if sentinel:
+        known = known | {"ssl", *_SENTINEL_MANAGER_OPTIONS}
+    for name, _ in parse_qsl(urlsplit(url).query, keep_blank_values=True):
+        plain = (
+            name[len(_SENTINEL_OPTION) :]
+            if sentinel and name.startswith(_SENTINEL_OPTION)
+            else name
+        )
+        if plain in known:
+            continue
+        candidates = sorted(known) + ([_SENTINEL_OPTION + k for k in known] if sentinel else [])
+        raise ConfigurationError(
+            f"{source.spell(url)}: {name!r} is not an option of a Redis connection"
+            f"{_suggestion(name, candidates, '')} (alkey's own options are spelt "
+            f"{URL_OPTION_PREFIX}<option>)"
+        )
+
+
 def _check_settings(settings: Mapping[str, object], prefix: str) -> None:
     known = [*STORE_OPTIONS, *sorted(INTEGRATION_SETTINGS)]
     for key, value in settings.items():
@@ -575,6 +636,7 @@ def configure(
                     chosen, url_source = value, Source("environment", f"{candidate}_URL")
                     break
     sources["url"] = url_source
+    _check_encoded(chosen, url_source)
     scheme = urlsplit(chosen).scheme
     if scheme not in registered_schemes():
         raise ConfigurationError(
@@ -584,6 +646,8 @@ def configure(
             f"(registered schemes: {', '.join(registered_schemes())})"
         )
     redis_url, url_options = _split_url_options(chosen)
+    if scheme in REDIS_SCHEMES or scheme in SENTINEL_SCHEMES:
+        _check_url_options(redis_url, url_source)
     if scheme in SENTINEL_SCHEMES:
         SentinelURL.parse(redis_url, url_source)  # checked now, not at the first commit
 
@@ -748,6 +812,16 @@ _SENTINEL_MANAGER_OPTIONS: Final = {"min_other_sentinels": int}
 _SHARED_WITH_SENTINELS: Final = ("socket_timeout", "socket_connect_timeout", "socket_keepalive")
 
 
+# TLS switches that redis-py's URL parsers leave as text ("false" would be true).
+_BOOLEAN_URL_OPTIONS: Final = frozenset({"ssl", "ssl_check_hostname"})
+
+
+def _url_boolean(value: str) -> bool:
+    """A URL option's boolean, as redis-py reads its own (``to_bool``): false for an
+    empty value, ``0``, ``f``, ``false``, ``n`` or ``no``, whatever the case."""
+    return value.strip().upper() not in ("", "0", "F", "FALSE", "N", "NO")
+
+
 @dataclass(frozen=True, repr=False)
 class SentinelURL:
     """A ``redis+sentinel://`` (or ``rediss+sentinel://``) URL, taken apart.
@@ -816,7 +890,11 @@ class SentinelURL:
             elif name.startswith(_SENTINEL_OPTION):
                 target, key = sentinel, name[len(_SENTINEL_OPTION) :]
             parsers: Mapping[str, Any] = URL_QUERY_ARGUMENT_PARSERS
-            parse = _SENTINEL_MANAGER_OPTIONS.get(name) or parsers.get(key)
+            parse = (
+                _SENTINEL_MANAGER_OPTIONS.get(name)
+                or parsers.get(key)
+                or (_url_boolean if key in _BOOLEAN_URL_OPTIONS else None)
+            )
             try:
                 target[key] = parse(value) if parse is not None else value
             except (TypeError, ValueError):

@@ -39,13 +39,19 @@ import redis.asyncio.cluster
 import redis.cluster
 import redis.exceptions
 
-from alkey.errors import TokenStoreError, TokenStorePoolExhaustedError, TokenStoreUnavailableError
+from alkey.errors import (
+    TokenStoreError,
+    TokenStorePoolExhaustedError,
+    TokenStoreUnavailableError,
+    redacted,
+)
 from alkey.scripts import CLEAR, Call, ScriptCalls
 
 if TYPE_CHECKING:
     import redis.asyncio
 
 __all__ = [
+    "KNOWN_LIBRARIES",
     "POOL_WAIT",
     "REDIS_ERRORS",
     "AsyncRedisTransport",
@@ -94,15 +100,13 @@ class ClientErrors:
     def __init__(self, exceptions: Any) -> None:
         named = vars(exceptions)
         #: Every error the library raises for a command (its ``RedisError``/``ValkeyError``).
-        self.base: type[Exception] | tuple[type[Exception], ...] = (
-            named.get("RedisError") or named["ValkeyError"]
-        )
+        self.base: tuple[type[Exception], ...] = (named.get("RedisError") or named["ValkeyError"],)
         #: No connection free in the pool.
-        self.max_connections: type[Exception] = named["MaxConnectionsError"]
+        self.max_connections: tuple[type[Exception], ...] = (named["MaxConnectionsError"],)
         #: ``NOSCRIPT``: the server forgot a script (restart, ``SCRIPT FLUSH``).
-        self.no_script: type[Exception] = named["NoScriptError"]
+        self.no_script: tuple[type[Exception], ...] = (named["NoScriptError"],)
         #: An error answer of the server.
-        self.response: type[Exception] = named["ResponseError"]
+        self.response: tuple[type[Exception], ...] = (named["ResponseError"],)
         #: Answers of a server that cannot serve now but will (a restart, a failover, a
         #: cluster resharding): refused, lost, timed out, ``LOADING``, authentication,
         #: ``READONLY`` (a replica, or a primary demoted by a failover), ``MASTERDOWN``,
@@ -119,6 +123,15 @@ class ClientErrors:
             )
             if name in named
         )
+
+    @classmethod
+    def merged(cls, *libraries: ClientErrors) -> ClientErrors:
+        """The errors of all ``libraries`` at once: what a client of no known library is
+        mapped by, so that an error of any library alkey knows still takes the way out."""
+        merged = cls.__new__(cls)
+        for name in cls.__slots__:
+            setattr(merged, name, tuple({c: None for e in libraries for c in getattr(e, name)}))
+        return merged
 
 
 #: redis-py's errors (also what :func:`store_error` maps by default).
@@ -137,7 +150,7 @@ def _cluster_errors(exceptions: Any) -> ClientErrors:
     errors = ClientErrors(exceptions)
     named = vars(exceptions)
     cluster = named.get("RedisClusterException") or named["ValkeyClusterException"]
-    errors.base = (*_classes(errors.base), cluster)
+    errors.base = (*errors.base, cluster)
     errors.unavailable = (
         *errors.unavailable,
         named["ClusterError"],  # "TTL exhausted": redirections or TRYAGAIN, too many
@@ -147,31 +160,50 @@ def _cluster_errors(exceptions: Any) -> ClientErrors:
     return errors
 
 
-def _classes(base: type[Exception] | tuple[type[Exception], ...]) -> tuple[type[Exception], ...]:
-    return base if isinstance(base, tuple) else (base,)
-
-
 #: redis-py's errors, as its cluster clients raise them.
 CLUSTER_ERRORS = _cluster_errors(redis.exceptions)
-_errors_by_library: dict[str, ClientErrors] = {
-    "redis": REDIS_ERRORS,
-    "redis cluster": CLUSTER_ERRORS,
+_errors_by_library: dict[tuple[str | None, bool], ClientErrors] = {
+    ("redis", False): REDIS_ERRORS,
+    ("redis", True): CLUSTER_ERRORS,
 }
 
 
+#: The client libraries whose errors alkey maps: redis-py and valkey-py (its fork).
+KNOWN_LIBRARIES = ("redis", "valkey")
+
+
+def _library_of(client: object) -> str | None:
+    """The known library that ``client``'s class comes from, through its bases too: an
+    application's ``class AppClient(valkey.Valkey)`` is valkey-py's."""
+    for cls in type(client).__mro__:
+        package = cls.__module__.partition(".")[0]
+        if package in KNOWN_LIBRARIES:
+            return package
+    return None
+
+
 def errors_of(client: object) -> ClientErrors:
-    """The error classes of ``client``'s library: redis-py's, or valkey-py's for a valkey
-    client (any library laid out like redis-py, found by the client's top-level
-    package); for a cluster client, with its cluster errors (:func:`_cluster_errors`)."""
-    library = type(client).__module__.partition(".")[0]
-    key = f"{library} cluster" if is_cluster(client) else library
+    """The error classes of ``client``'s library -- redis-py's, or valkey-py's for a
+    valkey client, found through the client's class and its bases -- and for a cluster
+    client with its cluster errors (:func:`_cluster_errors`).
+
+    Fails closed: a client of neither library is mapped by the errors of every known
+    library that is installed, so that none of them can escape a commit.
+    """
+    library = _library_of(client)
+    clustered = is_cluster(client)
+    key = (library, clustered)
     errors = _errors_by_library.get(key)
     if errors is None:
-        try:
-            module = importlib.import_module(f"{library}.exceptions")
-            errors = _cluster_errors(module) if is_cluster(client) else ClientErrors(module)
-        except (ImportError, KeyError):
-            errors = CLUSTER_ERRORS if is_cluster(client) else REDIS_ERRORS
+        known = [library] if library is not None else list(KNOWN_LIBRARIES)
+        found = []
+        for name in known:
+            try:
+                module = importlib.import_module(f"{name}.exceptions")
+            except ImportError:  # valkey-py is optional
+                continue
+            found.append(_cluster_errors(module) if clustered else ClientErrors(module))
+        errors = found[0] if len(found) == 1 else ClientErrors.merged(*found)
         _errors_by_library[key] = errors
     return errors
 
@@ -206,24 +238,26 @@ def store_error(error: Exception, errors: ClientErrors = REDIS_ERRORS) -> TokenS
     * anything else (``OOM`` of a full Redis, a wrong type...) -> :class:`TokenStoreError`.
 
     ``errors``: the classes of the library that raised it (:func:`errors_of`; default
-    redis-py's). The message is the client's own, which names host and port, never a
-    password.
+    redis-py's). The message is the client's own, which names host and port, with
+    anything like a password masked (:func:`~alkey.errors.redacted`).
     """
+    args = tuple(redacted(arg) if isinstance(arg, str) else arg for arg in error.args)
     if isinstance(error, errors.max_connections) or error.args == _BLOCKING_POOL_TIMEOUT:
-        return TokenStorePoolExhaustedError(*error.args)
+        return TokenStorePoolExhaustedError(*args)
     if isinstance(error, errors.unavailable) or (
         isinstance(error, errors.response) and str(error).startswith(_CANNOT_SERVE_NOW)
     ):
-        return TokenStoreUnavailableError(*error.args)
+        return TokenStoreUnavailableError(*args)
     if isinstance(error, errors.response) and (
         str(error).startswith("CROSSSLOT") or type(error).__name__ in _CLUSTER_NODE_ANSWERS
     ):
         return TokenStoreError(
-            f"{type(error).__name__}: {error} -- this Redis is a node of a Redis Cluster: "
-            "give alkey a redis.cluster.RedisCluster (redis.asyncio.cluster.RedisCluster "
-            "under asyncio), which sends each hash slot's keys to the node that serves it"
+            f"{type(error).__name__}: {redacted(str(error))} -- this Redis is a node of a "
+            "Redis Cluster: give alkey a redis.cluster.RedisCluster (redis.asyncio.cluster."
+            "RedisCluster under asyncio), which sends each hash slot's keys to the node that "
+            "serves it"
         )
-    return TokenStoreError(*error.args)
+    return TokenStoreError(*args)
 
 
 #: What a client library makes of a cluster node's answers to a call that a plain client
