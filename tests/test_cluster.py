@@ -586,3 +586,35 @@ def test_a_primary_failover_degrades_to_misses_keeps_bumps_and_keys_never_revert
         finally:
             store.close()
             raising.close()
+
+
+def test_a_valkey_cluster_client_works_like_redis_pys_across_every_node(
+    cluster: LocalCluster, observer: ClusterObserver
+) -> None:
+    """valkey-py's ``ValkeyCluster`` is laid out like ``RedisCluster``: the same slot split
+    and per-node pipelines, and valkey's cluster errors mapped like redis-py's."""
+    import valkey.backoff
+    import valkey.cluster
+    import valkey.exceptions
+    import valkey.retry
+
+    from alkey.transports import errors_of
+
+    client = valkey.cluster.ValkeyCluster.from_url(  # type: ignore[no-untyped-call]
+        cluster.url, socket_timeout=2, retry=valkey.retry.Retry(valkey.backoff.NoBackoff(), 0)
+    )
+    try:
+        errors = errors_of(client)
+        assert valkey.exceptions.ValkeyClusterException in errors.base
+        store = RedisTokenStore(client)
+        identifiers = one_per_node(cluster)
+        before = store.fetch(identifiers)
+        assert len({token.rpartition("@")[2] for token in before}) == 3, "one epoch per node"
+        store.bump(identifiers)
+        after = store.fetch(identifiers)
+        assert all(a != b for a, b in zip(before, after, strict=True))
+        assert [observer.mget([i])[0] for i in identifiers] == [
+            token.rpartition("@")[0].encode() for token in after
+        ]
+    finally:
+        client.close()
