@@ -37,6 +37,9 @@ from multiprocessing.sharedctypes import SynchronizedArray
 from typing import Any, Literal, NamedTuple
 
 import redis
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisClusterException
+from redis.retry import Retry
 from sqlalchemy import (
     Column,
     Engine,
@@ -284,7 +287,9 @@ class App:
     """One application process's view of the world."""
 
     factory: sessionmaker[Session]
-    client: redis.Redis
+    #: The token store's client, which readers cache through too: a cluster's
+    #: ``RedisCluster`` routes each cache key to the node that serves its slot.
+    client: redis.Redis | redis.RedisCluster
     key_generator: CacheKeyGenerator
     sqlite: bool  # whose writers may time out waiting for the database lock
     #: What readers serve, and (for tenants) one bound sessionmaker per tenant schema.
@@ -310,6 +315,36 @@ def redis_client(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
 
 
+#: Tries to reach each node of a cluster at start: the workers' timeouts are short, for
+#: the disruptions, and a machine busy spawning them may miss one.
+CONNECT_ATTEMPTS = 5
+#: What a reader's cache call may raise when Redis does not answer: a ``RedisError``, or,
+#: from a cluster client whose slot map changes under it, a ``RedisClusterException``
+#: (``SlotNotCoveredError``...), which is not one.
+CACHE_ERRORS = (redis.RedisError, RedisClusterException)
+
+
+def redis_cluster_client(url: str) -> redis.RedisCluster:
+    """A Redis Cluster client with the same short timeouts as :func:`redis_client` and no
+    retries (a node that died is not waited for: its calls fail, the cluster's new map
+    is read, and ``MOVED``/``ASK`` are followed as they come), connected to every node."""
+    client = redis.RedisCluster.from_url(
+        url,
+        socket_timeout=0.5,
+        socket_connect_timeout=0.5,
+        retry=Retry(NoBackoff(), 0),
+    )
+    for node in client.get_nodes():  # type: ignore[no-untyped-call]
+        for attempt in range(CONNECT_ATTEMPTS):
+            try:
+                client.ping(target_nodes=node)
+                break
+            except redis.TimeoutError:
+                if attempt == CONNECT_ATTEMPTS - 1:
+                    raise
+    return client
+
+
 @contextlib.contextmanager
 def open_app(
     engine: Engine,
@@ -318,10 +353,12 @@ def open_app(
     with_alkey: bool = True,
     store_options: Mapping[str, Any] | None = None,
     data: Data = "counters",
+    cluster: bool = False,
 ) -> Iterator[App]:
-    """An :class:`App` on ``engine`` and the Redis at ``redis_url``; ``store_options`` are
-    extra keyword arguments for its :class:`RedisTokenStore`."""
-    client = redis_client(redis_url)
+    """An :class:`App` on ``engine`` and the Redis at ``redis_url`` (with ``cluster``, a
+    node of a Redis Cluster); ``store_options`` are extra keyword arguments for its
+    :class:`RedisTokenStore`."""
+    client = redis_cluster_client(redis_url) if cluster else redis_client(redis_url)
     options: dict[str, Any] = {"retry_interval": 0.05, **(store_options or {})}
     store = RedisTokenStore(client, **options)
     factory = sessionmaker(engine, expire_on_commit=False)
@@ -466,7 +503,7 @@ def read(
         if cached is not None:
             served, version = (int(part) for part in cached.split(b":"))
         else:
-            with contextlib.suppress(redis.RedisError):
+            with contextlib.suppress(*CACHE_ERRORS):
                 app.client.set(key, f"{slot}:{version}", ex=60)
         tally.reads += 1
         tally.hits += cached is not None
@@ -504,7 +541,7 @@ def _cached(app: App, key: str) -> Any:
     """The cached value under ``key``; None on a miss, or when Redis does not answer."""
     try:
         return app.client.get(key)
-    except redis.RedisError:
+    except CACHE_ERRORS:
         return None
 
 
@@ -532,6 +569,8 @@ class WorkerSpec:
     data: Data = "counters"
     #: Seconds a writer waits between its commits.
     writer_pause: float = 0.002
+    #: ``redis_url`` names a node of a Redis Cluster: the process builds a ``RedisCluster``.
+    cluster: bool = False
 
     @property
     def name(self) -> str:
@@ -590,6 +629,7 @@ def run_process(
             with_alkey=spec.with_alkey,
             store_options=spec.store_options,
             data=spec.data,
+            cluster=spec.cluster,
         ) as app:
             with app.factory() as session:  # connect now, not on the clock
                 session.get_one(Counter, 0)

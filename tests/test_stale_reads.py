@@ -11,12 +11,19 @@ one process cannot know about another's commits. Each scenario must see no stale
 a real hit rate -- except, right after a frozen server or a cut link, the cross-process
 reads of the README's known bound, which are shown apart (see
 ``Scenario.cross_process_grace``).
+
+Redis is one server, or (``Scenario.deployment``) a primary and a replica behind Sentinel,
+or a Redis Cluster of 3 primaries started for the scenario, which every worker reaches
+through a ``RedisCluster`` client (the failover and resharding scenarios).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import multiprocessing
+import os
 import queue
 import signal
 import threading
@@ -31,8 +38,9 @@ import redis
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from alkey.constants import GLOBAL_WRITE_TOKEN
 from alkey.embedded import EmbeddedRedis
-from alkey.identity import row_identifier
+from alkey.identity import row_identifier, table_identifier
 from alkey.testing import LatencyProxy
 
 from .stale_worker import (
@@ -40,6 +48,7 @@ from .stale_worker import (
     CRASH_COUNTER,
     LOSING,
     LOST,
+    LOST_COUNTER,
     START_TIMEOUT,
     Counter,
     Data,
@@ -57,6 +66,7 @@ from .stale_worker import (
     run_loop,
     run_process,
 )
+from .support.cluster import NO_CLUSTER, LocalCluster, Node, key_slot
 from .support.replication import ReplicationGroup, replication_group, restart_from_snapshot
 
 SECONDS = 3.0
@@ -64,20 +74,26 @@ SECONDS = 3.0
 THREADS: Mapping[Role, int] = {"writer": 1, "reader": 2}
 PROCESSES: Mapping[Role, int] = {"writer": 1, "reader": 2}
 OUTAGE = 0.8  # seconds
-Deployment = Literal["single", "sentinel"]
+Deployment = Literal["single", "sentinel", "cluster"]
 
 
 @dataclass(frozen=True)
 class Link:
     """The Redis under test, and the proxy that every client of the checker goes through
     when the scenario needs one; or, for a replicated scenario, the primary of a group
-    of servers, which every client finds through Sentinel."""
+    of servers, which every client finds through Sentinel; or a Redis Cluster, which
+    every client discovers from one node's URL."""
 
     server: EmbeddedRedis
     proxy: LatencyProxy | None = None
     group: ReplicationGroup | None = None
     #: The run's floor, whose phase a scenario that loses writes sets.
     floor: Floor | None = None
+    cluster: LocalCluster | None = None
+    #: The URL every client is given instead of the deployment's own (a user of its own).
+    given_url: str | None = None
+    #: What the disruption measured, shown with the run's tally.
+    observed: dict[str, object] = field(default_factory=dict)
 
     def writers_phase(self, phase: int) -> None:
         assert self.floor is not None
@@ -85,6 +101,10 @@ class Link:
 
     @property
     def url(self) -> str:
+        if self.given_url is not None:
+            return self.given_url
+        if self.cluster is not None:
+            return self.cluster.url
         if self.group is not None:
             return self.group.sentinel_url
         return self.proxy.url if self.proxy is not None else self.server.url
@@ -127,8 +147,10 @@ class Scenario:
     writer_pause: float = 0.002
     #: What Redis is: one server, or a primary and a replica (replicating through a
     #: proxy that ``disrupt`` can cut) watched by a sentinel, with every client
-    #: configured by the Sentinel URL.
+    #: configured by the Sentinel URL; or a Redis Cluster of 3 primaries, each with
+    #: ``cluster_replicas`` replicas, started for the scenario.
     deployment: Deployment = "single"
+    cluster_replicas: int = 0
 
     def __str__(self) -> str:
         return self.name
@@ -153,6 +175,7 @@ class Run:
     disrupted: float  # time.monotonic() when the disruption began
     restored: float  # and when it ended
     killed: int  # writer processes that died by SIGKILL, as told
+    observed: Mapping[str, object] = field(default_factory=dict)  # by the disruption
 
 
 def nothing(link: Link) -> None:
@@ -239,6 +262,164 @@ def snapshot_restart(link: Link) -> None:
     lose_writes(link, save, lambda: restart_from_snapshot(link.server))
 
 
+#: Bytes written to a cluster primary while its replica is stopped, so that what the
+#: primary acknowledges next waits in the primary's memory (see :func:`hold_back_replica`).
+BACKLOG = 8 << 20
+
+
+def hold_back_replica(primary: Node, replica: Node, filler: str) -> None:
+    """Make ``primary`` acknowledge writes that ``replica`` will never have if ``primary``
+    dies: stop the replica (SIGSTOP), then write to the primary more than the kernel's
+    socket buffers between them take. (A stopped replica alone loses nothing -- its kernel
+    keeps receiving the stream and it reads it on SIGCONT; a cluster node cannot
+    replicate through a proxy, its primary's address comes from the cluster bus.) From
+    then on, the replication stream waits in the primary's output buffer for the replica,
+    behind the filler: whatever the primary acknowledges is lost with it. ``filler``: a
+    key that ``primary`` serves."""
+    assert replica.pid is not None
+    os.kill(replica.pid, signal.SIGSTOP)
+    client = primary.client()
+    try:
+        for _ in range(8):
+            client.set(filler, b"x" * BACKLOG)
+            if unsent(client):
+                return
+        raise AssertionError("the replication stream never backed up in the primary")
+    finally:
+        client.close()
+
+
+def served_by(cluster: LocalCluster, node: Node, name: str) -> str:
+    """A key named ``<name>-<number>`` that ``node`` serves."""
+    owners = cluster.slot_owners()
+    for number in itertools.count():
+        key = f"{name}-{number}"
+        slot = key_slot(key)
+        if any(first <= slot <= last and port == node.port for first, last, port in owners):
+            return key
+    raise AssertionError("unreachable")
+
+
+def unsent(primary: redis.Redis) -> int:
+    """Bytes of the replication stream that ``primary`` keeps for its replica, unsent."""
+    return sum(int(replica["omem"]) for replica in primary.client_list(_type="replica"))
+
+
+def cluster_failover(link: Link) -> None:
+    """The primary that holds :data:`LOST_COUNTER`'s token acknowledges bumps its replica
+    never gets, then dies (SIGKILL); the replica takes over after the cluster's node
+    timeout, with the tokens from before those bumps and the values cached under them.
+    Clients meet a dead node, then ``MOVED`` to the promoted replica. Keys must change,
+    not revert."""
+    cluster = link.cluster
+    assert cluster is not None, "a cluster failover needs the scenario's cluster"
+    token = row_identifier(Counter.__table__, LOST_COUNTER)
+    slot = key_slot(token)
+    victim = cluster.owner(slot)
+    replica = cluster.replica_of(victim)
+    assert replica.pid is not None
+    replica_pid = replica.pid
+    filler = served_by(cluster, victim, "alkey-stale-filler")
+
+    def end() -> None:
+        client = victim.client()
+        try:
+            acknowledged = int(client.info("replication")["master_repl_offset"])
+            link.observed["unsent bytes"] = unsent(client)
+            bumped = client.get(token)
+        finally:
+            client.close()
+        try:
+            cluster.kill(victim)
+        finally:
+            os.kill(replica_pid, signal.SIGCONT)
+        started = time.monotonic()
+        deadline = started + 20
+        while True:
+            with contextlib.suppress(redis.RedisError, LookupError):
+                if cluster.owner(slot).port == replica.port:
+                    break
+            assert time.monotonic() < deadline, "the replica never took over"
+            time.sleep(0.05)
+        link.observed["failover seconds"] = round(time.monotonic() - started, 2)
+        client = replica.client()
+        try:
+            # Where the promoted replica's history left the dead primary's.
+            diverged = int(client.info("replication")["second_repl_offset"]) - 1
+            reverted = client.get(token)
+        finally:
+            client.close()
+        link.observed["lost bytes"] = acknowledged - diverged
+        # Else the run would prove nothing about keys that must not revert.
+        assert acknowledged > diverged, "the promoted replica had every acknowledged write"
+        assert reverted is not None, "the lost counter's token was never replicated"
+        assert reverted != bumped, "the promoted replica had the lost counter's last bump"
+
+    try:
+        lose_writes(link, lambda: hold_back_replica(victim, replica, filler), end)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(replica_pid, signal.SIGCONT)
+
+
+#: How long a moved token's slot stays migrating, its clients answered ASK.
+ASKING_WINDOW = 0.1
+
+
+def pause_after_each_batch() -> Callable[[], None]:
+    """``between`` for :meth:`LocalCluster.migrate_slot`, which calls it before each batch
+    of keys and once after the last: no pause before the first, :data:`ASKING_WINDOW`
+    after each."""
+    calls = itertools.count()
+
+    def between() -> None:
+        if next(calls):
+            time.sleep(ASKING_WINDOW)
+
+    return between
+
+
+def cluster_resharding(link: Link) -> None:
+    """The slots of every token the checker's keys and commits use (each counter's, the
+    table's, the global one) move, one after another, to another primary, key by key as
+    ``redis-cli --cluster reshard`` moves them: clients meet ``ASK`` while a slot moves,
+    ``MOVED`` after. (A token that moves is served with its new node's epoch: its keys
+    change once, a miss.)"""
+    cluster = link.cluster
+    assert cluster is not None, "resharding needs the scenario's cluster"
+    identifiers = [
+        *(row_identifier(Counter.__table__, index) for index in range(COUNTERS)),
+        table_identifier(Counter.__table__),
+        GLOBAL_WRITE_TOKEN,
+    ]
+    slots = sorted({key_slot(identifier) for identifier in identifiers})
+    for number, slot in enumerate(slots):
+        primaries = cluster.primaries()
+        source = cluster.owner(slot)
+        others = [node for node in primaries if node.port != source.port]
+        # Token by token, a pause after each (``between`` is called before each batch
+        # too): clients asking for a token that has moved while its slot is still
+        # migrating are answered ASK.
+        cluster.migrate_slot(
+            slot, others[number % len(others)], between=pause_after_each_batch(), batch=1
+        )
+    link.observed["slots moved"] = len(slots)
+    redirections = {"ASK": 0, "MOVED": 0}
+    for node in cluster.primaries():
+        client = node.client()
+        try:
+            errors = client.info("errorstats")
+        finally:
+            client.close()
+        for redirection in redirections:
+            redirections[redirection] += int(
+                errors.get(f"errorstat_{redirection}", {}).get("count", 0)
+            )
+    link.observed.update(redirections)
+    assert redirections["ASK"] > 0, "no client met a slot while it moved"
+    assert redirections["MOVED"] > 0, "no client met a slot after it moved"
+
+
 SCENARIOS = [
     Scenario("nothing", nothing),
     Scenario("flushall", flushall),
@@ -271,6 +452,11 @@ SCENARIOS = [
     # under their keys). Keys must change, not revert.
     Scenario("sentinel_failover", sentinel_failover, deployment="sentinel"),
     Scenario("snapshot_restart", snapshot_restart),
+    # The same on a Redis Cluster: the primary serving the lost counter's token loses
+    # acknowledged bumps and dies; its replica takes over.
+    Scenario("cluster_failover", cluster_failover, deployment="cluster", cluster_replicas=1),
+    # The checker's token slots move between primaries while it runs.
+    Scenario("cluster_resharding", cluster_resharding, deployment="cluster"),
 ]
 
 
@@ -278,6 +464,16 @@ SCENARIOS = [
 def private_redis() -> Iterator[EmbeddedRedis]:
     with EmbeddedRedis() as server:
         yield server
+
+
+@contextlib.contextmanager
+def local_cluster(replicas: int) -> Iterator[LocalCluster]:
+    """A Redis Cluster of 3 primaries, each with ``replicas`` replicas, for one run;
+    skipping the test (with the reason) where no redis-server can run one."""
+    if NO_CLUSTER is not None:
+        pytest.skip(f"no Redis Cluster: {NO_CLUSTER}")
+    with LocalCluster(3, replicas) as cluster:
+        yield cluster
 
 
 @pytest.fixture
@@ -298,16 +494,20 @@ def run_checker(
     *,
     with_alkey: bool = True,
     group: ReplicationGroup | None = None,
+    cluster: LocalCluster | None = None,
+    url: str | None = None,
 ) -> Run:
     """Run the writers and readers for SECONDS, disrupting Redis a third of the way in.
     With a replication ``group``, ``server`` is its primary, and every client finds it
-    through Sentinel."""
+    through Sentinel. With a ``cluster``, every client is a cluster client given
+    one node's URL, and ``server`` is unused. ``url``: what every client is given instead
+    (the same servers, as another user)."""
     context = multiprocessing.get_context("spawn")
     floor = Floor.create(context)
     start, stop = context.Event(), context.Event()
     results: multiprocessing.Queue[tuple[str, Tally | None]] = context.Queue()
     proxy = LatencyProxy(server.port) if scenario.through_proxy else None
-    link = Link(server, proxy, group, floor)
+    link = Link(server, proxy, group, floor, cluster, url)
     specs = [
         WorkerSpec(
             role,
@@ -321,6 +521,7 @@ def run_checker(
             read_order=scenario.read_order,
             data=scenario.data,
             writer_pause=scenario.writer_pause,
+            cluster=cluster is not None,
         )
         for role, count in PROCESSES.items()
         for seed in range(count)
@@ -339,6 +540,7 @@ def run_checker(
             with_alkey=with_alkey,
             store_options=scenario.store_options,
             data=scenario.data,
+            cluster=cluster is not None,
         ) as app:
             wait_until_ready(results, len(specs))
             thread_tallies: list[Tally] = []
@@ -398,7 +600,7 @@ def run_checker(
                 process.join()
         if link.proxy is not None:
             link.proxy.close()
-    return Run(tally, disrupted, restored, killed)
+    return Run(tally, disrupted, restored, killed, link.observed)
 
 
 def wait_until_ready(results: multiprocessing.Queue[tuple[str, Tally | None]], count: int) -> None:
@@ -451,6 +653,9 @@ def test_no_read_is_ever_staler_than_the_last_committed_write(
     if scenario.deployment == "sentinel":
         with replication_group(replicas=1, sentinels=1, through_proxy=True) as group:
             run = run_checker(counters, group.primary, scenario, group=group)
+    elif scenario.deployment == "cluster":
+        with local_cluster(scenario.cluster_replicas) as cluster:
+            run = run_checker(counters, private_redis, scenario, cluster=cluster)
     else:
         run = run_checker(counters, private_redis, scenario)
     tally = run.tally
@@ -459,6 +664,8 @@ def test_no_read_is_ever_staler_than_the_last_committed_write(
     print(
         f"\n{scenario}: {tally.reads} reads, hit rate {tally.hit_rate:.0%}, "
         f"{len(unexcused)} stale; {tally.commits} commits, {tally.lock_timeouts} lock timeouts"
+        + f"; disruption {run.restored - run.disrupted:.2f} s"
+        + "".join(f"; {what} {value}" for what, value in run.observed.items())
     )
     if excused:
         if scenario.crash_bound is not None:
@@ -491,6 +698,51 @@ def test_without_durable_mode_the_killed_writers_commit_stays_stale_past_the_bou
     assert [stale for stale in run.tally.stale if not killed_writer.excuses(stale, run)], (
         "the missed bump leaves the crash counter stale past durable mode's bound"
     )
+
+
+def test_without_the_epoch_a_cluster_failover_serves_values_from_before_the_lost_bumps(
+    counters: Engine, private_redis: EmbeddedRedis
+) -> None:
+    """The control of ``cluster_failover``: clients whose ACL hides ``INFO`` get tokens
+    without an epoch, and the promoted replica's tokens bring back the keys, and the
+    values cached under them, from before the bumps its primary lost."""
+    [failover] = [scenario for scenario in SCENARIOS if scenario.name == "cluster_failover"]
+    with local_cluster(failover.cluster_replicas) as cluster:
+        for node in cluster.nodes:  # not replicated: every node, the replicas too
+            client = node.client()
+            try:
+                client.acl_setuser(
+                    "blind",
+                    enabled=True,
+                    passwords=["+blind"],
+                    keys=["~*"],
+                    channels=["&*"],
+                    commands=["+@all", "-info"],
+                )
+            finally:
+                client.close()
+        url = f"redis://blind:blind@127.0.0.1:{cluster.nodes[0].port}/0"
+        run = run_checker(counters, private_redis, failover, cluster=cluster, url=url)
+    print(f"\nwithout the epoch: {len(run.tally.stale)} stale of {run.tally.reads} reads")
+    assert run.tally.errors == []
+    assert run.tally.stale, "the reverted token's key serves the value cached before"
+
+
+def test_without_the_epoch_a_restart_from_a_snapshot_serves_values_from_before_the_lost_bumps(
+    counters: Engine,
+) -> None:
+    """The control of ``snapshot_restart``: clients whose ACL hides ``INFO`` (a user the
+    server is started with, so that it survives the restart) get tokens without an
+    epoch, and the snapshot's tokens bring back the keys, and the values cached under
+    them, from before the bumps it missed."""
+    [restart] = [scenario for scenario in SCENARIOS if scenario.name == "snapshot_restart"]
+    blind = ("--user", "blind", "on", ">blind", "~*", "&*", "+@all", "-info")
+    with EmbeddedRedis(extra_args=blind) as server:
+        url = f"redis://blind:blind@127.0.0.1:{server.port}/0"
+        run = run_checker(counters, server, restart, url=url)
+    print(f"\nwithout the epoch: {len(run.tally.stale)} stale of {run.tally.reads} reads")
+    assert run.tally.errors == []
+    assert run.tally.stale, "the restored token's key serves the value cached before"
 
 
 def test_readers_that_load_then_key_by_identifier_cache_stale_renders(

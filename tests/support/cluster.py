@@ -419,7 +419,11 @@ class LocalCluster:
                 if not keys:
                     break
                 command(src, "MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
-            for node in self.primaries():
+            # The target first, then the source, then the rest (as CLUSTER SETSLOT's
+            # documentation advises): the other way round, the source would send clients
+            # to a target that, still importing, sends them back (MOVED ping-pong).
+            rest = [n for n in self.primaries() if n.port not in (target.port, source.port)]
+            for node in (target, source, *rest):
                 client = node.client()
                 try:
                     command(client, "CLUSTER", "SETSLOT", slot, "NODE", target.node_id)
