@@ -23,8 +23,9 @@ bench: $(VENV)/.installed-bench  ## full benchmark: writes docs/benchmarks.md an
 bench-cpu: $(VENV)/.installed-bench  ## alkey's CPU per call, this tree against an earlier one: docs/cpu.md
 	$(BIN)/python -m benchmarks.cpu
 
-bench-smoke: $(VENV)/.installed-test  ## seconds: fails if a round-trip target regresses
+bench-smoke: $(VENV)/.installed-test  ## seconds: fails if a round-trip target regresses (cluster too)
 	$(BIN)/python -m benchmarks --smoke
+	$(BIN)/python -m benchmarks.cluster --smoke
 
 example: $(VENV)/.installed-example  ## the Pyramid example app on http://localhost:6543
 	PYTHONPATH=examples/pyramid_app $(BIN)/pserve examples/pyramid_app/development.ini

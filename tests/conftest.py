@@ -69,6 +69,7 @@ from .support.inspection import (
     tokens_of,
 )
 from .support.servers import environment_redis, redis_client, redis_url
+from .support.stores import open_store
 
 __all__ = [
     "DATABASE_URL",
@@ -94,6 +95,7 @@ __all__ = [
     "key_generator",
     "loop",
     "one_incident",
+    "open_store",
     "pytest_configure",
     "pytest_generate_tests",
     "pytest_report_header",

@@ -45,12 +45,10 @@ from .support.cluster import (
     command,
 )
 from .support.docs import python_blocks, readme_section
-from .support.stores import StoreKind, StoreUnderTest
+from .support.stores import OpenStore, StoreKind
 
 pytestmark = pytest.mark.skipif(NO_CLUSTER is not None, reason=f"no Redis Cluster: {NO_CLUSTER}")
 
-#: Opens a store of the test's kind on a cluster URL: ``open_store(url, **options)``.
-OpenStore = Callable[..., StoreUnderTest]
 
 #: Added to every request on its way to a node, in the latency tests.
 LATENCY = 0.05
@@ -76,20 +74,6 @@ def observer(cluster: LocalCluster) -> Iterator[ClusterObserver]:
 def kind(request: pytest.FixtureRequest) -> StoreKind:
     store_kind: StoreKind = request.param
     return store_kind
-
-
-@pytest.fixture
-def open_store(kind: StoreKind, loop: asyncio.AbstractEventLoop) -> Iterator[OpenStore]:
-    opened: list[StoreUnderTest] = []
-
-    def open_(url: str, **options: Any) -> StoreUnderTest:
-        store = kind.open(url, loop, options)
-        opened.append(store)
-        return store
-
-    yield open_
-    for store in opened:
-        store.close()
 
 
 def one_per_node(cluster: LocalCluster, table: str = "users", count: int = 1) -> list[str]:

@@ -21,11 +21,10 @@ time), and each node that forgot the scripts answers ``NOSCRIPT`` once (:func:`n
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -48,13 +47,11 @@ from .support.cluster import (
     SyncClusterStore,
 )
 from .support.inspection import command_calls, one_incident, stored
-from .support.stores import SOCKET_TIMEOUT, StoreKind, StoreUnderTest
+from .support.stores import SOCKET_TIMEOUT, OpenStore, StoreKind, StoreUnderTest
 
 #: Every kind of store the contract runs against: one Redis, and a Redis Cluster.
 STORE_KINDS = [*stores.STORE_KINDS, *CLUSTER_KINDS]
 
-#: Opens a store of the test's kind: ``open_store(url, **options)``.
-OpenStore = Callable[..., StoreUnderTest]
 
 A, B, C = "alkey:users#1", "alkey:users#2", "alkey:orders#1"
 INTENTS, INTENT_DATA = "alkey:{intents}", "alkey:{intents}:data"
@@ -119,21 +116,6 @@ def redis_client(kind: StoreKind, request: pytest.FixtureRequest) -> Iterator[An
     observer.flushall()
     yield observer
     observer.close()
-
-
-@pytest.fixture
-def open_store(kind: StoreKind, loop: asyncio.AbstractEventLoop) -> Iterator[OpenStore]:
-    """Opens stores of the test's kind, each on a client of its own; closes them after."""
-    opened: list[StoreUnderTest] = []
-
-    def open_(url: str, **options: Any) -> StoreUnderTest:
-        store = kind.open(url, loop, options)
-        opened.append(store)
-        return store
-
-    yield open_
-    for store in opened:
-        store.close()
 
 
 @pytest.fixture

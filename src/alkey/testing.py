@@ -50,7 +50,9 @@ from alkey.embedded import EmbeddedRedis
 
 __all__ = [
     "AsyncCountingConnection",
+    "AsyncCountingMixin",
     "CountingConnection",
+    "CountingMixin",
     "EmbeddedRedis",
     "LatencyProxy",
     "RoundTrips",
@@ -59,28 +61,29 @@ __all__ = [
 ]
 
 
-class CountingConnection(redis.Connection):
-    """A redis-py connection that counts the requests it sends (its round trips).
+class CountingMixin:
+    """Counts the requests a connection sends (its round trips) in
+    ``CountingConnection.requests``: mixed into a connection class of any client library
+    laid out like redis-py's (``class C(CountingMixin, valkey.Connection)``), so that
+    :class:`RoundTrips` counts every library's.
 
     A new connection's handshake (``HELLO``, ``AUTH``, ``CLIENT SETINFO``, ``SELECT``) is
     not counted: it is paid once per connection, not per call -- also when a connection
     is made again after Redis came back."""
 
-    requests = 0
-    _lock = threading.Lock()
     _handshaking = 0
 
     def on_connect(self) -> None:
         self._handshaking += 1
         try:
-            super().on_connect()  # type: ignore[no-untyped-call]
+            super().on_connect()  # type: ignore[misc]
         finally:
             self._handshaking -= 1
 
     def on_connect_check_health(self, check_health: bool = True) -> None:  # redis-py >= 6
         self._handshaking += 1
         try:
-            super().on_connect_check_health(check_health)
+            super().on_connect_check_health(check_health)  # type: ignore[misc]
         finally:
             self._handshaking -= 1
 
@@ -88,27 +91,25 @@ class CountingConnection(redis.Connection):
         if not self._handshaking:
             with CountingConnection._lock:
                 CountingConnection.requests += 1
-        super().send_packed_command(command, check_health)  # type: ignore[no-untyped-call]
+        super().send_packed_command(command, check_health)  # type: ignore[misc]
 
 
-class AsyncCountingConnection(redis.asyncio.Connection):
-    """A ``redis.asyncio`` connection that counts the requests it sends, in
-    ``CountingConnection.requests`` too (so :class:`RoundTrips` counts both kinds); not
-    its handshake either."""
+class AsyncCountingMixin:
+    """:class:`CountingMixin` for asyncio connection classes."""
 
     _handshaking = 0
 
     async def on_connect(self) -> None:
         self._handshaking += 1
         try:
-            await super().on_connect()
+            await super().on_connect()  # type: ignore[misc]
         finally:
             self._handshaking -= 1
 
     async def on_connect_check_health(self, check_health: bool = True) -> None:
         self._handshaking += 1
         try:
-            await super().on_connect_check_health(check_health)
+            await super().on_connect_check_health(check_health)  # type: ignore[misc]
         finally:
             self._handshaking -= 1
 
@@ -116,7 +117,20 @@ class AsyncCountingConnection(redis.asyncio.Connection):
         if not self._handshaking:
             with CountingConnection._lock:
                 CountingConnection.requests += 1
-        await super().send_packed_command(command, check_health)
+        await super().send_packed_command(command, check_health)  # type: ignore[misc]
+
+
+class CountingConnection(CountingMixin, redis.Connection):
+    """A redis-py connection that counts the requests it sends (its round trips)."""
+
+    #: Requests sent so far by every counting connection, of any library and flavour.
+    requests = 0
+    _lock = threading.Lock()
+
+
+class AsyncCountingConnection(AsyncCountingMixin, redis.asyncio.Connection):
+    """A ``redis.asyncio`` connection that counts the requests it sends, in
+    ``CountingConnection.requests`` too (so :class:`RoundTrips` counts both kinds)."""
 
 
 def counting_client(url: str, **options: Any) -> redis.Redis:

@@ -509,6 +509,22 @@ class _ClusterRoundTrip:
         ScriptCalls.checked([self.results[i] for i in positions])
 
 
+def _set_up_cluster(
+    transport: ClusterTransport | AsyncClusterTransport, client: ClusterClient | AsyncClusterClient
+) -> None:
+    """What the sync and asyncio cluster transports start with, instead of the one-Redis
+    transports' set-up: the cluster client in place of a pool, which the stores are also
+    shared through (it owns every node's pool), and no node's scripts known yet."""
+    transport.client = client  # type: ignore[assignment]
+    transport.socket_timeout = checked_socket_timeout(_cluster_options(client))
+    transport.pool_wait = transport.socket_timeout or POOL_WAIT
+    transport.share_key = client
+    transport.errors = errors_of(client)
+    transport._loaded = frozenset()
+    transport._node_scripts = {}
+    transport._rediscover = False
+
+
 class ClusterTransport(RedisTransport):
     """Script calls over redis-py's ``redis.cluster.RedisCluster``: one pipeline per node
     touched, each written before any is read, so a round trip costs the latency of the
@@ -523,18 +539,14 @@ class ClusterTransport(RedisTransport):
     """
 
     clustered = True
+    #: Which scripts each node (by name) has run: a node that forgot them gets the source.
+    _node_scripts: dict[str, frozenset[str]]
+    #: Whether the next call reads the topology again (a call failed: a node may be gone).
+    _rediscover: bool
 
     def __init__(self, client: ClusterClient) -> None:
-        self.client = client  # type: ignore[assignment]
         self.cluster = client
-        self.socket_timeout = checked_socket_timeout(_cluster_options(client))
-        self.pool_wait = self.socket_timeout or POOL_WAIT
-        #: The cluster client: it owns every node's connection pool.
-        self.share_key = client
-        self.errors = errors_of(client)
-        self._loaded = frozenset()
-        self._node_scripts: dict[str, frozenset[str]] = {}
-        self._rediscover = False
+        _set_up_cluster(self, client)
 
     def _run_once(self, calls: list[Call]) -> list[Any]:
         client = self.cluster
@@ -574,18 +586,15 @@ class AsyncClusterTransport(AsyncRedisTransport):
     pipeline sends each node's commands in a task of its own, all gathered."""
 
     clustered = True
+    #: Which scripts each node (by name) has run: a node that forgot them gets the source.
+    _node_scripts: dict[str, frozenset[str]]
+    #: Whether the next call reads the topology again (a call failed: a node may be gone).
+    _rediscover: bool
 
     def __init__(self, client: AsyncClusterClient) -> None:
-        self.client = client  # type: ignore[assignment]
         self.cluster = client
         self._get_client = None
-        self.socket_timeout = checked_socket_timeout(_cluster_options(client))
-        self.pool_wait = self.socket_timeout or POOL_WAIT
-        self.share_key = client
-        self.errors = errors_of(client)
-        self._loaded = frozenset()
-        self._node_scripts: dict[str, frozenset[str]] = {}
-        self._rediscover = False
+        _set_up_cluster(self, client)
 
     async def _run_once(self, calls: list[Call]) -> list[Any]:
         client = self.cluster

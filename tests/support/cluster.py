@@ -44,6 +44,7 @@ from alkey.embedded import find_redis_server
 from alkey.testing import AsyncCountingConnection, CountingConnection
 from alkey.tokens import RedisTokenStore
 
+from .servers import redis_server_too_old
 from .stores import SOCKET_TIMEOUT, AsyncStore, StoreKind, StoreUnderTest, SyncStore
 
 __all__ = [
@@ -92,23 +93,7 @@ def key_slot(key: str) -> int:
 def cluster_capable_server() -> str | None:
     """Why no cluster can run here (``None``: one can): no redis-server, or one too old
     for ``CLUSTER ADDSLOTSRANGE`` (Redis 7)."""
-    try:
-        executable = find_redis_server()
-    except RuntimeError as error:
-        return str(error)
-    try:
-        version = subprocess.run(
-            [executable, "--version"], capture_output=True, text=True, timeout=10, check=True
-        ).stdout
-    except (OSError, subprocess.SubprocessError) as error:
-        return f"{executable} --version failed: {error}"
-    for part in version.split():
-        if part.startswith("v="):
-            major = int(part[2:].split(".")[0])
-            if major < 7:
-                return f"{executable} is Redis {part[2:]}: the cluster tests need Redis 7"
-            return None
-    return f"cannot tell the version of {executable}: {version!r}"
+    return redis_server_too_old((7, 0), "the cluster tests")
 
 
 def _free_ports(count: int) -> list[int]:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import re
 import subprocess
 import tempfile
 import time
@@ -42,6 +41,8 @@ from redis.retry import Retry
 
 from alkey.embedded import EmbeddedRedis, _free_port, find_redis_server
 from alkey.testing import LatencyProxy
+
+from .servers import redis_server_too_old
 
 __all__ = [
     "DOWN_AFTER_MS",
@@ -75,26 +76,7 @@ _SERVER_ARGS = ("--repl-diskless-sync-delay", "0")
 
 def replication_unsupported() -> str | None:
     """Why replication tests cannot run here (no redis-server, or one too old), or None."""
-    try:
-        executable = find_redis_server()
-    except RuntimeError as error:
-        return str(error)
-    try:
-        banner = subprocess.run(
-            [executable, "--version"], capture_output=True, text=True, timeout=10, check=True
-        ).stdout
-    except (OSError, subprocess.SubprocessError) as error:
-        return f"{executable} --version failed: {error}"
-    found = re.search(r"v=(\d+)\.(\d+)", banner)
-    if found is None:
-        return f"cannot tell the version of {executable}: {banner.strip()!r}"
-    version = (int(found[1]), int(found[2]))
-    if version < MINIMUM_VERSION:
-        return (
-            f"{executable} is Redis {version[0]}.{version[1]}; replication and Sentinel "
-            f"tests need {MINIMUM_VERSION[0]}.{MINIMUM_VERSION[1]} or later"
-        )
-    return None
+    return redis_server_too_old(MINIMUM_VERSION, "replication and Sentinel tests")
 
 
 _UNSUPPORTED = replication_unsupported()

