@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import signal
 import statistics
 import threading
 import time
@@ -452,6 +453,129 @@ def test_an_intent_is_not_cleared_while_a_node_its_bump_needs_is_unreachable(
         client.close()
         for proxy in proxies.values():
             proxy.close()
+
+
+def test_an_intent_is_not_cleared_when_its_bump_meets_a_half_moved_slot_on_the_intents_node() -> (
+    None
+):
+    """Same node, yet the bump can fail where the clear succeeds: a slot of the bump's
+    keys half moved (``TRYAGAIN``). The clear waits for every bump call, on every node."""
+    with LocalCluster(3, 0) as own:
+        intents_node = own.owner(key_slot("alkey:{intents}"))
+        tag = next(f"t{n}" for n in range(10_000) if own.owner(key_slot(f"t{n}")) is intents_node)
+        identifiers = [f"alkey:users#{{{tag}}}1", f"alkey:users#{{{tag}}}2"]
+        slot = key_slot(identifiers[0])
+        target = next(node for node in own.primaries() if node is not intents_node)
+        client = cluster_client(own.url, timeout=2)
+        store = RedisTokenStore(client, durable=True, lease=60, retry_interval=60)
+        with intents_node.client() as source, target.client() as destination:
+            try:
+                store.fetch(identifiers)
+                intent = store.intend(identifiers)
+                assert intent is not None
+                command(destination, "CLUSTER", "SETSLOT", slot, "IMPORTING", intents_node.node_id)
+                command(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", target.node_id)
+                command(
+                    source, "MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", identifiers[0]
+                )
+                store.bump(identifiers, intent=intent)
+                assert store.pending == set(identifiers), "the bump failed: kept for the replay"
+                assert source.zcard("alkey:{intents}") == 1, "and the intent stays for a claimer"
+            finally:
+                client.close()
+
+
+def test_a_fetch_behind_a_bump_never_answers_the_pre_bump_token_when_a_node_forgot_a_script(
+    cluster: LocalCluster, observer: ClusterObserver
+) -> None:
+    """A node that forgot one script (restart, ``SCRIPT FLUSH``) answers ``NOSCRIPT`` to
+    the bump and runs the fetch behind it: sending only the bump again would run it after
+    the fetch, whose token would be the one the bump replaced."""
+    from alkey.scripts import BUMP, FETCH, ScriptCalls
+
+    client = cluster_client(cluster.url)
+    store = RedisTokenStore(client)
+    identifier = "alkey:users#1"
+    try:
+        store.fetch([identifier])
+        store.bump([identifier])  # the transport knows both scripts are on the node
+        node = client.get_node_from_key(identifier)  # type: ignore[no-untyped-call]
+        calls = ScriptCalls(clustered=True)
+        with cluster.node_at(node.port).client() as admin:
+            admin.script_flush()
+            admin.script_load(FETCH.source)  # another process fetched since: FETCH only
+        transport: Any = store.transport
+        assert transport._node_scripts[node.name] >= {BUMP.sha, FETCH.sha}
+        results = transport.run([*calls.bump([identifier]), *calls.fetch([identifier], ())])
+        [fetched] = calls.tokens(results, [identifier])
+        assert observer.mget([identifier]) == [fetched.rpartition("@")[0].encode()], (
+            "the fetch ran after the bump: it answers the token Redis now holds"
+        )
+    finally:
+        client.close()
+
+
+def test_a_hung_node_costs_a_call_one_socket_timeout_whatever_the_rows_on_it(
+    cluster: LocalCluster,
+) -> None:
+    """redis-py would send each call of a node that did not answer again, one after the
+    other, a socket timeout each: a bump of 30 rows would block a commit for 30 timeouts."""
+    with LocalCluster(3, 0) as own:
+        victim = own.primaries()[0]
+        rows = [f"alkey:users#{n}" for n in range(400)]
+        on_victim = [row for row in rows if own.owner(key_slot(row)) is victim][:30]
+        assert len(on_victim) == 30
+        client = cluster_client(own.url, timeout=0.5)
+        store = RedisTokenStore(client, retry_interval=60)
+        try:
+            store.fetch(on_victim)
+            assert victim.process is not None
+            victim.process.send_signal(signal.SIGSTOP)
+            started = time.monotonic()
+            store.bump(on_victim)
+            took = time.monotonic() - started
+            assert store.pending == set(on_victim), "kept for the replay"
+            assert took < 1.5, f"{took:.1f} s: one timeout (0.5 s), not one per row"
+        finally:
+            if victim.process is not None:
+                victim.process.send_signal(signal.SIGCONT)
+            client.close()
+
+
+def test_threads_beyond_a_cluster_pools_size_never_get_an_exception_or_an_outage(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """More threads than connections: redis-py's cluster pipeline would read the topology
+    again on an exhausted pool, dropping connections other threads read from. alkey lets
+    no more of its calls run at once than a node's pool has connections; the others wait
+    for one, or go without Redis for that call alone -- never an outage, never an error."""
+    errors: list[BaseException] = []
+    calls = 0
+    with LocalCluster(3, 0) as own:
+        client = cluster_client(own.url, max_connections=2)
+        store = RedisTokenStore(client, retry_interval=0.5)
+        stop = time.monotonic() + 4
+
+        def work(first: int) -> None:
+            nonlocal calls
+            rows = [f"alkey:users#{n}" for n in range(first, first + 30)]
+            try:
+                while time.monotonic() < stop:
+                    store.fetch(rows)
+                    calls += 1
+            except BaseException as error:  # any escape is the failure
+                errors.append(error)
+
+        with caplog.at_level(logging.WARNING, logger="alkey"):
+            threads = [threading.Thread(target=work, args=(n,)) for n in range(16)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        client.close()
+    assert errors == []
+    assert "Redis unavailable" not in caplog.text, "an exhausted pool is no outage"
+    assert calls > 100
 
 
 # -- resharding -------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import asyncio
 import importlib
 import inspect
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -95,7 +96,15 @@ class ClientErrors:
     of its own client's library, and every library's errors take the same way out.
     """
 
-    __slots__ = ("base", "max_connections", "no_script", "response", "unavailable")
+    __slots__ = (
+        "base",
+        "lost",
+        "max_connections",
+        "no_script",
+        "redirected",
+        "response",
+        "unavailable",
+    )
 
     def __init__(self, exceptions: Any) -> None:
         named = vars(exceptions)
@@ -107,6 +116,12 @@ class ClientErrors:
         self.no_script: tuple[type[Exception], ...] = (named["NoScriptError"],)
         #: An error answer of the server.
         self.response: tuple[type[Exception], ...] = (named["ResponseError"],)
+        #: No answer: the connection was refused or lost, or the answer took too long.
+        self.lost: tuple[type[Exception], ...] = (named["ConnectionError"], named["TimeoutError"])
+        #: ``MOVED`` or ``ASK``: a cluster slot that another node serves (now or for a key).
+        self.redirected: tuple[type[Exception], ...] = tuple(
+            named[name] for name in ("MovedError", "AskError") if name in named
+        )
         #: Answers of a server that cannot serve now but will (a restart, a failover, a
         #: cluster resharding): refused, lost, timed out, ``LOADING``, authentication,
         #: ``READONLY`` (a replica, or a primary demoted by a failover), ``MASTERDOWN``,
@@ -443,14 +458,15 @@ def _waves(calls: list[Call], nodes: list[str]) -> list[list[int]]:
     round trip of the bump that carries it out, and the clear must never succeed where the
     bump failed -- the intent is what lets another process make the bump. On one Redis
     they share a connection and fail together; on a cluster the intents live on their own
-    slot's node, which can answer while a bump's node is down. So when the round trip
-    also goes to other nodes, the clear -- and what follows it on its node, to keep that
-    node's order -- waits until every other call has succeeded: one more round trip, for
-    durable writing commits on a cluster only.
+    slot, whose node can answer while a bump's node is down -- or while a bump's slot,
+    even on the same node, is half moved (``TRYAGAIN``) or redirected. So the clear -- and
+    what follows it on its node, to keep that node's order -- waits until every other
+    call has succeeded: one more round trip, for durable writing commits on a cluster
+    only.
     """
     everything = list(range(len(calls)))
     first = next((i for i, (script, _, _) in enumerate(calls) if script is CLEAR), None)
-    if first is None or all(node == nodes[first] for node in nodes):
+    if first is None or first == 0:
         return [everything]
     later = [i for i in everything if i >= first and nodes[i] == nodes[first]]
     after = set(later)
@@ -488,25 +504,58 @@ class _ClusterRoundTrip:
             for i in positions
         ]
 
-    def answered(self, positions: list[int], results: list[Any]) -> list[int]:
-        """Keep the results of the calls at ``positions``; return the positions to send
-        again with the script's source: those whose node answered ``NOSCRIPT`` (it
-        restarted, was promoted, or flushed its scripts), which forgets its scripts."""
-        again = []
+    def answered(self, positions: list[int], results: list[Any]) -> bool:
+        """Keep the results of the calls at ``positions``; whether a node answered
+        ``NOSCRIPT`` (it restarted, was promoted, or flushed its scripts), whose scripts
+        are then forgotten, so that sending the calls again carries their sources. A
+        ``NOSCRIPT`` is kept as a result too: if the calls are not sent again, or meet it
+        again, the call fails -- never a call counted as run that did not run."""
+        forgot = False
         for i, result in zip(positions, results, strict=True):
             name = self.names[i]
+            self.results[i] = result
             if isinstance(result, self.errors.no_script):
                 self.loaded[name] = frozenset()
-                again.append(i)
-                continue
-            self.results[i] = result
-            if not isinstance(result, Exception):
+                forgot = True
+            elif not isinstance(result, Exception):
                 self.loaded[name] = self.loaded.get(name, frozenset()) | {self.calls[i][0].sha}
-        return again
+        return forgot
 
     def checked(self, positions: list[int]) -> None:
         """Raise the first error among the results at ``positions``."""
         ScriptCalls.checked([self.results[i] for i in positions])
+
+
+def _queued(pipe: Any) -> Any:
+    """A cluster pipeline's queued commands: its execution strategy's queue (redis-py 6
+    and later, which keep an unused ``command_stack``), else ``command_stack`` (redis-py
+    5, valkey-py)."""
+    strategy = getattr(pipe, "_execution_strategy", None)
+    return strategy.command_queue if strategy is not None else pipe.command_stack
+
+
+def _cluster_failure(
+    transport: ClusterTransport | AsyncClusterTransport, error: Exception
+) -> Exception:
+    """What a failed cluster call raises, and whether the next one reads the topology.
+
+    A node failed or a slot moved: the next call asks the cluster who serves what first
+    (``CLUSTER SLOTS``, once), or a failed-over primary's slots would go on being sent to
+    the dead node -- but not for an exhausted pool, which says nothing of the topology
+    (and reading it again would drop connections that other calls are using). An
+    exception of no client library -- redis-py's cluster internals raise ``TypeError``
+    and the like when connections are dropped under them -- fails closed, as the
+    library's ``ConnectionError``: never an exception out of a commit.
+    """
+    errors = transport.errors
+    if not isinstance(error, errors.base):
+        transport._rediscover = True
+        return errors.lost[0](f"the cluster client failed: {type(error).__name__}: {error}")
+    if isinstance(error, errors.unavailable) and not (
+        isinstance(error, errors.max_connections) or error.args == _BLOCKING_POOL_TIMEOUT
+    ):
+        transport._rediscover = True
+    return error
 
 
 def _set_up_cluster(
@@ -523,6 +572,14 @@ def _set_up_cluster(
     transport._loaded = frozenset()
     transport._node_scripts = {}
     transport._rediscover = False
+    limit = _cluster_options(client).connection_kwargs.get("max_connections")
+    transport._calls = (
+        threading.BoundedSemaphore(limit)
+        if isinstance(limit, int)
+        and 0 < limit < 2**31
+        and not isinstance(transport, AsyncClusterTransport)
+        else None
+    )
 
 
 class ClusterTransport(RedisTransport):
@@ -543,6 +600,8 @@ class ClusterTransport(RedisTransport):
     _node_scripts: dict[str, frozenset[str]]
     #: Whether the next call reads the topology again (a call failed: a node may be gone).
     _rediscover: bool
+    #: How many of alkey's calls may run at once: the nodes' pool size, if bounded.
+    _calls: threading.BoundedSemaphore | None
 
     def __init__(self, client: ClusterClient) -> None:
         self.cluster = client
@@ -550,6 +609,11 @@ class ClusterTransport(RedisTransport):
 
     def _run_once(self, calls: list[Call]) -> list[Any]:
         client = self.cluster
+        if self._calls is not None and not self._calls.acquire(blocking=False):
+            # As many of alkey's calls at once as the nodes' pools have connections: one
+            # more would make redis-py's cluster pipeline read the whole topology again,
+            # dropping the connections other threads are reading from.
+            raise self.errors.max_connections[0]("No connection available.")
         try:
             if self._rediscover:
                 client.nodes_manager.initialize()
@@ -557,27 +621,60 @@ class ClusterTransport(RedisTransport):
             nodes = [self._node(keys[0]) for _, keys, _ in calls]
             trip = _ClusterRoundTrip(calls, nodes, self._node_scripts, self.errors)
             for wave in _waves(calls, trip.names):
-                again = trip.answered(wave, self._pipeline(trip.commands(wave)))
-                if again:
-                    trip.answered(again, self._pipeline(trip.commands(again)))
+                if trip.answered(wave, self._pipeline(trip.commands(wave))):
+                    # A node forgot its scripts: the whole wave again, in order, with the
+                    # sources where forgotten -- sending only the forgotten calls would
+                    # run them after later calls to the same keys (a fetch behind its
+                    # bump). Running a call twice is harmless: a token bumped twice is
+                    # as new, a fetch answers the latest.
+                    trip.answered(wave, self._pipeline(trip.commands(wave)))
                 trip.checked(wave)
-        except self.errors.unavailable:
-            # A node failed or a slot moved: ask the cluster who serves what before the
-            # next call (CLUSTER SLOTS, one round trip once), or a client would go on
-            # sending a failed-over primary's slots to the dead node.
-            self._rediscover = True
-            raise
+        except Exception as error:
+            failure = _cluster_failure(self, error)
+            if failure is error:
+                raise
+            raise failure from error
+        finally:
+            if self._calls is not None:
+                self._calls.release()
         return trip.results
 
     def _node(self, key: str) -> Any:
         """The node that serves ``key``'s slot, as far as the client knows."""
         return self.cluster.get_node_from_key(key)  # type: ignore[no-untyped-call]
 
-    def _pipeline(self, commands: list[tuple[tuple[Any, ...], Any]]) -> list[Any]:
+    def _pipeline(
+        self, commands: list[tuple[tuple[Any, ...], Any]], *, follow: bool = False
+    ) -> list[Any]:
+        """Each command to its node, every node's in one pipeline, all written before any
+        is read; their results, errors included.
+
+        Not following redirections the first time: redis-py would then send every call
+        of a node that did not answer again, one after the other, each waiting a socket
+        timeout -- a minute, for a bump of thirty rows on a hung node. A node that did not
+        answer fails the whole call at once instead (it is an outage); calls answered
+        ``MOVED`` or ``ASK`` (a slot changing hands; their nodes answer) are sent again,
+        in order, following the redirections (``follow``)."""
         pipe = self.cluster.pipeline(transaction=False)  # type: ignore[no-untyped-call]
         for command, node in commands:
             pipe.execute_command(*command, target_nodes=node)
-        results: list[Any] = pipe.execute(raise_on_error=False)
+        if follow:
+            followed: list[Any] = pipe.execute(raise_on_error=False)
+            return followed
+        try:
+            results: list[Any] = pipe.send_cluster_commands(
+                _queued(pipe), raise_on_error=False, allow_redirections=False
+            )
+        finally:
+            pipe.reset()
+        lost = next((r for r in results if isinstance(r, self.errors.lost)), None)
+        if lost is not None:
+            raise lost
+        moved = [i for i, r in enumerate(results) if isinstance(r, self.errors.redirected)]
+        if moved:
+            again = self._pipeline([commands[i] for i in moved], follow=True)
+            for i, result in zip(moved, again, strict=True):
+                results[i] = result
         return results
 
 
@@ -590,6 +687,7 @@ class AsyncClusterTransport(AsyncRedisTransport):
     _node_scripts: dict[str, frozenset[str]]
     #: Whether the next call reads the topology again (a call failed: a node may be gone).
     _rediscover: bool
+    _calls: threading.BoundedSemaphore | None
 
     def __init__(self, client: AsyncClusterClient) -> None:
         self.cluster = client
@@ -607,16 +705,17 @@ class AsyncClusterTransport(AsyncRedisTransport):
             nodes = [client.get_node_from_key(keys[0]) for _, keys, _ in calls]
             trip = _ClusterRoundTrip(calls, nodes, self._node_scripts, self.errors)
             for wave in _waves(calls, trip.names):
-                again = trip.answered(wave, await self._pipeline(trip.commands(wave)))
-                if again:
-                    trip.answered(again, await self._pipeline(trip.commands(again)))
+                if trip.answered(wave, await self._pipeline(trip.commands(wave))):
+                    # As ClusterTransport: the whole wave again, in order.
+                    trip.answered(wave, await self._pipeline(trip.commands(wave)))
                 trip.checked(wave)
-        except self.errors.unavailable:
-            # As ClusterTransport: the asyncio cluster pipeline never asks the cluster
-            # again after a node failed, so a failed-over primary's slots would go on
-            # being sent to the dead node.
-            self._rediscover = True
-            raise
+        except Exception as error:
+            # As ClusterTransport; and the asyncio cluster pipeline never asks the cluster
+            # again by itself after a node failed.
+            failure = _cluster_failure(self, error)
+            if failure is error:
+                raise
+            raise failure from error
         return trip.results
 
     async def _pipeline(self, commands: list[tuple[tuple[Any, ...], Any]]) -> list[Any]:
