@@ -333,7 +333,8 @@ def test_a_key_naming_rows_on_three_nodes_costs_one_round_trip_per_node_all_at_o
                 call()
             assert trips.count == 3, f"{name}: one request per node"
             wall = timed(call)
-            assert wall < 1.6 * LATENCY, f"{name} took {wall * 1000:.0f} ms: not in parallel"
+            # In turn would take 3 x LATENCY; the margin is for a loaded machine.
+            assert wall < 2.2 * LATENCY, f"{name} took {wall * 1000:.0f} ms: not in parallel"
         assert sync_store.fetch(identifiers) == loop.run_until_complete(
             async_store.afetch(identifiers)
         ), "both stores read the same tokens"
