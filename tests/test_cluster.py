@@ -516,9 +516,7 @@ def test_a_fetch_behind_a_bump_never_answers_the_pre_bump_token_when_a_node_forg
         client.close()
 
 
-def test_a_hung_node_costs_a_call_one_socket_timeout_whatever_the_rows_on_it(
-    cluster: LocalCluster,
-) -> None:
+def test_a_hung_node_costs_a_call_one_socket_timeout_whatever_the_rows_on_it() -> None:
     """redis-py would send each call of a node that did not answer again, one after the
     other, a socket timeout each: a bump of 30 rows would block a commit for 30 timeouts."""
     with LocalCluster(3, 0) as own:

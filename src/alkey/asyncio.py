@@ -511,8 +511,9 @@ class AsyncCacheKeyGenerator:
 def _configured_store(
     configuration: Configuration, client: AsyncRedisClient | None
 ) -> AsyncRedisTokenStore:
-    """The asyncio store factory of ``redis://``, ``rediss://`` and ``unix://`` URLs
-    (``configure(...).store(flavour="asyncio")``)."""
+    """The asyncio store factory of ``redis://``, ``rediss://``, ``unix://`` and Sentinel
+    URLs (``configure(...).store(flavour="asyncio")``): :func:`async_client` builds the
+    client each scheme needs."""
     chosen = client if client is not None else async_client(configuration)
     return configured_store(
         chosen.connection_pool,
@@ -523,7 +524,7 @@ def _configured_store(
     )
 
 
-for _scheme in REDIS_SCHEMES:
+for _scheme in (*REDIS_SCHEMES, *SENTINEL_SCHEMES):
     register_scheme(_scheme, asyncio=_configured_store)
 
 events.support_asyncio(sync_target, store_for)

@@ -538,10 +538,11 @@ def _check_url_options(url: str, source: Source) -> None:
     configuration. A Sentinel URL also takes ``sentinel_<option>``, ``ssl`` and
     ``min_other_sentinels``."""
     known = _connection_options()
-    sentinel = urlsplit(url).scheme in SENTINEL_SCHEMES
+    parts = urlsplit(url)
+    sentinel = parts.scheme in SENTINEL_SCHEMES
     if sentinel:
         known = known | {"ssl", *_SENTINEL_MANAGER_OPTIONS}
-    for name, _ in parse_qsl(urlsplit(url).query, keep_blank_values=True):
+    for name, _ in parse_qsl(parts.query, keep_blank_values=True):
         plain = (
             name[len(_SENTINEL_OPTION) :]
             if sentinel and name.startswith(_SENTINEL_OPTION)
@@ -1016,24 +1017,8 @@ def async_sentinel_client(configuration: Configuration) -> redis.asyncio.Redis:
     return client
 
 
-def _sentinel_async_store(configuration: Configuration, client: Any) -> TokenStore:
-    """The asyncio store of a Sentinel URL (``configure(...).store(flavour="asyncio")``):
-    as ``alkey.asyncio``'s for ``redis://``, on a ``redis.asyncio`` ``master_for`` client.
-    ``alkey.asyncio`` is loaded by name, as :func:`scheme_factory` does, so that this
-    layer never imports it."""
-    module = importlib.import_module("alkey.asyncio")
-    chosen = client if client is not None else async_sentinel_client(configuration)
-    store: TokenStore = configured_store(
-        chosen.connection_pool,
-        module.AsyncRedisTokenStore,
-        configuration,
-        lambda options: module.AsyncRedisTokenStore(chosen, options=options),
-        lambda: module.store_for(chosen),
-    )
-    return store
-
-
 for _scheme in REDIS_SCHEMES:
     register_scheme(_scheme, sync=_redis_store)
+# Their asyncio stores come from alkey.asyncio, whose client follows a Sentinel URL too.
 for _scheme in SENTINEL_SCHEMES:
-    register_scheme(_scheme, sync=_redis_store, asyncio=_sentinel_async_store)
+    register_scheme(_scheme, sync=_redis_store)

@@ -572,14 +572,6 @@ def _set_up_cluster(
     transport._loaded = frozenset()
     transport._node_scripts = {}
     transport._rediscover = False
-    limit = _cluster_options(client).connection_kwargs.get("max_connections")
-    transport._calls = (
-        threading.BoundedSemaphore(limit)
-        if isinstance(limit, int)
-        and 0 < limit < 2**31
-        and not isinstance(transport, AsyncClusterTransport)
-        else None
-    )
 
 
 class ClusterTransport(RedisTransport):
@@ -600,12 +592,17 @@ class ClusterTransport(RedisTransport):
     _node_scripts: dict[str, frozenset[str]]
     #: Whether the next call reads the topology again (a call failed: a node may be gone).
     _rediscover: bool
-    #: How many of alkey's calls may run at once: the nodes' pool size, if bounded.
-    _calls: threading.BoundedSemaphore | None
 
     def __init__(self, client: ClusterClient) -> None:
         self.cluster = client
         _set_up_cluster(self, client)
+        limit = _cluster_options(client).connection_kwargs.get("max_connections")
+        #: How many of alkey's calls may run at once: the nodes' pool size, if bounded.
+        self._calls = (
+            threading.BoundedSemaphore(limit)
+            if isinstance(limit, int) and 0 < limit < 2**31
+            else None
+        )
 
     def _run_once(self, calls: list[Call]) -> list[Any]:
         client = self.cluster
@@ -687,7 +684,6 @@ class AsyncClusterTransport(AsyncRedisTransport):
     _node_scripts: dict[str, frozenset[str]]
     #: Whether the next call reads the topology again (a call failed: a node may be gone).
     _rediscover: bool
-    _calls: threading.BoundedSemaphore | None
 
     def __init__(self, client: AsyncClusterClient) -> None:
         self.cluster = client
