@@ -23,7 +23,7 @@ bench: $(VENV)/.installed-bench  ## full benchmark: writes docs/benchmarks.md an
 bench-cpu: $(VENV)/.installed-bench  ## alkey's CPU per call, this tree against an earlier one: docs/cpu.md
 	$(BIN)/python -m benchmarks.cpu
 
-bench-smoke: $(VENV)/.installed-test  ## seconds: fails if a round-trip target regresses (cluster too)
+bench-smoke: $(VENV)/.installed-test  ## seconds: fails if a round trip or a call/line budget regresses (cluster too)
 	$(BIN)/python -m benchmarks --smoke
 	$(BIN)/python -m benchmarks.cluster --smoke
 

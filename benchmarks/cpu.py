@@ -12,9 +12,10 @@ one embedded Redis; the medians over rounds are compared as a ratio, because abs
 times on a shared machine drift.
 
 Measured per call, as CPU time of the application's process (the Redis server's is not
-counted): a key for 1 and for 10 loaded instances (one round trip each), and alkey's
-share of a one-row ORM commit (the commit's CPU with alkey bound, minus the same commit
-without alkey, in the same process).
+counted): a key for 1, 10 and 1000 loaded instances (one round trip each), and alkey's
+share of a one-row and of a 100-row ORM commit and of a read-only transaction (begin, one
+SELECT, commit): its CPU with alkey bound, minus the same without alkey, in the same
+process.
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 WORKER = Path(__file__).resolve().parent / "cpu_worker.py"
 
-#: The last revision before the architecture work of issue #12 (layers, the store split,
-#: the configuration path): the "before" of its CPU comparison.
-BASELINE = "c58f382"
+#: The last revision before the CPU work of issue #14 (the instance state framed rather
+#: than hashed, instances encoded a run at a time, answers kept for the session events,
+#: reads skipped at the cursor): the "before" of its CPU comparison.
+BASELINE = "e783d53"
 
 
 def export(revision: str, into: Path) -> Path:

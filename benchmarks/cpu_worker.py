@@ -58,7 +58,7 @@ def main() -> None:
     Base.metadata.drop_all(engine)
     Base.metadata.create_all(engine)
     with Session(engine) as session:
-        session.add_all([Item(name="x") for _ in range(10)])
+        session.add_all([Item(name="x") for _ in range(1000)])
         session.commit()
 
     plain = sessionmaker(engine, expire_on_commit=False)
@@ -68,29 +68,47 @@ def main() -> None:
 
     with plain() as session:
         items = session.scalars(select(Item).order_by(Item.id)).all()
-        one, ten = (items[0], "fragment"), (*items, "fragment")
+        one, ten, thousand = (items[0], "fragment"), (*items[:10], "fragment"), (*items, "x")
         keys = per_call(calls, one=lambda: key(*one), ten=lambda: key(*ten))
+        keys.update(per_call(max(calls // 40, 5), thousand=lambda: key(*thousand)))
 
-    def commit_one_row(factory: sessionmaker[Session]) -> Callable[[], None]:
+    def commit_rows(factory: sessionmaker[Session], rows: int) -> Callable[[], None]:
         session = factory()
-        item = session.get(Item, 1)
-        assert item is not None
+        loaded = session.scalars(select(Item).order_by(Item.id).limit(rows)).all()
         counter = iter(range(10**9))
 
         def commit() -> None:
-            item.name = f"n{next(counter)}"
+            value = f"n{next(counter)}"
+            for item in loaded:
+                item.name = value
             session.commit()
 
         return commit
 
+    def read_only(factory: sessionmaker[Session]) -> Callable[[], None]:
+        def transaction() -> None:
+            with factory() as session:
+                session.scalars(select(Item).limit(1)).all()
+                session.commit()
+
+        return transaction
+
     commits = per_call(
-        max(calls // 4, 10), alkey=commit_one_row(bound), plain=commit_one_row(plain)
+        max(calls // 4, 10), alkey=commit_rows(bound, 1), plain=commit_rows(plain, 1)
     )
+    hundred = per_call(
+        max(calls // 40, 5), alkey=commit_rows(bound, 100), plain=commit_rows(plain, 100)
+    )
+    reads = per_call(max(calls // 2, 10), alkey=read_only(bound), plain=read_only(plain))
     results = {
         "key, 1 instance": keys["one"],
         "key, 10 instances": keys["ten"],
+        "key, 1000 instances": keys["thousand"],
         "one-row commit: alkey's share": commits["alkey"] - commits["plain"],
+        "100-row commit: alkey's share": hundred["alkey"] - hundred["plain"],
+        "read-only transaction: alkey's share": reads["alkey"] - reads["plain"],
         "one-row commit, no alkey": commits["plain"],
+        "read-only transaction, no alkey": reads["plain"],
     }
     print(json.dumps({"alkey": alkey.__file__, "cpu": results}))
 

@@ -8,8 +8,8 @@ and ``PYTHONHASHSEED`` never change a key. Nothing depends on ``hash()`` or ``id
 
 Model instances, mapped classes, tables and identifier strings -- wherever they appear,
 nested or not -- become token references: the chunk list holds the identifier itself as a
-``str`` (every other chunk is ``bytes``), and the key generator replaces it by the
-identifier and its current token before hashing.
+``str`` (every other chunk is ``bytes``), and the key generator hashes the identifier
+and its current token for it (see :class:`alkey.keys.KeyPlan`).
 
 The rule is that every argument gets an encoding that determines it, or a ``TypeError``
 naming it. A key built from a value's text is only right when that text is the value's
@@ -42,6 +42,7 @@ from collections.abc import (
     Set,
     ValuesView,
 )
+from itertools import chain
 from typing import Any, Final
 
 from sqlalchemy import inspect
@@ -60,7 +61,7 @@ from sqlalchemy.schema import Table
 from sqlalchemy.sql import ClauseElement, Executable
 
 from alkey import identity
-from alkey.snapshot import load_expired, loaded_state
+from alkey.snapshot import load_expired, loaded_state, loaded_states
 
 __all__ = ["MAX_DEPTH", "Chunk", "encode_arguments"]
 
@@ -424,15 +425,29 @@ def encode_arguments(args: tuple[object, ...]) -> list[Chunk]:
 
 def _encode(args: tuple[object, ...], expired: list[InstanceState[Any]] | None) -> list[Chunk]:
     chunks: list[Chunk] = [b"A" + str(len(args)).encode("ascii") + b"["]
+    # The commonest arguments, model instances, are encoded a run at a time: their
+    # identifiers and states each come from one loop (see identity.instance_identifiers).
+    run: list[InstanceState[Any]] = []
     for position, arg in enumerate(args):
-        # Fast path for the commonest argument, a model instance.
         state = getattr(arg, DEFAULT_STATE_ATTR, None)
         if type(state) is InstanceState:
-            chunks.append(identity.instance_identifier(state))
-            chunks.append(loaded_state(state, expired))
+            run.append(state)
             continue
+        if run:
+            _instances(chunks, run, expired)
+            run = []
         encoder = _Encoder(position, expired)
         encoder.encode(arg)
         chunks.extend(encoder.chunks)
+    if run:
+        _instances(chunks, run, expired)
     chunks.append(b"]")
     return chunks
+
+
+def _instances(
+    chunks: list[Chunk], states: list[InstanceState[Any]], expired: list[InstanceState[Any]] | None
+) -> None:
+    """Append each instance's identifier, then its state, as :meth:`_Encoder.encode` does."""
+    identifiers = identity.instance_identifiers(states)
+    chunks += chain.from_iterable(zip(identifiers, loaded_states(states, expired), strict=True))

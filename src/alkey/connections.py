@@ -44,11 +44,13 @@ from sqlalchemy.orm import Session
 
 from alkey.client import UsesDefaultStore
 from alkey.identity import freeze_schema_map, note_schema_map
+from alkey.sql import reads_only
 from alkey.tokens import RedisClient, TokenStore, bump, store_for
 from alkey.transactions import ChangeStack, changes_of, inside_commit
 from alkey.writes import in_flush, raw_sql_writes
 
 __all__ = [
+    "ENGINE_EVENTS",
     "EngineBinding",
     "bind_engine",
     "claim_connection",
@@ -79,12 +81,14 @@ def claim_connection(
     """Note that ``session`` runs its transaction on ``connection`` (its ``after_begin``),
     that ``before_commit(session)`` is to run just before the connection's COMMIT, and
     whether the session's binding touches parents (for the statements recorded here)."""
-    connection.info[_SESSION_KEY] = weakref.ref(session)
+    info = connection.info
+    info[_SESSION_KEY] = weakref.ref(session)
     in_flush(session)  # drops the mark of a flush that raised, if any
-    session.info[_BEFORE_COMMIT_KEY] = before_commit
-    session.info[_TOUCH_PARENTS_KEY] = touch_parents
+    session_info = session.info
+    session_info[_BEFORE_COMMIT_KEY] = before_commit
+    session_info[_TOUCH_PARENTS_KEY] = touch_parents
     # The info dict itself: by the time the transaction ends, the Connection is closed.
-    session.info.setdefault(_CONNECTIONS_KEY, []).append(connection.info)
+    session_info.setdefault(_CONNECTIONS_KEY, []).append(info)
 
 
 def record_intent(binding: UsesDefaultStore, identifiers: Collection[str]) -> str | None:
@@ -190,6 +194,14 @@ class EngineBinding(UsesDefaultStore):
     ) -> None:
         """Every statement, as the SQL the database receives: Core, text(), driver SQL,
         DDL, and DML hidden inside a select all end up here."""
+        # A tenant's connection or statement: its schema map tells raw SQL naming the
+        # tenant's tables which mapped tables they are copies of.
+        options = getattr(context, "execution_options", None) or {}
+        translate = options.get("schema_translate_map")
+        if translate:
+            note_schema_map(freeze_schema_map(translate))
+        if reads_only(statement):
+            return  # the commonest statement, a read: nothing more to look at
         session = _session_of(connection)
         if session is None and not self.all_connections:
             return
@@ -197,12 +209,6 @@ class EngineBinding(UsesDefaultStore):
             session.info.get(_BULK_KEY) or _is_unit_of_work(session, context)
         ):
             return  # the session's own listeners record these, with their rows
-        # A tenant's connection or statement: its schema map tells raw SQL naming the
-        # tenant's tables which mapped tables they are copies of.
-        options = getattr(context, "execution_options", None) or {}
-        translate = options.get("schema_translate_map")
-        if translate:
-            note_schema_map(freeze_schema_map(translate))
         # The association rows a flush writes for changed many-to-many collections touch
         # no sides: the flush's own listeners touch the partners that changed, precisely.
         # (Flush hooks' statements touch their parents as any other statement does.)
@@ -255,6 +261,8 @@ class EngineBinding(UsesDefaultStore):
             before_commit = session.info.get(_BEFORE_COMMIT_KEY)
             if before_commit is not None:
                 before_commit(session)
+        if not self._changes:
+            return  # this thread recorded nothing for its connection (it would see it)
         with self._lock:
             changes = self._changes.pop(connection, None)
         if changes is not None:
@@ -267,6 +275,8 @@ class EngineBinding(UsesDefaultStore):
                     )
 
     def rollback(self, connection: Connection) -> None:
+        if not self._changes:
+            return
         with self._lock:
             self._changes.pop(connection, None)
 
@@ -278,7 +288,7 @@ class EngineBinding(UsesDefaultStore):
             bump(self.tokens, written, intent)
 
     def listen(self, engine: Engine) -> None:
-        for name in _EVENTS:
+        for name in ENGINE_EVENTS:
             event.listen(engine, name, getattr(self, name))
         self._dialect = engine.dialect
         _hook_commit(engine.dialect)
@@ -286,7 +296,7 @@ class EngineBinding(UsesDefaultStore):
     def remove(self) -> None:
         engine = self._engine()
         if engine is not None:
-            for name in _EVENTS:
+            for name in ENGINE_EVENTS:
                 event.remove(engine, name, getattr(self, name))
         if self._dialect is not None:
             _unhook_commit(self._dialect)
@@ -303,6 +313,8 @@ _committing_lock = threading.Lock()
 def _after_commit(dbapi_connection: Any) -> None:
     """Run by the wrapped ``do_commit`` once the database COMMIT returned (or failed:
     then the outcome is unknown, and bumping is the safe side)."""
+    if not _committing:
+        return  # the common COMMIT: nothing of this connection's (this thread put it there)
     with _committing_lock:
         committing = _committing.pop(id(dbapi_connection), ())
     for binding, written, intent in committing:
@@ -361,7 +373,8 @@ def _unhook_commit(dialect: Dialect) -> None:
             del _commit_hooks[dialect]
 
 
-_EVENTS = (
+#: The engine events an :class:`EngineBinding` listens to.
+ENGINE_EVENTS = (
     "after_cursor_execute",
     "savepoint",
     "release_savepoint",
@@ -428,6 +441,8 @@ def watch_engine(engine: Engine, tokens: TokenStore | None) -> None:
     An option engine is watched through its root engine, whose listeners run for every
     engine derived from it: one binding however many option engines an application makes.
     """
+    if engine in _engine_bindings:
+        return  # every transaction asks: the common answer first
     lineage = _lineage(engine)
     if not any(known in _engine_bindings for known in lineage):
         _bind_engine(lineage[-1], tokens, all_connections=False)

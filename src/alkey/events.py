@@ -16,7 +16,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection
@@ -205,14 +205,49 @@ SESSION_EVENTS = (
 
 
 def _binding_for(session: Session) -> Binding | None:
-    binding = _bindings.get(session)
-    if binding is not None:
-        return binding
-    for cls in type(session).__mro__:
-        binding = _bindings.get(cls)
+    """The binding that acts for ``session``: its own, else its class's nearest.
+
+    Every session event asks, so the answer for a class is kept, stamped with the
+    generation of the bindings it was worked out from: :func:`bind` and :func:`unbind`
+    start a new generation, which makes every kept answer stale at once (an answer worked
+    out while another thread binds is stamped with the generation it started from).
+    """
+    if _bound_instances:
+        binding = _bindings.get(session)
         if binding is not None:
             return binding
-    return None
+    kind = type(session)
+    generation = _generation
+    known = _class_bindings.get(kind)
+    if known is not None and known[0] == generation:
+        return known[1]
+    for cls in kind.__mro__:
+        binding = _bindings.get(cls)
+        if binding is not None:
+            break
+    if len(_class_bindings) >= _MOST_CLASSES:
+        _class_bindings.clear()  # session classes made on the fly: keep a bounded few
+    _class_bindings[kind] = (generation, binding)
+    return binding
+
+
+def _changed_bindings() -> None:
+    """Make every kept answer of :func:`_binding_for` stale (under ``_bindings_lock``,
+    after the change)."""
+    global _generation, _bound_instances
+    _bound_instances = any(not isinstance(target, type) for target in _bindings)
+    _generation += 1
+    # Kept answers hold their session classes: let those of unbound sessionmakers go.
+    _class_bindings.clear()
+
+
+#: :func:`_binding_for`'s answers by session class, each with its generation.
+_class_bindings: dict[type, tuple[int, Binding | None]] = {}
+_MOST_CLASSES: Final = 256
+_generation = 0
+#: Whether a Session instance (rather than a class) is bound: only then is a session
+#: looked up by itself.
+_bound_instances = False
 
 
 def is_bound(session: Session) -> bool:
@@ -263,6 +298,7 @@ def bind(
                 # blocks the event loop for its round trip.
                 tokens = support[1]()
             binding = _bindings[resolved] = Binding(resolved, tokens, touch_parents)
+            _changed_bindings()
             binding.listen()
         else:
             binding.touch_parents = touch_parents
@@ -276,5 +312,6 @@ def unbind(target: object) -> None:
     resolved = _resolve(target)
     with _bindings_lock:
         binding = _bindings.pop(resolved, None)
+        _changed_bindings()
     if binding is not None:
         binding.remove()

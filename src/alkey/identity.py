@@ -643,6 +643,30 @@ def instance_identifier(state: InstanceState[Any]) -> str:
     return row if key[2] is None else row + _token_suffix(key[2])
 
 
+def instance_identifiers(states: Iterable[InstanceState[Any]]) -> list[str]:
+    """:func:`instance_identifier` of each state: the same answers, from one loop whose
+    common case -- a row of one table, keyed by one integer, without a tenant or a shard
+    -- costs no call, because a key may name a thousand instances."""
+    identifiers: list[str] = []
+    append = identifiers.append
+    seen: Mapper[Any] | None = None
+    prefix = ""
+    for state in states:
+        key = state.key
+        if key is None or key[2] is not None or _SCHEMAS_ATTRIBUTE in state.__dict__:
+            append(instance_identifier(state))
+            continue
+        mapper = state.mapper
+        if mapper is not seen:
+            prefix, seen = _row_prefix(mapper), mapper
+        values = key[1]
+        if len(values) == 1 and type(values[0]) is int:
+            append(prefix + str(values[0]))
+        else:
+            append(prefix + _encode_key(mapper, values))
+    return identifiers
+
+
 def identifier_for(obj: object) -> str:
     """The identifier that ``obj`` stands for in a cache key.
 
@@ -835,6 +859,16 @@ def write_identifiers(states: Iterable[InstanceState[Any]]) -> set[str]:
         plan = _write_plans.get((mapper, schemas)) or _write_plan(mapper, schemas)
         identifiers.update(plan.table_identifiers)
         key = state.key
+        if key is not None and key[2] is None and len(plan.key_attributes) == 1:
+            # The commonest write: a row of one integer key, not renamed by the flush
+            # (its key attribute holds the same number, or nothing loaded).
+            old = key[1][0]
+            current = state.dict.get(plan.key_attributes[0])
+            if type(old) is int and (current is None or (type(current) is int and current == old)):
+                row = str(old)
+                for prefix in plan.row_prefixes:
+                    add(prefix + row)
+                continue
         # A new row of a sharded session knows its shard before it has an identity.
         suffix = _token_suffix(key[2] if key is not None else state.identity_token)
         rows = _spellings(mapper, key[1]) if key is not None else []

@@ -198,7 +198,13 @@ def _with_epoch(values: list[Any]) -> list[str]:
     epoch = values[0]
     if type(epoch) is bytes:  # redis-py's default: bytes
         tail = b"@" + epoch[:EPOCH_LENGTH]
-        return [(v + tail).decode("ascii") for v in values[1:]]
+        tokens = values[1:]
+        # One join, one decode and one split, in C, however many tokens; per token only
+        # if one holds a NUL (alkey's never do).
+        joined = ((tail + b"\0").join(tokens) + tail).decode("ascii").split("\0")
+        if len(joined) == len(tokens):
+            return joined
+        return [(v + tail).decode("ascii") for v in tokens]
     text = "@" + str(epoch)[:EPOCH_LENGTH]  # a client built with decode_responses=True
     return [str(v) + text for v in values[1:]]
 
@@ -323,7 +329,12 @@ class ScriptCalls:
 
     @staticmethod
     def loaded_after(loaded: frozenset[str], calls: list[Call]) -> frozenset[str]:
-        return loaded.union(script.sha for script, _, _ in calls)
+        """The scripts Redis holds once ``calls`` ran: ``loaded`` itself, unless they
+        brought a new one (after the first calls, every call: nothing to build)."""
+        for script, _, _ in calls:
+            if script.sha not in loaded:
+                return loaded.union(script.sha for script, _, _ in calls)
+        return loaded
 
     @staticmethod
     def commands(calls: list[Call], loaded: frozenset[str]) -> list[tuple[Any, ...]]:

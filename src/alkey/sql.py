@@ -27,7 +27,7 @@ from typing import Any, Final, NamedTuple
 
 from alkey.identity import table_part
 
-__all__ = ["Write", "writes", "written_tables"]
+__all__ = ["Write", "reads_only", "writes", "written_tables"]
 
 log = logging.getLogger("alkey.sql")
 
@@ -100,6 +100,15 @@ def writes(
 _PARSED_LENGTH: Final = 16_384
 
 
+def reads_only(sql: str) -> bool:
+    """Whether ``sql`` is a single plain read, which writes nothing: no parsing needed,
+    and the answer cached. The question asked of every statement that reaches the cursor,
+    so that reading -- what most statements do -- costs next to nothing."""
+    if len(sql) > _PARSED_LENGTH:
+        return _plain_read(sql)
+    return _cached_plain_read(sql)
+
+
 def _plain_read(sql: str) -> bool:
     """A single SELECT (or a read command): no parsing needed."""
     if ";" in sql.rstrip().rstrip(";"):
@@ -110,6 +119,11 @@ def _plain_read(sql: str) -> bool:
         upper = sql.upper()
         return "ANALYZE" not in upper and "ANALYSE" not in upper  # those run the statement
     return first == "SELECT" or first in _READ_COMMANDS
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_plain_read(sql: str) -> bool:
+    return _plain_read(sql)
 
 
 @functools.lru_cache(maxsize=1024)

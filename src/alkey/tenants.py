@@ -40,11 +40,26 @@ def _bind_schemas(session: Session | None, mapper: Mapper[Any] | None) -> Schema
     """The schema map of the engine or connection ``session`` uses for ``mapper``."""
     if session is None:
         return None
-    try:
-        bind = session.get_bind(mapper=mapper)
-    except Exception:  # no bind at all: nothing was translated
-        return None
-    return freeze_schema_map(bind.get_execution_options().get("schema_translate_map"))
+    bind = session.bind
+    # Its binds by mapper or table: "binds" since SQLAlchemy 2.1, "__binds" before.
+    binds = vars(session).get("binds", vars(session).get("_Session__binds", True))
+    if bind is None or binds or type(session).get_bind is not _OWN_GET_BIND:
+        # Several binds, or a get_bind of its own (horizontal sharding): ask it. Else
+        # its one bind, as Session.get_bind answers, without its argument checks (this
+        # runs for every query that loads instances).
+        try:
+            bind = session.get_bind(mapper=mapper)
+        except Exception:  # no bind at all: nothing was translated
+            return None
+    translate = bind.get_execution_options().get("schema_translate_map")
+    return None if translate is None else freeze_schema_map(translate)
+
+
+#: SQLAlchemy's own Session.get_bind, whose answer for one bind the fast path gives (None
+#: if something replaced it before alkey was imported: then it is always asked).
+_OWN_GET_BIND: Final = (
+    Session.get_bind if Session.get_bind.__module__ == "sqlalchemy.orm.session" else None
+)
 
 
 def _statement_schemas(

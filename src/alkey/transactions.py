@@ -211,6 +211,8 @@ class TransactionChanges:
         or when nothing was written. By then ``session.commit()`` has flushed and released
         every savepoint, so all the writes are recorded against the root.
         """
+        if not self._stack:
+            return None  # nothing written, so no connection's COMMIT has anything to record
         root = session.get_transaction()
         if root is None:
             return None

@@ -18,6 +18,7 @@ from sqlalchemy import inspect
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import InstanceState, Mapper, ORMExecuteState, Session, UOWTransaction
 from sqlalchemy.orm.attributes import instance_state
+from sqlalchemy.orm.base import PassiveFlag
 from sqlalchemy.orm.interfaces import MANYTOONE
 from sqlalchemy.schema import Table
 from sqlalchemy.sql import operators
@@ -63,6 +64,7 @@ TOUCH_INFO_KEY: Final = "alkey_touch"
 
 
 _MODIFIED_KEY: Final = "alkey.modified_before_flush"
+_NO_CHANGE: Final = PassiveFlag.NO_CHANGE
 _IN_FLUSH_KEY: Final = "alkey.in_flush"
 
 
@@ -81,12 +83,34 @@ def modified_before_flush(session: Session) -> None:
     ``bulk_save_objects`` and ``bulk_*_mappings``, which SQLAlchemy runs the same way but
     with no flush events.
     """
-    session.info[_MODIFIED_KEY] = {
-        instance_state(obj): frozenset(instance_state(obj).committed_state)
-        for obj in session.dirty
-        if session.is_modified(obj)
-    }
+    modified = {}
+    for obj in session.dirty:
+        state = instance_state(obj)
+        if _net_change(state):
+            modified[state] = frozenset(state.committed_state)
+    session.info[_MODIFIED_KEY] = modified
     session.info[_IN_FLUSH_KEY] = True
+
+
+def _net_change(state: InstanceState[Any]) -> bool:
+    """``session.is_modified(obj)``: whether an attribute of ``state`` holds a net change.
+
+    The same answer from the attributes that can have one -- those with a committed value
+    recorded (``committed_state``), whose history SQLAlchemy compares -- instead of asking
+    the history of every attribute of the class, for every dirty instance of every flush.
+    """
+    if not state.modified:
+        return False
+    values = state.dict
+    manager = state.manager
+    for key in list(state.committed_state):
+        attribute = manager.get(key)
+        if attribute is None:  # pragma: no cover - committed values are of attributes
+            return True  # unknown: a change, the safe side
+        added, _, deleted = attribute.impl.get_history(state, values, passive=_NO_CHANGE)
+        if added or deleted:
+            return True
+    return False
 
 
 def in_flush(session: Session) -> bool:
@@ -108,9 +132,9 @@ def flushed(session: Session, flush_context: UOWTransaction, touch_parents: bool
     before: dict[InstanceState[Any], frozenset[str]] = session.info.pop(_MODIFIED_KEY, {})
     session.info.pop(_IN_FLUSH_KEY, None)
     updated = [
-        instance_state(obj)
-        for obj in session.dirty
-        if instance_state(obj) in before or session.is_modified(obj)
+        state
+        for state in map(instance_state, session.dirty)
+        if state in before or _net_change(state)
     ]
     inserted = [instance_state(obj) for obj in session.new]
     deleted = [instance_state(obj) for obj in session.deleted]
@@ -147,18 +171,13 @@ def _flush_cascades(
                 (encode_table(table), kind, None)  # type: ignore[misc]
                 for table in mapper.tables
             )
-    # Which of the updated mappers' tables an UPDATE could cascade from, once per flush.
-    cascading: dict[Mapper[Any], list[tuple[str, Any]]] = {}
+    version = catalog.version()
     for state in updated:
         mapper = state.mapper
-        tables = cascading.get(mapper)
-        if tables is None:
-            tables = cascading[mapper] = [
-                (encode_table(table), table)
-                for table in mapper.tables
-                if may_cascade(encode_table(table), "update")
-            ]
-        for part, table in tables:
+        known = _update_cascades.get(mapper)
+        if known is None or known[0] != version:
+            known = _update_cascades[mapper] = (version, _cascading_tables(mapper))
+        for part, table in known[1]:
             keys = before.get(state, frozenset()) | frozenset(state.committed_state)
             steps.setdefault(schemas_of(state), set()).add(
                 (part, "update", _columns_of(mapper, table, keys))
@@ -167,6 +186,16 @@ def _flush_cascades(
     for schemas, group in steps.items():
         written |= _cascaded(group, schemas, touch_parents)
     return written
+
+
+#: The tables of each mapper that an UPDATE could cascade from, with the catalog version
+#: they were worked out under: most flushes update rows, and few tables cascade.
+_update_cascades: dict[Mapper[Any], tuple[int, list[tuple[str, Any]]]] = {}
+
+
+def _cascading_tables(mapper: Mapper[Any]) -> list[tuple[str, Any]]:
+    parts = [(encode_table(table), table) for table in mapper.tables]
+    return [(part, table) for part, table in parts if may_cascade(part, "update")]
 
 
 def _cascaded(
