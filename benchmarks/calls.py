@@ -174,8 +174,8 @@ def count_operations(redis_url: str, workdir: Path) -> dict[str, Counts]:
         generator = CacheKeyGenerator(client)
         instances = load(sessions[0], 1, max(KEY_SIZES))
         operations: dict[str, Callable[[], object]] = {
-            name: partial(generator, *instances[:size], "fragment")
-            for name, size in zip(OPERATIONS, KEY_SIZES, strict=False)
+            key_operation(size): partial(generator, *instances[:size], "fragment")
+            for size in KEY_SIZES
         }
         first = 1 + max(KEY_SIZES)
         operations["commit, 1 row"] = Transaction(sessions[1], load(sessions[1], first, 1), "c")

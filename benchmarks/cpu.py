@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.cpu", description=__doc__)
     parser.add_argument("--against", default=BASELINE, help="git revision to compare with")
     parser.add_argument("--tree", help="git revision to measure instead of the working tree")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--calls", type=int, default=400, help="calls per batch")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)

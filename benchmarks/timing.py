@@ -6,8 +6,9 @@ differences the benchmark is after. So the variants of one comparison are never 
 after the other, but in rounds: every round times one batch of every variant, and the
 round's ratios (each variant's time over its floor's, from the same round) are what is
 summarised -- drift that lasts longer than a round cancels out of them. The order within a
-round rotates (round ``r`` starts with variant ``r mod k``), so that no variant always runs
-right after the same neighbour, first when the caches are cold, or last.
+round rotates (round ``r`` starts with variant ``r mod k``), and every other cycle of ``k``
+rounds runs backwards, so that no variant is always first when the caches are cold, or
+last, and none always runs right after the same neighbour.
 
 Each batch is several calls, so that timer resolution and per-batch costs do not matter;
 the garbage collector is run before each batch and disabled during it, so that a
@@ -129,13 +130,18 @@ def per_call_estimate(variant: Variant, rounds: Rounds) -> float:
 
 
 def interleave(variants: Sequence[Variant], rounds: int) -> Series:
-    """``rounds`` rounds of one batch of every variant, round ``r`` starting with variant
-    ``r mod k``."""
+    """``rounds`` rounds of one batch of every variant: round ``r`` starts with variant
+    ``r mod k``, in the given order in even cycles of ``k`` rounds and backwards in odd ones
+    (rotation alone leaves each variant after the same neighbour in ``k - 1`` of ``k``
+    rounds)."""
     series: Series = {variant.name: [] for variant in variants}
     count = len(variants)
     for number in range(rounds):
         first = number % count
-        for variant in [*variants[first:], *variants[:first]]:
+        order = [*variants[first:], *variants[:first]]
+        if (number // count) % 2:
+            order.reverse()
+        for variant in order:
             series[variant.name].append(run_batch(variant))
     return series
 
