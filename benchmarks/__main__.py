@@ -465,10 +465,11 @@ def keys_table(results: Results) -> list[str]:
         "",
         "A key of N loaded instances and a text fragment. Floor: one redis-py `MGET` of the "
         "same N + 2 token keys (each row's, the table's unknown-rows token, the "
-        "unknown-writes token), their names built beforehand. Bare script: one `EVALSHA` of "
-        "alkey's fetch script on the same keys, without alkey's Python -- the part of the "
-        "cost that is Redis's and redis-py's (the script reads the server's epoch and "
-        "creates missing tokens, which an `MGET` cannot). CPU: the calling thread's.",
+        "unknown-writes token), their names built beforehand. Bare script: the `EVALSHA`s of "
+        "alkey's fetch script that alkey sends for the same keys (one per 1,000 keys, in one "
+        "pipeline beyond that), without alkey's Python -- the part of the cost that is "
+        "Redis's and redis-py's (the script reads the server's epoch and creates missing "
+        "tokens, which an `MGET` cannot). CPU: the calling thread's.",
         "",
         "| latency | instances | rounds x calls: MGET/script/alkey/0.3 | ms: bare MGET "
         "| ms: bare script | ms: alkey | ms: alkey 0.3 | alkey / bare MGET "
@@ -498,9 +499,10 @@ def commits_table(results: Results) -> list[str]:
     lines = [
         "### Commits (update N rows, flush, commit)",
         "",
-        "Floor: the plain flush and commit, then one redis-py pipeline (no MULTI) that sets "
-        "a fresh random token, with alkey's expiry, on each key alkey bumps (each row's, the "
-        "table's, the global one), their names built beforehand. Bump / flush: alkey's "
+        "Floor: the plain flush and commit, then the bump alkey sends, bare: one redis-py "
+        "pipeline (no MULTI) of `EVALSHA`s of its bump script, one per 1,000 keys, on each "
+        "key alkey bumps (each row's, the table's, the global one), their names built "
+        "beforehand, with alkey's expiry and a fresh random base per call. Bump / flush: alkey's "
         "commit minus the plain commit, over alkey's flush, per round. Client CPU: the "
         "calling thread's, which a busy machine disturbs less than wall time (on "
         "PostgreSQL it leaves out the server's work, so it overstates alkey's share).",
