@@ -308,10 +308,8 @@ def _greenlet_errors() -> Iterator[None]:
 
 def _columns(values: dict[str, Any], state: InstanceState[Any], plan: _Plan) -> bytes:
     """The column values of an instance (``values``: its ``__dict__``), encoded."""
-    if values.keys() >= plan.columns:  # every column loaded: read them in one C call
-        row = plan.getter(values)
-    else:
-        row = tuple(values.get(key, _ABSENT) for key in plan.keys)
+    # Every column loaded: read them in one C call.
+    row = plan.getter(values) if values.keys() >= plan.columns else _row(values, plan)
     # The common case: values whose repr is their identity, a valid literal each, so the
     # repr of the row, in a fixed order of columns, tells every row apart (a datetime's
     # tzinfo must have a repr of its own too). Length-framed by the caller.
@@ -337,6 +335,7 @@ def _columns(values: dict[str, Any], state: InstanceState[Any], plan: _Plan) -> 
 
 
 def _row(values: dict[str, Any], plan: _Plan) -> tuple[Any, ...]:
+    """The column values of an instance in the plan's order, unloaded ones as absent."""
     return tuple(values.get(key, _ABSENT) for key in plan.keys)
 
 
