@@ -174,6 +174,10 @@ def test_a_key_changes_when_any_value_of_an_instance_in_a_run_changes(
         "collection_append",
         "many_to_one",
         "json_replaced_equal",
+        "deleted_attribute",
+        "expired_then_set_equal",
+        "decimal_set_equal",
+        "none_set_none",
         "nothing",
     ],
 )
@@ -196,11 +200,30 @@ def test_a_net_change_is_what_session_is_modified_says(database: Engine, change:
             volume.shelf = None
         elif change == "json_replaced_equal":
             volume.data = None
+        elif change == "deleted_attribute":
+            del volume.title
+        elif change == "expired_then_set_equal":
+            session.expire(volume, ["title"])
+            volume.title = "priced"
+        elif change == "decimal_set_equal":
+            volume.price = decimal.Decimal("9.5")  # equal to the stored 9.50
+        elif change == "none_set_none":
+            volume.at = None
         for instance in (volume, shelf):
             assert _net_change(instance_state(instance)) == session.is_modified(instance), (
                 change,
                 instance,
             )
+
+
+def test_compact_writes_name_each_written_row_as_its_key_does(database: Engine) -> None:
+    with Session(database) as session:
+        states = [instance_state(instance) for instance in _loaded(session)]
+        written = identity.writes_of(states)
+        rows = {name for name in written if name.rpartition("#")[2] not in ("*", "?")}
+        assert rows == {identity.instance_identifier(state) for state in states}
+        assert identity.write_identifiers(states) == written.identifiers()
+        assert {"alkey:fast_volumes#*", "alkey:fast_pairs#*", "alkey:*#*"} <= written.identifiers()
 
 
 def test_binding_a_session_class_whose_sessions_already_ran_covers_its_next_commit(

@@ -45,6 +45,7 @@ from sqlalchemy.sql.expression import FromClause
 
 from alkey import constants
 from alkey.constants import ALL_ROWS, GLOBAL_WRITE_TOKEN, NAMESPACE, ROW_SEPARATOR
+from alkey.written import Written
 
 __all__ = [
     "UNKNOWN_ROWS",
@@ -64,6 +65,7 @@ __all__ = [
     "table_part",
     "table_write_identifiers",
     "write_identifiers",
+    "writes_of",
 ]
 
 _PREFIX = NAMESPACE + ":"
@@ -844,30 +846,47 @@ def table_part(schema: str | None, name: str) -> str:
 
 
 def write_identifiers(states: Iterable[InstanceState[Any]]) -> set[str]:
-    """Every identifier that writing these instances invalidates.
+    """Every identifier that writing these instances invalidates (see :func:`writes_of`),
+    as a set of strings of the caller's own."""
+    return set(writes_of(states).identifiers())
+
+
+def writes_of(states: Iterable[InstanceState[Any]]) -> Written:
+    """Every identifier that writing these instances invalidates, held compactly (a flush
+    keeps them until its transaction ends, see :mod:`alkey.written`).
 
     For each instance: its row in each table of its inheritance hierarchy (a joined-table
     subclass row lives in several tables) under its old and, when the key changed or was
     just assigned by an INSERT, its new primary key; each of those tables. And the global
     token, once any instance was written.
     """
-    identifiers: set[str] = set()
-    add = identifiers.add
+    named: set[str] = set()  # identifiers spelled out: tables, and rows of other keys
+    add = named.add
+    tables: set[frozenset[str]] = set()  # each plan's table identifiers, added at the end
+    # Rows of one integer key, per tuple of row prefixes: numbers, not strings.
+    numbered: dict[tuple[str, ...], list[int]] = {}
+    seen: tuple[Mapper[Any], SchemaMap | None] | None = None
+    plan: _WritePlan | None = None
+    numbers: list[int] = []
+    single: str | None = None  # the key attribute of a plan whose key is one column
     for state in states:
         mapper = state.mapper
         schemas = state.__dict__.get(_SCHEMAS_ATTRIBUTE)
-        plan = _write_plans.get((mapper, schemas)) or _write_plan(mapper, schemas)
-        identifiers.update(plan.table_identifiers)
+        if seen is None or seen[0] is not mapper or seen[1] is not schemas:
+            seen = (mapper, schemas)
+            plan = _write_plans.get(seen) or _write_plan(mapper, schemas)
+            tables.add(plan.table_identifiers)
+            numbers = numbered.setdefault(plan.row_prefixes, [])
+            single = plan.key_attributes[0] if len(plan.key_attributes) == 1 else None
+        assert plan is not None
         key = state.key
-        if key is not None and key[2] is None and len(plan.key_attributes) == 1:
+        if single is not None and key is not None and key[2] is None:
             # The commonest write: a row of one integer key, not renamed by the flush
             # (its key attribute holds the same number, or nothing loaded).
             old = key[1][0]
-            current = state.dict.get(plan.key_attributes[0])
+            current = state.dict.get(single)
             if type(old) is int and (current is None or (type(current) is int and current == old)):
-                row = str(old)
-                for prefix in plan.row_prefixes:
-                    add(prefix + row)
+                numbers.append(old)
                 continue
         # A new row of a sharded session knows its shard before it has an identity.
         suffix = _token_suffix(key[2] if key is not None else state.identity_token)
@@ -882,9 +901,15 @@ def write_identifiers(states: Iterable[InstanceState[Any]]) -> set[str]:
         for prefix in plan.row_prefixes:
             for row in rows:
                 add(prefix + row + suffix)
-    if identifiers:
+    named.update(*tables)
+    if named:
         add(GLOBAL_WRITE_TOKEN)
-    return identifiers
+    written = Written(named)
+    for prefixes, keys in numbered.items():
+        if keys:
+            for prefix in prefixes:
+                written.add_rows(prefix, keys)
+    return written
 
 
 # Learn every mapper as SQLAlchemy configures it, and those configured before alkey was

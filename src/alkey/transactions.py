@@ -40,6 +40,8 @@ from typing import Final
 
 from sqlalchemy.orm import Session, SessionTransaction
 
+from alkey.written import Written
+
 __all__ = ["ChangeStack", "TransactionChanges", "changes_of", "inside_commit"]
 
 _INFO_KEY: Final = "alkey.changes"
@@ -59,15 +61,28 @@ class ChangeStack:
     __slots__ = ("_levels",)
 
     def __init__(self) -> None:
-        self._levels: list[set[str]] = [set()]
+        # Compact sets (see alkey.written): a level holds a row of an integer key as
+        # its number until the transaction hands its writes over. The outermost level is
+        # made when first needed: most transactions write nothing.
+        self._levels: list[Written] = []
 
-    def record(self, identifiers: Iterable[str]) -> None:
-        """Record writes against the innermost open level."""
-        self._levels[-1].update(identifiers)
+    def record(self, identifiers: Iterable[str] | Written) -> None:
+        """Record writes against the innermost open level. A :class:`Written` passed in
+        becomes the stack's (it may be kept as the level itself): do not change it."""
+        levels = self._levels
+        if not levels:
+            if type(identifiers) is Written:
+                levels.append(identifiers)  # the first writes: the level itself, no copy
+                return
+            levels.append(Written())
+        levels[-1].update(identifiers)
 
     def push(self) -> None:
         """A savepoint opened: later writes are its own until it ends."""
-        self._levels.append(set())
+        levels = self._levels
+        if not levels:
+            levels.append(Written())
+        levels.append(Written())
 
     def release(self) -> None:
         """The innermost savepoint was released: its changes join its parent's, since
@@ -75,7 +90,7 @@ class ChangeStack:
         levels = self._levels
         if len(levels) > 1:
             released = levels.pop()
-            levels[-1] |= released
+            levels[-1].update(released)
 
     def rollback(self) -> None:
         """The innermost savepoint was rolled back: its changes never happened; those of
@@ -86,21 +101,23 @@ class ChangeStack:
     def clear(self) -> None:
         """Forget every level (the transaction ended), leaving what :meth:`written`
         returned before untouched."""
-        levels = self._levels
-        if len(levels) > 1 or levels[0]:
-            self._levels = [set()]
+        if self._levels:
+            self._levels = []
 
     @property
     def savepoints(self) -> int:
         """How many savepoints are open above the outermost transaction."""
-        return len(self._levels) - 1
+        return max(len(self._levels) - 1, 0)
 
     def written(self) -> set[str]:
         """Everything recorded at any open level: what the outermost transaction hands
         over if it commits now. Do not modify it: with no savepoint open it is the
-        outermost level itself, so that the common commit copies nothing."""
+        outermost level's own spelling, kept until the level changes, so that asking
+        twice (a durable commit's intent, then its bump) spells it out once."""
         levels = self._levels
-        return levels[0] if len(levels) == 1 else set().union(*levels)
+        if len(levels) == 1:
+            return levels[0].identifiers()
+        return set().union(*[level.identifiers() for level in levels]) if levels else set()
 
     def __bool__(self) -> bool:
         return any(self._levels)
@@ -143,7 +160,7 @@ class TransactionChanges:
         self._intent = None
         self._asked = False
 
-    def record(self, session: Session, identifiers: Iterable[str]) -> None:
+    def record(self, session: Session, identifiers: Iterable[str] | Written) -> None:
         """Record writes against the session's innermost savepoint or its root transaction."""
         root = session.get_transaction()
         if root is None:  # pragma: no cover - SQLAlchemy always has one while writing

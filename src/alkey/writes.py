@@ -17,8 +17,9 @@ from typing import Any, Final
 from sqlalchemy import inspect
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import InstanceState, Mapper, ORMExecuteState, Session, UOWTransaction
+from sqlalchemy.orm import attributes as orm_attributes
 from sqlalchemy.orm.attributes import instance_state
-from sqlalchemy.orm.base import PassiveFlag
+from sqlalchemy.orm.base import NO_VALUE, PassiveFlag
 from sqlalchemy.orm.interfaces import MANYTOONE
 from sqlalchemy.schema import Table
 from sqlalchemy.sql import operators
@@ -44,10 +45,12 @@ from alkey.identity import (
     translate_identifiers,
     translations_of,
     write_identifiers,
+    writes_of,
 )
 from alkey.snapshot import members_of
 from alkey.sql import writes
 from alkey.tenants import statement_schemas
+from alkey.written import Written
 
 __all__ = [
     "TOUCH_INFO_KEY",
@@ -65,6 +68,13 @@ TOUCH_INFO_KEY: Final = "alkey_touch"
 
 _MODIFIED_KEY: Final = "alkey.modified_before_flush"
 _NO_CHANGE: Final = PassiveFlag.NO_CHANGE
+#: The implementation of a plain column attribute (renamed with a leading underscore in
+#: SQLAlchemy 2.1), whose history _net_change reads without building it.
+_SCALAR: Final[type] = next(
+    vars(orm_attributes)[name]
+    for name in ("_ScalarAttributeImpl", "ScalarAttributeImpl")
+    if name in vars(orm_attributes)
+)
 _IN_FLUSH_KEY: Final = "alkey.in_flush"
 
 
@@ -103,11 +113,21 @@ def _net_change(state: InstanceState[Any]) -> bool:
         return False
     values = state.dict
     manager = state.manager
-    for key in list(state.committed_state):
+    committed = state.committed_state
+    for key in list(committed):
         attribute = manager.get(key)
         if attribute is None:  # pragma: no cover - committed values are of attributes
             return True  # unknown: a change, the safe side
-        added, _, deleted = attribute.impl.get_history(state, values, passive=_NO_CHANGE)
+        impl = attribute.impl
+        if type(impl) is _SCALAR:
+            # A column attribute: SQLAlchemy's history of it (History.from_scalar_attribute)
+            # is empty exactly when it holds a value equal to the committed one, by the
+            # column type's comparison ("is True": a SQL expression assigned is a change).
+            current = values.get(key, NO_VALUE)
+            if current is NO_VALUE or impl.is_equal(current, committed[key]) is not True:
+                return True
+            continue
+        added, _, deleted = impl.get_history(state, values, passive=_NO_CHANGE)
         if added or deleted:
             return True
     return False
@@ -125,7 +145,7 @@ def in_flush(session: Session) -> bool:
     return bool(session.info.get(_IN_FLUSH_KEY))
 
 
-def flushed(session: Session, flush_context: UOWTransaction, touch_parents: bool) -> set[str]:
+def flushed(session: Session, flush_context: UOWTransaction, touch_parents: bool) -> Written:
     """Everything one flush wrote: rows inserted, changed or deleted, and their parents."""
     # session.dirty also lists instances whose attributes were set to equal values. Those
     # changed before the flush, or by it (foreign keys it synchronised), count.
@@ -145,10 +165,13 @@ def flushed(session: Session, flush_context: UOWTransaction, touch_parents: bool
         if is_delete and not list_only
     ]
     states = [*inserted, *updated, *deleted]
-    written = write_identifiers(states)
-    if touch_parents:
-        written |= _related(states, deleted)
-    written |= _flush_cascades(inserted, updated, deleted, before, touch_parents)
+    written = writes_of(states)  # held until the transaction ends: compact
+    related = _related(states, deleted) if touch_parents else None
+    if related:
+        written.update(related)
+    cascaded = _flush_cascades(inserted, updated, deleted, before, touch_parents)
+    if cascaded:
+        written.update(cascaded)
     return written
 
 
@@ -172,12 +195,16 @@ def _flush_cascades(
                 for table in mapper.tables
             )
     version = catalog.version()
+    seen: Mapper[Any] | None = None
+    cascading: list[tuple[str, Any]] = []
     for state in updated:
         mapper = state.mapper
-        known = _update_cascades.get(mapper)
-        if known is None or known[0] != version:
-            known = _update_cascades[mapper] = (version, _cascading_tables(mapper))
-        for part, table in known[1]:
+        if mapper is not seen:
+            known = _update_cascades.get(mapper)
+            if known is None or known[0] != version:
+                known = _update_cascades[mapper] = (version, _cascading_tables(mapper))
+            seen, cascading = mapper, known[1]
+        for part, table in cascading:
             keys = before.get(state, frozenset()) | frozenset(state.committed_state)
             steps.setdefault(schemas_of(state), set()).add(
                 (part, "update", _columns_of(mapper, table, keys))
@@ -311,10 +338,19 @@ def _related(
     was in: its partners if they are loaded, else every row of their table."""
     identifiers: set[str] = set()
     gone = set(deleted)
+    seen: Mapper[Any] | None = None
+    touching: tuple[Any, ...] = ()
     for state in states:
-        for relationship in state.mapper.relationships:
-            if not relationship.info.get(TOUCH_INFO_KEY, True):
-                continue
+        mapper = state.mapper
+        if mapper is not seen:
+            # SQLAlchemy builds mapper.relationships anew when a property is added, even
+            # to a configured mapper: the same object means the same relationships.
+            relationships = mapper.relationships
+            known = _touching.get(mapper)
+            if known is None or known[0] is not relationships:
+                known = _touching[mapper] = (relationships, _touching_relationships(mapper))
+            seen, touching = mapper, known[1]
+        for relationship in touching:
             if relationship.secondary is not None:
                 if state in gone:
                     identifiers |= _left_collections(state, relationship)
@@ -330,6 +366,20 @@ def _related(
             elif relationship.direction is MANYTOONE:
                 identifiers |= _parents(state, relationship)
     return identifiers
+
+
+#: Per mapper, with the ``mapper.relationships`` it was worked out from: the relationships
+#: whose writes touch the other side (most mappers' rows have none to follow).
+_touching: dict[Mapper[Any], tuple[object, tuple[Any, ...]]] = {}
+
+
+def _touching_relationships(mapper: Mapper[Any]) -> tuple[Any, ...]:
+    return tuple(
+        relationship
+        for relationship in mapper.relationships
+        if relationship.info.get(TOUCH_INFO_KEY, True)
+        and (relationship.secondary is not None or relationship.direction is MANYTOONE)
+    )
 
 
 def _left_collections(state: InstanceState[Any], relationship: Any) -> set[str]:
