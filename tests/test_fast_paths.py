@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime
 import decimal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -21,11 +21,13 @@ from sqlalchemy import (
     MetaData,
     Numeric,
     String,
+    event,
     select,
     text,
 )
 from sqlalchemy.orm import (
     DeclarativeBase,
+    InstanceState,
     Mapped,
     Session,
     mapped_column,
@@ -33,7 +35,7 @@ from sqlalchemy.orm import (
     selectinload,
     sessionmaker,
 )
-from sqlalchemy.orm.attributes import instance_state
+from sqlalchemy.orm.attributes import flag_modified, instance_state
 
 import alkey
 from alkey import identity, snapshot
@@ -74,6 +76,22 @@ class Pair(Base):
     code: Mapped[str] = mapped_column(String(20), primary_key=True)
     number: Mapped[int] = mapped_column(primary_key=True)
     note: Mapped[str] = mapped_column(String(20), default="")
+
+
+class Part(Base):
+    """Joined-table inheritance: a Gear row lives in two tables, each with its tokens."""
+
+    __tablename__ = "fast_parts"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(20))
+    __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_identity": "part"}
+
+
+class Gear(Part):
+    __tablename__ = "fast_gears"
+    id: Mapped[int] = mapped_column(ForeignKey("fast_parts.id"), primary_key=True)
+    teeth: Mapped[int] = mapped_column(default=0)
+    __mapper_args__ = {"polymorphic_identity": "gear"}
 
 
 @pytest.fixture
@@ -178,6 +196,7 @@ def test_a_key_changes_when_any_value_of_an_instance_in_a_run_changes(
         "expired_then_set_equal",
         "decimal_set_equal",
         "none_set_none",
+        "flag_modified",
         "nothing",
     ],
 )
@@ -199,7 +218,8 @@ def test_a_net_change_is_what_session_is_modified_says(database: Engine, change:
         elif change == "many_to_one":
             volume.shelf = None
         elif change == "json_replaced_equal":
-            volume.data = None
+            volume = session.get_one(Volume, 4)
+            volume.data = {"b": [1, None], "a": "ü"}  # an equal value, a new object
         elif change == "deleted_attribute":
             del volume.title
         elif change == "expired_then_set_equal":
@@ -209,11 +229,64 @@ def test_a_net_change_is_what_session_is_modified_says(database: Engine, change:
             volume.price = decimal.Decimal("9.5")  # equal to the stored 9.50
         elif change == "none_set_none":
             volume.at = None
+        elif change == "flag_modified":
+            flag_modified(volume, "title")
         for instance in (volume, shelf):
             assert _net_change(instance_state(instance)) == session.is_modified(instance), (
                 change,
                 instance,
             )
+
+
+def _written_the_long_way(states: list[InstanceState[Any]]) -> set[str]:
+    """What writing ``states`` invalidates, by the general rule alone, without the
+    one-integer-key shortcuts of :func:`alkey.identity.writes_of`: each table of the
+    instance's hierarchy, and its row there under each spelling of its old key and of
+    its key now (when the flush assigned or changed it); the global token."""
+    identifiers: set[str] = set()
+    for state in states:
+        plan = identity._write_plan(state.mapper, identity.schemas_of(state))
+        identifiers |= plan.table_identifiers
+        key = state.key
+        suffix = identity._token_suffix(key[2] if key is not None else state.identity_token)
+        rows = identity._spellings(state.mapper, key[1]) if key is not None else []
+        current = [state.dict.get(attribute) for attribute in plan.key_attributes]
+        if any(value is not None for value in current) and (None not in current or key is not None):
+            rows += identity._spellings(state.mapper, current)
+        identifiers |= {prefix + row + suffix for prefix in plan.row_prefixes for row in rows}
+    return identifiers | ({"alkey:*#*"} if identifiers else set())
+
+
+def test_each_flush_invalidates_what_the_general_rule_names(database: Engine) -> None:
+    compared: list[tuple[set[str], set[str]]] = []
+
+    def compare(session: Session, flush_context: Any) -> None:
+        states = [
+            instance_state(instance)
+            for instance in (*session.new, *session.dirty, *session.deleted)
+        ]
+        compared.append((identity.writes_of(states).identifiers(), _written_the_long_way(states)))
+
+    with Session(database) as session:
+        event.listen(session, "after_flush", compare)
+        steps: list[Callable[[], object]] = [
+            lambda: session.add_all([Volume(id=10, title="new"), Volume(title="numbered later")]),
+            lambda: session.add_all([Pair(code="new", number=3), Gear(id=7, teeth=3)]),
+            lambda: setattr(session.get_one(Volume, 2), "title", "updated"),
+            lambda: setattr(session.get_one(Volume, 3), "id", 30),  # its key changes
+            lambda: setattr(session.get_one(Gear, 7), "teeth", 4),
+            lambda: session.delete(session.get_one(Pair, ("c", 2))),
+            lambda: session.delete(session.get_one(Gear, 7)),
+        ]
+        for step in steps:
+            step()
+            session.flush()
+        session.rollback()
+    assert len(compared) == len(steps)
+    for fast, general in compared:
+        assert fast == general
+    assert "alkey:fast_volumes#30" in compared[3][0]
+    assert {"alkey:fast_parts#7", "alkey:fast_gears#7"} <= compared[1][0]
 
 
 def test_compact_writes_name_each_written_row_as_its_key_does(database: Engine) -> None:

@@ -121,6 +121,55 @@ def test_a_rolled_back_savepoint_drops_its_numbered_rows_and_keeps_the_outer_one
     assert (stack.savepoints, stack.written()) == (0, {"alkey:t#1"})
 
 
+def test_a_savepoint_opened_before_any_write_rolls_back_alone() -> None:
+    stack = ChangeStack()  # a Core connection's SAVEPOINT can come first
+    stack.push()
+    stack.record(["alkey:t#1"])
+    assert (stack.savepoints, stack.written()) == (1, {"alkey:t#1"})
+    stack.rollback()
+    assert (stack.savepoints, stack.written(), bool(stack)) == (0, set(), False)
+    stack.record(["alkey:t#2"])
+    assert stack.written() == {"alkey:t#2"}
+
+
+def test_what_a_stack_handed_over_stays_as_it_was_after_later_writes() -> None:
+    stack = ChangeStack()
+    first = Written()
+    first.add_rows(PREFIX, [1])
+    stack.record(first)
+    handed_over = stack.written()
+    more = Written()
+    more.add_rows(PREFIX, [2])
+    stack.record(more)
+    stack.record(["alkey:t#*"])
+    assert handed_over == {"alkey:t#1"}
+    assert stack.written() == {"alkey:t#1", "alkey:t#2", "alkey:t#*"}
+
+
+def test_a_flush_of_thousands_of_new_rows_holds_under_16_bytes_each_and_bumps_every_one(
+    database: Engine, redis_client: RedisClient
+) -> None:
+    made = sessionmaker(database, expire_on_commit=False)
+    alkey.bind(made, redis_client=redis_client)
+    store = RedisTokenStore(redis_client)
+    new = [f"alkey:written_rows#{n}" for n in range(ROWS + 1, 2 * ROWS + 1)]
+    try:
+        with made() as session:
+            _warm_up(session, session.get_one(Row, 1))
+            before = store.fetch(new)
+
+            def flush() -> None:
+                session.add_all([Row(id=n, name="new") for n in range(ROWS + 1, 2 * ROWS + 1)])
+                session.flush()
+
+            held = _held_by_alkey(flush)
+            session.commit()
+        assert held / ROWS < 16, f"{held / ROWS:.1f} bytes per inserted row"
+        assert all(old != now for old, now in zip(before, store.fetch(new), strict=True))
+    finally:
+        alkey.unbind(made)
+
+
 def test_a_flush_of_thousands_of_rows_holds_under_16_bytes_each_and_bumps_every_one(
     database: Engine, redis_client: RedisClient
 ) -> None:

@@ -880,14 +880,23 @@ def writes_of(states: Iterable[InstanceState[Any]]) -> Written:
             single = plan.key_attributes[0] if len(plan.key_attributes) == 1 else None
         assert plan is not None
         key = state.key
-        if single is not None and key is not None and key[2] is None:
-            # The commonest write: a row of one integer key, not renamed by the flush
-            # (its key attribute holds the same number, or nothing loaded).
-            old = key[1][0]
+        if single is not None:
             current = state.dict.get(single)
-            if type(old) is int and (current is None or (type(current) is int and current == old)):
-                numbers.append(old)
-                continue
+            if key is None:
+                # A new row of one integer key (assigned by now, in after_flush), outside
+                # any shard: its one spelling is the number.
+                if type(current) is int and state.identity_token is None:
+                    numbers.append(current)
+                    continue
+            elif key[2] is None:
+                # The commonest write: a row of one integer key, not renamed by the flush
+                # (its key attribute holds the same number, or nothing loaded).
+                old = key[1][0]
+                if type(old) is int and (
+                    current is None or (type(current) is int and current == old)
+                ):
+                    numbers.append(old)
+                    continue
         # A new row of a sharded session knows its shard before it has an identity.
         suffix = _token_suffix(key[2] if key is not None else state.identity_token)
         rows = _spellings(mapper, key[1]) if key is not None else []

@@ -70,10 +70,13 @@ _MODIFIED_KEY: Final = "alkey.modified_before_flush"
 _NO_CHANGE: Final = PassiveFlag.NO_CHANGE
 #: The implementation of a plain column attribute (renamed with a leading underscore in
 #: SQLAlchemy 2.1), whose history _net_change reads without building it.
-_SCALAR: Final[type] = next(
-    vars(orm_attributes)[name]
-    for name in ("_ScalarAttributeImpl", "ScalarAttributeImpl")
-    if name in vars(orm_attributes)
+_SCALAR: Final[type | None] = next(
+    (
+        vars(orm_attributes)[name]
+        for name in ("_ScalarAttributeImpl", "ScalarAttributeImpl")
+        if name in vars(orm_attributes)
+    ),
+    None,  # renamed again: every attribute's history is asked of SQLAlchemy
 )
 _IN_FLUSH_KEY: Final = "alkey.in_flush"
 
@@ -351,6 +354,8 @@ def _related(
                 known = _touching[mapper] = (relationships, _touching_relationships(mapper))
             seen, touching = mapper, known[1]
         for relationship in touching:
+            if not relationship.info.get(TOUCH_INFO_KEY, True):
+                continue  # read on every flush: an application may change it at run time
             if relationship.secondary is not None:
                 if state in gone:
                     identifiers |= _left_collections(state, relationship)
@@ -369,7 +374,8 @@ def _related(
 
 
 #: Per mapper, with the ``mapper.relationships`` it was worked out from: the relationships
-#: whose writes touch the other side (most mappers' rows have none to follow).
+#: whose writes may touch the other side, many-to-one or many-to-many (most mappers' rows
+#: have none to follow; whether each one is opted out is read on every flush).
 _touching: dict[Mapper[Any], tuple[object, tuple[Any, ...]]] = {}
 
 
@@ -377,8 +383,7 @@ def _touching_relationships(mapper: Mapper[Any]) -> tuple[Any, ...]:
     return tuple(
         relationship
         for relationship in mapper.relationships
-        if relationship.info.get(TOUCH_INFO_KEY, True)
-        and (relationship.secondary is not None or relationship.direction is MANYTOONE)
+        if relationship.secondary is not None or relationship.direction is MANYTOONE
     )
 
 

@@ -22,7 +22,8 @@ from typing import Final
 __all__ = ["Written"]
 
 #: How many repeated rows an array may gather before it is deduplicated: a job that
-#: writes the same rows in every one of many flushes keeps each row about twice at most.
+#: writes the same rows in every one of many flushes keeps each row at most about twice,
+#: plus at most this many repeats per table.
 _SLACK: Final = 1024
 #: The arrays' signed 64-bit range: a key outside it is kept as its string.
 _RANGE: Final = 2**63
@@ -59,7 +60,9 @@ class Written:
         mine = self._rows.get(prefix)
         if mine is None:
             mine = self._rows[prefix] = array("q")
-            self._unique[prefix] = 0
+            # One flush's rows, each written once (or twice, a delete-orphan the session
+            # also lists): nothing worth deduplicating yet.
+            self._unique[prefix] = len(rows)
         before = len(mine)
         try:
             mine.extend(rows)
@@ -83,7 +86,7 @@ class Written:
                 mine = self._rows.get(prefix)
                 if mine is None:
                     self._rows[prefix] = array("q", rows)
-                    self._unique[prefix] = 0
+                    self._unique[prefix] = identifiers._unique[prefix]
                 else:
                     mine.extend(rows)
                     if len(mine) > 2 * self._unique[prefix] + _SLACK:
@@ -100,26 +103,33 @@ class Written:
 
     def identifiers(self) -> set[str]:
         """Every identifier, spelled out: a set that the caller must not modify (it is
-        kept, and handed out again until the next change)."""
+        kept, and handed out again until the next change). For the commit, which asks for
+        them, to bump them, once or twice (a durable commit records them first)."""
         spelled = self._spelled
         if spelled is None:
-            spelled = set(self._names)
-            for prefix, rows in self._rows.items():
-                spelled.update(map(prefix.__add__, map(str, set(rows))))
-            self._spelled = spelled
+            spelled = self._spelled = self._spell()
+        return spelled
+
+    def _spell(self) -> set[str]:
+        spelled = set(self._names)
+        for prefix, rows in self._rows.items():
+            spelled.update(map(prefix.__add__, map(str, set(rows))))
         return spelled
 
     def __bool__(self) -> bool:
         return bool(self._names) or any(self._rows.values())
 
+    # The reads below spell the set out without keeping it: one made in the middle of a
+    # transaction (an "in", a log line) must not hold the strings until it ends.
+
     def __iter__(self) -> Iterator[str]:
-        return iter(self.identifiers())
+        return iter(self._spelled if self._spelled is not None else self._spell())
 
     def __len__(self) -> int:
-        return len(self.identifiers())
+        return len(self._spelled if self._spelled is not None else self._spell())
 
     def __contains__(self, identifier: object) -> bool:
-        return identifier in self.identifiers()
+        return identifier in (self._spelled if self._spelled is not None else self._spell())
 
     def __repr__(self) -> str:
-        return f"<Written {sorted(self.identifiers())!r}>"
+        return f"<Written {sorted(self)!r}>"
