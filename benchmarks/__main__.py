@@ -239,7 +239,7 @@ def bench_keys(url: str, latency: float, plan: Plan, workdir: Path, results: Res
                     Variant("bare script", bare_script(clients["bare script"], keys)),
                     Variant("alkey", partial(generator, *chosen, FRAGMENT)),
                     Variant("alkey 0.3", partial(original, *chosen, FRAGMENT)),
-                    # alkey's two halves, for what its cost is made of (parts_table)
+                    # alkey's two halves, for what its cost is made of (key_parts_table)
                     Variant("alkey encoding", partial(generator.plan, *chosen, FRAGMENT)),
                     Variant("alkey fetch", partial(generator.tokens.fetch, identifiers)),
                     # the least Python any client runs for such a key: naming its tokens
@@ -649,10 +649,14 @@ def worst(
 
 
 def unavoidable(what: str, cases: dict[str, Spread], limit: float, *, percent: bool = False) -> str:
-    """A floor's worst case, and in how many cases the floor alone exceeds ``limit``."""
-    value, where, _ = worst(cases, limit, percent=percent)
+    """A floor's worst case, and in how many of the cases the floor alone exceeds
+    ``limit`` (there the target is out of reach whatever alkey does)."""
+    where, value = max(cases.items(), key=lambda case: case[1].median)
     over = sum(case.median > limit for case in cases.values())
-    return f"{what}: {value} ({where.removeprefix('worst of ')}); over the target alone in {over}"
+    return (
+        f"{what}: {fmt_ratio(value, percent=percent)} at worst ({where}); over the target "
+        f"by itself in {over} of {len(cases)}"
+    )
 
 
 def targets(results: Results) -> list[Target]:
