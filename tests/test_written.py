@@ -83,7 +83,7 @@ def _held_by_alkey(work: Callable[[], None]) -> tuple[int, list[str]]:
 def test_rows_held_as_numbers_are_the_same_identifiers_as_their_strings() -> None:
     compact = Written()
     compact.add_rows(PREFIX, [3, 1, 3, -2, 0])
-    compact.add("alkey:t#*")
+    compact.update(["alkey:t#*"])
     spelled = {"alkey:t#3", "alkey:t#1", "alkey:t#-2", "alkey:t#0", "alkey:t#*"}
     assert compact.identifiers() == spelled
     assert (set(compact), len(compact)) == (spelled, 5)
@@ -106,7 +106,7 @@ def test_the_spelled_identifiers_follow_every_later_change() -> None:
     written.add_rows(PREFIX, [1])
     assert written.identifiers() == {"alkey:t#1"}
     written.add_rows(PREFIX, [2])
-    written.add("alkey:t#*")
+    written.update(["alkey:t#*"])
     assert written.identifiers() == {"alkey:t#1", "alkey:t#2", "alkey:t#*"}
     other = Written()
     other.add_rows("alkey:u#", [5])

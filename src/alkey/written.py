@@ -32,10 +32,9 @@ _RANGE: Final = 2**63
 class Written:
     """A set of identifiers, with the rows of integer primary keys held as numbers.
 
-    Add identifiers with :meth:`add` and :meth:`update` (from strings or another
-    :class:`Written`), and rows of integer keys with :meth:`add_rows`, which stores
-    ``prefix + str(row)`` without building it. :meth:`identifiers` spells the whole set
-    out, once per change. Iterating it, ``len()`` and ``in`` answer for the identifiers.
+    Add identifiers with :meth:`update` (from strings or another :class:`Written`), and
+    rows of integer keys with :meth:`add_rows`, which stores ``prefix + str(row)``
+    without building it. :meth:`identifiers` spells the whole set out, once per change. Iterating it, ``len()`` and ``in`` answer for the identifiers.
     Not thread-safe, like the transaction that owns it.
     """
 
@@ -48,11 +47,6 @@ class Written:
         self._rows: dict[str, array[int]] = {}
         self._unique: dict[str, int] = {}
         self._spelled: set[str] | None = None
-
-    def add(self, identifier: str) -> None:
-        """Add one identifier string."""
-        self._names.add(identifier)
-        self._spelled = None
 
     def add_rows(self, prefix: str, rows: list[int]) -> None:
         """Add the identifier ``prefix + str(row)`` of each row keyed by one integer in
