@@ -34,7 +34,8 @@ class Written:
 
     Add identifiers with :meth:`update` (from strings or another :class:`Written`), and
     rows of integer keys with :meth:`add_rows`, which stores ``prefix + str(row)``
-    without building it. :meth:`identifiers` spells the whole set out, once per change. Iterating it, ``len()`` and ``in`` answer for the identifiers.
+    without building it. :meth:`identifiers` spells the whole set out, once per change.
+    Iterating it, ``len()`` and ``in`` answer for the identifiers.
     Not thread-safe, like the transaction that owns it.
     """
 
