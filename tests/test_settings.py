@@ -46,6 +46,7 @@ SOURCE_VALUES: dict[str, tuple[Any, str, str, str]] = {
     "retry_interval": (0.1, "0.2", "0.3", "0.4"),
     "durable": (True, "no", "yes", "off"),
     "lease": (1.5, "2.5", "3.5", "4.5"),
+    "local_cache": (100, "200", "300", "400"),
 }
 PARSED = {
     "ttl": (10, 20, 30, 40),
@@ -55,6 +56,7 @@ PARSED = {
     "retry_interval": (0.1, 0.2, 0.3, 0.4),
     "durable": (True, False, True, False),
     "lease": (1.5, 2.5, 3.5, 4.5),
+    "local_cache": (100, 200, 300, 400),
 }
 KINDS = ("keyword", "settings", "url", "environment")
 

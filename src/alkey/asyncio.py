@@ -37,6 +37,7 @@ from sqlalchemy.util import greenlet_spawn
 from alkey import events
 from alkey.client import RedisConfig
 from alkey.errors import TokenStoreError
+from alkey.invalidations import AsyncListener
 from alkey.keys import CacheKeyGenerator
 from alkey.observers import StoreObserver
 from alkey.options import ErrorPolicy, StoreOptions
@@ -50,7 +51,15 @@ from alkey.settings import (
     configured_store,
     register_scheme,
 )
-from alkey.tokens import Exchange, ScriptStore, TokenStore, share_key, shared_store, store_options
+from alkey.tokens import (
+    Exchange,
+    ScriptStore,
+    TokenStore,
+    _where,
+    share_key,
+    shared_store,
+    store_options,
+)
 from alkey.transports import AsyncClusterClient, AsyncRedisTransport, async_transport_for
 
 try:  # SQLAlchemy 2.1 renamed await_only() to await_(); 2.0 only has the old name.
@@ -269,6 +278,7 @@ class AsyncRedisTokenStore(ScriptStore):
         retry_interval: float | None = None,
         durable: bool | None = None,
         lease: float | None = None,
+        local_cache: int | None = None,
     ) -> None:
         # Checked first: a store that cannot work is refused before its client is looked at.
         options = store_options(
@@ -280,6 +290,7 @@ class AsyncRedisTokenStore(ScriptStore):
             retry_interval=retry_interval,
             durable=durable,
             lease=lease,
+            local_cache=local_cache,
         )
         if client is not None:
             transport = async_transport_for(client)
@@ -298,6 +309,14 @@ class AsyncRedisTokenStore(ScriptStore):
         # keeps weak references to tasks).
         self._finishing: set[asyncio.Task[None]] = set()
         self._replayer: asyncio.Task[None] | None = None
+        self._listener: AsyncListener | None = None
+        if self.local is not None:
+            self._listener = AsyncListener(
+                self.local,
+                self._tracking_connection,
+                retry_interval=options.retry_interval,
+                where=_where(getattr(client, "connection_pool", None)),
+            )
         self._share_through(transport.share_key)
 
     @property
@@ -312,7 +331,34 @@ class AsyncRedisTokenStore(ScriptStore):
         """
         if not identifiers:
             return []
-        return await self._exchange(self._fetching(identifiers))
+        local = self.local
+        if local is None:
+            return await self._exchange(self._fetching(identifiers))
+        found = self._cached(local, identifiers)
+        if found is not None and None not in found:
+            if self._observe.fetched_hooks:
+                self._observe.fetched(identifiers=identifiers, missed=False)
+            return found  # type: ignore[return-value]
+        return await self._exchange(self._fetching(identifiers, found))
+
+    def _listen(self) -> None:
+        if self._listener is not None:
+            self._listener.ensure_running()
+
+    async def _tracking_connection(self) -> Any:
+        """A new RESP2 connection with the client's options, outside its pool (see
+        :func:`alkey.tokens.tracking_connection`)."""
+        client = self.client if self.client is not None else await get_async_redis_client()
+        pool: Any = client.connection_pool
+        connection = pool.connection_class(**{**pool.connection_kwargs, "protocol": 2})
+        await connection.connect()
+        return connection
+
+    def close_local_cache(self) -> None:
+        """As :meth:`RedisTokenStore.close_local_cache
+        <alkey.tokens.RedisTokenStore.close_local_cache>`."""
+        if self.local is not None:
+            self.local.close()
 
     async def aintend(self, identifiers: Collection[str]) -> str | None:
         """:meth:`RedisTokenStore.intend <alkey.tokens.RedisTokenStore.intend>`: in

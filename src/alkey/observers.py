@@ -100,6 +100,20 @@ class StoreObserver:
         """The recovery that :meth:`recovery_began` announced is over: ``total`` intents
         were bumped (``backlog`` as it began)."""
 
+    def local_lookup(self, *, hits: int, misses: int) -> None:
+        """A fetch looked in the local token cache (``local_cache``): ``hits`` identifiers
+        were answered from it, ``misses`` went to Redis (all of them when nothing was
+        missing, no round trip was made)."""
+
+    def local_invalidated(self, *, count: int, evicted: int) -> None:
+        """Redis announced that ``count`` token keys changed, or this process bumped them;
+        ``evicted`` of them were in the local token cache and are gone from it."""
+
+    def local_flushed(self, *, reason: str, entries: int) -> None:
+        """The local token cache was emptied of its ``entries`` tokens: its tracking
+        connection was lost or came back, Redis flushed its data, a fetch saw another
+        server (a failover), or the store closed it."""
+
 
 #: The names of the events, :class:`StoreObserver`'s methods.
 EVENTS = tuple(name for name in vars(StoreObserver) if not name.startswith("_"))
@@ -214,6 +228,10 @@ class ObserverGroup(StoreObserver):
         self.fetched_hooks: tuple[Callable[..., None], ...] = ()
         #: The observers' ``bumped`` methods (empty: nobody listens; skip the event).
         self.bumped_hooks: tuple[Callable[..., None], ...] = ()
+        #: The observers' ``local_lookup`` methods (empty: nobody listens; skip the event).
+        self.local_lookup_hooks: tuple[Callable[..., None], ...] = ()
+        #: The observers' ``local_invalidated`` methods (empty: skip the event).
+        self.local_invalidated_hooks: tuple[Callable[..., None], ...] = ()
         self._install(tuple(observers))
 
     def add(self, observer: StoreObserver) -> None:
@@ -237,6 +255,8 @@ class ObserverGroup(StoreObserver):
         self._hooks = hooks
         self.fetched_hooks = hooks["fetched"]
         self.bumped_hooks = hooks["bumped"]
+        self.local_lookup_hooks = hooks["local_lookup"]
+        self.local_invalidated_hooks = hooks["local_invalidated"]
         self.observers = observers
 
     def _emit(self, event: str, arguments: dict[str, Any]) -> None:
@@ -297,3 +317,12 @@ class ObserverGroup(StoreObserver):
 
     def recovery_ended(self, *, total: int, lease: float, backlog: bool) -> None:
         self._emit("recovery_ended", {"total": total, "lease": lease, "backlog": backlog})
+
+    def local_lookup(self, *, hits: int, misses: int) -> None:
+        self._emit("local_lookup", {"hits": hits, "misses": misses})
+
+    def local_invalidated(self, *, count: int, evicted: int) -> None:
+        self._emit("local_invalidated", {"count": count, "evicted": evicted})
+
+    def local_flushed(self, *, reason: str, entries: int) -> None:
+        self._emit("local_flushed", {"reason": reason, "entries": entries})

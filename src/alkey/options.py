@@ -54,6 +54,10 @@ class StoreOptions:
     durable: bool = False
     #: Seconds after which another process bumps an intent its writer did not clear.
     lease: float = DEFAULT_LEASE
+    #: Most tokens kept in this process's local token cache, which answers warm keys with
+    #: no round trip and is kept current by Redis's invalidation messages
+    #: (:mod:`alkey.localcache`); 0, the default, turns it off.
+    local_cache: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.ttl, bool) or not isinstance(self.ttl, int) or self.ttl <= 0:
@@ -74,6 +78,16 @@ class StoreOptions:
             _invalid("durable", self.durable, "True or False")
         if not _number(self.lease) or not self.lease > 0:
             _invalid("lease", self.lease, "a positive number of seconds, e.g. 5")
+        if (
+            isinstance(self.local_cache, bool)
+            or not isinstance(self.local_cache, int)
+            or self.local_cache < 0
+        ):
+            _invalid(
+                "local_cache",
+                self.local_cache,
+                "a whole number of tokens to keep, e.g. 100000, or 0 to turn the cache off",
+            )
 
     def replace(self, **changes: Any) -> StoreOptions:
         """A copy with ``changes`` applied (and checked)."""

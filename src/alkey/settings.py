@@ -267,6 +267,9 @@ _OPTIONS: Final[Mapping[str, _Option]] = {
     "retry_interval": _Option(_real, "a number of seconds, 0 or more, e.g. 1 or 0.5"),
     "durable": _Option(_boolean, "true or false (or yes/no, on/off, 1/0)"),
     "lease": _Option(_real, "a positive number of seconds, e.g. 5"),
+    "local_cache": _Option(
+        _whole, "a whole number of tokens to keep, e.g. 100000, or 0 to turn the cache off"
+    ),
 }
 
 
@@ -589,6 +592,7 @@ def configure(
     retry_interval: float | str | None = None,
     durable: bool | str | None = None,
     lease: float | str | None = None,
+    local_cache: int | str | None = None,
 ) -> Configuration:
     """Resolve alkey's configuration from every source, in one order, checked at once.
 
@@ -686,6 +690,7 @@ def configure(
         "retry_interval": retry_interval,
         "durable": durable,
         "lease": lease,
+        "local_cache": local_cache,
     }
     in_url: dict[str, str] = {}
     for key, value in url_options:

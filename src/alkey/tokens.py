@@ -32,7 +32,9 @@ import weakref
 from collections.abc import Callable, Collection, Generator, Sequence
 from typing import Any, ClassVar, Protocol, TypeAlias, TypeVar, runtime_checkable
 
-from alkey.errors import TokenStoreError, TokenStorePoolExhaustedError
+from alkey.errors import ConfigurationError, TokenStoreError, TokenStorePoolExhaustedError
+from alkey.invalidations import Listener
+from alkey.localcache import LocalTokens
 from alkey.observers import LoggingObserver, ObserverGroup, StoreObserver
 from alkey.options import DEFAULT_LEASE, ErrorPolicy, StoreOptions
 from alkey.outages import NOTHING, OutageLedger, Recoveries, Replay
@@ -184,6 +186,17 @@ class ScriptStore:
         self.recoveries = Recoveries(options.lease, self._observe)
         self._next_claim = 0.0
         self._epoch_hidden = False
+        if options.local_cache and transport.clustered:
+            raise ConfigurationError(
+                f"token store option local_cache={options.local_cache!r} is not supported "
+                "with a Redis Cluster yet: leave it at 0 for a cluster client"
+            )
+        #: The local token cache (``local_cache`` option), or ``None`` when it is off.
+        self.local: LocalTokens | None = (
+            LocalTokens(options.local_cache, options.key_prefix, self._observe)
+            if options.local_cache
+            else None
+        )
 
     @property
     def durable(self) -> bool:
@@ -243,41 +256,102 @@ class ScriptStore:
         if count and self._observe.bumped_hooks:
             self._observe.bumped(count=count, replayed=replayed)
 
-    def _fetching(self, identifiers: Sequence[str]) -> Exchange[list[str]]:
+    def _cached(self, local: LocalTokens, identifiers: Sequence[str]) -> list[str | None] | None:
+        """The local cache's token of each identifier (``None`` where it has none), or
+        ``None`` if this fetch must go to Redis whole: the cache is not serving (its
+        listener is started then), or Redis has something to say first -- bumps kept
+        from an outage, the window after one, a recovery of due intents, or durable
+        mode's regular claim of them."""
+        if (
+            self.outage.skip()
+            or self.outage.replay()
+            or self.outage.recovering()
+            or self.recoveries.busy()
+            or (self.options.durable and time.monotonic() >= self._next_claim)
+        ):
+            return None
+        found = local.lookup(identifiers)
+        if found is None:
+            self._listen()
+            return None
+        if self._observe.local_lookup_hooks:
+            hits = len(found) - found.count(None)
+            self._observe.local_lookup(hits=hits, misses=len(found) - hits)
+        return found
+
+    def _listen(self) -> None:
+        """Start the local cache's listener unless it runs (each store its own way)."""
+        raise NotImplementedError
+
+    def _fetching(
+        self, identifiers: Sequence[str], known: list[str | None] | None = None
+    ) -> Exchange[list[str]]:
         """``fetch``: the current tokens, in one round trip unless a recovery comes first.
 
         Fresh random tokens (a guaranteed miss) instead while Redis is down or was until
         lately (see :class:`OutageLedger`), when the pool had no connection for this call,
         and while a recovery of due intents runs in this store or has left some due: the
         tokens Redis holds then may be about to be replaced.
+
+        ``known``: the local cache's answer (:meth:`_cached`); only the identifiers it
+        lacks are fetched, and what comes back is kept in it.
         """
         if self.outage.skip():
             return self._missed(identifiers)
-        replay = self.outage.replay()
-        claim = self._claim()
+        ask = (
+            identifiers
+            if known is None
+            else [
+                identifier
+                for identifier, token in zip(identifiers, known, strict=True)
+                if token is None
+            ]
+        )
+        local = self.local
+        fetch = local.begin() if local is not None else None
         try:
-            results = yield [*claim, *self.calls.fetch(identifiers, replay)]
-        except TokenStoreError as error:
-            self._failed(error, "fetch tokens")
-            return self._missed(identifiers)
-        self.outage.succeeded(replay)
-        if replay:
-            self._bumped(len(replay), len(replay))
-        if claim:
-            claimed = self._claimed(results[0])
-            if claimed:
-                # Fetched again behind the recovery's last bump: the tokens it replaced.
-                after = yield from self._recover(claimed, self.calls.fetch(identifiers, ()))
-                if after is None:
-                    return self._missed(identifiers)
-                results = after
-        if self.outage.recovering() or self.recoveries.busy():
-            return self._missed(identifiers)
-        if self._observe.fetched_hooks:
-            self._observe.fetched(identifiers=identifiers, missed=False)
-        if not results[-1][0] and not self._epoch_hidden:
-            self._hidden_epoch()
-        return self.calls.tokens(results, identifiers)
+            replay = self.outage.replay()
+            claim = self._claim()
+            try:
+                results = yield [*claim, *self.calls.fetch(ask, replay)]
+            except TokenStoreError as error:
+                self._failed(error, "fetch tokens")
+                return self._missed(identifiers)
+            self.outage.succeeded(replay)
+            if replay:
+                self._evict(replay)
+                self._bumped(len(replay), len(replay))
+            if claim:
+                claimed = self._claimed(results[0])
+                if claimed:
+                    # Fetched again behind the recovery's last bump: the tokens it replaced.
+                    after = yield from self._recover(claimed, self.calls.fetch(ask, ()))
+                    if after is None:
+                        return self._missed(identifiers)
+                    results = after
+            if self.outage.recovering() or self.recoveries.busy():
+                return self._missed(identifiers)
+            if self._observe.fetched_hooks:
+                self._observe.fetched(identifiers=identifiers, missed=False)
+            if not results[-1][0] and not self._epoch_hidden:
+                self._hidden_epoch()
+            tokens = self.calls.tokens(results, ask)
+            if local is None or known is None:
+                if local is not None:
+                    local.fill(fetch, ask, tokens, results[-1][0])
+                return tokens
+            local.fill(fetch, ask, tokens, results[-1][0])
+            fetched = iter(tokens)
+            return [token if token is not None else next(fetched) for token in known]
+        finally:
+            if local is not None:
+                local.abandon(fetch)
+
+    def _evict(self, identifiers: Collection[str]) -> None:
+        """Drop what this process bumped (or could not bump) from its local cache."""
+        local = self.local
+        if local is not None and identifiers:
+            local.evict(identifiers)
 
     def _hidden_epoch(self) -> None:
         """Redis answered without its replication id: say once what that costs."""
@@ -310,6 +384,7 @@ class ScriptStore:
         the bump is kept for the replay)."""
         if self.outage.skip():
             self.outage.keep(identifiers)
+            self._evict(identifiers)
             self._replay_soon()
             return None
         replay = self.outage.replay()
@@ -329,9 +404,11 @@ class ScriptStore:
             results = yield [*claim, *self.calls.bump(todo, intents)]
         except TokenStoreError as error:
             self.outage.keep(identifiers)
+            self._evict(todo)
             self._replay_soon()
             self._failed(error, f"bump {len(todo)} token(s)")
             return
+        self._evict(todo)
         self.outage.succeeded(replay)
         self._bumped(len(todo), len(replay))
         if claim:
@@ -391,9 +468,11 @@ class ScriptStore:
                     results = yield [*calls, *then] if again or not more_due else calls
                 except TokenStoreError as error:
                     self.outage.keep(identifiers)
+                    self._evict(identifiers)
                     self._replay_soon()
                     self._failed(error, f"bump {len(identifiers)} token(s)")
                     return None
+                self._evict(identifiers)
                 self.outage.succeeded(NOTHING)
                 self.recoveries.applied(len(claimed))
                 self._bumped(len(identifiers), len(identifiers))
@@ -506,6 +585,7 @@ class RedisTokenStore(ScriptStore):
         retry_interval: float | None = None,
         durable: bool | None = None,
         lease: float | None = None,
+        local_cache: int | None = None,
     ) -> None:
         # Checked first: a store that cannot work is refused before its client is looked at.
         options = store_options(
@@ -517,6 +597,7 @@ class RedisTokenStore(ScriptStore):
             retry_interval=retry_interval,
             durable=durable,
             lease=lease,
+            local_cache=local_cache,
         )
         transport = transport_for(client)
         super().__init__(options, observers, transport)
@@ -529,6 +610,15 @@ class RedisTokenStore(ScriptStore):
         self._replayer: threading.Thread | None = None
         self._replayer_lock = threading.Lock()
         self._replays_at_exit = False
+        self._listener: Listener | None = None
+        if self.local is not None:
+            pool: Any = getattr(client, "connection_pool", None)
+            self._listener = Listener(
+                self.local,
+                lambda: tracking_connection(pool),
+                retry_interval=options.retry_interval,
+                where=_where(pool),
+            )
         self._share_through(transport.share_key)
 
     @property
@@ -539,7 +629,26 @@ class RedisTokenStore(ScriptStore):
     def fetch(self, identifiers: Sequence[str]) -> list[str]:
         if not identifiers:
             return []
-        return self._exchange(self._fetching(identifiers))
+        local = self.local
+        if local is None:
+            return self._exchange(self._fetching(identifiers))
+        found = self._cached(local, identifiers)
+        if found is not None and None not in found:
+            if self._observe.fetched_hooks:
+                self._observe.fetched(identifiers=identifiers, missed=False)
+            return found  # type: ignore[return-value]
+        return self._exchange(self._fetching(identifiers, found))
+
+    def _listen(self) -> None:
+        if self._listener is not None:
+            self._listener.ensure_running()
+
+    def close_local_cache(self) -> None:
+        """Turn the local token cache off for good: empty it, and end its listener (which
+        closes its connection). For a graceful shutdown, or a test; without it, both go
+        with the store."""
+        if self.local is not None:
+            self.local.close()
 
     def intend(self, identifiers: Collection[str]) -> str | None:
         """In durable mode, record in Redis that ``identifiers`` are about to be bumped
@@ -627,6 +736,26 @@ def _replay_at_exit(store: weakref.ref[RedisTokenStore]) -> None:
     # background replay, for one, is refused this late).
     with contextlib.suppress(Exception):
         live._replay_now()
+
+
+def tracking_connection(pool: Any) -> Any:
+    """A new connection made with ``pool``'s options but outside it, speaking RESP2: the
+    local cache's tracking connection (see :mod:`alkey.invalidations`)."""
+    connection = pool.connection_class(**{**pool.connection_kwargs, "protocol": 2})
+    connection.connect()
+    return connection
+
+
+def _where(pool: Any) -> str:
+    """The server ``pool`` connects to, for log lines (never its password)."""
+    if pool is None:
+        return "Redis"
+    options = getattr(pool, "connection_kwargs", {})
+    if "path" in options:
+        return str(options["path"])
+    if "service_name" in options or "connection_pool" in options:
+        return f"the primary of {getattr(pool, 'service_name', 'a Sentinel service')}"
+    return f"{options.get('host', 'localhost')}:{options.get('port', 6379)}"
 
 
 def store_for(client: RedisClient | ClusterClient) -> RedisTokenStore:

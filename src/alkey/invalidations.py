@@ -1,0 +1,305 @@
+"""The listeners that keep a local token cache current: Redis's invalidation messages.
+
+Why ``BCAST`` mode on a connection of its own: alkey's fetch is a Lua script, and what a
+script reads is tracked differently across Redis versions (redis-py's own client-side
+cache does not track it at all). In broadcasting mode the server announces a change of
+*any* key under a prefix -- here ``<key_prefix>alkey:`` -- to the tracking connection,
+whoever wrote it and whatever read it. So the store's own connections and round trips
+stay exactly as they are (a cold fetch costs what it cost before), and a token is
+announced whether it was read by a script, a ``MGET`` or not at all. The cost is on the
+server and the network: every bump is announced to every process with the cache on,
+batched by Redis per event-loop cycle (one message for the keys of a bump), rather than
+only to the processes that read the key (default mode, which instead keeps a table of
+every key each client read, in the server's memory, and spuriously invalidates past
+``tracking-table-max-keys``). Token writes are rare next to token reads, which is the
+premise of the cache; the benchmark measures both modes' server cost (README, "Local
+token cache").
+
+The connection speaks RESP2 whatever the application's client speaks, redirects its own
+tracking to itself (``CLIENT TRACKING ON REDIRECT <own id> BCAST PREFIX ...``) and
+subscribes to ``__redis__:invalidate``; it is made with the application's connection
+options (TLS, password, Sentinel), outside its pool, so it never takes a connection the
+application counts on.
+
+The listener pings Redis after :data:`~alkey.localcache.PING_EVERY` seconds of silence;
+any answer counts as hearing Redis (:meth:`~alkey.localcache.LocalTokens.heard`), and
+the cache serves nothing past :data:`~alkey.localcache.LEASE` seconds without it. Any
+error, an unexpected reply or a failover seen by a fetch drops the connection and
+empties the cache; the listener connects again every ``retry_interval`` seconds. Each
+loss is logged once, when it begins, and once when the listener is back.
+
+The sync store's listener is a daemon thread; the asyncio store's is a task on the loop
+that made the first fetch. Both hold the cache weakly, and end when it is closed or
+garbage collected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from alkey.errors import redacted
+from alkey.localcache import LEASE, PING_EVERY, LocalTokens
+
+__all__ = ["AsyncListener", "Listener", "tracking_commands"]
+
+log = logging.getLogger("alkey.localcache")
+
+#: The channel Redis publishes invalidations on, for a RESP2 redirect.
+CHANNEL = "__redis__:invalidate"
+
+
+def tracking_commands(client_id: int, key_prefix: str) -> list[tuple[str, ...]]:
+    """The commands that turn a fresh connection (whose id is ``client_id``) into a
+    tracking connection for the token keys under ``key_prefix``."""
+    return [
+        (
+            "CLIENT",
+            "TRACKING",
+            "ON",
+            "REDIRECT",
+            str(client_id),
+            "BCAST",
+            "PREFIX",
+            f"{key_prefix}alkey:",
+        ),
+        ("SUBSCRIBE", CHANNEL),
+    ]
+
+
+def _text(value: Any) -> str:
+    return value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _read(cache: LocalTokens, reply: Any) -> None:
+    """Act on one reply on the tracking connection: an invalidation, or a pong."""
+    if not isinstance(reply, list) or not reply:
+        raise _UnexpectedReplyError(reply)
+    kind = _text(reply[0])
+    if kind == "message" and len(reply) == 3 and _text(reply[1]) == CHANNEL:
+        keys = reply[2]
+        cache.invalidated(None if keys is None else list(keys))
+    elif kind in ("pong", "subscribe"):
+        cache.heard()
+    else:
+        raise _UnexpectedReplyError(reply)
+
+
+class _UnexpectedReplyError(Exception):
+    def __init__(self, reply: Any) -> None:
+        super().__init__(f"unexpected reply on the tracking connection: {reply!r:.200}")
+
+
+class _Incidents:
+    """Logs a loss of the tracking connection once when it begins and once when it ends."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.down_since: float | None = None
+
+    def lost(self, error: BaseException) -> None:
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+            log.warning(
+                "alkey's local token cache is off: its tracking connection to %s failed "
+                "(%s). Every key is fetched from Redis until it is back.",
+                self.where,
+                redacted(str(error)) or type(error).__name__,
+            )
+
+    def back(self) -> None:
+        if self.down_since is not None:
+            log.warning(
+                "alkey's local token cache is on again: its tracking connection to %s is "
+                "back after %.1f s.",
+                self.where,
+                time.monotonic() - self.down_since,
+            )
+            self.down_since = None
+
+
+class Listener:
+    """The sync store's listener: a daemon thread holding the tracking connection.
+
+    ``connect`` makes a new, connected RESP2 connection (a redis-py ``Connection``);
+    ``where`` names the server in log lines.
+    """
+
+    def __init__(
+        self,
+        cache: LocalTokens,
+        connect: Callable[[], Any],
+        *,
+        retry_interval: float,
+        where: str,
+    ) -> None:
+        self._cache = weakref.ref(cache)
+        self._key_prefix = cache.key_prefix
+        self._connect = connect
+        self._retry_interval = max(retry_interval, 0.05)
+        self._incidents = _Incidents(where)
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def ensure_running(self) -> None:
+        """Start the thread unless it runs."""
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._thread = threading.Thread(
+                target=self._run, name="alkey-invalidations", daemon=True
+            )
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            cache = self._cache()
+            if cache is None or cache.closed:
+                return
+            connection = None
+            try:
+                connection = self._connect()
+                connection.send_command("CLIENT", "ID")
+                client_id = int(connection.read_response())
+                for command in tracking_commands(client_id, self._key_prefix):
+                    connection.send_command(*command)
+                    reply = connection.read_response()
+                _read(cache, reply)  # the subscription's confirmation
+                cache.connected()
+                self._incidents.back()
+                del cache
+                self._serve(connection)
+            except Exception as error:
+                self._incidents.lost(error)
+                cache = self._cache()
+                if cache is not None:
+                    cache.lost(str(error))
+                del cache
+                time.sleep(self._retry_interval)
+            finally:
+                if connection is not None:
+                    with contextlib.suppress(Exception):
+                        connection.disconnect()
+
+    def _serve(self, connection: Any) -> None:
+        """Read invalidations until the cache is gone, wants a reconnection, or the
+        connection fails (raises)."""
+        heard = time.monotonic()
+        pinged: float | None = None
+        while True:
+            cache = self._cache()
+            if cache is None or cache.closed:
+                return
+            if cache.reconnect:
+                raise ConnectionError("a fetch saw another server: reconnecting")
+            now = time.monotonic()
+            wait = max(PING_EVERY - (now - heard), 0.0) if pinged is None else PING_EVERY
+            if connection.can_read(timeout=wait):
+                _read(cache, connection.read_response())
+                heard, pinged = time.monotonic(), None
+            elif pinged is None:
+                connection.send_command("PING")
+                pinged = time.monotonic()
+            elif time.monotonic() - pinged > LEASE:
+                raise TimeoutError(f"Redis did not answer a PING within {LEASE} s")
+            del cache
+
+
+class AsyncListener:
+    """The asyncio store's listener: a task on the loop of the fetch that started it.
+
+    ``connect`` is awaited for a new, connected RESP2 connection (a
+    ``redis.asyncio.Connection``). A loop that stops running stops the task's pings, so
+    the cache stops serving within :data:`~alkey.localcache.LEASE` even if another loop
+    goes on fetching; the next fetch on a running loop starts a new task once the old
+    one is done.
+    """
+
+    def __init__(
+        self,
+        cache: LocalTokens,
+        connect: Callable[[], Awaitable[Any]],
+        *,
+        retry_interval: float,
+        where: str,
+    ) -> None:
+        self._cache = weakref.ref(cache)
+        self._key_prefix = cache.key_prefix
+        self._connect = connect
+        self._retry_interval = max(retry_interval, 0.05)
+        self._incidents = _Incidents(where)
+        self._task: asyncio.Task[None] | None = None
+
+    def ensure_running(self) -> None:
+        """Start the task on the running loop unless one runs on a live loop."""
+        task = self._task
+        if task is not None and not task.done() and task.get_loop().is_running():
+            return
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            cache = self._cache()
+            if cache is None or cache.closed:
+                return
+            connection = None
+            try:
+                connection = await self._connect()
+                await connection.send_command("CLIENT", "ID")
+                client_id = int(await connection.read_response())
+                for command in tracking_commands(client_id, self._key_prefix):
+                    await connection.send_command(*command)
+                    reply = await connection.read_response()
+                _read(cache, reply)
+                cache.connected()
+                self._incidents.back()
+                del cache
+                await self._serve(connection)
+            except Exception as error:
+                self._incidents.lost(error)
+                cache = self._cache()
+                if cache is not None:
+                    cache.lost(str(error))
+                del cache
+                await asyncio.sleep(self._retry_interval)
+            except BaseException:
+                cache = self._cache()
+                if cache is not None:
+                    cache.lost("the listener's task was cancelled")
+                raise
+            finally:
+                if connection is not None:
+                    with contextlib.suppress(Exception):
+                        await connection.disconnect()
+
+    async def _serve(self, connection: Any) -> None:
+        heard = time.monotonic()
+        pinged: float | None = None
+        while True:
+            cache = self._cache()
+            if cache is None or cache.closed:
+                return
+            if cache.reconnect:
+                raise ConnectionError("a fetch saw another server: reconnecting")
+            now = time.monotonic()
+            wait = max(PING_EVERY - (now - heard), 0.001) if pinged is None else PING_EVERY
+            del cache
+            reply = await connection.read_response(timeout=wait, disconnect_on_error=False)
+            cache = self._cache()
+            if cache is None:
+                return
+            if reply is not None:
+                _read(cache, reply)
+                heard, pinged = time.monotonic(), None
+            elif pinged is None:
+                await connection.send_command("PING")
+                pinged = time.monotonic()
+            elif time.monotonic() - pinged > LEASE:
+                raise TimeoutError(f"Redis did not answer a PING within {LEASE} s")
+            del cache

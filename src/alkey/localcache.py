@@ -1,0 +1,360 @@
+"""The local token cache: tokens this process fetched lately, kept until Redis says they
+changed.
+
+Why: a token changes only when a row is written, and most rows are read far more often
+than written, so almost every fetch returns what the process fetched last time. With the
+cache on (``local_cache=<entries>``), a key whose tokens are all cached costs no round trip
+at all. What makes that safe is Redis's server-assisted client-side caching (``CLIENT
+TRACKING``): a listener (:mod:`alkey.invalidations`) keeps one connection per Redis on
+which the server announces every change of a token key, and evicts it here.
+
+This module is the cache alone -- no I/O, no client library -- shared by the sync and
+asyncio stores (:class:`~alkey.tokens.ScriptStore`) and fed by either listener. Its rules:
+
+* **Nothing is served unless Redis was heard lately.** Every message and every answer to
+  the listener's regular ``PING`` counts as hearing from Redis, and a message read means
+  every invalidation Redis sent before it was read too (one connection keeps its order).
+  A lookup finds nothing once Redis has not been heard for :data:`LEASE` seconds, so a
+  tracking connection that dies silently (a network partition, a stalled listener)
+  stops the hits within that bound, before anyone notices the failure.
+* **An invalidation that races a fetch wins.** Each cold fetch is registered before its
+  round trip goes out (:meth:`LocalTokens.begin`); an invalidation or a flush that
+  arrives while it is in flight spoils what it names, and :meth:`LocalTokens.fill`
+  keeps only what was not spoiled. A listener that reconnected meanwhile (a new
+  *generation*) spoils everything: invalidations may have been lost in between.
+* **Any doubt empties it.** A lost or reconnected tracking connection, a ``FLUSHALL``
+  (Redis sends an invalidation of everything), a change of the server's replication id
+  (a failover or a restart, seen by a cold fetch), a fork, or any listener error clears
+  every entry before the next lookup.
+* **A process reads its own writes.** The store evicts what it bumps as soon as the bump
+  returns (:meth:`LocalTokens.evict`), without waiting for Redis's message.
+
+What a reader in *another* process can still see is the old token until Redis's
+invalidation reaches it: the benchmark measures that delay (README, "Local token
+cache").
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+import weakref
+from collections import OrderedDict
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+__all__ = ["LEASE", "PING_EVERY", "CacheStats", "LocalTokens"]
+
+log = logging.getLogger("alkey.localcache")
+
+#: Seconds after which the cache serves nothing if Redis was not heard on the tracking
+#: connection: the bound on a hit's staleness when that connection fails silently.
+LEASE = 1.0
+#: Seconds of silence on the tracking connection after which the listener pings Redis,
+#: so that an idle but healthy connection keeps the cache serving.
+PING_EVERY = 0.25
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """A snapshot of a local token cache, for metrics and ``repr``.
+
+    Counts are of identifiers and run from the cache's creation.
+    """
+
+    #: Tokens held now.
+    entries: int
+    #: The most tokens it holds; the least recently used go first.
+    max_entries: int
+    #: Identifiers answered from the cache, with no round trip.
+    hits: int
+    #: Identifiers that had to be fetched from Redis.
+    misses: int
+    #: Cached tokens evicted because Redis said they changed, or this process bumped them.
+    invalidations: int
+    #: Times the whole cache was emptied (see the module for why).
+    flushes: int
+    #: Whether lookups are served now (the tracking connection is up and was heard lately).
+    live: bool
+    #: Bytes the entries take, estimated with :func:`sys.getsizeof`.
+    memory: int
+
+
+class CacheEvents(Protocol):
+    """Who hears of a cache's invalidations and flushes (a store's observers)."""
+
+    local_invalidated_hooks: tuple[Any, ...]
+
+    def local_invalidated(self, *, count: int, evicted: int) -> None: ...
+
+    def local_flushed(self, *, reason: str, entries: int) -> None: ...
+
+
+class _Fetch:
+    """One cold fetch in flight: what an invalidation arriving meanwhile spoils."""
+
+    __slots__ = ("everything", "generation", "spoiled")
+
+    def __init__(self, generation: int) -> None:
+        self.generation = generation
+        self.spoiled: set[str] = set()
+        self.everything = False
+
+
+# Every cache of the process, emptied in a forked child: its listener did not survive
+# the fork, and invalidations would no longer reach it.
+_caches: weakref.WeakSet[LocalTokens] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    for cache in list(_caches):
+        cache._forked()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
+
+
+class LocalTokens:
+    """A bounded, least-recently-used map of identifier to token, safe to share between
+    threads and tasks, that serves lookups only while its listener proves it current.
+
+    ``max_entries`` bounds it; ``key_prefix`` is the store's (the listener hears Redis
+    key names, which carry it). ``events`` hears of invalidations and flushes (the
+    store's observers).
+    """
+
+    def __init__(
+        self, max_entries: int, key_prefix: str = "", events: CacheEvents | None = None
+    ) -> None:
+        self.max_entries = max_entries
+        self.key_prefix = key_prefix
+        self._events = events
+        self._entries: OrderedDict[str, str] = OrderedDict()
+        self._lock = threading.Lock()
+        self._fetches: set[_Fetch] = set()
+        # The listener's connection: its generation while it is up, None while it is not.
+        self._generation = 0
+        self._live: int | None = None
+        self._heard = 0.0
+        self._epoch: object = None
+        #: Set when a cold fetch saw another server (a failover): the listener reconnects.
+        self.reconnect = False
+        self._closed = False
+        self.hits = 0
+        self.misses = 0
+        self.invalidations = 0
+        self.flushes = 0
+        _caches.add(self)
+
+    # -- the store's side --------------------------------------------------------------
+
+    def lookup(self, identifiers: Sequence[str]) -> list[str | None] | None:
+        """The cached token of each identifier (``None`` where none), or ``None`` if the
+        cache cannot serve now (its listener is not up, or Redis was not heard within
+        :data:`LEASE` seconds)."""
+        if self._live is None or time.monotonic() - self._heard > LEASE:
+            return None
+        with self._lock:
+            entries = self._entries
+            found = [entries.get(identifier) for identifier in identifiers]
+            move = entries.move_to_end
+            hits = 0
+            for identifier, token in zip(identifiers, found, strict=True):
+                if token is not None:
+                    move(identifier)
+                    hits += 1
+            self.hits += hits
+            self.misses += len(identifiers) - hits
+        return found
+
+    def begin(self) -> _Fetch | None:
+        """Register a cold fetch about to go out, or ``None`` if what it brings back cannot
+        be kept (the listener is not up: invalidations would not reach the cache)."""
+        generation = self._live
+        if generation is None:
+            return None
+        fetch = _Fetch(generation)
+        with self._lock:
+            self._fetches.add(fetch)
+        return fetch
+
+    def fill(
+        self, fetch: _Fetch | None, identifiers: Sequence[str], tokens: Sequence[str], epoch: object
+    ) -> None:
+        """Keep what ``fetch`` brought back -- except what an invalidation spoiled while it
+        was in flight, or everything if the listener reconnected meanwhile. ``epoch``:
+        the replication id the tokens were read under; another one than the cached
+        tokens' empties the cache and reconnects the listener (a failover)."""
+        if fetch is None:
+            return
+        with self._lock:
+            self._fetches.discard(fetch)
+            if fetch.everything or fetch.generation != self._live:
+                return
+            if epoch != self._epoch and self._epoch is not None:
+                # Another server answered (a failover, a restart): the listener may be
+                # tracking the old one.
+                flushed = self._clear_locked()
+                self.reconnect = True
+                self._live = None
+            else:
+                flushed = -1
+                self._epoch = epoch
+            if flushed < 0:
+                entries = self._entries
+                spoiled = fetch.spoiled
+                for identifier, token in zip(identifiers, tokens, strict=True):
+                    if identifier not in spoiled:
+                        entries[identifier] = token
+                        entries.move_to_end(identifier)
+                for _ in range(len(entries) - self.max_entries):
+                    entries.popitem(last=False)
+        if flushed > 0:
+            self._flushed("a fetch was answered by another server (a failover?)", flushed)
+
+    def abandon(self, fetch: _Fetch | None) -> None:
+        """Forget a fetch that ended without tokens to keep (an error, a forced miss)."""
+        if fetch is not None:
+            with self._lock:
+                self._fetches.discard(fetch)
+
+    def evict(self, identifiers: Collection[str]) -> None:
+        """Drop ``identifiers`` (this process bumped them), and spoil them in every fetch
+        in flight: read-your-writes within the process, before Redis's message comes."""
+        self._invalidate(identifiers)
+
+    # -- the listener's side -----------------------------------------------------------
+
+    def connected(self) -> int:
+        """The listener's tracking connection is up and subscribed: start serving, as a new
+        generation (fetches that went out before it keep nothing)."""
+        with self._lock:
+            flushed = self._clear_locked()
+            self._generation += 1
+            self._live = self._generation
+            self._heard = time.monotonic()
+            self.reconnect = False
+            generation = self._generation
+        self._flushed("the tracking connection is new", flushed)
+        return generation
+
+    def heard(self) -> None:
+        """Redis answered on the tracking connection (a message, a pong): every
+        invalidation it sent before has been read."""
+        self._heard = time.monotonic()
+
+    def invalidated(self, keys: Sequence[bytes | str] | None) -> None:
+        """Redis's invalidation message: these Redis keys changed (``None``: everything,
+        after a ``FLUSHALL`` or ``FLUSHDB``)."""
+        self._heard = time.monotonic()
+        if keys is None:
+            self.flush("Redis flushed its data")
+            return
+        prefix = len(self.key_prefix)
+        names = [
+            (key.decode("utf-8", "surrogateescape") if isinstance(key, bytes) else key)[prefix:]
+            for key in keys
+        ]
+        self._invalidate(names)
+
+    def lost(self, reason: str) -> None:
+        """The tracking connection is gone: serve nothing until :meth:`connected`."""
+        with self._lock:
+            self._live = None
+            flushed = self._clear_locked()
+        self._flushed(f"the tracking connection was lost: {reason}", flushed)
+
+    def flush(self, reason: str) -> None:
+        """Empty the cache and spoil every fetch in flight."""
+        with self._lock:
+            flushed = self._clear_locked()
+        self._flushed(reason, flushed)
+
+    def close(self) -> None:
+        """Stop serving for good, and let the listener end."""
+        self._closed = True
+        self.lost("closed")
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called: the listener ends."""
+        return self._closed
+
+    @property
+    def live(self) -> bool:
+        """Whether lookups are served now."""
+        return self._live is not None and time.monotonic() - self._heard <= LEASE
+
+    def stats(self) -> CacheStats:
+        """Counts, size and estimated memory (walks every entry: not for the hot path)."""
+        with self._lock:
+            items = list(self._entries.items())
+            memory = sys.getsizeof(self._entries) + sum(
+                sys.getsizeof(key) + sys.getsizeof(token) for key, token in items
+            )
+        return CacheStats(
+            entries=len(items),
+            max_entries=self.max_entries,
+            hits=self.hits,
+            misses=self.misses,
+            invalidations=self.invalidations,
+            flushes=self.flushes,
+            live=self.live,
+            memory=memory,
+        )
+
+    def __repr__(self) -> str:
+        stats = self.stats()
+        return (
+            f"<LocalTokens {stats.entries}/{stats.max_entries} entries, "
+            f"{'live' if stats.live else 'not serving'}, {stats.hits} hits, "
+            f"{stats.misses} misses>"
+        )
+
+    # -- inside ------------------------------------------------------------------------
+
+    def _invalidate(self, names: Collection[str]) -> None:
+        with self._lock:
+            pop = self._entries.pop
+            dropped = 0
+            for name in names:
+                if pop(name, None) is not None:
+                    dropped += 1
+            self.invalidations += dropped
+            for fetch in self._fetches:
+                if not fetch.everything:
+                    fetch.spoiled.update(names)
+        events = self._events
+        if events is not None and events.local_invalidated_hooks:
+            events.local_invalidated(count=len(names), evicted=dropped)
+
+    def _clear_locked(self) -> int:
+        """Empty the cache (the lock held); how many tokens it held."""
+        held = len(self._entries)
+        if held:
+            self.flushes += 1
+        self._entries.clear()
+        self._epoch = None
+        for fetch in self._fetches:
+            fetch.everything = True
+        return held
+
+    def _flushed(self, reason: str, entries: int) -> None:
+        if entries <= 0:
+            return
+        log.debug("alkey's local token cache emptied of %d token(s): %s", entries, reason)
+        if self._events is not None:
+            self._events.local_flushed(reason=reason, entries=entries)
+
+    def _forked(self) -> None:
+        # In the child: no listener any more, and the lock may be held by a thread that
+        # did not survive the fork.
+        self._lock = threading.Lock()
+        self._live = None
+        self._entries.clear()
+        self._fetches.clear()
