@@ -37,7 +37,7 @@ from sqlalchemy.util import greenlet_spawn
 from alkey import events
 from alkey.client import RedisConfig
 from alkey.errors import TokenStoreError
-from alkey.invalidations import AsyncListener
+from alkey.invalidations import AsyncListener, ClusterListeners, marked, tracking_options
 from alkey.keys import CacheKeyGenerator
 from alkey.observers import StoreObserver
 from alkey.options import ErrorPolicy, StoreOptions
@@ -309,8 +309,16 @@ class AsyncRedisTokenStore(ScriptStore):
         # keeps weak references to tasks).
         self._finishing: set[asyncio.Task[None]] = set()
         self._replayer: asyncio.Task[None] | None = None
-        self._listener: AsyncListener | None = None
-        if self.local is not None:
+        self._listener: AsyncListener | ClusterListeners | None = None
+        if self.local is not None and transport.clustered:
+            self._listener = ClusterListeners(
+                self.local,
+                client,
+                _node_tracking_connection,
+                retry_interval=options.retry_interval,
+                asynchronous=True,
+            )
+        elif self.local is not None:
             self._listener = AsyncListener(
                 self.local,
                 self._tracking_connection,
@@ -335,10 +343,13 @@ class AsyncRedisTokenStore(ScriptStore):
         if local is None:
             return await self._exchange(self._fetching(identifiers))
         found = self._cached(local, identifiers)
-        if found is not None and None not in found:
-            if self._observe.fetched_hooks:
-                self._observe.fetched(identifiers=identifiers, missed=False)
-            return found  # type: ignore[return-value]
+        if found is not None:
+            if None not in found:
+                if self._observe.fetched_hooks:
+                    self._observe.fetched(identifiers=identifiers, missed=False)
+                return found  # type: ignore[return-value]
+            if self.calls.clustered:
+                self._listen()  # the primaries may have changed: see ClusterListeners
         return await self._exchange(self._fetching(identifiers, found))
 
     def _listen(self) -> None:
@@ -350,7 +361,7 @@ class AsyncRedisTokenStore(ScriptStore):
         :func:`alkey.tokens.tracking_connection`)."""
         client = self.client if self.client is not None else await get_async_redis_client()
         pool: Any = client.connection_pool
-        connection = pool.connection_class(**{**pool.connection_kwargs, "protocol": 2})
+        connection = marked(pool.connection_class(**tracking_options(pool.connection_kwargs)))
         await connection.connect()
         return connection
 
@@ -459,6 +470,14 @@ class AsyncRedisTokenStore(ScriptStore):
                 "sessions with alkey.bind(..., redis_client=<a redis.Redis>), and use "
                 f"'await store.a{name}(...)' in asyncio code"
             ) from None
+
+
+async def _node_tracking_connection(node: Any) -> Any:
+    """A tracking connection to one node of an asyncio cluster (see
+    :func:`alkey.tokens.tracking_connection`)."""
+    connection = marked(node.connection_class(**tracking_options(node.connection_kwargs)))
+    await connection.connect()
+    return connection
 
 
 _default_store: AsyncRedisTokenStore | None = None

@@ -38,21 +38,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Any
 
 from alkey.errors import redacted
 from alkey.localcache import LEASE, PING_EVERY, LocalTokens
+from alkey.scripts import EPOCH_LENGTH
 
-__all__ = ["AsyncListener", "Listener", "tracking_commands"]
+__all__ = ["AsyncListener", "ClusterListeners", "Listener", "epoch_of", "tracking_commands"]
 
 log = logging.getLogger("alkey.localcache")
 
 #: The channel Redis publishes invalidations on, for a RESP2 redirect.
 CHANNEL = "__redis__:invalidate"
+
+
+def tracking_options(options: dict[str, Any]) -> dict[str, Any]:
+    """A client's connection options as the tracking connection uses them: RESP2."""
+    return {**options, "protocol": 2}
+
+
+def marked(connection: Any) -> Any:
+    """``connection``, marked as a tracking connection (``_alkey_tracking``): its pings
+    are the cache's upkeep, not a call's round trip, and :class:`alkey.testing.RoundTrips`
+    does not count them."""
+    connection._alkey_tracking = True
+    return connection
 
 
 def tracking_commands(client_id: int, key_prefix: str) -> list[tuple[str, ...]]:
@@ -77,18 +92,26 @@ def _text(value: Any) -> str:
     return value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
 
 
-def _read(cache: LocalTokens, reply: Any) -> None:
-    """Act on one reply on the tracking connection: an invalidation, or a pong."""
+def _read(cache: LocalTokens, reply: Any, source: Hashable) -> None:
+    """Act on one reply on ``source``'s tracking connection: an invalidation, or a pong."""
     if not isinstance(reply, list) or not reply:
         raise _UnexpectedReplyError(reply)
     kind = _text(reply[0])
     if kind == "message" and len(reply) == 3 and _text(reply[1]) == CHANNEL:
         keys = reply[2]
-        cache.invalidated(None if keys is None else list(keys))
+        cache.invalidated(None if keys is None else list(keys), source)
     elif kind in ("pong", "subscribe"):
-        cache.heard()
+        cache.heard(source)
     else:
         raise _UnexpectedReplyError(reply)
+
+
+def epoch_of(info: Any) -> str:
+    """The epoch of a server, as folded into its tokens, from its ``INFO replication``
+    (empty if the server hides its replication id, as the fetch script reads it)."""
+    text = info.decode("utf-8", "replace") if isinstance(info, bytes) else str(info)
+    found = re.search(r"master_replid:([0-9a-fA-F]+)", text)
+    return found.group(1)[:EPOCH_LENGTH] if found else ""
 
 
 class _UnexpectedReplyError(Exception):
@@ -138,12 +161,14 @@ class Listener:
         *,
         retry_interval: float,
         where: str,
+        source: Hashable = None,
     ) -> None:
         self._cache = weakref.ref(cache)
         self._key_prefix = cache.key_prefix
         self._connect = connect
         self._retry_interval = max(retry_interval, 0.05)
         self._incidents = _Incidents(where)
+        self._source = source
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
@@ -160,18 +185,20 @@ class Listener:
     def _run(self) -> None:
         while True:
             cache = self._cache()
-            if cache is None or cache.closed:
+            if cache is None or not cache.wanted(self._source):
                 return
             connection = None
             try:
                 connection = self._connect()
+                connection.send_command("INFO", "replication")
+                epoch = epoch_of(connection.read_response())
                 connection.send_command("CLIENT", "ID")
                 client_id = int(connection.read_response())
                 for command in tracking_commands(client_id, self._key_prefix):
                     connection.send_command(*command)
                     reply = connection.read_response()
-                _read(cache, reply)  # the subscription's confirmation
-                cache.connected()
+                _read(cache, reply, self._source)  # the subscription's confirmation
+                cache.connected(self._source, epoch)
                 self._incidents.back()
                 del cache
                 self._serve(connection)
@@ -179,7 +206,7 @@ class Listener:
                 self._incidents.lost(error)
                 cache = self._cache()
                 if cache is not None:
-                    cache.lost(str(error))
+                    cache.lost(str(error), self._source)
                 del cache
                 time.sleep(self._retry_interval)
             finally:
@@ -194,14 +221,14 @@ class Listener:
         pinged: float | None = None
         while True:
             cache = self._cache()
-            if cache is None or cache.closed:
+            if cache is None or not cache.wanted(self._source):
                 return
             if cache.reconnect:
                 raise ConnectionError("a fetch saw another server: reconnecting")
             now = time.monotonic()
             wait = max(PING_EVERY - (now - heard), 0.0) if pinged is None else PING_EVERY
             if connection.can_read(timeout=wait):
-                _read(cache, connection.read_response())
+                _read(cache, connection.read_response(), self._source)
                 heard, pinged = time.monotonic(), None
             elif pinged is None:
                 connection.send_command("PING")
@@ -228,12 +255,14 @@ class AsyncListener:
         *,
         retry_interval: float,
         where: str,
+        source: Hashable = None,
     ) -> None:
         self._cache = weakref.ref(cache)
         self._key_prefix = cache.key_prefix
         self._connect = connect
         self._retry_interval = max(retry_interval, 0.05)
         self._incidents = _Incidents(where)
+        self._source = source
         self._task: asyncio.Task[None] | None = None
 
     def ensure_running(self) -> None:
@@ -246,18 +275,20 @@ class AsyncListener:
     async def _run(self) -> None:
         while True:
             cache = self._cache()
-            if cache is None or cache.closed:
+            if cache is None or not cache.wanted(self._source):
                 return
             connection = None
             try:
                 connection = await self._connect()
+                await connection.send_command("INFO", "replication")
+                epoch = epoch_of(await connection.read_response())
                 await connection.send_command("CLIENT", "ID")
                 client_id = int(await connection.read_response())
                 for command in tracking_commands(client_id, self._key_prefix):
                     await connection.send_command(*command)
                     reply = await connection.read_response()
-                _read(cache, reply)
-                cache.connected()
+                _read(cache, reply, self._source)
+                cache.connected(self._source, epoch)
                 self._incidents.back()
                 del cache
                 await self._serve(connection)
@@ -265,13 +296,13 @@ class AsyncListener:
                 self._incidents.lost(error)
                 cache = self._cache()
                 if cache is not None:
-                    cache.lost(str(error))
+                    cache.lost(str(error), self._source)
                 del cache
                 await asyncio.sleep(self._retry_interval)
             except BaseException:
                 cache = self._cache()
                 if cache is not None:
-                    cache.lost("the listener's task was cancelled")
+                    cache.lost("the listener's task was cancelled", self._source)
                 raise
             finally:
                 if connection is not None:
@@ -283,7 +314,7 @@ class AsyncListener:
         pinged: float | None = None
         while True:
             cache = self._cache()
-            if cache is None or cache.closed:
+            if cache is None or not cache.wanted(self._source):
                 return
             if cache.reconnect:
                 raise ConnectionError("a fetch saw another server: reconnecting")
@@ -295,7 +326,7 @@ class AsyncListener:
             if cache is None:
                 return
             if reply is not None:
-                _read(cache, reply)
+                _read(cache, reply, self._source)
                 heard, pinged = time.monotonic(), None
             elif pinged is None:
                 await connection.send_command("PING")
@@ -303,3 +334,72 @@ class AsyncListener:
             elif time.monotonic() - pinged > LEASE:
                 raise TimeoutError(f"Redis did not answer a PING within {LEASE} s")
             del cache
+
+
+class ClusterListeners:
+    """The listeners of a cluster store: one per primary, as the client knows them.
+
+    BCAST tracking is per server, so each primary gets a :class:`Listener` (or an
+    :class:`AsyncListener`) of its own, and the cache serves only while every one of them
+    is up (:meth:`~alkey.localcache.LocalTokens.expect`). The primaries are read from the
+    client whenever the cache is not serving and on every cold fetch: a node added, a
+    failover or a resharding the client has learnt of (a ``MOVED`` answer) changes them,
+    which empties the cache and starts the new node's listener. A token fetched from a
+    node no listener hears is not kept meanwhile (its epoch is no listener's).
+
+    ``connection_for(node)`` makes the tracking connection of a node (awaited for an
+    asyncio cluster).
+    """
+
+    def __init__(
+        self,
+        cache: LocalTokens,
+        cluster: Any,
+        connection_for: Callable[[Any], Any],
+        *,
+        retry_interval: float,
+        asynchronous: bool = False,
+    ) -> None:
+        self._cache = weakref.ref(cache)
+        self._cluster = cluster
+        self._connection_for = connection_for
+        self._retry_interval = retry_interval
+        self._asynchronous = asynchronous
+        self._listeners: dict[str, Listener | AsyncListener] = {}
+        self._lock = threading.Lock()
+
+    def ensure_running(self) -> None:
+        """Listen to every primary the client knows, and only to those."""
+        cache = self._cache()
+        if cache is None or cache.closed:
+            return
+        if getattr(self._cluster, "_initialize", False):
+            return  # an asyncio cluster client not yet used: its first call discovers it
+        primaries = {node.name: node for node in self._cluster.get_primaries()}
+        cache.expect(primaries)
+        with self._lock:
+            for name in set(self._listeners) - set(primaries):
+                del self._listeners[name]  # it ends by itself: no longer wanted
+            for name, node in primaries.items():
+                listener = self._listeners.get(name)
+                if listener is None:
+                    listener = self._listeners[name] = self._listener(cache, name, node)
+                listener.ensure_running()
+
+    def _listener(self, cache: LocalTokens, name: str, node: Any) -> Listener | AsyncListener:
+        connect = self._connection_for
+        if self._asynchronous:
+            return AsyncListener(
+                cache,
+                lambda: connect(node),
+                retry_interval=self._retry_interval,
+                where=name,
+                source=name,
+            )
+        return Listener(
+            cache,
+            lambda: connect(node),
+            retry_interval=self._retry_interval,
+            where=name,
+            source=name,
+        )

@@ -43,7 +43,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -94,6 +94,11 @@ class CacheEvents(Protocol):
     def local_flushed(self, *, reason: str, entries: int) -> None: ...
 
 
+def _epoch(token: str) -> str:
+    """The epoch folded into a fetched token (``<token>@<epoch>``)."""
+    return token[token.rfind("@") + 1 :]
+
+
 class _Fetch:
     """One cold fetch in flight: what an invalidation arriving meanwhile spoils."""
 
@@ -137,12 +142,20 @@ class LocalTokens:
         self._entries: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.Lock()
         self._fetches: set[_Fetch] = set()
-        # The listener's connection: its generation while it is up, None while it is not.
+        # The servers whose listeners must all be up for the cache to serve (one, None,
+        # for a single Redis; a cluster's primaries by name), those that are up with
+        # when each was last heard, and the epoch (replication id, as folded into tokens)
+        # of each: a token is kept only if the server it came from is listened to.
+        self._expected: frozenset[Hashable] = frozenset({None})
+        self._heard_at: dict[Hashable, float] = {}
+        self._epochs: dict[Hashable, str] = {}
+        # A generation while every expected listener is up, None otherwise; and the
+        # oldest time one of them was last heard.
         self._generation = 0
         self._live: int | None = None
         self._heard = 0.0
-        self._epoch: object = None
-        #: Set when a cold fetch saw another server (a failover): the listener reconnects.
+        #: Set when a cold fetch was answered by a server no listener hears (a failover,
+        #: a restart): the listeners reconnect, and learn the servers anew.
         self.reconnect = False
         self._closed = False
         self.hits = 0
@@ -155,7 +168,7 @@ class LocalTokens:
 
     def lookup(self, identifiers: Sequence[str]) -> list[str | None] | None:
         """The cached token of each identifier (``None`` where none), or ``None`` if the
-        cache cannot serve now (its listener is not up, or Redis was not heard within
+        cache cannot serve now (a listener is not up, or one has not heard Redis within
         :data:`LEASE` seconds)."""
         if self._live is None or time.monotonic() - self._heard > LEASE:
             return None
@@ -174,7 +187,7 @@ class LocalTokens:
 
     def begin(self) -> _Fetch | None:
         """Register a cold fetch about to go out, or ``None`` if what it brings back cannot
-        be kept (the listener is not up: invalidations would not reach the cache)."""
+        be kept (a listener is not up: invalidations would not reach the cache)."""
         generation = self._live
         if generation is None:
             return None
@@ -184,28 +197,37 @@ class LocalTokens:
         return fetch
 
     def fill(
-        self, fetch: _Fetch | None, identifiers: Sequence[str], tokens: Sequence[str], epoch: object
+        self,
+        fetch: _Fetch | None,
+        identifiers: Sequence[str],
+        tokens: Sequence[str],
+        *,
+        one_server: bool = True,
     ) -> None:
         """Keep what ``fetch`` brought back -- except what an invalidation spoiled while it
-        was in flight, or everything if the listener reconnected meanwhile. ``epoch``:
-        the replication id the tokens were read under; another one than the cached
-        tokens' empties the cache and reconnects the listener (a failover)."""
-        if fetch is None:
+        was in flight, everything if a listener reconnected meanwhile, and any token
+        whose epoch (``<token>@<epoch>``) is not that of a server a listener hears: that
+        token came from a server no listener hears (a failover, a restart, a node added
+        to a cluster), which empties the cache and reconnects the listeners.
+        ``one_server``: all the tokens came from one server (not a cluster), so the
+        epoch of the first is that of all."""
+        if fetch is None or not tokens:
             return
+        flushed = -1
         with self._lock:
             self._fetches.discard(fetch)
             if fetch.everything or fetch.generation != self._live:
                 return
-            if epoch != self._epoch and self._epoch is not None:
-                # Another server answered (a failover, a restart): the listener may be
-                # tracking the old one.
+            heard = set(self._epochs.values())
+            if one_server:
+                foreign = _epoch(tokens[0]) not in heard
+            else:
+                foreign = any(_epoch(token) not in heard for token in tokens)
+            if foreign:
                 flushed = self._clear_locked()
                 self.reconnect = True
                 self._live = None
             else:
-                flushed = -1
-                self._epoch = epoch
-            if flushed < 0:
                 entries = self._entries
                 spoiled = fetch.spoiled
                 for identifier, token in zip(identifiers, tokens, strict=True):
@@ -214,8 +236,8 @@ class LocalTokens:
                         entries.move_to_end(identifier)
                 for _ in range(len(entries) - self.max_entries):
                     entries.popitem(last=False)
-        if flushed > 0:
-            self._flushed("a fetch was answered by another server (a failover?)", flushed)
+        if flushed >= 0:
+            self._flushed("a fetch was answered by a server no listener hears", flushed)
 
     def abandon(self, fetch: _Fetch | None) -> None:
         """Forget a fetch that ended without tokens to keep (an error, a forced miss)."""
@@ -228,30 +250,58 @@ class LocalTokens:
         in flight: read-your-writes within the process, before Redis's message comes."""
         self._invalidate(identifiers)
 
-    # -- the listener's side -----------------------------------------------------------
+    # -- the listeners' side -----------------------------------------------------------
 
-    def connected(self) -> int:
-        """The listener's tracking connection is up and subscribed: start serving, as a new
-        generation (fetches that went out before it keep nothing)."""
+    def expect(self, sources: Collection[Hashable]) -> None:
+        """Serve only while a listener is up for each of ``sources`` (a cluster's
+        primaries, by name); a change empties the cache."""
+        wanted = frozenset(sources)
+        with self._lock:
+            if wanted == self._expected:
+                return
+            self._expected = wanted
+            for gone in set(self._heard_at) - wanted:
+                del self._heard_at[gone]
+                self._epochs.pop(gone, None)
+            flushed = self._clear_locked()
+            self._new_generation()
+        self._flushed("the servers to listen to changed", flushed)
+
+    def wanted(self, source: Hashable) -> bool:
+        """Whether a listener for ``source`` should go on (else it ends)."""
+        return not self._closed and source in self._expected
+
+    def connected(self, source: Hashable = None, epoch: str = "") -> int:
+        """The listener of ``source`` is up and subscribed, on a server whose epoch is
+        ``epoch``: a new generation (fetches that went out before it keep nothing),
+        serving once every expected listener is up."""
         with self._lock:
             flushed = self._clear_locked()
-            self._generation += 1
-            self._live = self._generation
-            self._heard = time.monotonic()
+            self._heard_at[source] = time.monotonic()
+            self._epochs[source] = epoch
             self.reconnect = False
-            generation = self._generation
-        self._flushed("the tracking connection is new", flushed)
+            generation = self._new_generation()
+        self._flushed("a tracking connection is new", flushed)
         return generation
 
-    def heard(self) -> None:
-        """Redis answered on the tracking connection (a message, a pong): every
+    def heard(self, source: Hashable = None) -> None:
+        """Redis answered on ``source``'s tracking connection (a message, a pong): every
         invalidation it sent before has been read."""
-        self._heard = time.monotonic()
+        heard_at = self._heard_at
+        if source in heard_at:
+            now = time.monotonic()
+            if len(heard_at) == 1:
+                heard_at[source] = self._heard = now
+                return
+            with self._lock:
+                if source in heard_at:
+                    heard_at[source] = now
+                    self._heard = min(heard_at.values())
 
-    def invalidated(self, keys: Sequence[bytes | str] | None) -> None:
+    def invalidated(self, keys: Sequence[bytes | str] | None, source: Hashable = None) -> None:
         """Redis's invalidation message: these Redis keys changed (``None``: everything,
         after a ``FLUSHALL`` or ``FLUSHDB``)."""
-        self._heard = time.monotonic()
+        self.heard(source)
         if keys is None:
             self.flush("Redis flushed its data")
             return
@@ -262,12 +312,14 @@ class LocalTokens:
         ]
         self._invalidate(names)
 
-    def lost(self, reason: str) -> None:
-        """The tracking connection is gone: serve nothing until :meth:`connected`."""
+    def lost(self, reason: str, source: Hashable = None) -> None:
+        """``source``'s tracking connection is gone: serve nothing until it is back."""
         with self._lock:
+            self._heard_at.pop(source, None)
+            self._epochs.pop(source, None)
             self._live = None
             flushed = self._clear_locked()
-        self._flushed(f"the tracking connection was lost: {reason}", flushed)
+        self._flushed(f"a tracking connection was lost: {reason}", flushed)
 
     def flush(self, reason: str) -> None:
         """Empty the cache and spoil every fetch in flight."""
@@ -276,13 +328,16 @@ class LocalTokens:
         self._flushed(reason, flushed)
 
     def close(self) -> None:
-        """Stop serving for good, and let the listener end."""
+        """Stop serving for good, and let the listeners end."""
         self._closed = True
+        with self._lock:
+            self._heard_at.clear()
+            self._epochs.clear()
         self.lost("closed")
 
     @property
     def closed(self) -> bool:
-        """Whether :meth:`close` was called: the listener ends."""
+        """Whether :meth:`close` was called: the listeners end."""
         return self._closed
 
     @property
@@ -333,13 +388,23 @@ class LocalTokens:
         if events is not None and events.local_invalidated_hooks:
             events.local_invalidated(count=len(names), evicted=dropped)
 
+    def _new_generation(self) -> int:
+        """Start a generation (the lock held); serving if every expected listener is up."""
+        self._generation += 1
+        heard_at = self._heard_at
+        if self._expected and self._expected.issubset(heard_at) and not self._closed:
+            self._live = self._generation
+            self._heard = min(heard_at[source] for source in self._expected)
+        else:
+            self._live = None
+        return self._generation
+
     def _clear_locked(self) -> int:
         """Empty the cache (the lock held); how many tokens it held."""
         held = len(self._entries)
         if held:
             self.flushes += 1
         self._entries.clear()
-        self._epoch = None
         for fetch in self._fetches:
             fetch.everything = True
         return held
@@ -356,5 +421,7 @@ class LocalTokens:
         # did not survive the fork.
         self._lock = threading.Lock()
         self._live = None
+        self._heard_at.clear()
+        self._epochs.clear()
         self._entries.clear()
         self._fetches.clear()

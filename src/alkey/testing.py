@@ -69,7 +69,9 @@ class CountingMixin:
 
     A new connection's handshake (``HELLO``, ``AUTH``, ``CLIENT SETINFO``, ``SELECT``) is
     not counted: it is paid once per connection, not per call -- also when a connection
-    is made again after Redis came back."""
+    is made again after Redis came back. Nor is anything the local token cache's
+    tracking connection sends (:func:`alkey.invalidations.marked`): its pings are the
+    cache's upkeep in the background, not a call's round trip."""
 
     _handshaking = 0
 
@@ -88,7 +90,7 @@ class CountingMixin:
             self._handshaking -= 1
 
     def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-        if not self._handshaking:
+        if not self._handshaking and not getattr(self, "_alkey_tracking", False):
             with CountingConnection._lock:
                 CountingConnection.requests += 1
         super().send_packed_command(command, check_health)  # type: ignore[misc]
@@ -114,7 +116,7 @@ class AsyncCountingMixin:
             self._handshaking -= 1
 
     async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-        if not self._handshaking:
+        if not self._handshaking and not getattr(self, "_alkey_tracking", False):
             with CountingConnection._lock:
                 CountingConnection.requests += 1
         await super().send_packed_command(command, check_health)  # type: ignore[misc]

@@ -32,8 +32,8 @@ import weakref
 from collections.abc import Callable, Collection, Generator, Sequence
 from typing import Any, ClassVar, Protocol, TypeAlias, TypeVar, runtime_checkable
 
-from alkey.errors import ConfigurationError, TokenStoreError, TokenStorePoolExhaustedError
-from alkey.invalidations import Listener
+from alkey.errors import TokenStoreError, TokenStorePoolExhaustedError
+from alkey.invalidations import ClusterListeners, Listener, marked, tracking_options
 from alkey.localcache import LocalTokens
 from alkey.observers import LoggingObserver, ObserverGroup, StoreObserver
 from alkey.options import DEFAULT_LEASE, ErrorPolicy, StoreOptions
@@ -186,11 +186,6 @@ class ScriptStore:
         self.recoveries = Recoveries(options.lease, self._observe)
         self._next_claim = 0.0
         self._epoch_hidden = False
-        if options.local_cache and transport.clustered:
-            raise ConfigurationError(
-                f"token store option local_cache={options.local_cache!r} is not supported "
-                "with a Redis Cluster yet: leave it at 0 for a cluster client"
-            )
         #: The local token cache (``local_cache`` option), or ``None`` when it is off.
         self.local: LocalTokens | None = (
             LocalTokens(options.local_cache, options.key_prefix, self._observe)
@@ -336,11 +331,11 @@ class ScriptStore:
             if not results[-1][0] and not self._epoch_hidden:
                 self._hidden_epoch()
             tokens = self.calls.tokens(results, ask)
-            if local is None or known is None:
-                if local is not None:
-                    local.fill(fetch, ask, tokens, results[-1][0])
+            if local is None:
                 return tokens
-            local.fill(fetch, ask, tokens, results[-1][0])
+            local.fill(fetch, ask, tokens, one_server=not self.calls.clustered)
+            if known is None:
+                return tokens
             fetched = iter(tokens)
             return [token if token is not None else next(fetched) for token in known]
         finally:
@@ -610,8 +605,15 @@ class RedisTokenStore(ScriptStore):
         self._replayer: threading.Thread | None = None
         self._replayer_lock = threading.Lock()
         self._replays_at_exit = False
-        self._listener: Listener | None = None
-        if self.local is not None:
+        self._listener: Listener | ClusterListeners | None = None
+        if self.local is not None and transport.clustered:
+            self._listener = ClusterListeners(
+                self.local,
+                client,
+                lambda node: tracking_connection(node.redis_connection.connection_pool),
+                retry_interval=options.retry_interval,
+            )
+        elif self.local is not None:
             pool: Any = getattr(client, "connection_pool", None)
             self._listener = Listener(
                 self.local,
@@ -633,10 +635,13 @@ class RedisTokenStore(ScriptStore):
         if local is None:
             return self._exchange(self._fetching(identifiers))
         found = self._cached(local, identifiers)
-        if found is not None and None not in found:
-            if self._observe.fetched_hooks:
-                self._observe.fetched(identifiers=identifiers, missed=False)
-            return found  # type: ignore[return-value]
+        if found is not None:
+            if None not in found:
+                if self._observe.fetched_hooks:
+                    self._observe.fetched(identifiers=identifiers, missed=False)
+                return found  # type: ignore[return-value]
+            if self.calls.clustered:
+                self._listen()  # the primaries may have changed: see ClusterListeners
         return self._exchange(self._fetching(identifiers, found))
 
     def _listen(self) -> None:
@@ -741,7 +746,7 @@ def _replay_at_exit(store: weakref.ref[RedisTokenStore]) -> None:
 def tracking_connection(pool: Any) -> Any:
     """A new connection made with ``pool``'s options but outside it, speaking RESP2: the
     local cache's tracking connection (see :mod:`alkey.invalidations`)."""
-    connection = pool.connection_class(**{**pool.connection_kwargs, "protocol": 2})
+    connection = marked(pool.connection_class(**tracking_options(pool.connection_kwargs)))
     connection.connect()
     return connection
 

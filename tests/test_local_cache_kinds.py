@@ -1,0 +1,224 @@
+"""The local token cache on every kind of store: redis-py and valkey-py, sync and asyncio,
+a single Redis and a Redis Cluster.
+
+``tests/test_local_cache.py`` proves the cache's rules in depth on one kind; here every
+kind must answer warm keys without a round trip and hear another client's bumps, and a
+cluster store must keep its promise through what only a cluster does: a bump on any
+node, a slot moved to another primary, a primary that fails over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+from redis.exceptions import RedisError
+
+from alkey.testing import EmbeddedRedis, RoundTrips
+from alkey.tokens import RedisTokenStore
+
+from .support.cluster import (
+    CLUSTER_KINDS,
+    NO_CLUSTER,
+    LocalCluster,
+    cluster_client,
+    key_slot,
+)
+from .support.stores import STORE_KINDS, StoreKind, StoreUnderTest
+
+LIVE_WITHIN = 10.0
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[EmbeddedRedis]:
+    """This module's own Redis: no other test's FLUSHDB empties its caches."""
+    with EmbeddedRedis() as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    if NO_CLUSTER:
+        pytest.skip(NO_CLUSTER)
+    with LocalCluster(3, 0) as started:
+        yield started
+
+
+def live(store: StoreUnderTest, identifiers: list[str]) -> list[str]:
+    """Fetch until the store's local cache serves (its listeners are up), then fetch once
+    more so that it holds ``identifiers``; Redis's tokens for them."""
+    deadline = time.monotonic() + LIVE_WITHIN
+    store.fetch(identifiers)
+    while not store.store.local.live:
+        assert time.monotonic() < deadline, "the local cache never came up"
+        store.idle(0.02)
+        store.fetch(identifiers)
+    return store.fetch(identifiers)
+
+
+def changed(store: StoreUnderTest, identifiers: list[str], before: list[str]) -> list[int]:
+    """The positions whose token differs from ``before``, once one does (within a
+    deadline), letting the store's listener run meanwhile."""
+    deadline = time.monotonic() + 5
+    while True:
+        now = store.fetch(identifiers)
+        moved = [i for i, (a, b) in enumerate(zip(before, now, strict=True)) if a != b]
+        if moved or time.monotonic() > deadline:
+            return moved
+        store.idle(0.01)
+
+
+@pytest.mark.parametrize("kind", STORE_KINDS, ids=lambda kind: kind.name)
+def test_every_kind_of_store_answers_warm_keys_with_no_round_trip_and_hears_other_bumps(
+    kind: StoreKind, server: EmbeddedRedis, loop: asyncio.AbstractEventLoop
+) -> None:
+    identifiers = [f"alkey:{kind.name.replace('.', '_')}#{n}" for n in range(10)]
+    store = kind.open(server.url, loop, {"local_cache": 100})
+    other = RedisTokenStore(redis.Redis.from_url(server.url))
+    try:
+        warm = live(store, identifiers)
+        with RoundTrips() as trips:
+            again = [store.fetch(identifiers) for _ in range(50)]
+        assert trips.count == 0
+        assert all(tokens == warm for tokens in again)
+
+        other.bump(identifiers[3:5])
+        assert changed(store, identifiers, warm) == [3, 4]
+    finally:
+        store.close()
+        other.client.close()
+
+
+@pytest.mark.parametrize("kind", CLUSTER_KINDS, ids=lambda kind: kind.name)
+def test_a_cluster_store_answers_warm_keys_with_no_round_trip_and_hears_bumps_on_every_node(
+    kind: StoreKind, cluster: LocalCluster, loop: asyncio.AbstractEventLoop
+) -> None:
+    identifiers = one_per_primary(cluster, kind.name)
+    store = kind.open(cluster.url, loop, {"local_cache": 100})
+    other = RedisTokenStore(cluster_client(cluster.url))
+    try:
+        warm = live(store, identifiers)
+        with RoundTrips() as trips:
+            again = store.fetch(identifiers)
+        assert trips.count == 0
+        assert again == warm
+
+        other.bump(identifiers)  # one row on each primary
+        assert changed(store, identifiers, warm) == [0, 1, 2]
+    finally:
+        store.close()
+        other.client.close()
+
+
+def one_per_primary(cluster: LocalCluster, table: str) -> list[str]:
+    """An identifier held by each primary, in the order of ``cluster.primaries()``."""
+    found: dict[int, str] = {}
+    ports = [node.port for node in cluster.primaries()]
+    n = 0
+    while len(found) < len(ports):
+        identifier = f"alkey:{table.replace('.', '_').replace(' ', '_')}#{n}"
+        port = cluster.owner(key_slot(identifier)).port
+        found.setdefault(port, identifier)
+        n += 1
+    return [found[port] for port in ports]
+
+
+def test_a_slot_moved_to_another_primary_never_serves_a_token_bumped_there() -> None:
+    """Keys of a slot move to another primary, which the store's client learns only at
+    its next cold call: the tokens cached from the old node go (the move deletes them
+    there, which that node announces), and a bump on the new node is heard."""
+    if NO_CLUSTER:
+        pytest.skip(NO_CLUSTER)
+    with LocalCluster(3, 0) as own:
+        client = cluster_client(own.url)
+        store = RedisTokenStore(client, local_cache=100, retry_interval=0.05)
+        other = RedisTokenStore(cluster_client(own.url))
+        try:
+            identifiers = ["alkey:orders#0"]
+            slot = key_slot(identifiers[0])
+            sync = SyncFace(store)
+            before = live(sync, identifiers)
+            target = next(node for node in own.primaries() if node.port != own.owner(slot).port)
+            own.migrate_slot(slot, target)
+            other.bump(identifiers)  # lands on the new owner
+            deadline = time.monotonic() + 5
+            while store.fetch(identifiers) == before:
+                assert time.monotonic() < deadline, "a token bumped on the new owner was served"
+                time.sleep(0.01)
+            after = store.fetch(identifiers)
+            assert after != before
+            # The cache serves again, now listening to the slot's new owner too.
+            assert live(sync, identifiers) == after
+            other.bump(identifiers)
+            assert changed(sync, identifiers, after) == [0]
+        finally:
+            client.close()
+            other.client.close()
+
+
+def test_a_primary_that_fails_over_empties_the_cache_and_no_token_comes_back() -> None:
+    """SIGKILL a primary: its listener loses its connection, so the cache stops serving at
+    once (no token of the dead node is used again), and once the replica has taken over,
+    the cache listens to it and serves again, with the keys of the promoted node's rows
+    changed (its epoch)."""
+    if NO_CLUSTER:
+        pytest.skip(NO_CLUSTER)
+    with LocalCluster(3, 1, node_timeout=1000) as own:
+        client = cluster_client(own.url)
+        store = RedisTokenStore(client, local_cache=100, retry_interval=0.1)
+        try:
+            identifiers = one_per_primary(own, "users")
+            before = live(SyncFace(store), identifiers)
+            victim = own.owner(key_slot(identifiers[0]))
+            replica = own.replica_of(victim)
+            own.kill(victim)
+            deadline = time.monotonic() + 5
+            while store.local is not None and store.local.live:
+                assert time.monotonic() < deadline, "the cache went on serving a dead node"
+                time.sleep(0.01)
+            deadline = time.monotonic() + 30
+            while True:
+                with contextlib.suppress(RedisError, LookupError):
+                    if own.owner(key_slot(identifiers[0])).port == replica.port:
+                        break
+                assert time.monotonic() < deadline, "the replica never took over"
+                time.sleep(0.1)
+            deadline = time.monotonic() + 30
+            while True:
+                with contextlib.suppress(RedisError):
+                    store.fetch(identifiers)
+                if store.local is not None and store.local.live:
+                    break
+                assert time.monotonic() < deadline, "the cache never served again"
+                time.sleep(0.1)
+            deadline = time.monotonic() + 10
+            while (after := store.fetch(identifiers)) != store.fetch(identifiers):
+                # Misses for a recovery window after the outage: others may owe bumps.
+                assert time.monotonic() < deadline, "the tokens never settled"
+                time.sleep(0.05)
+            assert after[0] != before[0], "the promoted node's row has a new key (its epoch)"
+            assert live(SyncFace(store), identifiers) == after
+            with RoundTrips() as trips:
+                assert store.fetch(identifiers) == after
+            assert trips.count == 0
+        finally:
+            client.close()
+
+
+class SyncFace(StoreUnderTest):
+    """A plain sync store, with the face :func:`live` and :func:`changed` use."""
+
+    store: RedisTokenStore
+
+    def __init__(self, store: RedisTokenStore) -> None:
+        self.store = store
+
+    def fetch(self, identifiers: list[str]) -> list[str]:  # type: ignore[override]
+        return self.store.fetch(identifiers)
+
+    def idle(self, seconds: float) -> None:
+        time.sleep(seconds)
