@@ -28,6 +28,7 @@ from .support.cluster import (
     cluster_client,
     key_slot,
 )
+from .support.docs import readme_section
 from .support.stores import STORE_KINDS, StoreKind, StoreUnderTest
 
 LIVE_WITHIN = 10.0
@@ -222,3 +223,36 @@ class SyncFace(StoreUnderTest):
 
     def idle(self, seconds: float) -> None:
         time.sleep(seconds)
+
+
+#: What the local token cache's tracking connection adds to alkey's least-privilege user
+#: (README, "A least-privilege Redis user").
+ACL_LOCAL_CACHE = "+client|id +client|tracking +subscribe &__redis__:invalidate"
+ACL = "on >acl-pw ~alkey:* resetchannels -@all +eval +evalsha +mget +set +ping +select"
+
+
+@pytest.mark.parametrize("info", ["+info", ""], ids=["with +info", "without +info"])
+def test_an_acl_user_with_the_readmes_local_cache_rules_gets_warm_keys_and_hears_bumps(
+    server: EmbeddedRedis, info: str
+) -> None:
+    """The README's rules are enough for the tracking connection; without ``+info`` the
+    listener and the fetch script both see no epoch, and agree."""
+    assert ACL_LOCAL_CACHE in readme_section("Configuring a Redis client")
+    admin = redis.Redis.from_url(server.url)
+    rules = f"{ACL} {info} {ACL_LOCAL_CACHE}".split()
+    admin.execute_command("ACL", "SETUSER", "cached", *rules)  # type: ignore[no-untyped-call]
+    limited = redis.Redis.from_url(server.url.replace("redis://", "redis://cached:acl-pw@"))
+    store = RedisTokenStore(limited, local_cache=100)
+    identifiers = [f"alkey:acl{len(info)}#{n}" for n in range(3)]
+    try:
+        warm = live(SyncFace(store), identifiers)
+        with RoundTrips() as trips:
+            assert store.fetch(identifiers) == warm
+        assert trips.count == 0
+        RedisTokenStore(admin).bump(identifiers[:1])
+        assert changed(SyncFace(store), identifiers, warm) == [0]
+    finally:
+        store.close_local_cache()
+        limited.close()
+        admin.execute_command("ACL", "DELUSER", "cached")  # type: ignore[no-untyped-call]
+        admin.close()

@@ -106,6 +106,23 @@ def _read(cache: LocalTokens, reply: Any, source: Hashable) -> None:
         raise _UnexpectedReplyError(reply)
 
 
+def _answer(read: Callable[[], Any]) -> Any:
+    """``read()``'s answer, or ``""`` if the server refused the command."""
+    try:
+        return read()
+    except Exception as error:
+        return _refused(error)
+
+
+def _refused(error: Exception) -> str:
+    """``""`` for an error answer of the server (``INFO`` refused by an ACL without
+    ``+info``: the fetch script then reads no epoch either, and the two agree); any
+    other error (the connection failed) is raised again."""
+    if any(kind.__name__ == "ResponseError" for kind in type(error).__mro__):
+        return ""
+    raise error
+
+
 def epoch_of(info: Any) -> str:
     """The epoch of a server, as folded into its tokens, from its ``INFO replication``
     (empty if the server hides its replication id, as the fetch script reads it)."""
@@ -191,7 +208,7 @@ class Listener:
             try:
                 connection = self._connect()
                 connection.send_command("INFO", "replication")
-                epoch = epoch_of(connection.read_response())
+                epoch = epoch_of(_answer(connection.read_response))
                 connection.send_command("CLIENT", "ID")
                 client_id = int(connection.read_response())
                 for command in tracking_commands(client_id, self._key_prefix):
@@ -281,7 +298,11 @@ class AsyncListener:
             try:
                 connection = await self._connect()
                 await connection.send_command("INFO", "replication")
-                epoch = epoch_of(await connection.read_response())
+                try:
+                    info = await connection.read_response()
+                except Exception as error:
+                    info = _refused(error)
+                epoch = epoch_of(info)
                 await connection.send_command("CLIENT", "ID")
                 client_id = int(await connection.read_response())
                 for command in tracking_commands(client_id, self._key_prefix):

@@ -228,12 +228,18 @@ class LocalTokens:
                 self.reconnect = True
                 self._live = None
             else:
+                # The identifiers a cold fetch asks for are those the cache lacked, so
+                # they go in as the most recently used, in one step.
                 entries = self._entries
                 spoiled = fetch.spoiled
-                for identifier, token in zip(identifiers, tokens, strict=True):
-                    if identifier not in spoiled:
-                        entries[identifier] = token
-                        entries.move_to_end(identifier)
+                if spoiled:
+                    entries.update(
+                        (identifier, token)
+                        for identifier, token in zip(identifiers, tokens, strict=True)
+                        if identifier not in spoiled
+                    )
+                else:
+                    entries.update(zip(identifiers, tokens, strict=True))
                 for _ in range(len(entries) - self.max_entries):
                     entries.popitem(last=False)
         if flushed >= 0:
