@@ -18,6 +18,7 @@ import pytest
 import redis
 from redis.exceptions import RedisError
 
+from alkey.settings import configure
 from alkey.testing import EmbeddedRedis, RoundTrips
 from alkey.tokens import RedisTokenStore
 
@@ -29,6 +30,7 @@ from .support.cluster import (
     key_slot,
 )
 from .support.docs import readme_section
+from .support.replication import SERVICE, replication_group
 from .support.stores import STORE_KINDS, StoreKind, StoreUnderTest
 
 LIVE_WITHIN = 10.0
@@ -256,3 +258,48 @@ def test_an_acl_user_with_the_readmes_local_cache_rules_gets_warm_keys_and_hears
         limited.close()
         admin.execute_command("ACL", "DELUSER", "cached")  # type: ignore[no-untyped-call]
         admin.close()
+
+
+# -- Sentinel ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["primary killed", "old primary demoted alive"])
+def test_a_sentinel_failover_never_serves_a_token_bumped_on_the_new_primary(how: str) -> None:
+    """Through a ``redis+sentinel://`` URL with ``alkey_local_cache``: after a failover --
+    the primary crashed, or handed over by ``SENTINEL FAILOVER`` and still running as a
+    replica -- a bump on the new primary is never hidden by a cached token, and the cache
+    serves again, listening to the new primary, with no round trip."""
+    with replication_group(replicas=1, sentinels=1) as group:
+        url = f"{group.sentinel_url}{'&' if '?' in group.sentinel_url else '?'}"
+        store = configure(url=f"{url}alkey_local_cache=100", env={}, retry_interval=0.1).store()
+        assert isinstance(store, RedisTokenStore)
+        assert store.local is not None
+        identifiers = ["alkey:users#1", "alkey:users#2"]
+        face = SyncFace(store)
+        try:
+            before = live(face, identifiers)
+            if how == "primary killed":
+                group.kill_primary()
+            else:
+                with group.sentinels[0].client() as sentinel:
+                    sentinel.execute_command("SENTINEL", "FAILOVER", SERVICE)
+            promoted = group.wait_for_failover()
+            with group.client(promoted, timeout=2) as client:
+                RedisTokenStore(client).bump(identifiers[:1])  # a write on the new primary
+                deadline = time.monotonic() + 20
+                while True:
+                    with contextlib.suppress(RedisError):
+                        now = store.fetch(identifiers)
+                        if now[0] != before[0] and now == store.fetch(identifiers):
+                            break
+                    assert time.monotonic() < deadline, "the bump on the new primary was hidden"
+                    time.sleep(0.05)
+                on_new = client.get(identifiers[0])
+            assert on_new is not None
+            assert now[0].split("@")[0] == str(on_new), "the new primary's token"
+            assert live(face, identifiers) == now, "served again, from the new primary"
+            with RoundTrips() as trips:
+                assert store.fetch(identifiers) == now
+            assert trips.count == 0
+        finally:
+            store.client.close()
