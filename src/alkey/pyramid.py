@@ -23,7 +23,8 @@ setting                    meaning
 ``alkey.max_pending``,     options and the ``ALKEY_*`` environment variables
 ``alkey.retry_interval``,
 ``alkey.durable``,
-``alkey.lease``
+``alkey.lease``,
+``alkey.local_cache``
 =========================  ==============================================================
 
 Redis is chosen once per application, in this order: an
