@@ -21,9 +21,10 @@ subscribes to ``__redis__:invalidate``; it is made with the application's connec
 options (TLS, password, Sentinel), outside its pool, so it never takes a connection the
 application counts on.
 
-The listener pings Redis after :data:`~alkey.localcache.PING_EVERY` seconds of silence;
-any answer counts as hearing Redis (:meth:`~alkey.localcache.LocalTokens.heard`), and
-the cache serves nothing past :data:`~alkey.localcache.LEASE` seconds without it. Any
+The listener pings Redis every :data:`~alkey.localcache.PING_EVERY` seconds; the answer
+to a ping tells the cache it is current as of when the ping was sent
+(:meth:`~alkey.localcache.LocalTokens.heard`), and the cache serves nothing once that is
+more than :data:`~alkey.localcache.LEASE` seconds ago. Any
 error, an unexpected reply or a failover seen by a fetch drops the connection and
 empties the cache; the listener connects again every ``retry_interval`` seconds. Each
 loss is logged once, when it begins, and once when the listener is back.
@@ -100,8 +101,8 @@ def _read(cache: LocalTokens, reply: Any, source: Hashable) -> None:
     if kind == "message" and len(reply) == 3 and _text(reply[1]) == CHANNEL:
         keys = reply[2]
         cache.invalidated(None if keys is None else list(keys), source)
-    elif kind in ("pong", "subscribe"):
-        cache.heard(source)
+    elif kind == "subscribe":
+        pass  # the confirmation of the subscription, read at connect
     else:
         raise _UnexpectedReplyError(reply)
 
@@ -129,6 +130,48 @@ def epoch_of(info: Any) -> str:
     text = info.decode("utf-8", "replace") if isinstance(info, bytes) else str(info)
     found = re.search(r"master_replid:([0-9a-fA-F]+)", text)
     return found.group(1)[:EPOCH_LENGTH] if found else ""
+
+
+class _Pings:
+    """A listener's pings: one every :data:`PING_EVERY` seconds, one at a time; the
+    answer to one sent at *t* tells the cache it is current as of *t*
+    (:meth:`LocalTokens.heard`). A ping unanswered for :data:`LEASE` seconds fails the
+    connection."""
+
+    def __init__(self) -> None:
+        self._next = time.monotonic() + PING_EVERY
+        self._out: float | None = None
+
+    def due(self) -> bool:
+        return self._out is None and time.monotonic() >= self._next
+
+    def sent(self) -> None:
+        self._out = time.monotonic()
+
+    def wait(self) -> float:
+        """Seconds to wait for a reply before the next ping is due, or the one out is late."""
+        now = time.monotonic()
+        if self._out is None:
+            return max(self._next - now, 0.0)
+        late = self._out + LEASE - now
+        if late <= 0:
+            raise TimeoutError(f"Redis did not answer a PING within {LEASE} s")
+        return min(late, PING_EVERY)
+
+    def read(self, cache: LocalTokens, reply: Any, source: Hashable) -> None:
+        """Act on one reply; a pong answers the ping out."""
+        if _is_pong(reply):
+            if self._out is None:
+                raise _UnexpectedReplyError(reply)
+            cache.heard(source, self._out)
+            self._next = self._out + PING_EVERY
+            self._out = None
+        else:
+            _read(cache, reply, source)
+
+
+def _is_pong(reply: Any) -> bool:
+    return isinstance(reply, list) and bool(reply) and _text(reply[0]) == "pong"
 
 
 class _UnexpectedReplyError(Exception):
@@ -190,7 +233,10 @@ class Listener:
         self._lock = threading.Lock()
 
     def ensure_running(self) -> None:
-        """Start the thread unless it runs."""
+        """Start the thread unless it runs (or the cache is closed)."""
+        cache = self._cache()
+        if cache is None or cache.closed:
+            return
         with self._lock:
             if self._thread is not None and self._thread.is_alive():
                 return
@@ -233,25 +279,19 @@ class Listener:
 
     def _serve(self, connection: Any) -> None:
         """Read invalidations until the cache is gone, wants a reconnection, or the
-        connection fails (raises)."""
-        heard = time.monotonic()
-        pinged: float | None = None
+        connection fails (raises); ping every :data:`PING_EVERY` seconds."""
+        pings = _Pings()
         while True:
             cache = self._cache()
             if cache is None or not cache.wanted(self._source):
                 return
             if cache.reconnect:
                 raise ConnectionError("a fetch saw another server: reconnecting")
-            now = time.monotonic()
-            wait = max(PING_EVERY - (now - heard), 0.0) if pinged is None else PING_EVERY
-            if connection.can_read(timeout=wait):
-                _read(cache, connection.read_response(), self._source)
-                heard, pinged = time.monotonic(), None
-            elif pinged is None:
+            if pings.due():
                 connection.send_command("PING")
-                pinged = time.monotonic()
-            elif time.monotonic() - pinged > LEASE:
-                raise TimeoutError(f"Redis did not answer a PING within {LEASE} s")
+                pings.sent()
+            if connection.can_read(timeout=pings.wait()):
+                pings.read(cache, connection.read_response(), self._source)
             del cache
 
 
@@ -283,7 +323,11 @@ class AsyncListener:
         self._task: asyncio.Task[None] | None = None
 
     def ensure_running(self) -> None:
-        """Start the task on the running loop unless one runs on a live loop."""
+        """Start the task on the running loop unless one runs on a live loop (or the cache
+        is closed)."""
+        cache = self._cache()
+        if cache is None or cache.closed:
+            return
         task = self._task
         if task is not None and not task.done() and task.get_loop().is_running():
             return
@@ -331,29 +375,25 @@ class AsyncListener:
                         await connection.disconnect()
 
     async def _serve(self, connection: Any) -> None:
-        heard = time.monotonic()
-        pinged: float | None = None
+        pings = _Pings()
         while True:
             cache = self._cache()
             if cache is None or not cache.wanted(self._source):
                 return
             if cache.reconnect:
                 raise ConnectionError("a fetch saw another server: reconnecting")
-            now = time.monotonic()
-            wait = max(PING_EVERY - (now - heard), 0.001) if pinged is None else PING_EVERY
             del cache
-            reply = await connection.read_response(timeout=wait, disconnect_on_error=False)
+            if pings.due():
+                await connection.send_command("PING")
+                pings.sent()
+            reply = await connection.read_response(
+                timeout=max(pings.wait(), 0.001), disconnect_on_error=False
+            )
             cache = self._cache()
             if cache is None:
                 return
             if reply is not None:
-                _read(cache, reply, self._source)
-                heard, pinged = time.monotonic(), None
-            elif pinged is None:
-                await connection.send_command("PING")
-                pinged = time.monotonic()
-            elif time.monotonic() - pinged > LEASE:
-                raise TimeoutError(f"Redis did not answer a PING within {LEASE} s")
+                pings.read(cache, reply, self._source)
             del cache
 
 

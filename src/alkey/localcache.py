@@ -11,12 +11,14 @@ which the server announces every change of a token key, and evicts it here.
 This module is the cache alone -- no I/O, no client library -- shared by the sync and
 asyncio stores (:class:`~alkey.tokens.ScriptStore`) and fed by either listener. Its rules:
 
-* **Nothing is served unless Redis was heard lately.** Every message and every answer to
-  the listener's regular ``PING`` counts as hearing from Redis, and a message read means
-  every invalidation Redis sent before it was read too (one connection keeps its order).
-  A lookup finds nothing once Redis has not been heard for :data:`LEASE` seconds, so a
-  tracking connection that dies silently (a network partition, a stalled listener)
-  stops the hits within that bound, before anyone notices the failure.
+* **Nothing is served unless Redis was heard lately.** The listener pings Redis every
+  :data:`PING_EVERY` seconds on the tracking connection; when it reads the answer to a
+  ping sent at time *t*, every invalidation Redis sent before *t* has been read too (one
+  connection keeps its order), so the cache is current as of *t*. A lookup finds nothing
+  once that time is more than :data:`LEASE` seconds old, so a tracking connection that
+  dies silently (a network partition, a hung Redis, a stalled listener) stops the hits
+  within that bound, before anyone notices the failure -- and a listener that resumes
+  serves again only once it has read a pong sent after it resumed.
 * **An invalidation that races a fetch wins.** Each cold fetch is registered before its
   round trip goes out (:meth:`LocalTokens.begin`); an invalidation or a flush that
   arrives while it is in flight spoils what it names, and :meth:`LocalTokens.fill`
@@ -51,11 +53,11 @@ __all__ = ["LEASE", "PING_EVERY", "CacheStats", "LocalTokens"]
 
 log = logging.getLogger("alkey.localcache")
 
-#: Seconds after which the cache serves nothing if Redis was not heard on the tracking
-#: connection: the bound on a hit's staleness when that connection fails silently.
+#: Seconds after which the cache serves nothing unless a ping sent since on the tracking
+#: connection was answered: the bound on a hit's staleness when that connection, Redis or
+#: the listener fails silently.
 LEASE = 1.0
-#: Seconds of silence on the tracking connection after which the listener pings Redis,
-#: so that an idle but healthy connection keeps the cache serving.
+#: Seconds between the listener's pings on the tracking connection (one at a time).
 PING_EVERY = 0.25
 
 
@@ -290,24 +292,27 @@ class LocalTokens:
         self._flushed("a tracking connection is new", flushed)
         return generation
 
-    def heard(self, source: Hashable = None) -> None:
-        """Redis answered on ``source``'s tracking connection (a message, a pong): every
-        invalidation it sent before has been read."""
+    def heard(self, source: Hashable = None, since: float | None = None) -> None:
+        """Redis answered a ``PING`` that ``source``'s listener sent at ``since`` (a
+        :func:`time.monotonic` time; default now): one connection keeps its order, so
+        every invalidation Redis sent before that moment has been read. Only a pong
+        proves this: an invalidation message read now may have been sent long ago, by a
+        listener that stalled."""
         heard_at = self._heard_at
         if source in heard_at:
-            now = time.monotonic()
+            at = time.monotonic() if since is None else since
             if len(heard_at) == 1:
-                heard_at[source] = self._heard = now
+                if at > heard_at[source]:
+                    heard_at[source] = self._heard = at
                 return
             with self._lock:
-                if source in heard_at:
-                    heard_at[source] = now
+                if source in heard_at and at > heard_at[source]:
+                    heard_at[source] = at
                     self._heard = min(heard_at.values())
 
     def invalidated(self, keys: Sequence[bytes | str] | None, source: Hashable = None) -> None:
         """Redis's invalidation message: these Redis keys changed (``None``: everything,
         after a ``FLUSHALL`` or ``FLUSHDB``)."""
-        self.heard(source)
         if keys is None:
             self.flush("Redis flushed its data")
             return
