@@ -8,7 +8,10 @@ bumps waiting for Redis) is invisible to the others, as in production.
 
 Writers publish each version to a :class:`Floor` in shared memory only after ``commit()``
 returned; readers sample the floor before they start a read. So the floor is a lower bound
-on what any read must return, across threads and processes alike.
+on what any read must return, across threads and processes alike. The floor also keeps
+when and by which process each recent version was published, so that a stale read tells
+which commits it missed (:attr:`StaleRead.missed`) and how long after the first of them
+it began: the measure of a bound such as the local token cache's.
 
 What readers read (:data:`Data`): the counters themselves; a part of each counter that the
 *database* rewrites when the counter's code changes (``ON UPDATE CASCADE``), declared in
@@ -58,6 +61,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 import alkey
 from alkey.cache import CacheKeyGenerator
 from alkey.identity import row_identifier
+from alkey.localcache import CacheStats
 from alkey.settings import SENTINEL_SCHEMES, configure
 from alkey.settings import redis_client as configured_client
 from alkey.tokens import RedisTokenStore
@@ -97,6 +101,9 @@ TENANTS = ("alkey_stale_t0", "alkey_stale_t1")
 SLOTS = COUNTERS * len(TENANTS)
 #: A counter's code is ``index * CODE_BASE + version``: unique, and changed by every write.
 CODE_BASE = 1_000_000
+#: How many versions of each slot the floor remembers (when and by whom each was
+#: published): far more than a run writes within any bound a scenario excuses.
+HISTORY = 1024
 
 
 class Base(DeclarativeBase):
@@ -207,15 +214,37 @@ class StaleRead:
     committed: Committed  # the newest version committed before the read began
     began: float  # time.monotonic() when the read began
     other_tenant: bool = False  # served a value cached for another tenant's counter
+    #: The versions newer than the one read whose ``commit()`` had returned when the read
+    #: began: the commits it missed. None if the floor no longer remembers them all.
+    missed: tuple[Committed, ...] | None = None
+
+    @property
+    def lateness(self) -> float | None:
+        """Seconds from the first missed commit's return to the read's beginning: how
+        long the read went on missing it (None if the missed commits are not known)."""
+        if not self.missed:
+            return None
+        return self.began - min(commit.at for commit in self.missed)
+
+    @property
+    def missed_only_other_processes(self) -> bool:
+        """Whether every commit the read missed was made by another process than the
+        reader's (one whose bumps its process heard of only through Redis)."""
+        return bool(self.missed) and all(
+            commit.pid != self.reader_pid for commit in self.missed or ()
+        )
 
     def __str__(self) -> str:
         if self.other_tenant:
             return f"{self.reader}, counter {self.counter}: served another tenant's value"
         lag = self.began - self.committed.at
+        missed = ""
+        if self.missed is not None and len(self.missed) > 1 and self.lateness is not None:
+            missed = f" ({len(self.missed)} commits missed, the first {self.lateness:.3f} s before)"
         return (
             f"{self.reader}, counter {self.counter}: read {self.read}, but "
             f"{self.committed.version} was committed {lag:.3f} s before the read began"
-            f"{'' if self.committed.pid == self.reader_pid else ' by another process'}"
+            f"{'' if self.committed.pid == self.reader_pid else ' by another process'}{missed}"
         )
 
 
@@ -229,6 +258,9 @@ class Tally:
     lock_timeouts: int = 0  # SQLite's: commits given up, not errors
     stale: list[StaleRead] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    #: Per application process (named by its workers) whose store has a local token
+    #: cache: that cache's stats at the end of the run.
+    local: list[tuple[str, CacheStats]] = field(default_factory=list)
 
     def add(self, other: Tally) -> None:
         self.reads += other.reads
@@ -237,6 +269,7 @@ class Tally:
         self.lock_timeouts += other.lock_timeouts
         self.stale += other.stale
         self.errors += other.errors
+        self.local += other.local
 
     @property
     def hit_rate(self) -> float:
@@ -257,23 +290,55 @@ class Floor:
     #: Which counters writers write, set by a scenario that loses writes (see
     #: :data:`LOSING`): :data:`NORMAL`, :data:`LOSING` or :data:`LOST`.
     phase: SynchronizedArray[int]
+    #: Every version published, when and by which process: a ring of :data:`HISTORY`
+    #: entries per slot, indexed by version (the version is kept too, to tell an entry
+    #: from the one that overwrote it).
+    history_versions: SynchronizedArray[int]
+    history_at: SynchronizedArray[float]
+    history_pids: SynchronizedArray[int]
 
     @classmethod
     def create(cls, context: multiprocessing.context.BaseContext) -> Floor:
         versions, published_at, writer_pids = (
             context.Array(code, SLOTS) for code in ("q", "d", "q")
         )
-        return cls(versions, published_at, writer_pids, context.Array("q", 1))
+        history = (context.Array(code, SLOTS * HISTORY) for code in ("q", "d", "q"))
+        return cls(versions, published_at, writer_pids, context.Array("q", 1), *history)
 
     def set_phase(self, phase: int) -> None:
         self.phase[0] = phase
 
     def publish(self, counter: int, version: int) -> None:
         with self.versions.get_lock():
+            now, pid = time.monotonic(), os.getpid()
+            entry = counter * HISTORY + version % HISTORY
+            self.history_versions[entry] = version
+            self.history_at[entry] = now
+            self.history_pids[entry] = pid
             if version > self.versions[counter]:
                 self.versions[counter] = version
-                self.published_at[counter] = time.monotonic()
-                self.writer_pids[counter] = os.getpid()
+                self.published_at[counter] = now
+                self.writer_pids[counter] = pid
+
+    def missed(
+        self, counter: int, read: int, newest: int, began: float
+    ) -> tuple[Committed, ...] | None:
+        """The versions of ``counter`` after ``read`` up to ``newest`` that were published
+        by ``began``; None if the history no longer holds one of them."""
+        if newest - read > HISTORY:
+            return None
+        found = []
+        with self.versions.get_lock():
+            for version in range(read + 1, newest + 1):
+                entry = counter * HISTORY + version % HISTORY
+                kept = self.history_versions[entry]
+                if kept > version:  # overwritten by a newer version: forgotten
+                    return None
+                if kept == version and self.history_at[entry] <= began:
+                    found.append(
+                        Committed(version, self.history_at[entry], self.history_pids[entry])
+                    )
+        return tuple(found)
 
     def sample(self, counter: int) -> Committed:
         with self.versions.get_lock():
@@ -290,6 +355,7 @@ class App:
     #: The token store's client, which readers cache through too: a cluster's
     #: ``RedisCluster`` routes each cache key to the node that serves its slot.
     client: redis.Redis | redis.RedisCluster
+    store: RedisTokenStore
     key_generator: CacheKeyGenerator
     sqlite: bool  # whose writers may time out waiting for the database lock
     #: What readers serve, and (for tenants) one bound sessionmaker per tenant schema.
@@ -354,13 +420,19 @@ def open_app(
     store_options: Mapping[str, Any] | None = None,
     data: Data = "counters",
     cluster: bool = False,
+    deaf_local_cache: bool = False,
 ) -> Iterator[App]:
     """An :class:`App` on ``engine`` and the Redis at ``redis_url`` (with ``cluster``, a
     node of a Redis Cluster); ``store_options`` are extra keyword arguments for its
-    :class:`RedisTokenStore`."""
+    :class:`RedisTokenStore`. ``deaf_local_cache``: the store's local token cache (see
+    ``store_options``) ignores Redis's invalidations, and serves as long as its listener
+    hears Redis (the control of the local cache's scenarios)."""
     client = redis_cluster_client(redis_url) if cluster else redis_client(redis_url)
     options: dict[str, Any] = {"retry_interval": 0.05, **(store_options or {})}
     store = RedisTokenStore(client, **options)
+    if deaf_local_cache:
+        assert store.local is not None, "a deaf local cache needs the local_cache option"
+        store.local.invalidated = _ignore_invalidation  # type: ignore[method-assign]
     factory = sessionmaker(engine, expire_on_commit=False)
     tenants = tuple(
         sessionmaker(
@@ -377,6 +449,7 @@ def open_app(
         yield App(
             factory,
             client,
+            store,
             CacheKeyGenerator(tokens=store),
             engine.dialect.name == "sqlite",
             data,
@@ -386,7 +459,19 @@ def open_app(
         if with_alkey:
             for bound in factories:
                 alkey.unbind(bound)
+        store.close_local_cache()
         client.close()
+
+
+def _ignore_invalidation(*args: Any, **kwargs: Any) -> None:
+    """What a deaf local cache does with Redis's invalidations: nothing (the listener's
+    pings still prove it current)."""
+
+
+def local_stats(app: App, name: str) -> list[tuple[str, CacheStats]]:
+    """``app``'s local token cache stats under ``name``, if its store has one."""
+    local = app.store.local
+    return [] if local is None else [(name, local.stats())]
 
 
 def is_lock_timeout(error: Exception) -> bool:
@@ -508,8 +593,11 @@ def read(
         tally.reads += 1
         tally.hits += cached is not None
         if version < committed.version or served != slot:
+            missed = floor.missed(slot, version, committed.version, began)
             tally.stale.append(
-                StaleRead(name, os.getpid(), slot, version, committed, began, served != slot)
+                StaleRead(
+                    name, os.getpid(), slot, version, committed, began, served != slot, missed
+                )
             )
 
 
@@ -571,6 +659,8 @@ class WorkerSpec:
     writer_pause: float = 0.002
     #: ``redis_url`` names a node of a Redis Cluster: the process builds a ``RedisCluster``.
     cluster: bool = False
+    #: The store's local token cache ignores invalidations (see :func:`open_app`).
+    deaf_local_cache: bool = False
 
     @property
     def name(self) -> str:
@@ -630,6 +720,7 @@ def run_process(
             store_options=spec.store_options,
             data=spec.data,
             cluster=spec.cluster,
+            deaf_local_cache=spec.deaf_local_cache,
         ) as app:
             with app.factory() as session:  # connect now, not on the clock
                 session.get_one(Counter, 0)
@@ -649,6 +740,7 @@ def run_process(
                 )
             else:
                 tally = Tally(errors=[f"{spec.name}: never told to start"])
+            tally.local += local_stats(app, spec.name)
     except Exception:
         tally = Tally(errors=[f"{spec.name}: {traceback.format_exc()}"])
     finally:

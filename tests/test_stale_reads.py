@@ -10,7 +10,9 @@ client, store and binding; see tests/stale_worker.py), so that the check also co
 one process cannot know about another's commits. Each scenario must see no stale read and
 a real hit rate -- except, right after a frozen server or a cut link, the cross-process
 reads of the README's known bound, which are shown apart (see
-``Scenario.cross_process_grace``).
+``Scenario.cross_process_grace``); and, with the local token cache on
+(``local_cache``), the reads in another process than the writer's that missed a commit
+for less than the cache's bound (``Scenario.invalidation_bound``), also shown apart.
 
 Redis is one server, or (``Scenario.deployment``) a primary and a replica behind Sentinel,
 or a Redis Cluster of 3 primaries started for the scenario, which every worker reaches
@@ -25,7 +27,9 @@ import itertools
 import multiprocessing
 import os
 import queue
+import select as select_module
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -41,6 +45,7 @@ from sqlalchemy.orm import Session
 from alkey.constants import GLOBAL_WRITE_TOKEN
 from alkey.embedded import EmbeddedRedis
 from alkey.identity import row_identifier, table_identifier
+from alkey.localcache import LEASE
 from alkey.testing import LatencyProxy
 
 from .stale_worker import (
@@ -61,6 +66,7 @@ from .stale_worker import (
     checker_engine,
     create_schema,
     drop_schema,
+    local_stats,
     open_app,
     redis_client,
     run_loop,
@@ -70,6 +76,8 @@ from .support.cluster import NO_CLUSTER, LocalCluster, Node, key_slot
 from .support.replication import ReplicationGroup, replication_group, restart_from_snapshot
 
 SECONDS = 3.0
+#: The store options of the scenarios with the local token cache on.
+LOCAL: Mapping[str, Any] = {"local_cache": 10_000}
 #: How many writers and readers run as threads of the test, and as processes of their own.
 THREADS: Mapping[Role, int] = {"writer": 1, "reader": 2}
 PROCESSES: Mapping[Role, int] = {"writer": 1, "reader": 2}
@@ -94,6 +102,8 @@ class Link:
     given_url: str | None = None
     #: What the disruption measured, shown with the run's tally.
     observed: dict[str, object] = field(default_factory=dict)
+    #: When (``time.monotonic()``) Redis lost the bumps of a scenario that loses some.
+    lost_at: list[float] = field(default_factory=list)
 
     def writers_phase(self, phase: int) -> None:
         assert self.floor is not None
@@ -158,23 +168,56 @@ class Scenario:
     #: ``cluster_replicas`` replicas, started for the scenario.
     deployment: Deployment = "single"
     cluster_replicas: int = 0
+    #: With the local token cache on (``store_options={"local_cache": ...}``): seconds
+    #: after the return of each commit it missed during which a read in another process
+    #: than every such commit's writer may still miss it -- the cache's stated bound: a
+    #: token is used until Redis's invalidation reaches the process, and never once no
+    #: ping sent on the tracking connection within ``alkey.localcache.LEASE`` was
+    #: answered. A read that missed a commit of its own process (whose bumps evict at once) is never
+    #: excused, nor, after Redis lost them, one of :attr:`never_excused` (a revert).
+    #: Such reads are counted apart and shown. None: none is excused.
+    invalidation_bound: float | None = None
+    #: The proxy of a scenario ``through_proxy``.
+    proxy: Callable[[int], LatencyProxy] = LatencyProxy
 
     def __str__(self) -> str:
         return self.name
 
     def excuses(self, stale: StaleRead, run: Run) -> bool:
         """Whether ``stale`` is within this scenario's known bound."""
-        if self.crash_bound is not None:
-            return (
-                stale.counter == CRASH_COUNTER
-                and stale.began - stale.committed.at <= self.crash_bound
+        return self.excuse(stale, run) is not None
+
+    def excuse(self, stale: StaleRead, run: Run) -> Excuse | None:
+        """Which of this scenario's known bounds ``stale`` is within, if any."""
+        if self.crash_bound is not None and stale.counter == CRASH_COUNTER:
+            within = stale.began - stale.committed.at <= self.crash_bound
+            return "crash" if within else None
+        lateness = stale.lateness
+        if (
+            self.invalidation_bound is not None
+            and lateness is not None
+            and not stale.other_tenant
+            and stale.missed_only_other_processes
+            and lateness <= self.invalidation_bound
+            and (
+                stale.counter != self.never_excused
+                or (run.lost_at is not None and stale.began < run.lost_at)
             )
-        return (
+        ):
+            return "invalidation"
+        if (
             self.cross_process_grace is not None
             and stale.counter != self.never_excused
             and stale.committed.pid != stale.reader_pid
             and run.disrupted <= stale.began <= run.restored + self.cross_process_grace
-        )
+        ):
+            return "outage"
+        return None
+
+
+#: Which known bound excuses a stale read: a crashed writer's (durable mode), an outage's
+#: cross-process bound, the local token cache's invalidation bound.
+Excuse = Literal["crash", "outage", "invalidation"]
 
 
 @dataclass(frozen=True)
@@ -184,6 +227,7 @@ class Run:
     restored: float  # and when it ended
     killed: int  # writer processes that died by SIGKILL, as told
     observed: Mapping[str, object] = field(default_factory=dict)  # by the disruption
+    lost_at: float | None = None  # when Redis lost bumps, in a scenario that loses some
 
 
 def nothing(link: Link) -> None:
@@ -215,6 +259,89 @@ def cut(link: Link) -> None:
     link.proxy.restore()
 
 
+#: How many times :func:`kill_tracking` kills the tracking connections, and how far apart:
+#: the listeners reconnect within ``retry_interval`` (0.05 s) each time.
+TRACKING_KILLS = 4
+TRACKING_KILLS_APART = 0.2
+
+
+def kill_tracking(link: Link) -> None:
+    """``CLIENT KILL TYPE pubsub``, a few times: every local cache's tracking connection
+    closed by the server (the only subscribed connections), while writers go on bumping
+    through their own. Each listener hears it at once, empties its cache and reconnects."""
+    client = redis.Redis.from_url(link.server.url)
+    killed = []
+    try:
+        for kill in range(TRACKING_KILLS):
+            if kill:
+                time.sleep(TRACKING_KILLS_APART)
+            killed.append(client.client_kill_filter(_type="pubsub"))
+    finally:
+        client.close()
+    link.observed["tracking connections killed"] = killed
+    assert all(killed), "every kill found tracking connections to kill"
+
+
+class TrackingProxy(LatencyProxy):
+    """A :class:`LatencyProxy` that can also silence the local caches' tracking
+    connections alone (:meth:`silence_tracking`): from then on nothing is forwarded on
+    them either way, and neither end hears of it -- a connection dead without a word (a
+    partition, a half-open socket), while every other connection, the bumps' included,
+    goes on as before. A tracking connection is one whose client sent ``CLIENT TRACKING``."""
+
+    def __init__(self, target_port: int) -> None:
+        self._tracking: set[socket.socket] = set()  # client ends of tracking connections
+        self._silenced: set[socket.socket] = set()
+        super().__init__(target_port)
+
+    def silence_tracking(self) -> int:
+        """Silence every tracking connection open now (for good: their listeners give up
+        on them and make new ones, which are forwarded); how many."""
+        with self._lock:
+            self._silenced |= self._tracking
+            return len(self._tracking)
+
+    def _pump(self, client: socket.socket, upstream: socket.socket) -> None:
+        try:
+            while not self._closed.is_set():
+                if client in self._silenced:
+                    time.sleep(0.05)  # nothing read, nothing sent, nothing reset
+                    continue
+                readable, _, _ = select_module.select([client, upstream], [], [], 0.05)
+                for sock in readable:
+                    if client in self._silenced:
+                        break
+                    data = sock.recv(1 << 16)
+                    if not data:
+                        return
+                    if sock is client:
+                        if b"TRACKING" in data:
+                            with self._lock:
+                                self._tracking.add(client)
+                        upstream.sendall(data)
+                    else:
+                        client.sendall(data)
+        except OSError:
+            return
+        finally:
+            with self._lock:
+                self._links.difference_update((client, upstream))
+                self._tracking.discard(client)
+                self._silenced.discard(client)
+            client.close()
+            upstream.close()
+
+
+def silence_tracking(link: Link) -> None:
+    """Every local cache's tracking connection goes silent (see :class:`TrackingProxy`)
+    while writers go on bumping: the other processes' caches must stop serving within
+    ``LEASE`` of the last ping Redis answered on it."""
+    assert isinstance(link.proxy, TrackingProxy), "silencing needs the scenario's TrackingProxy"
+    silenced = link.proxy.silence_tracking()
+    link.observed["tracking connections silenced"] = silenced
+    assert silenced, "no tracking connection to silence"
+
+
 #: How long the primary acknowledges bumps that its replica or its snapshot will never
 #: have, before it is lost (see :func:`lose_writes`).
 UNREPLICATED = 0.3
@@ -241,6 +368,7 @@ def lose_writes(link: Link, begin: Callable[[], None], end: Callable[[], None]) 
     time.sleep(UNREPLICATED)
     link.writers_phase(LOST)
     time.sleep(SETTLE)
+    link.lost_at.append(time.monotonic())
     end()
 
 
@@ -482,6 +610,53 @@ SCENARIOS = [
     ),
     # The checker's token slots move between primaries while it runs.
     Scenario("cluster_resharding", cluster_resharding, deployment="cluster"),
+    # The local token cache in every worker: keys whose tokens are all cached cost no
+    # round trip, and Redis's invalidations (CLIENT TRACKING, BCAST) keep it current. A
+    # read in another process than the writer's may miss a commit until the
+    # invalidation reaches its process, and never for longer than LEASE; a process's own
+    # commits evict at once.
+    Scenario("local_cache", nothing, store_options=LOCAL, invalidation_bound=LEASE),
+    # The tracking connections killed by the server, again and again: each listener
+    # empties its cache and reconnects.
+    Scenario(
+        "local_cache_tracking_cut",
+        kill_tracking,
+        store_options=LOCAL,
+        invalidation_bound=LEASE,
+    ),
+    # ... or silenced, their sockets left open: the caches must stop serving within LEASE
+    # of the last ping answered, until their listeners give up and reconnect.
+    Scenario(
+        "local_cache_tracking_silenced",
+        silence_tracking,
+        through_proxy=True,
+        proxy=TrackingProxy,
+        store_options=LOCAL,
+        invalidation_bound=LEASE,
+    ),
+    # Redis restarted, its data lost; and a failover that loses bumps, where both bounds
+    # apply, and neither to the lost counter once its bumps are lost.
+    Scenario("local_cache_restart", restart, store_options=LOCAL, invalidation_bound=LEASE),
+    Scenario(
+        "local_cache_sentinel_failover",
+        sentinel_failover,
+        deployment="sentinel",
+        store_options=LOCAL,
+        cross_process_grace=1.0,
+        invalidation_bound=LEASE,
+        never_excused=LOST_COUNTER,
+    ),
+    # The same on a Redis Cluster, a listener per primary.
+    Scenario(
+        "local_cache_cluster_failover",
+        cluster_failover,
+        deployment="cluster",
+        cluster_replicas=1,
+        store_options=LOCAL,
+        cross_process_grace=1.0,
+        invalidation_bound=LEASE,
+        never_excused=LOST_COUNTER,
+    ),
 ]
 
 
@@ -521,17 +696,19 @@ def run_checker(
     group: ReplicationGroup | None = None,
     cluster: LocalCluster | None = None,
     url: str | None = None,
+    deaf_local_cache: bool = False,
 ) -> Run:
     """Run the writers and readers for SECONDS, disrupting Redis a third of the way in.
     With a replication ``group``, ``server`` is its primary, and every client finds it
     through Sentinel. With a ``cluster``, every client is a cluster client given
     one node's URL, and ``server`` is unused. ``url``: what every client is given instead
-    (the same servers, as another user)."""
+    (the same servers, as another user). ``deaf_local_cache``: every worker's local token
+    cache ignores Redis's invalidations (the control of the local cache's scenarios)."""
     context = multiprocessing.get_context("spawn")
     floor = Floor.create(context)
     start, stop = context.Event(), context.Event()
     results: multiprocessing.Queue[tuple[str, Tally | None]] = context.Queue()
-    proxy = LatencyProxy(server.port) if scenario.through_proxy else None
+    proxy = scenario.proxy(server.port) if scenario.through_proxy else None
     link = Link(server, proxy, group, floor, cluster, url)
     specs = [
         WorkerSpec(
@@ -547,6 +724,7 @@ def run_checker(
             data=scenario.data,
             writer_pause=scenario.writer_pause,
             cluster=cluster is not None,
+            deaf_local_cache=deaf_local_cache,
         )
         for role, count in PROCESSES.items()
         for seed in range(count)
@@ -566,6 +744,7 @@ def run_checker(
             store_options=scenario.store_options,
             data=scenario.data,
             cluster=cluster is not None,
+            deaf_local_cache=deaf_local_cache,
         ) as app:
             wait_until_ready(results, len(specs))
             thread_tallies: list[Tally] = []
@@ -611,6 +790,7 @@ def run_checker(
             stop.set()
             for thread in threads:
                 thread.join()
+            tally.local += local_stats(app, "the test's threads")
         for thread_tally in thread_tallies:
             tally.add(thread_tally)
         process_tally, killed = collect(results, specs, processes)
@@ -625,7 +805,8 @@ def run_checker(
                 process.join()
         if link.proxy is not None:
             link.proxy.close()
-    return Run(tally, disrupted, restored, killed, link.observed)
+    lost_at = link.lost_at[0] if link.lost_at else None
+    return Run(tally, disrupted, restored, killed, link.observed, lost_at)
 
 
 def wait_until_ready(results: multiprocessing.Queue[tuple[str, Tally | None]], count: int) -> None:
@@ -684,25 +865,46 @@ def test_no_read_is_ever_staler_than_the_last_committed_write(
     else:
         run = run_checker(counters, private_redis, scenario)
     tally = run.tally
-    excused = [stale for stale in tally.stale if scenario.excuses(stale, run)]
-    unexcused = [str(stale) for stale in tally.stale if not scenario.excuses(stale, run)]
+    excused: dict[Excuse, list[StaleRead]] = {}
+    unexcused = []
+    for stale in tally.stale:
+        excuse = scenario.excuse(stale, run)
+        if excuse is None:
+            unexcused.append(str(stale))
+        else:
+            excused.setdefault(excuse, []).append(stale)
     print(
         f"\n{scenario}: {tally.reads} reads, hit rate {tally.hit_rate:.0%}, "
         f"{len(unexcused)} stale; {tally.commits} commits, {tally.lock_timeouts} lock timeouts"
         + f"; disruption {run.restored - run.disrupted:.2f} s"
         + "".join(f"; {what} {value}" for what, value in run.observed.items())
     )
-    if excused:
-        if scenario.crash_bound is not None:
-            latest = max(stale.began - stale.committed.at for stale in excused)
-            since, bound = "the missed COMMIT", scenario.crash_bound
+    for excuse, reads in excused.items():
+        if excuse == "invalidation":
+            lateness = sorted(stale.lateness or 0.0 for stale in reads)
+            p99 = lateness[min(len(lateness) - 1, int(len(lateness) * 0.99))]
+            print(
+                f"  and {len(reads)} stale in another process than the writer's, within the "
+                f"local cache's bound: missed commits returned {lateness[-1]:.3f} s before "
+                f"at most, p99 {p99:.3f} s ({scenario.invalidation_bound:g} s allowed), e.g.\n"
+                + "\n".join(f"  {stale}" for stale in reads[:3])
+            )
+            continue
+        if excuse == "crash":
+            latest = max(stale.began - stale.committed.at for stale in reads)
+            since, bound = "the missed COMMIT", scenario.crash_bound or 0.0
         else:
-            latest = max(stale.began for stale in excused) - run.restored
+            latest = max(stale.began for stale in reads) - run.restored
             since, bound = "the outage ended", scenario.cross_process_grace or 0.0
         print(
-            f"  and {len(excused)} stale in another process within the known bound, the "
+            f"  and {len(reads)} stale in another process within the known bound, the "
             f"last {latest:.3f} s after {since} ({bound:g} s allowed), e.g.\n"
-            + "\n".join(f"  {stale}" for stale in excused[:3])
+            + "\n".join(f"  {stale}" for stale in reads[:3])
+        )
+    for name, stats in tally.local:
+        print(
+            f"  local cache of {name}: {stats.hits} hits, {stats.misses} misses, "
+            f"{stats.invalidations} invalidations, {stats.flushes} flushes"
         )
     assert tally.errors == []
     assert unexcused == []
@@ -710,6 +912,31 @@ def test_no_read_is_ever_staler_than_the_last_committed_write(
     assert tally.hit_rate > 0.2, "the cache must actually serve reads"
     if scenario.kill_writer_process_after is not None:
         assert run.killed == PROCESSES["writer"], "every writer process died as told"
+    if scenario.store_options.get("local_cache"):
+        readers = [name for name, stats in tally.local if not name.startswith("writer")]
+        with_hits = [name for name, stats in tally.local if stats.hits > 0]
+        assert len(readers) == PROCESSES["reader"] + 1, "every reader's process has a cache"
+        assert set(readers) <= set(with_hits), "every reader's local cache served keys"
+    if scenario.disrupt is silence_tracking:
+        # Not by chance: every commit of the second after the silence is missed by the
+        # other processes, until their caches stop serving.
+        assert excused.get("invalidation"), "the silenced caches served tokens of before"
+
+
+def test_a_local_cache_deaf_to_invalidations_serves_stale_reads_past_its_bound(
+    counters: Engine, private_redis: EmbeddedRedis
+) -> None:
+    """The control of ``local_cache``: caches that ignore Redis's invalidations (their
+    listeners still answered, so they keep serving) go on serving, in the processes that
+    did not write, tokens from before commits long past the bound; a process's own commits
+    still evict."""
+    [local_cache] = [scenario for scenario in SCENARIOS if scenario.name == "local_cache"]
+    run = run_checker(counters, private_redis, local_cache, deaf_local_cache=True)
+    assert run.tally.errors == []
+    late = [stale for stale in run.tally.stale if not local_cache.excuses(stale, run)]
+    print(f"\ndeaf local caches: {len(late)} stale past the bound of {run.tally.reads} reads")
+    assert late, "the deaf caches serve keys from before the commits"
+    assert all(stale.missed_only_other_processes for stale in late)
 
 
 def test_without_durable_mode_the_killed_writers_commit_stays_stale_past_the_bound(
