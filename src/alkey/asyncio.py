@@ -344,12 +344,15 @@ class AsyncRedisTokenStore(ScriptStore):
             return await self._exchange(self._fetching(identifiers))
         found = self._cached(local, identifiers)
         if found is not None:
-            if None not in found:
+            misses = found.count(None)
+            if not misses:
                 if self._observe.fetched_hooks:
                     self._observe.fetched(identifiers=identifiers, missed=False)
                 return found  # type: ignore[return-value]
             if self.calls.clustered:
                 self._listen()  # the primaries may have changed: see ClusterListeners
+            if misses == len(found):
+                found = None  # nothing known: fetch them all, as without the cache
         return await self._exchange(self._fetching(identifiers, found))
 
     def _listen(self) -> None:

@@ -266,10 +266,11 @@ class Listener:
                 del cache
                 self._serve(connection)
             except Exception as error:
-                self._incidents.lost(error)
                 cache = self._cache()
-                if cache is not None:
-                    cache.lost(str(error), self._source)
+                if cache is None or not cache.wanted(self._source):
+                    return  # closed meanwhile: no incident
+                self._incidents.lost(error)
+                cache.lost(str(error), self._source)
                 del cache
                 time.sleep(self._retry_interval)
             finally:
@@ -358,10 +359,11 @@ class AsyncListener:
                 del cache
                 await self._serve(connection)
             except Exception as error:
-                self._incidents.lost(error)
                 cache = self._cache()
-                if cache is not None:
-                    cache.lost(str(error), self._source)
+                if cache is None or not cache.wanted(self._source):
+                    return  # closed meanwhile: no incident
+                self._incidents.lost(error)
+                cache.lost(str(error), self._source)
                 del cache
                 await asyncio.sleep(self._retry_interval)
             except BaseException:

@@ -108,7 +108,7 @@ class _Fetch:
 
     def __init__(self, generation: int) -> None:
         self.generation = generation
-        self.spoiled: set[str] = set()
+        self.spoiled: set[str] | None = None  # made when an invalidation names something
         self.everything = False
 
 
@@ -151,6 +151,7 @@ class LocalTokens:
         self._expected: frozenset[Hashable] = frozenset({None})
         self._heard_at: dict[Hashable, float] = {}
         self._epochs: dict[Hashable, str] = {}
+        self._heard_epochs: frozenset[str] = frozenset()
         # A generation while every expected listener is up, None otherwise; and the
         # oldest time one of them was last heard.
         self._generation = 0
@@ -176,15 +177,15 @@ class LocalTokens:
             return None
         with self._lock:
             entries = self._entries
-            found = [entries.get(identifier) for identifier in identifiers]
-            move = entries.move_to_end
-            hits = 0
-            for identifier, token in zip(identifiers, found, strict=True):
-                if token is not None:
-                    move(identifier)
-                    hits += 1
-            self.hits += hits
-            self.misses += len(identifiers) - hits
+            found: list[str | None] = list(map(entries.get, identifiers))
+            misses = found.count(None)
+            if misses != len(found):
+                move = entries.move_to_end
+                for identifier, token in zip(identifiers, found, strict=True):
+                    if token is not None:
+                        move(identifier)
+            self.hits += len(found) - misses
+            self.misses += misses
         return found
 
     def begin(self) -> _Fetch | None:
@@ -220,7 +221,7 @@ class LocalTokens:
             self._fetches.discard(fetch)
             if fetch.everything or fetch.generation != self._live:
                 return
-            heard = set(self._epochs.values())
+            heard = self._heard_epochs
             if one_server:
                 foreign = _epoch(tokens[0]) not in heard
             else:
@@ -393,7 +394,9 @@ class LocalTokens:
                     dropped += 1
             self.invalidations += dropped
             for fetch in self._fetches:
-                if not fetch.everything:
+                if fetch.spoiled is None:
+                    fetch.spoiled = set(names)
+                else:
                     fetch.spoiled.update(names)
         events = self._events
         if events is not None and events.local_invalidated_hooks:
@@ -401,6 +404,7 @@ class LocalTokens:
 
     def _new_generation(self) -> int:
         """Start a generation (the lock held); serving if every expected listener is up."""
+        self._heard_epochs = frozenset(self._epochs.values())
         self._generation += 1
         heard_at = self._heard_at
         if self._expected and self._expected.issubset(heard_at) and not self._closed:

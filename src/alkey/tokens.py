@@ -334,13 +334,14 @@ class ScriptStore:
             if local is None:
                 return tokens
             local.fill(fetch, ask, tokens, one_server=not self.calls.clustered)
+            fetch = None  # filled: nothing to abandon
             if known is None:
                 return tokens
             fetched = iter(tokens)
             return [token if token is not None else next(fetched) for token in known]
         finally:
-            if local is not None:
-                local.abandon(fetch)
+            if fetch is not None:
+                local.abandon(fetch)  # type: ignore[union-attr]
 
     def _evict(self, identifiers: Collection[str]) -> None:
         """Drop what this process bumped (or could not bump) from its local cache."""
@@ -636,12 +637,15 @@ class RedisTokenStore(ScriptStore):
             return self._exchange(self._fetching(identifiers))
         found = self._cached(local, identifiers)
         if found is not None:
-            if None not in found:
+            misses = found.count(None)
+            if not misses:
                 if self._observe.fetched_hooks:
                     self._observe.fetched(identifiers=identifiers, missed=False)
                 return found  # type: ignore[return-value]
             if self.calls.clustered:
                 self._listen()  # the primaries may have changed: see ClusterListeners
+            if misses == len(found):
+                found = None  # nothing known: fetch them all, as without the cache
         return self._exchange(self._fetching(identifiers, found))
 
     def _listen(self) -> None:
