@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench bench-cpu bench-smoke example example-fastapi clean
+.PHONY: demo test lint bench bench-cpu bench-local bench-smoke example example-fastapi clean
 
 demo: $(VENV)/.installed-embedded  ## run the guided demo (embedded Redis + SQLite, or REDIS_URL)
 	$(BIN)/python -m alkey demo
@@ -23,9 +23,13 @@ bench: $(VENV)/.installed-bench  ## full benchmark: writes docs/benchmarks.md an
 bench-cpu: $(VENV)/.installed-bench  ## alkey's CPU per call, this tree against an earlier one: docs/cpu.md
 	$(BIN)/python -m benchmarks.cpu
 
+bench-local: $(VENV)/.installed-bench  ## the local token cache: warm keys, invalidation delay, server cost: docs/localcache.md
+	$(BIN)/python -m benchmarks.localcache
+
 bench-smoke: $(VENV)/.installed-test  ## seconds: fails if a round trip or a call/line budget regresses (cluster too)
 	$(BIN)/python -m benchmarks --smoke
 	$(BIN)/python -m benchmarks.cluster --smoke
+	$(BIN)/python -m benchmarks.localcache --smoke
 
 example: $(VENV)/.installed-example  ## the Pyramid example app on http://localhost:6543
 	PYTHONPATH=examples/pyramid_app $(BIN)/pserve examples/pyramid_app/development.ini
