@@ -18,8 +18,9 @@ import pytest
 import redis
 from redis.exceptions import RedisError
 
+from alkey.localcache import LEASE
 from alkey.settings import configure
-from alkey.testing import EmbeddedRedis, RoundTrips
+from alkey.testing import EmbeddedRedis, RoundTrips, counting_client
 from alkey.tokens import RedisTokenStore
 
 from .support.cluster import (
@@ -248,7 +249,7 @@ def test_an_acl_user_with_the_readmes_local_cache_rules_gets_warm_keys_and_hears
     admin = redis.Redis.from_url(server.url)
     rules = f"{ACL} {info} {ACL_LOCAL_CACHE}".split()
     admin.execute_command("ACL", "SETUSER", "cached", *rules)  # type: ignore[no-untyped-call]
-    limited = redis.Redis.from_url(server.url.replace("redis://", "redis://cached:acl-pw@"))
+    limited = counting_client(server.url.replace("redis://", "redis://cached:acl-pw@"))
     store = RedisTokenStore(limited, local_cache=100)
     identifiers = [f"alkey:acl{len(info)}#{n}" for n in range(3)]
     try:
@@ -303,8 +304,108 @@ def test_a_sentinel_failover_never_serves_a_token_bumped_on_the_new_primary(how:
             assert on_new is not None
             assert now[0].split("@")[0] == str(on_new), "the new primary's token"
             assert live(face, identifiers) == now, "served again, from the new primary"
-            with RoundTrips() as trips:
-                assert store.fetch(identifiers) == now
-            assert trips.count == 0
+            before_stats = store.local.stats()
+            assert store.fetch(identifiers) == now
+            after_stats = store.local.stats()
+            assert after_stats.hits - before_stats.hits == len(identifiers), "from the cache"
+            assert after_stats.misses == before_stats.misses, "no round trip"
         finally:
             store.client.close()
+
+
+# -- the server behind the tracking connection ----------------------------------------------
+
+
+def test_a_primary_turned_replica_under_the_listener_stops_the_hits_within_the_lease(
+    server: EmbeddedRedis,
+) -> None:
+    """The tracked server becomes a replica (of a primary it cannot reach: it keeps its
+    data, its replication id and its connections, and answers pings): the listener's
+    probe sees it is no primary any more, so the cache stops serving within the lease
+    instead of serving tokens whose bumps now go elsewhere."""
+    admin = redis.Redis.from_url(server.url)
+    store = RedisTokenStore(
+        counting_client(server.url, socket_timeout=0.5), local_cache=100, retry_interval=0.1
+    )
+    identifiers = ["alkey:demoted#1"]
+    try:
+        live(SyncFace(store), identifiers)
+        admin.execute_command("REPLICAOF", "127.0.0.1", "1")  # type: ignore[no-untyped-call]
+        deadline = time.monotonic() + LEASE + 0.5
+        while store.local is not None and store.local.live:
+            assert time.monotonic() < deadline, "the cache went on serving a replica"
+            time.sleep(0.01)
+        with RoundTrips() as trips:
+            store.fetch(identifiers)
+        assert trips.count == 1, "a fetch goes to Redis (which refuses it: a replica)"
+    finally:
+        admin.execute_command("REPLICAOF", "NO", "ONE")  # type: ignore[no-untyped-call]
+        store.close_local_cache()
+        store.client.close()
+        admin.close()
+    fresh = RedisTokenStore(redis.Redis.from_url(server.url), local_cache=10)
+    assert live(SyncFace(fresh), identifiers), "a primary again: the cache serves again"
+    fresh.close_local_cache()
+    fresh.client.close()
+
+
+def test_a_store_left_behind_ends_its_listener_and_lets_its_cache_go(
+    server: EmbeddedRedis, loop: asyncio.AbstractEventLoop
+) -> None:
+    """Neither the listener's thread (or task) nor its connections keep a store alive: an
+    application that drops a store with the cache on does not leak a thread, a task, a
+    connection or the cache."""
+    import gc
+    import threading
+    import weakref
+
+    import redis.asyncio
+
+    from alkey.asyncio import AsyncRedisTokenStore
+
+    def listeners() -> set[threading.Thread]:
+        return {thread for thread in threading.enumerate() if thread.name == "alkey-invalidations"}
+
+    identifiers = ["alkey:dropped#1"]
+    others = listeners()
+    client = redis.Redis.from_url(server.url)
+    store = RedisTokenStore(client, local_cache=10)
+    live(SyncFace(store), identifiers)
+    mine = listeners() - others
+    assert mine, "the store's listener runs"
+    assert store.local is not None
+    cache = weakref.ref(store.local)
+    client.close()  # the application's own connections; the store holds the pool
+    del store, client
+    gc.collect()
+    deadline = time.monotonic() + 2
+    while cache() is not None or any(thread.is_alive() for thread in mine):
+        assert time.monotonic() < deadline, "the store, its cache or its listener lived on"
+        gc.collect()
+        time.sleep(0.05)
+
+    async def drop_an_asyncio_store() -> weakref.ref[object]:
+        aclient = redis.asyncio.Redis.from_url(server.url)
+        astore = AsyncRedisTokenStore(aclient, local_cache=10)
+        await astore.afetch(identifiers)
+        deadline = time.monotonic() + LIVE_WITHIN
+        while not astore.local.live:  # type: ignore[union-attr]
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+            await astore.afetch(identifiers)
+        assert astore.local is not None
+        reference: weakref.ref[object] = weakref.ref(astore.local)
+        await aclient.aclose()  # its pool, which holds the store, goes with the client
+        del astore, aclient
+        gc.collect()
+        deadline = time.monotonic() + 2
+        while reference() is not None or any(
+            not task.done() and "AsyncListener" in repr(task.get_coro())
+            for task in asyncio.all_tasks()
+        ):
+            assert time.monotonic() < deadline, "the asyncio store's cache or task lived on"
+            gc.collect()
+            await asyncio.sleep(0.05)
+        return reference
+
+    assert loop.run_until_complete(drop_an_asyncio_store())() is None

@@ -25,7 +25,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import AsyncGenerator, Collection, Coroutine, Sequence
+import weakref
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Coroutine, Sequence
 from typing import Any, Protocol, TypeAlias, TypeVar, runtime_checkable
 
 import redis.asyncio
@@ -321,7 +322,7 @@ class AsyncRedisTokenStore(ScriptStore):
         elif self.local is not None:
             self._listener = AsyncListener(
                 self.local,
-                self._tracking_connection,
+                _tracking_connector(client),
                 retry_interval=options.retry_interval,
                 where=_where(getattr(client, "connection_pool", None)),
             )
@@ -355,18 +356,9 @@ class AsyncRedisTokenStore(ScriptStore):
                 found = None  # nothing known: fetch them all, as without the cache
         return await self._exchange(self._fetching(identifiers, found))
 
-    def _listen(self) -> None:
+    def _start_listening(self) -> None:
         if self._listener is not None:
             self._listener.ensure_running()
-
-    async def _tracking_connection(self) -> Any:
-        """A new RESP2 connection with the client's options, outside its pool (see
-        :func:`alkey.tokens.tracking_connection`)."""
-        client = self.client if self.client is not None else await get_async_redis_client()
-        pool: Any = client.connection_pool
-        connection = marked(pool.connection_class(**tracking_options(pool.connection_kwargs)))
-        await connection.connect()
-        return connection
 
     def close_local_cache(self) -> None:
         """As :meth:`RedisTokenStore.close_local_cache
@@ -473,6 +465,29 @@ class AsyncRedisTokenStore(ScriptStore):
                 "sessions with alkey.bind(..., redis_client=<a redis.Redis>), and use "
                 f"'await store.a{name}(...)' in asyncio code"
             ) from None
+
+
+def _tracking_connector(
+    client: AsyncRedisClient | AsyncClusterClient | None,
+) -> Callable[[], Awaitable[Any]]:
+    """What an asyncio listener connects with: a new RESP2 connection with the client's
+    options, outside its pool (see :func:`alkey.tokens.tracking_connection`) -- the
+    client's pool held weakly (it holds the store), or, without a client, each loop's
+    default client."""
+    reference = weakref.ref(client.connection_pool) if client is not None else None  # type: ignore[union-attr]
+
+    async def connect() -> Any:
+        if reference is None:
+            pool: Any = (await get_async_redis_client()).connection_pool
+        else:
+            pool = reference()
+            if pool is None:
+                raise ConnectionError("the client's connection pool is gone")
+        connection = marked(pool.connection_class(**tracking_options(pool.connection_kwargs)))
+        await connection.connect()
+        return connection
+
+    return connect
 
 
 async def _node_tracking_connection(node: Any) -> Any:

@@ -19,19 +19,30 @@ The connection speaks RESP2 whatever the application's client speaks, redirects 
 tracking to itself (``CLIENT TRACKING ON REDIRECT <own id> BCAST PREFIX ...``) and
 subscribes to ``__redis__:invalidate``; it is made with the application's connection
 options (TLS, password, Sentinel), outside its pool, so it never takes a connection the
-application counts on.
+application counts on -- with bounded timeouts and without redis-py's health checks,
+which would read (and lose) an invalidation in place of their answer.
 
-The listener pings Redis every :data:`~alkey.localcache.PING_EVERY` seconds; the answer
-to a ping tells the cache it is current as of when the ping was sent
-(:meth:`~alkey.localcache.LocalTokens.heard`), and the cache serves nothing once that is
-more than :data:`~alkey.localcache.LEASE` seconds ago. Any
-error, an unexpected reply or a failover seen by a fetch drops the connection and
-empties the cache; the listener connects again every ``retry_interval`` seconds. Each
-loss is logged once, when it begins, and once when the listener is back.
+Why a second connection, the *probe*: a subscribed RESP2 connection can only ``PING``,
+and a ping proves the server answers, not that it is still the primary the tokens are
+written to. A server that became a replica (a failover that left the old primary
+running, a cluster node cut off from its cluster) answers pings while the writes go
+elsewhere. So each listener also holds a plain connection to the same server, and with
+every ping asks it ``INFO replication`` (and ``CLUSTER INFO`` on a cluster): the server
+must still be a primary, of the same replication id as when the listener subscribed
+(and its cluster's state ``ok``). The listener refuses a replica from the start, as the
+fetch script does.
+
+Every :data:`~alkey.localcache.PING_EVERY` seconds the listener notes the time, pings on
+the tracking connection and checks the probe; the answer to that ping tells the cache it
+is current as of the noted time (:meth:`~alkey.localcache.LocalTokens.heard`), and the
+cache serves nothing once that is more than :data:`~alkey.localcache.LEASE` seconds ago.
+Any error, an unexpected reply, a failed check or a failover seen by a fetch drops both
+connections and empties the cache; the listener connects again every ``retry_interval``
+seconds. Each loss is logged once, when it begins, and once when the listener is back.
 
 The sync store's listener is a daemon thread; the asyncio store's is a task on the loop
-that made the first fetch. Both hold the cache weakly, and end when it is closed or
-garbage collected.
+that made the first fetch. Both hold the cache weakly, and what they connect with holds
+neither the store nor its pool: they end once the cache is closed or garbage collected.
 """
 
 from __future__ import annotations
@@ -39,6 +50,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import threading
 import time
@@ -58,9 +70,31 @@ log = logging.getLogger("alkey.localcache")
 CHANNEL = "__redis__:invalidate"
 
 
+#: Seconds a tracking or probe connection waits for Redis when its client sets no bound
+#: (a listener blocked for ever would leave the cache off for ever).
+TRACKING_TIMEOUT = 2.0
+
+
+#: Connection options that refer back to the client or its pool.
+_BACK_REFERENCES = frozenset({"redis_connect_func", "maint_notifications_pool_handler"})
+
+
 def tracking_options(options: dict[str, Any]) -> dict[str, Any]:
-    """A client's connection options as the tracking connection uses them: RESP2."""
-    return {**options, "protocol": 2}
+    """A client's connection options as the listener's connections use them: RESP2,
+    redis-py's health checks off (they would read an invalidation as their answer), and
+    timeouts bounded, at least :data:`~alkey.localcache.LEASE`."""
+    timeout = max(options.get("socket_timeout") or TRACKING_TIMEOUT, LEASE)
+    # Left out: what refers back to the client or its pool (a cluster client's connect
+    # hook, redis-py's maintenance-notification handler), which would keep them -- and
+    # the store they hold -- alive as long as the listener runs.
+    kept = {name: value for name, value in options.items() if name not in _BACK_REFERENCES}
+    return {
+        **kept,
+        "protocol": 2,
+        "health_check_interval": 0,
+        "socket_timeout": timeout,
+        "socket_connect_timeout": options.get("socket_connect_timeout") or timeout,
+    }
 
 
 def marked(connection: Any) -> Any:
@@ -132,6 +166,30 @@ def epoch_of(info: Any) -> str:
     return found.group(1)[:EPOCH_LENGTH] if found else ""
 
 
+def primary_epoch(info: Any) -> str:
+    """:func:`epoch_of` a server that must be a primary; raises if it is a replica (its
+    tokens may lag the primary's bumps, and so may the invalidations it sends)."""
+    text = info.decode("utf-8", "replace") if isinstance(info, bytes) else str(info)
+    if "role:slave" in text or "role:replica" in text:
+        raise ConnectionError("the tracking connection reached a replica, not the primary")
+    return epoch_of(text)
+
+
+def checked(epoch: str, info: Any, cluster_info: Any = None) -> None:
+    """The probe's answers: the server must still be the primary it was when the listener
+    subscribed (same epoch), and, on a cluster, its cluster's state ``ok``."""
+    now = primary_epoch(info)
+    if now != epoch:
+        raise ConnectionError(
+            f"the tracked server's replication id changed ({epoch or '?'} -> {now or '?'}): "
+            "a failover or a restart"
+        )
+    if cluster_info is not None:
+        text = _text(cluster_info)
+        if text and "cluster_state:ok" not in text:
+            raise ConnectionError("the tracked node's cluster is not ok (cluster_state)")
+
+
 class _Pings:
     """A listener's pings: one every :data:`PING_EVERY` seconds, one at a time; the
     answer to one sent at *t* tells the cache it is current as of *t*
@@ -145,8 +203,9 @@ class _Pings:
     def due(self) -> bool:
         return self._out is None and time.monotonic() >= self._next
 
-    def sent(self) -> None:
-        self._out = time.monotonic()
+    def sent(self, at: float) -> None:
+        """A ping went out; ``at``: the time noted just before it was sent."""
+        self._out = at
 
     def wait(self) -> float:
         """Seconds to wait for a reply before the next ping is due, or the one out is late."""
@@ -208,10 +267,13 @@ class _Incidents:
 
 
 class Listener:
-    """The sync store's listener: a daemon thread holding the tracking connection.
+    """The sync store's listener: a daemon thread holding the tracking and probe
+    connections.
 
-    ``connect`` makes a new, connected RESP2 connection (a redis-py ``Connection``);
-    ``where`` names the server in log lines.
+    ``connect`` makes a new, connected RESP2 connection (a redis-py ``Connection``) to the
+    server to listen to, each time it is called; ``where`` names the server in log lines;
+    ``source`` is the server's name for the cache (``None`` for a single Redis);
+    ``clustered``: the server is a cluster node (the probe checks its cluster's state).
     """
 
     def __init__(
@@ -222,6 +284,7 @@ class Listener:
         retry_interval: float,
         where: str,
         source: Hashable = None,
+        clustered: bool = False,
     ) -> None:
         self._cache = weakref.ref(cache)
         self._key_prefix = cache.key_prefix
@@ -229,8 +292,10 @@ class Listener:
         self._retry_interval = max(retry_interval, 0.05)
         self._incidents = _Incidents(where)
         self._source = source
+        self._clustered = clustered
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        _after_fork_locks.add(self)
 
     def ensure_running(self) -> None:
         """Start the thread unless it runs (or the cache is closed)."""
@@ -250,11 +315,12 @@ class Listener:
             cache = self._cache()
             if cache is None or not cache.wanted(self._source):
                 return
-            connection = None
+            connection = probe = None
             try:
                 connection = self._connect()
+                probe = self._connect()
                 connection.send_command("INFO", "replication")
-                epoch = epoch_of(_answer(connection.read_response))
+                epoch = primary_epoch(_answer(connection.read_response))
                 connection.send_command("CLIENT", "ID")
                 client_id = int(connection.read_response())
                 for command in tracking_commands(client_id, self._key_prefix):
@@ -264,7 +330,7 @@ class Listener:
                 cache.connected(self._source, epoch)
                 self._incidents.back()
                 del cache
-                self._serve(connection)
+                self._serve(connection, probe, epoch)
             except Exception as error:
                 cache = self._cache()
                 if cache is None or not cache.wanted(self._source):
@@ -274,13 +340,14 @@ class Listener:
                 del cache
                 time.sleep(self._retry_interval)
             finally:
-                if connection is not None:
-                    with contextlib.suppress(Exception):
-                        connection.disconnect()
+                for opened in (connection, probe):
+                    if opened is not None:
+                        with contextlib.suppress(Exception):
+                            opened.disconnect()
 
-    def _serve(self, connection: Any) -> None:
-        """Read invalidations until the cache is gone, wants a reconnection, or the
-        connection fails (raises); ping every :data:`PING_EVERY` seconds."""
+    def _serve(self, connection: Any, probe: Any, epoch: str) -> None:
+        """Read invalidations until the cache is gone, wants a reconnection, or a
+        connection or a check fails (raises); ping and probe every :data:`PING_EVERY`."""
         pings = _Pings()
         while True:
             cache = self._cache()
@@ -289,21 +356,34 @@ class Listener:
             if cache.reconnect:
                 raise ConnectionError("a fetch saw another server: reconnecting")
             if pings.due():
+                at = time.monotonic()
                 connection.send_command("PING")
-                pings.sent()
+                self._probe(probe, epoch)
+                pings.sent(at)
             if connection.can_read(timeout=pings.wait()):
                 pings.read(cache, connection.read_response(), self._source)
             del cache
+
+    def _probe(self, probe: Any, epoch: str) -> None:
+        probe.send_command("INFO", "replication")
+        info = _answer(probe.read_response)
+        cluster_info = None
+        if self._clustered:
+            probe.send_command("CLUSTER", "INFO")
+            cluster_info = _answer(probe.read_response)
+        if info != "":  # an ACL without +info: nothing to check, as for the fetch script
+            checked(epoch, info, cluster_info)
 
 
 class AsyncListener:
     """The asyncio store's listener: a task on the loop of the fetch that started it.
 
     ``connect`` is awaited for a new, connected RESP2 connection (a
-    ``redis.asyncio.Connection``). A loop that stops running stops the task's pings, so
-    the cache stops serving within :data:`~alkey.localcache.LEASE` even if another loop
-    goes on fetching; the next fetch on a running loop starts a new task once the old
-    one is done.
+    ``redis.asyncio.Connection``), as :class:`Listener`'s. A loop that stops running
+    stops the task's pings, so the cache stops serving within
+    :data:`~alkey.localcache.LEASE` even if another loop goes on fetching; a fetch on a
+    running loop then starts a new task (the old one, if its loop runs again, carries on
+    beside it: two listeners of one server only make the cache empty itself once more).
     """
 
     def __init__(
@@ -314,6 +394,7 @@ class AsyncListener:
         retry_interval: float,
         where: str,
         source: Hashable = None,
+        clustered: bool = False,
     ) -> None:
         self._cache = weakref.ref(cache)
         self._key_prefix = cache.key_prefix
@@ -321,6 +402,7 @@ class AsyncListener:
         self._retry_interval = max(retry_interval, 0.05)
         self._incidents = _Incidents(where)
         self._source = source
+        self._clustered = clustered
         self._task: asyncio.Task[None] | None = None
 
     def ensure_running(self) -> None:
@@ -339,15 +421,16 @@ class AsyncListener:
             cache = self._cache()
             if cache is None or not cache.wanted(self._source):
                 return
-            connection = None
+            connection = probe = None
             try:
                 connection = await self._connect()
+                probe = await self._connect()
                 await connection.send_command("INFO", "replication")
                 try:
                     info = await connection.read_response()
                 except Exception as error:
                     info = _refused(error)
-                epoch = epoch_of(info)
+                epoch = primary_epoch(info)
                 await connection.send_command("CLIENT", "ID")
                 client_id = int(await connection.read_response())
                 for command in tracking_commands(client_id, self._key_prefix):
@@ -357,7 +440,7 @@ class AsyncListener:
                 cache.connected(self._source, epoch)
                 self._incidents.back()
                 del cache
-                await self._serve(connection)
+                await self._serve(connection, probe, epoch)
             except Exception as error:
                 cache = self._cache()
                 if cache is None or not cache.wanted(self._source):
@@ -372,11 +455,12 @@ class AsyncListener:
                     cache.lost("the listener's task was cancelled", self._source)
                 raise
             finally:
-                if connection is not None:
-                    with contextlib.suppress(Exception):
-                        await connection.disconnect()
+                for opened in (connection, probe):
+                    if opened is not None:
+                        with contextlib.suppress(Exception):
+                            await opened.disconnect()
 
-    async def _serve(self, connection: Any) -> None:
+    async def _serve(self, connection: Any, probe: Any, epoch: str) -> None:
         pings = _Pings()
         while True:
             cache = self._cache()
@@ -386,8 +470,10 @@ class AsyncListener:
                 raise ConnectionError("a fetch saw another server: reconnecting")
             del cache
             if pings.due():
+                at = time.monotonic()
                 await connection.send_command("PING")
-                pings.sent()
+                await self._probe(probe, epoch)
+                pings.sent(at)
             reply = await connection.read_response(
                 timeout=max(pings.wait(), 0.001), disconnect_on_error=False
             )
@@ -397,6 +483,20 @@ class AsyncListener:
             if reply is not None:
                 pings.read(cache, reply, self._source)
             del cache
+
+    async def _probe(self, probe: Any, epoch: str) -> None:
+        answers: list[Any] = []
+        commands = [("INFO", "replication")]
+        if self._clustered:
+            commands.append(("CLUSTER", "INFO"))
+        for command in commands:
+            await probe.send_command(*command)
+            try:
+                answers.append(await probe.read_response())
+            except Exception as error:
+                answers.append(_refused(error))
+        if answers[0] != "":
+            checked(epoch, answers[0], answers[1] if self._clustered else None)
 
 
 class ClusterListeners:
@@ -430,6 +530,7 @@ class ClusterListeners:
         self._asynchronous = asynchronous
         self._listeners: dict[str, Listener | AsyncListener] = {}
         self._lock = threading.Lock()
+        _after_fork_locks.add(self)
 
     def ensure_running(self) -> None:
         """Listen to every primary the client knows, and only to those."""
@@ -438,11 +539,11 @@ class ClusterListeners:
             return
         if getattr(self._cluster, "_initialize", False):
             return  # an asyncio cluster client not yet used: its first call discovers it
-        primaries = {node.name: node for node in self._cluster.get_primaries()}
-        cache.expect(primaries)
         with self._lock:
-            for name in set(self._listeners) - set(primaries):
-                del self._listeners[name]  # it ends by itself: no longer wanted
+            primaries = {node.name: node for node in self._cluster.get_primaries()}
+            cache.expect(primaries)
+            # A listener no longer wanted ends by itself; one of a primary that comes
+            # back is kept (its thread or task carries on if it still runs).
             for name, node in primaries.items():
                 listener = self._listeners.get(name)
                 if listener is None:
@@ -458,6 +559,7 @@ class ClusterListeners:
                 retry_interval=self._retry_interval,
                 where=name,
                 source=name,
+                clustered=True,
             )
         return Listener(
             cache,
@@ -465,4 +567,18 @@ class ClusterListeners:
             retry_interval=self._retry_interval,
             where=name,
             source=name,
+            clustered=True,
         )
+
+
+# Listeners whose lock a thread that did not survive a fork may hold: new ones in the child.
+_after_fork_locks: weakref.WeakSet[Listener | ClusterListeners] = weakref.WeakSet()
+
+
+def _new_locks() -> None:
+    for holder in list(_after_fork_locks):
+        holder._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_locks)

@@ -214,11 +214,13 @@ class LocalTokens:
         to a cluster), which empties the cache and reconnects the listeners.
         ``one_server``: all the tokens came from one server (not a cluster), so the
         epoch of the first is that of all."""
-        if fetch is None or not tokens:
+        if fetch is None:
             return
         flushed = -1
         with self._lock:
             self._fetches.discard(fetch)
+            if not tokens:
+                return
             if fetch.everything or fetch.generation != self._live:
                 return
             heard = self._heard_epochs
@@ -267,6 +269,8 @@ class LocalTokens:
         wanted = frozenset(sources)
         with self._lock:
             if wanted == self._expected:
+                if self._live is None:
+                    self._new_generation()  # serving again if every listener is up
                 return
             self._expected = wanted
             for gone in set(self._heard_at) - wanted:
@@ -286,8 +290,9 @@ class LocalTokens:
         serving once every expected listener is up."""
         with self._lock:
             flushed = self._clear_locked()
-            self._heard_at[source] = time.monotonic()
-            self._epochs[source] = epoch
+            if source in self._expected:  # else a listener no longer wanted: it ends
+                self._heard_at[source] = time.monotonic()
+                self._epochs[source] = epoch
             self.reconnect = False
             generation = self._new_generation()
         self._flushed("a tracking connection is new", flushed)
@@ -299,17 +304,12 @@ class LocalTokens:
         every invalidation Redis sent before that moment has been read. Only a pong
         proves this: an invalidation message read now may have been sent long ago, by a
         listener that stalled."""
-        heard_at = self._heard_at
-        if source in heard_at:
-            at = time.monotonic() if since is None else since
-            if len(heard_at) == 1:
-                if at > heard_at[source]:
-                    heard_at[source] = self._heard = at
-                return
-            with self._lock:
-                if source in heard_at and at > heard_at[source]:
-                    heard_at[source] = at
-                    self._heard = min(heard_at.values())
+        at = time.monotonic() if since is None else since
+        with self._lock:
+            heard_at = self._heard_at
+            if source in heard_at and at > heard_at[source]:
+                heard_at[source] = at
+                self._heard = min(heard_at.values())
 
     def invalidated(self, keys: Sequence[bytes | str] | None, source: Hashable = None) -> None:
         """Redis's invalidation message: these Redis keys changed (``None``: everything,
@@ -329,6 +329,8 @@ class LocalTokens:
         with self._lock:
             self._heard_at.pop(source, None)
             self._epochs.pop(source, None)
+            if source not in self._expected:
+                return  # a listener no longer wanted: the others serve on
             self._live = None
             flushed = self._clear_locked()
         self._flushed(f"a tracking connection was lost: {reason}", flushed)
@@ -345,7 +347,9 @@ class LocalTokens:
         with self._lock:
             self._heard_at.clear()
             self._epochs.clear()
-        self.lost("closed")
+            self._live = None
+            flushed = self._clear_locked()
+        self._flushed("the cache was closed", flushed)
 
     @property
     def closed(self) -> bool:

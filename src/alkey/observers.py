@@ -102,8 +102,8 @@ class StoreObserver:
 
     def local_lookup(self, *, hits: int, misses: int) -> None:
         """A fetch looked in the local token cache (``local_cache``): ``hits`` identifiers
-        were answered from it, ``misses`` went to Redis (all of them when nothing was
-        missing, no round trip was made)."""
+        were answered from it and ``misses`` went to Redis, in one round trip (none at all
+        when ``misses`` is 0)."""
 
     def local_invalidated(self, *, count: int, evicted: int) -> None:
         """Redis announced that ``count`` token keys changed, or this process bumped them;

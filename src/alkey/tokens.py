@@ -186,6 +186,7 @@ class ScriptStore:
         self.recoveries = Recoveries(options.lease, self._observe)
         self._next_claim = 0.0
         self._epoch_hidden = False
+        self._listen_failed = False
         #: The local token cache (``local_cache`` option), or ``None`` when it is off.
         self.local: LocalTokens | None = (
             LocalTokens(options.local_cache, options.key_prefix, self._observe)
@@ -275,7 +276,20 @@ class ScriptStore:
         return found
 
     def _listen(self) -> None:
-        """Start the local cache's listener unless it runs (each store its own way)."""
+        """Start the local cache's listeners unless they run. Never raises: the cache's
+        upkeep must not break a key (it is reported once, and the cache stays off)."""
+        try:
+            self._start_listening()
+        except Exception:
+            if not self._listen_failed:
+                self._listen_failed = True
+                log.exception(
+                    "alkey's local token cache could not start its listener; keys go to "
+                    "Redis as without the cache (reported once)"
+                )
+
+    def _start_listening(self) -> None:
+        """Start the local cache's listeners unless they run (each store its own way)."""
         raise NotImplementedError
 
     def _fetching(
@@ -293,6 +307,9 @@ class ScriptStore:
         """
         if self.outage.skip():
             return self._missed(identifiers)
+        claim = self._claim()
+        if claim:
+            known = None  # a recovery may replace any token: fetch them all behind it
         ask = (
             identifiers
             if known is None
@@ -306,7 +323,6 @@ class ScriptStore:
         fetch = local.begin() if local is not None else None
         try:
             replay = self.outage.replay()
-            claim = self._claim()
             try:
                 results = yield [*claim, *self.calls.fetch(ask, replay)]
             except TokenStoreError as error:
@@ -333,6 +349,10 @@ class ScriptStore:
             tokens = self.calls.tokens(results, ask)
             if local is None:
                 return tokens
+            if self.calls.clustered:
+                # The client may have learnt of a new primary in this round trip (MOVED):
+                # listen to it first; a change of primaries keeps these tokens out.
+                self._listen()
             local.fill(fetch, ask, tokens, one_server=not self.calls.clustered)
             fetch = None  # filled: nothing to abandon
             if known is None:
@@ -618,7 +638,7 @@ class RedisTokenStore(ScriptStore):
             pool: Any = getattr(client, "connection_pool", None)
             self._listener = Listener(
                 self.local,
-                lambda: tracking_connection(pool),
+                tracking_connector(pool),
                 retry_interval=options.retry_interval,
                 where=_where(pool),
             )
@@ -648,7 +668,7 @@ class RedisTokenStore(ScriptStore):
                 found = None  # nothing known: fetch them all, as without the cache
         return self._exchange(self._fetching(identifiers, found))
 
-    def _listen(self) -> None:
+    def _start_listening(self) -> None:
         if self._listener is not None:
             self._listener.ensure_running()
 
@@ -745,6 +765,21 @@ def _replay_at_exit(store: weakref.ref[RedisTokenStore]) -> None:
     # background replay, for one, is refused this late).
     with contextlib.suppress(Exception):
         live._replay_now()
+
+
+def tracking_connector(pool: Any) -> Callable[[], Any]:
+    """What a listener connects with: :func:`tracking_connection` of ``pool``, held
+    weakly -- the pool holds the store (see :func:`store_for`), and a listener must not
+    keep either alive."""
+    reference = weakref.ref(pool)
+
+    def connect() -> Any:
+        live = reference()
+        if live is None:
+            raise ConnectionError("the client's connection pool is gone")
+        return tracking_connection(live)
+
+    return connect
 
 
 def tracking_connection(pool: Any) -> Any:
