@@ -35,11 +35,12 @@ import sys
 import tempfile
 import time
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import redis
 import sqlalchemy
@@ -860,6 +861,39 @@ def check_round_trips(results: Results) -> list[str]:
     return failures
 
 
+def plot_key_times(
+    axis: Any, series: Mapping[tuple[float, int], Series], colours: Mapping[str, str], title: str
+) -> None:
+    """Draw on ``axis`` the wall time per key of each variant named in ``colours``, against
+    the instances in the key, a line per latency (``series`` by latency and size)."""
+    from matplotlib.ticker import FuncFormatter
+
+    plain_numbers = FuncFormatter(lambda value, _: f"{value:g}")
+    latencies = sorted({latency for latency, _ in series})
+    for latency in latencies:
+        sizes = sorted(size for lat, size in series if lat == latency)
+        for name, colour in colours.items():
+            spreads = [per_call(series[(latency, size)], name).scaled(1000) for size in sizes]
+            axis.errorbar(
+                sizes,
+                [s.median for s in spreads],
+                yerr=[[s.median - s.low for s in spreads], [s.high - s.median for s in spreads]],
+                fmt="-o" if latency == latencies[0] else "--s",
+                color=colour,
+                capsize=2,
+                label=f"{name}, +{latency:g} ms",
+            )
+    axis.set_xscale("log")
+    axis.set_yscale("log")
+    axis.xaxis.set_major_formatter(plain_numbers)
+    axis.yaxis.set_major_formatter(plain_numbers)
+    axis.set_xlabel("model instances in one cache key")
+    axis.set_ylabel("wall time per key (ms, median and quartiles)")
+    axis.set_title(title)
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(fontsize="small")
+
+
 def plot(results: Results, path: Path) -> None:
     import matplotlib
 
@@ -875,29 +909,7 @@ def plot(results: Results, path: Path) -> None:
         "alkey": "tab:blue",
         "alkey 0.3": "tab:red",
     }
-    latencies = sorted({latency for latency, _ in results.keys})
-    for latency in latencies:
-        sizes = sorted(size for lat, size in results.keys if lat == latency)
-        for name, colour in colours.items():
-            spreads = [per_call(results.keys[(latency, size)], name).scaled(1000) for size in sizes]
-            keys.errorbar(
-                sizes,
-                [s.median for s in spreads],
-                yerr=[[s.median - s.low for s in spreads], [s.high - s.median for s in spreads]],
-                fmt="-o" if latency == latencies[0] else "--s",
-                color=colour,
-                capsize=2,
-                label=f"{name}, +{latency:g} ms",
-            )
-    keys.set_xscale("log")
-    keys.set_yscale("log")
-    keys.xaxis.set_major_formatter(plain_numbers)
-    keys.yaxis.set_major_formatter(plain_numbers)
-    keys.set_xlabel("model instances in one cache key")
-    keys.set_ylabel("wall time per key (ms, median and quartiles)")
-    keys.set_title("Key generation")
-    keys.grid(True, which="both", alpha=0.3)
-    keys.legend(fontsize="small")
+    plot_key_times(keys, results.keys, colours, "Key generation")
     for where, latency in sorted({(where, latency) for where, latency, _ in results.commits}):
         sizes = sorted(size for w, lat, size in results.commits if (w, lat) == (where, latency))
         spreads = [
@@ -924,16 +936,17 @@ def plot(results: Results, path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
-def update_readme(table: str) -> None:
-    """Replace the README's results between its markers with this run's tables."""
+def update_readme(table: str, start: str = START, end: str = END) -> None:
+    """Replace the README's results between the markers ``start`` and ``end`` (this
+    benchmark's, by default) with a run's tables, their headings one level down."""
     text = README.read_text(encoding="utf-8")
-    before, found, rest = text.partition(START)
-    _, found_end, after = rest.partition(END)
+    before, found, rest = text.partition(start)
+    _, found_end, after = rest.partition(end)
     if not (found and found_end):
-        print(f"README.md has no {START} ... {END} markers; left unchanged", file=sys.stderr)
+        print(f"README.md has no {start} ... {end} markers; left unchanged", file=sys.stderr)
         return
     body = table.replace("### ", "#### ")
-    README.write_text(f"{before}{START}\n{body}{END}{after}", encoding="utf-8")
+    README.write_text(f"{before}{start}\n{body}{end}{after}", encoding="utf-8")
 
 
 def write_docs(table: str, results: Results) -> None:

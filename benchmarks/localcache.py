@@ -51,7 +51,15 @@ from alkey.localcache import PING_EVERY
 from alkey.observers import LoggingObserver, StoreObserver
 from alkey.testing import RoundTrips, counting_client
 from alkey.tokens import RedisTokenStore
-from benchmarks.__main__ import DASH, count, progress, redis_at, versions
+from benchmarks.__main__ import (
+    DASH,
+    count,
+    plot_key_times,
+    progress,
+    redis_at,
+    update_readme,
+    versions,
+)
 from benchmarks.localcache_delay import FULL_DELAY, DelayPlan, Delays, measure_delays
 from benchmarks.localcache_server import FULL_SERVER, MODES, Cost, ServerPlan, measure_server
 from benchmarks.timing import (
@@ -70,7 +78,6 @@ from benchmarks.timing import (
 from benchmarks.workload import TABLE, engine_for, load, seed
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-README = DOCS.parent / "README.md"
 START, END = "<!-- local cache results: start -->", "<!-- local cache results: end -->"
 
 #: Text the keys name besides their instances, as a page fragment would.
@@ -741,31 +748,8 @@ def plot(results: Results, path: Path) -> None:
     figure, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.6))
     axes = list(axes) if panels > 1 else [axes]
     plain_numbers = FuncFormatter(lambda value, _: f"{value:g}")
-    keys = axes[0]
     colours = {"no cache": "tab:red", "warm": "tab:blue", "encoding alone": "grey"}
-    latencies = sorted({latency for latency, _ in results.keys})
-    for latency in latencies:
-        sizes = sorted(size for lat, size in results.keys if lat == latency)
-        for name, colour in colours.items():
-            spreads = [per_call(results.keys[(latency, size)], name).scaled(1000) for size in sizes]
-            keys.errorbar(
-                sizes,
-                [s.median for s in spreads],
-                yerr=[[s.median - s.low for s in spreads], [s.high - s.median for s in spreads]],
-                fmt="-o" if latency == latencies[0] else "--s",
-                color=colour,
-                capsize=2,
-                label=f"{name}, +{latency:g} ms",
-            )
-    keys.set_xscale("log")
-    keys.set_yscale("log")
-    keys.xaxis.set_major_formatter(plain_numbers)
-    keys.yaxis.set_major_formatter(plain_numbers)
-    keys.set_xlabel("model instances in one cache key")
-    keys.set_ylabel("wall time per key (ms, median and quartiles)")
-    keys.set_title("Warm keys against one round trip")
-    keys.grid(True, which="both", alpha=0.3)
-    keys.legend(fontsize="small")
+    plot_key_times(axes[0], results.keys, colours, "Warm keys against one round trip")
     axis = 1
     if results.delays:
         delays = axes[axis]
@@ -808,18 +792,6 @@ def plot(results: Results, path: Path) -> None:
     plt.close(figure)
 
 
-def update_readme(body: str) -> None:
-    """Replace the README's local cache results between its markers."""
-    text = README.read_text(encoding="utf-8")
-    before, found, rest = text.partition(START)
-    _, found_end, after = rest.partition(END)
-    if not (found and found_end):
-        print(f"README.md has no {START} ... {END} markers; left unchanged", file=sys.stderr)
-        return
-    body = body.replace("### ", "#### ")
-    README.write_text(f"{before}{START}\n{body}{END}{after}", encoding="utf-8")
-
-
 def write_docs(table: str, results: Results) -> None:
     DOCS.mkdir(exist_ok=True)
     (DOCS / "localcache.md").write_text(
@@ -830,7 +802,7 @@ def write_docs(table: str, results: Results) -> None:
         encoding="utf-8",
     )
     plot(results, DOCS / "localcache.png")
-    update_readme(table)
+    update_readme(table, START, END)
     print(f"wrote {DOCS / 'localcache.md'}, {DOCS / 'localcache.png'} and README.md")
 
 
