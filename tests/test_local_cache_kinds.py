@@ -409,3 +409,30 @@ def test_a_store_left_behind_ends_its_listener_and_lets_its_cache_go(
         return reference
 
     assert loop.run_until_complete(drop_an_asyncio_store())() is None
+
+
+def test_a_cluster_store_left_behind_ends_its_listeners_and_lets_its_cache_go() -> None:
+    """As for a single Redis: a node refers to its cluster client, which holds the store,
+    so the listeners connect with what a node connects with, not with the node."""
+    import gc
+    import threading
+    import weakref
+
+    if NO_CLUSTER:
+        pytest.skip(NO_CLUSTER)
+    with LocalCluster(3, 0) as own:
+        others = {t for t in threading.enumerate() if t.name == "alkey-invalidations"}
+        client = cluster_client(own.url)
+        store = RedisTokenStore(client, local_cache=10)
+        live(SyncFace(store), one_per_primary(own, "dropped"))
+        mine = {t for t in threading.enumerate() if t.name == "alkey-invalidations"} - others
+        assert len(mine) == 3, "a listener per primary"
+        assert store.local is not None
+        cache = weakref.ref(store.local)
+        client.close()
+        del store, client
+        deadline = time.monotonic() + 3
+        while cache() is not None or any(thread.is_alive() for thread in mine):
+            assert time.monotonic() < deadline, "the cluster store or its listeners lived on"
+            gc.collect()
+            time.sleep(0.05)

@@ -315,7 +315,7 @@ class AsyncRedisTokenStore(ScriptStore):
             self._listener = ClusterListeners(
                 self.local,
                 client,
-                _node_tracking_connection,
+                _node_tracking_connector,
                 retry_interval=options.retry_interval,
                 asynchronous=True,
             )
@@ -490,12 +490,19 @@ def _tracking_connector(
     return connect
 
 
-async def _node_tracking_connection(node: Any) -> Any:
-    """A tracking connection to one node of an asyncio cluster (see
-    :func:`alkey.tokens.tracking_connection`)."""
-    connection = marked(node.connection_class(**tracking_options(node.connection_kwargs)))
-    await connection.connect()
-    return connection
+def _node_tracking_connector(node: Any) -> Callable[[], Awaitable[Any]]:
+    """What the listener of one node of an asyncio cluster connects with (see
+    :func:`alkey.tokens.tracking_connection`): the node's connection class and options,
+    taken now, without what refers back to its client."""
+    connection_class = node.connection_class
+    options = tracking_options(node.connection_kwargs)
+
+    async def connect() -> Any:
+        connection = marked(connection_class(**options))
+        await connection.connect()
+        return connection
+
+    return connect
 
 
 _default_store: AsyncRedisTokenStore | None = None

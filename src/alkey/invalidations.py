@@ -70,30 +70,35 @@ log = logging.getLogger("alkey.localcache")
 CHANNEL = "__redis__:invalidate"
 
 
-#: Seconds a tracking or probe connection waits for Redis when its client sets no bound
-#: (a listener blocked for ever would leave the cache off for ever).
+#: Seconds a tracking or probe connection waits for an answer (and to connect, when the
+#: client sets no bound): a listener blocked for ever would leave the cache off for ever.
 TRACKING_TIMEOUT = 2.0
 
 
-#: Connection options that refer back to the client or its pool.
-_BACK_REFERENCES = frozenset({"redis_connect_func", "maint_notifications_pool_handler"})
+#: Connection options that refer back to the client or its pool (a cluster client's
+#: connect hook; redis-py's maintenance-notification handlers, whatever their names).
+_BACK_REFERENCES = frozenset({"redis_connect_func"})
+
+
+def _refers_back(name: str) -> bool:
+    return name in _BACK_REFERENCES or name.endswith("_handler")
 
 
 def tracking_options(options: dict[str, Any]) -> dict[str, Any]:
     """A client's connection options as the listener's connections use them: RESP2,
     redis-py's health checks off (they would read an invalidation as their answer), and
-    timeouts bounded, at least :data:`~alkey.localcache.LEASE`."""
-    timeout = max(options.get("socket_timeout") or TRACKING_TIMEOUT, LEASE)
+    a read timeout of :data:`TRACKING_TIMEOUT` (the few small commands they send never
+    need more, and a stalled probe must not hold a reconnection up for long)."""
     # Left out: what refers back to the client or its pool (a cluster client's connect
-    # hook, redis-py's maintenance-notification handler), which would keep them -- and
+    # hook, redis-py's maintenance-notification handlers), which would keep them -- and
     # the store they hold -- alive as long as the listener runs.
-    kept = {name: value for name, value in options.items() if name not in _BACK_REFERENCES}
+    kept = {name: value for name, value in options.items() if not _refers_back(name)}
     return {
         **kept,
         "protocol": 2,
         "health_check_interval": 0,
-        "socket_timeout": timeout,
-        "socket_connect_timeout": options.get("socket_connect_timeout") or timeout,
+        "socket_timeout": TRACKING_TIMEOUT,
+        "socket_connect_timeout": options.get("socket_connect_timeout") or TRACKING_TIMEOUT,
     }
 
 
@@ -222,7 +227,8 @@ class _Pings:
         if _is_pong(reply):
             if self._out is None:
                 raise _UnexpectedReplyError(reply)
-            cache.heard(source, self._out)
+            if not cache.heard(source, self._out):
+                raise ConnectionError("this listener's server was dropped and listed again")
             self._next = self._out + PING_EVERY
             self._out = None
         else:
@@ -327,6 +333,7 @@ class Listener:
                     connection.send_command(*command)
                     reply = connection.read_response()
                 _read(cache, reply, self._source)  # the subscription's confirmation
+                self._probe(probe, epoch)  # a failing cluster: not back yet
                 cache.connected(self._source, epoch)
                 self._incidents.back()
                 del cache
@@ -350,19 +357,26 @@ class Listener:
         connection or a check fails (raises); ping and probe every :data:`PING_EVERY`."""
         pings = _Pings()
         while True:
+            # The cache is held only between waits: listeners of a cluster's nodes each
+            # holding it across their waits would, between them, never let it go.
             cache = self._cache()
             if cache is None or not cache.wanted(self._source):
                 return
             if cache.reconnect:
                 raise ConnectionError("a fetch saw another server: reconnecting")
+            del cache
             if pings.due():
                 at = time.monotonic()
                 connection.send_command("PING")
                 self._probe(probe, epoch)
                 pings.sent(at)
             if connection.can_read(timeout=pings.wait()):
-                pings.read(cache, connection.read_response(), self._source)
-            del cache
+                reply = connection.read_response()
+                cache = self._cache()
+                if cache is None:
+                    return
+                pings.read(cache, reply, self._source)
+                del cache
 
     def _probe(self, probe: Any, epoch: str) -> None:
         probe.send_command("INFO", "replication")
@@ -437,6 +451,7 @@ class AsyncListener:
                     await connection.send_command(*command)
                     reply = await connection.read_response()
                 _read(cache, reply, self._source)
+                await self._probe(probe, epoch)  # a failing cluster: not back yet
                 cache.connected(self._source, epoch)
                 self._incidents.back()
                 del cache
@@ -510,26 +525,29 @@ class ClusterListeners:
     which empties the cache and starts the new node's listener. A token fetched from a
     node no listener hears is not kept meanwhile (its epoch is no listener's).
 
-    ``connection_for(node)`` makes the tracking connection of a node (awaited for an
-    asyncio cluster).
+    ``connector_for(node)`` returns what a node's listener connects with: a callable
+    making a new tracking connection to it (awaited for an asyncio cluster), holding
+    neither the node nor the client (a node refers to its client, which holds the store).
     """
 
     def __init__(
         self,
         cache: LocalTokens,
         cluster: Any,
-        connection_for: Callable[[Any], Any],
+        connector_for: Callable[[Any], Callable[[], Any]],
         *,
         retry_interval: float,
         asynchronous: bool = False,
     ) -> None:
         self._cache = weakref.ref(cache)
         self._cluster = cluster
-        self._connection_for = connection_for
+        self._connector_for = connector_for
         self._retry_interval = retry_interval
         self._asynchronous = asynchronous
         self._listeners: dict[str, Listener | AsyncListener] = {}
-        self._lock = threading.Lock()
+        # Reentrant: an observer that hears of the flush a change of primaries makes may
+        # build a key on this store.
+        self._lock: threading.Lock | threading.RLock = threading.RLock()
         _after_fork_locks.add(self)
 
     def ensure_running(self) -> None:
@@ -551,11 +569,11 @@ class ClusterListeners:
                 listener.ensure_running()
 
     def _listener(self, cache: LocalTokens, name: str, node: Any) -> Listener | AsyncListener:
-        connect = self._connection_for
+        connect = self._connector_for(node)  # holds what to connect with, not the node
         if self._asynchronous:
             return AsyncListener(
                 cache,
-                lambda: connect(node),
+                connect,
                 retry_interval=self._retry_interval,
                 where=name,
                 source=name,
@@ -563,7 +581,7 @@ class ClusterListeners:
             )
         return Listener(
             cache,
-            lambda: connect(node),
+            connect,
             retry_interval=self._retry_interval,
             where=name,
             source=name,
@@ -577,7 +595,9 @@ _after_fork_locks: weakref.WeakSet[Listener | ClusterListeners] = weakref.WeakSe
 
 def _new_locks() -> None:
     for holder in list(_after_fork_locks):
-        holder._lock = threading.Lock()
+        holder._lock = (
+            threading.RLock() if isinstance(holder, ClusterListeners) else threading.Lock()
+        )
 
 
 if hasattr(os, "register_at_fork"):

@@ -289,27 +289,33 @@ class LocalTokens:
         ``epoch``: a new generation (fetches that went out before it keep nothing),
         serving once every expected listener is up."""
         with self._lock:
+            if source not in self._expected:
+                return self._generation  # a listener no longer wanted: it ends
             flushed = self._clear_locked()
-            if source in self._expected:  # else a listener no longer wanted: it ends
-                self._heard_at[source] = time.monotonic()
-                self._epochs[source] = epoch
+            self._heard_at[source] = time.monotonic()
+            self._epochs[source] = epoch
             self.reconnect = False
             generation = self._new_generation()
         self._flushed("a tracking connection is new", flushed)
         return generation
 
-    def heard(self, source: Hashable = None, since: float | None = None) -> None:
+    def heard(self, source: Hashable = None, since: float | None = None) -> bool:
         """Redis answered a ``PING`` that ``source``'s listener sent at ``since`` (a
         :func:`time.monotonic` time; default now): one connection keeps its order, so
         every invalidation Redis sent before that moment has been read. Only a pong
         proves this: an invalidation message read now may have been sent long ago, by a
-        listener that stalled."""
+        listener that stalled. ``False`` if ``source`` is not up as far as the cache knows
+        (dropped from the servers to listen to, and listed again): its listener must
+        connect again."""
         at = time.monotonic() if since is None else since
         with self._lock:
             heard_at = self._heard_at
-            if source in heard_at and at > heard_at[source]:
+            if source not in heard_at:
+                return False
+            if at > heard_at[source]:
                 heard_at[source] = at
                 self._heard = min(heard_at.values())
+            return True
 
     def invalidated(self, keys: Sequence[bytes | str] | None, source: Hashable = None) -> None:
         """Redis's invalidation message: these Redis keys changed (``None``: everything,

@@ -631,7 +631,7 @@ class RedisTokenStore(ScriptStore):
             self._listener = ClusterListeners(
                 self.local,
                 client,
-                lambda node: tracking_connection(node.redis_connection.connection_pool),
+                lambda node: tracking_connector(node.redis_connection.connection_pool),
                 retry_interval=options.retry_interval,
             )
         elif self.local is not None:
