@@ -343,18 +343,10 @@ class AsyncRedisTokenStore(ScriptStore):
         local = self.local
         if local is None:
             return await self._exchange(self._fetching(identifiers))
-        found = self._cached(local, identifiers)
-        if found is not None:
-            misses = found.count(None)
-            if not misses:
-                if self._observe.fetched_hooks:
-                    self._observe.fetched(identifiers=identifiers, missed=False)
-                return found  # type: ignore[return-value]
-            if self.calls.clustered:
-                self._listen()  # the primaries may have changed: see ClusterListeners
-            if misses == len(found):
-                found = None  # nothing known: fetch them all, as without the cache
-        return await self._exchange(self._fetching(identifiers, found))
+        tokens, known = self._cached(local, identifiers)
+        if tokens is not None:
+            return tokens
+        return await self._exchange(self._fetching(identifiers, known))
 
     def _start_listening(self) -> None:
         if self._listener is not None:

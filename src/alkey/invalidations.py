@@ -55,8 +55,8 @@ import re
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Hashable
-from typing import Any
+from collections.abc import Callable, Generator, Hashable
+from typing import Any, TypeAlias, TypeVar
 
 from alkey.errors import redacted
 from alkey.localcache import LEASE, PING_EVERY, LocalTokens
@@ -144,14 +144,6 @@ def _read(cache: LocalTokens, reply: Any, source: Hashable) -> None:
         pass  # the confirmation of the subscription, read at connect
     else:
         raise _UnexpectedReplyError(reply)
-
-
-def _answer(read: Callable[[], Any]) -> Any:
-    """``read()``'s answer, or ``""`` if the server refused the command."""
-    try:
-        return read()
-    except Exception as error:
-        return _refused(error)
 
 
 def _refused(error: Exception) -> str:
@@ -272,14 +264,27 @@ class _Incidents:
             self.down_since = None
 
 
-class Listener:
-    """The sync store's listener: a daemon thread holding the tracking and probe
-    connections.
+#: One exchange with the server, written once for both flavours of listener: a generator
+#: that yields ``(connection, command)`` -- :data:`TRACKING` or :data:`PROBE`, and what to
+#: send on it -- and is sent the reply, or thrown the error that came instead; it returns
+#: what the exchange found out. :class:`Listener` and :class:`AsyncListener` only differ
+#: in how they wait for the replies, as the stores do (:data:`alkey.tokens.Exchange`).
+Talk: TypeAlias = "Generator[tuple[int, tuple[str, ...]], Any, _T]"
+#: Which of a listener's two connections a command goes to.
+TRACKING, PROBE = 0, 1
 
-    ``connect`` makes a new, connected RESP2 connection (a redis-py ``Connection``) to the
-    server to listen to, each time it is called; ``where`` names the server in log lines;
-    ``source`` is the server's name for the cache (``None`` for a single Redis);
-    ``clustered``: the server is a cluster node (the probe checks its cluster's state).
+_T = TypeVar("_T")
+
+
+class _Listening:
+    """What a listener of either flavour is: the server it listens to, how it connects,
+    how it reports its incidents, and what it says to the server (its :data:`Talk`).
+
+    ``connect`` makes a new, connected RESP2 connection (awaited for an asyncio
+    listener) to the server to listen to, each time it is called; ``where`` names the
+    server in log lines; ``source`` is the server's name for the cache (``None`` for a
+    single Redis); ``clustered``: the server is a cluster node (the probe checks its
+    cluster's state).
     """
 
     def __init__(
@@ -299,6 +304,69 @@ class Listener:
         self._incidents = _Incidents(where)
         self._source = source
         self._clustered = clustered
+
+    def _subscribing(self, cache: LocalTokens) -> Talk[str]:
+        """Turn the tracking connection into one (a replica refused), check the server
+        with the probe, and return its epoch."""
+        try:
+            info = yield TRACKING, ("INFO", "replication")
+        except Exception as error:
+            info = _refused(error)
+        epoch = primary_epoch(info)
+        client_id = int((yield TRACKING, ("CLIENT", "ID")))
+        for command in tracking_commands(client_id, self._key_prefix):
+            reply = yield TRACKING, command
+        _read(cache, reply, self._source)  # the subscription's confirmation
+        yield from self._probing(epoch)  # a failing cluster: not back yet
+        return epoch
+
+    def _probing(self, epoch: str) -> Talk[None]:
+        """Check that the server is still the primary of ``epoch`` (and its cluster ok)."""
+        answers: list[Any] = []
+        commands = [("INFO", "replication")]
+        if self._clustered:
+            commands.append(("CLUSTER", "INFO"))
+        for command in commands:
+            try:
+                answers.append((yield PROBE, command))
+            except Exception as error:
+                answers.append(_refused(error))
+        if answers[0] != "":  # an ACL without +info: nothing to check, as for the fetch
+            checked(epoch, answers[0], answers[1] if self._clustered else None)
+
+    def _failed(self, error: Exception) -> bool:
+        """A connection or a check failed: report it and empty the cache; whether to go
+        on (not if the cache was closed or dropped meanwhile: no incident then)."""
+        cache = self._cache()
+        if cache is None or not cache.wanted(self._source):
+            return False
+        self._incidents.lost(error)
+        cache.lost(str(error), self._source)
+        return True
+
+
+class Listener(_Listening):
+    """The sync store's listener: a daemon thread holding the tracking and probe
+    connections (redis-py ``Connection`` objects)."""
+
+    def __init__(
+        self,
+        cache: LocalTokens,
+        connect: Callable[[], Any],
+        *,
+        retry_interval: float,
+        where: str,
+        source: Hashable = None,
+        clustered: bool = False,
+    ) -> None:
+        super().__init__(
+            cache,
+            connect,
+            retry_interval=retry_interval,
+            where=where,
+            source=source,
+            clustered=clustered,
+        )
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         _after_fork_locks.add(self)
@@ -321,40 +389,48 @@ class Listener:
             cache = self._cache()
             if cache is None or not cache.wanted(self._source):
                 return
-            connection = probe = None
+            connections: list[Any] = []
             try:
-                connection = self._connect()
-                probe = self._connect()
-                connection.send_command("INFO", "replication")
-                epoch = primary_epoch(_answer(connection.read_response))
-                connection.send_command("CLIENT", "ID")
-                client_id = int(connection.read_response())
-                for command in tracking_commands(client_id, self._key_prefix):
-                    connection.send_command(*command)
-                    reply = connection.read_response()
-                _read(cache, reply, self._source)  # the subscription's confirmation
-                self._probe(probe, epoch)  # a failing cluster: not back yet
+                connections.extend((self._connect(), self._connect()))
+                epoch = self._talk(self._subscribing(cache), connections)
                 cache.connected(self._source, epoch)
                 self._incidents.back()
-                del cache
-                self._serve(connection, probe, epoch)
+                cache = None  # held only between waits (see _serve)
+                self._serve(connections, epoch)
             except Exception as error:
-                cache = self._cache()
-                if cache is None or not cache.wanted(self._source):
-                    return  # closed meanwhile: no incident
-                self._incidents.lost(error)
-                cache.lost(str(error), self._source)
-                del cache
+                cache = None
+                if not self._failed(error):
+                    return
                 time.sleep(self._retry_interval)
             finally:
-                for opened in (connection, probe):
-                    if opened is not None:
-                        with contextlib.suppress(Exception):
-                            opened.disconnect()
+                for opened in connections:
+                    with contextlib.suppress(Exception):
+                        opened.disconnect()
 
-    def _serve(self, connection: Any, probe: Any, epoch: str) -> None:
+    @staticmethod
+    def _talk(talk: Talk[_T], connections: list[Any]) -> _T:
+        """Carry out a :data:`Talk`, one command and its reply at a time."""
+        try:
+            which, command = next(talk)
+            while True:
+                connection = connections[which]
+                connection.send_command(*command)
+                try:
+                    reply = connection.read_response()
+                except Exception as error:
+                    which, command = talk.throw(error)
+                else:
+                    which, command = talk.send(reply)
+        except StopIteration as done:
+            answer: _T = done.value
+            return answer
+        finally:
+            talk.close()
+
+    def _serve(self, connections: list[Any], epoch: str) -> None:
         """Read invalidations until the cache is gone, wants a reconnection, or a
         connection or a check fails (raises); ping and probe every :data:`PING_EVERY`."""
+        connection = connections[TRACKING]
         pings = _Pings()
         while True:
             # The cache is held only between waits: listeners of a cluster's nodes each
@@ -368,7 +444,7 @@ class Listener:
             if pings.due():
                 at = time.monotonic()
                 connection.send_command("PING")
-                self._probe(probe, epoch)
+                self._talk(self._probing(epoch), connections)
                 pings.sent(at)
             if connection.can_read(timeout=pings.wait()):
                 reply = connection.read_response()
@@ -378,46 +454,18 @@ class Listener:
                 pings.read(cache, reply, self._source)
                 del cache
 
-    def _probe(self, probe: Any, epoch: str) -> None:
-        probe.send_command("INFO", "replication")
-        info = _answer(probe.read_response)
-        cluster_info = None
-        if self._clustered:
-            probe.send_command("CLUSTER", "INFO")
-            cluster_info = _answer(probe.read_response)
-        if info != "":  # an ACL without +info: nothing to check, as for the fetch script
-            checked(epoch, info, cluster_info)
 
+class AsyncListener(_Listening):
+    """The asyncio store's listener: a task on the loop of the fetch that started it,
+    holding ``redis.asyncio`` connections.
 
-class AsyncListener:
-    """The asyncio store's listener: a task on the loop of the fetch that started it.
-
-    ``connect`` is awaited for a new, connected RESP2 connection (a
-    ``redis.asyncio.Connection``), as :class:`Listener`'s. A loop that stops running
-    stops the task's pings, so the cache stops serving within
+    A loop that stops running stops the task's pings, so the cache stops serving within
     :data:`~alkey.localcache.LEASE` even if another loop goes on fetching; a fetch on a
     running loop then starts a new task (the old one, if its loop runs again, carries on
     beside it: two listeners of one server only make the cache empty itself once more).
     """
 
-    def __init__(
-        self,
-        cache: LocalTokens,
-        connect: Callable[[], Awaitable[Any]],
-        *,
-        retry_interval: float,
-        where: str,
-        source: Hashable = None,
-        clustered: bool = False,
-    ) -> None:
-        self._cache = weakref.ref(cache)
-        self._key_prefix = cache.key_prefix
-        self._connect = connect
-        self._retry_interval = max(retry_interval, 0.05)
-        self._incidents = _Incidents(where)
-        self._source = source
-        self._clustered = clustered
-        self._task: asyncio.Task[None] | None = None
+    _task: asyncio.Task[None] | None = None
 
     def ensure_running(self) -> None:
         """Start the task on the running loop unless one runs on a live loop (or the cache
@@ -435,34 +483,18 @@ class AsyncListener:
             cache = self._cache()
             if cache is None or not cache.wanted(self._source):
                 return
-            connection = probe = None
+            connections: list[Any] = []
             try:
-                connection = await self._connect()
-                probe = await self._connect()
-                await connection.send_command("INFO", "replication")
-                try:
-                    info = await connection.read_response()
-                except Exception as error:
-                    info = _refused(error)
-                epoch = primary_epoch(info)
-                await connection.send_command("CLIENT", "ID")
-                client_id = int(await connection.read_response())
-                for command in tracking_commands(client_id, self._key_prefix):
-                    await connection.send_command(*command)
-                    reply = await connection.read_response()
-                _read(cache, reply, self._source)
-                await self._probe(probe, epoch)  # a failing cluster: not back yet
+                connections.extend((await self._connect(), await self._connect()))
+                epoch = await self._talk(self._subscribing(cache), connections)
                 cache.connected(self._source, epoch)
                 self._incidents.back()
-                del cache
-                await self._serve(connection, probe, epoch)
+                cache = None  # held only between waits (see Listener._serve)
+                await self._serve(connections, epoch)
             except Exception as error:
-                cache = self._cache()
-                if cache is None or not cache.wanted(self._source):
-                    return  # closed meanwhile: no incident
-                self._incidents.lost(error)
-                cache.lost(str(error), self._source)
-                del cache
+                cache = None
+                if not self._failed(error):
+                    return
                 await asyncio.sleep(self._retry_interval)
             except BaseException:
                 cache = self._cache()
@@ -470,12 +502,32 @@ class AsyncListener:
                     cache.lost("the listener's task was cancelled", self._source)
                 raise
             finally:
-                for opened in (connection, probe):
-                    if opened is not None:
-                        with contextlib.suppress(Exception):
-                            await opened.disconnect()
+                for opened in connections:
+                    with contextlib.suppress(Exception):
+                        await opened.disconnect()
 
-    async def _serve(self, connection: Any, probe: Any, epoch: str) -> None:
+    @staticmethod
+    async def _talk(talk: Talk[_T], connections: list[Any]) -> _T:
+        """As :meth:`Listener._talk`, awaiting each reply."""
+        try:
+            which, command = next(talk)
+            while True:
+                connection = connections[which]
+                await connection.send_command(*command)
+                try:
+                    reply = await connection.read_response()
+                except Exception as error:
+                    which, command = talk.throw(error)
+                else:
+                    which, command = talk.send(reply)
+        except StopIteration as done:
+            answer: _T = done.value
+            return answer
+        finally:
+            talk.close()
+
+    async def _serve(self, connections: list[Any], epoch: str) -> None:
+        connection = connections[TRACKING]
         pings = _Pings()
         while True:
             cache = self._cache()
@@ -487,7 +539,7 @@ class AsyncListener:
             if pings.due():
                 at = time.monotonic()
                 await connection.send_command("PING")
-                await self._probe(probe, epoch)
+                await self._talk(self._probing(epoch), connections)
                 pings.sent(at)
             reply = await connection.read_response(
                 timeout=max(pings.wait(), 0.001), disconnect_on_error=False
@@ -498,20 +550,6 @@ class AsyncListener:
             if reply is not None:
                 pings.read(cache, reply, self._source)
             del cache
-
-    async def _probe(self, probe: Any, epoch: str) -> None:
-        answers: list[Any] = []
-        commands = [("INFO", "replication")]
-        if self._clustered:
-            commands.append(("CLUSTER", "INFO"))
-        for command in commands:
-            await probe.send_command(*command)
-            try:
-                answers.append(await probe.read_response())
-            except Exception as error:
-                answers.append(_refused(error))
-        if answers[0] != "":
-            checked(epoch, answers[0], answers[1] if self._clustered else None)
 
 
 class ClusterListeners:

@@ -252,12 +252,16 @@ class ScriptStore:
         if count and self._observe.bumped_hooks:
             self._observe.bumped(count=count, replayed=replayed)
 
-    def _cached(self, local: LocalTokens, identifiers: Sequence[str]) -> list[str | None] | None:
-        """The local cache's token of each identifier (``None`` where it has none), or
-        ``None`` if this fetch must go to Redis whole: the cache is not serving (its
-        listener is started then), or Redis has something to say first -- bumps kept
-        from an outage, the window after one, a recovery of due intents, or durable
-        mode's regular claim of them."""
+    def _cached(
+        self, local: LocalTokens, identifiers: Sequence[str]
+    ) -> tuple[list[str] | None, list[str | None] | None]:
+        """What the local cache knows of ``identifiers``, for ``fetch``: ``(tokens, None)``
+        when it holds every token (no round trip), else ``(None, known)``, ``known`` the
+        tokens it holds (``None`` where it has none) for :meth:`_fetching` to fill in,
+        or ``None`` to fetch them all -- it holds none, it is not serving (its listeners
+        are started then), or Redis has something to say first: bumps kept from an
+        outage, the window after one, a recovery of due intents, or durable mode's
+        regular claim of them."""
         if (
             self.outage.skip()
             or self.outage.replay()
@@ -265,15 +269,21 @@ class ScriptStore:
             or self.recoveries.busy()
             or (self.options.durable and time.monotonic() >= self._next_claim)
         ):
-            return None
+            return None, None
         found = local.lookup(identifiers)
         if found is None:
             self._listen()
-            return None
+            return None, None
+        misses = found.count(None)
         if self._observe.local_lookup_hooks:
-            hits = len(found) - found.count(None)
-            self._observe.local_lookup(hits=hits, misses=len(found) - hits)
-        return found
+            self._observe.local_lookup(hits=len(found) - misses, misses=misses)
+        if not misses:
+            if self._observe.fetched_hooks:
+                self._observe.fetched(identifiers=identifiers, missed=False)
+            return found, None  # type: ignore[return-value]
+        if self.calls.clustered:
+            self._listen()  # the primaries may have changed: see ClusterListeners
+        return None, (found if misses < len(found) else None)
 
     def _listen(self) -> None:
         """Start the local cache's listeners unless they run. Never raises: the cache's
@@ -655,18 +665,10 @@ class RedisTokenStore(ScriptStore):
         local = self.local
         if local is None:
             return self._exchange(self._fetching(identifiers))
-        found = self._cached(local, identifiers)
-        if found is not None:
-            misses = found.count(None)
-            if not misses:
-                if self._observe.fetched_hooks:
-                    self._observe.fetched(identifiers=identifiers, missed=False)
-                return found  # type: ignore[return-value]
-            if self.calls.clustered:
-                self._listen()  # the primaries may have changed: see ClusterListeners
-            if misses == len(found):
-                found = None  # nothing known: fetch them all, as without the cache
-        return self._exchange(self._fetching(identifiers, found))
+        tokens, known = self._cached(local, identifiers)
+        if tokens is not None:
+            return tokens
+        return self._exchange(self._fetching(identifiers, known))
 
     def _start_listening(self) -> None:
         if self._listener is not None:
