@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench bench-cpu bench-local bench-smoke example example-fastapi clean
+.PHONY: demo test lint docs bench bench-cpu bench-local bench-smoke example example-fastapi clean
 
 demo: $(VENV)/.installed-embedded  ## run the guided demo (embedded Redis + SQLite, or REDIS_URL)
 	$(BIN)/python -m alkey demo
@@ -16,6 +16,9 @@ lint: $(VENV)/.installed-dev  ## ruff, mypy --strict and the import contracts
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+
+docs: $(VENV)/.installed-docs  ## the documentation site, warnings as errors: docs/_build/html
+	$(BIN)/sphinx-build -W --keep-going -n -q -b html docs docs/_build/html
 
 bench: $(VENV)/.installed-bench  ## full benchmark: writes docs/benchmarks.md and .png
 	$(BIN)/python -m benchmarks
@@ -38,7 +41,7 @@ example-fastapi: $(VENV)/.installed-example-fastapi  ## the FastAPI example on h
 	$(BIN)/uvicorn --factory fastapi_app:create_app --app-dir examples/fastapi_app
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) docs/_build .pytest_cache .mypy_cache .ruff_cache .hypothesis
 
 # One stamp per extra: reinstalls when pyproject.toml changes.
 $(VENV)/.installed-%: pyproject.toml

@@ -1,1 +1,1 @@
-"""Benchmarks for alkey: run ``python -m benchmarks`` (see README, "Performance")."""
+"""Benchmarks for alkey: run ``python -m benchmarks`` (see docs/performance.md)."""

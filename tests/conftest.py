@@ -13,7 +13,7 @@ registers its fixtures and hooks with pytest, and re-exports every helper so tha
   module's tests that use ``session``, ``sessions`` or ``key_generator`` with a sync
   Session and ``redis.Redis``, and with an AsyncSession and ``redis.asyncio`` on an event
   loop of the test's own, behind the same synchronous face (:class:`SessionAPI`);
-* :mod:`tests.support.docs` -- running the README's examples;
+* :mod:`tests.support.docs` -- running the examples of the README and the docs;
 * :mod:`tests.support.inspection` -- what the log and Redis hold after a test;
 * :mod:`tests.support.stores` -- the store kinds of the store contract
   (``tests/test_store_contract.py``).

@@ -1,4 +1,4 @@
-"""Every Python example of the README's asyncio section runs, in order, on the test Redis."""
+"""Every Python example of the asyncio guide (``docs/asyncio.md``) runs, in order, on the test Redis."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import pytest
 
 import alkey
 
-from .conftest import python_blocks, readme_section
+from .support.docs import docs_page, python_blocks
 
 
 def test_the_asyncio_section_has_python_examples() -> None:
-    assert len(python_blocks(readme_section("asyncio"))) >= 3
+    assert len(python_blocks(docs_page("asyncio.md"))) >= 3
 
 
 def test_every_asyncio_example_runs_and_its_assertions_hold(
@@ -24,10 +24,10 @@ def test_every_asyncio_example_runs_and_its_assertions_hold(
     # SQLAlchemy resolves annotations through sys.modules, so the examples need a module.
     module = types.ModuleType("asyncio_examples")
     monkeypatch.setitem(sys.modules, module.__name__, module)
-    blocks = python_blocks(readme_section("asyncio"))
+    blocks = python_blocks(docs_page("asyncio.md"))
     try:
         for number, block in enumerate(blocks, start=1):
-            exec(compile(block, f"README.md asyncio block {number}", "exec"), module.__dict__)
+            exec(compile(block, f"docs/asyncio.md python block {number}", "exec"), module.__dict__)
     finally:
         if hasattr(module, "Session"):
             alkey.unbind(module.Session)

@@ -46,7 +46,7 @@ from .support.cluster import (
     cluster_client,
     command,
 )
-from .support.docs import python_blocks, readme_section
+from .support.docs import docs_page, python_blocks
 from .support.stores import OpenStore, StoreKind
 
 pytestmark = pytest.mark.skipif(NO_CLUSTER is not None, reason=f"no Redis Cluster: {NO_CLUSTER}")
@@ -229,14 +229,14 @@ def test_a_plain_client_of_one_cluster_node_is_told_to_use_a_cluster_client(
 def test_the_readmes_cluster_example_builds_a_store_on_the_cluster(
     cluster: LocalCluster, observer: ClusterObserver
 ) -> None:
-    """README, "Deploying": the example runs against a real cluster, with only the address
+    """docs/deploying.md: the example runs against a real cluster, with only the address
     of one of its nodes put in."""
-    [block] = [b for b in python_blocks(readme_section("Deploying")) if "RedisCluster(" in b]
+    [block] = [b for b in python_blocks(docs_page("deploying.md")) if "RedisCluster(" in b]
     written = 'host="redis-cluster", port=6379'
     assert written in block
     block = block.replace(written, f'host="127.0.0.1", port={cluster.nodes[0].port}')
     namespace: dict[str, Any] = {}
-    exec(compile(block, "README.md, Deploying", "exec"), namespace)
+    exec(compile(block, "docs/deploying.md", "exec"), namespace)
     try:
         store = namespace["store"]
         identifiers = one_per_node(cluster)
@@ -248,7 +248,7 @@ def test_the_readmes_cluster_example_builds_a_store_on_the_cluster(
         namespace["cluster"].close()
 
 
-#: README, "Deploying": what alkey's user needs on a cluster, beyond a single Redis's.
+#: docs/deploying.md: what alkey's user needs on a cluster, beyond a single Redis's.
 ACL = "on >acl-pw ~alkey:* resetchannels -@all +eval +evalsha +mget +set +ping +select +info"
 ACL_CLUSTER = "+cluster|slots +cluster|shards +cluster|nodes +command +readonly"
 
@@ -256,8 +256,8 @@ ACL_CLUSTER = "+cluster|slots +cluster|shards +cluster|nodes +command +readonly"
 def test_an_acl_user_with_the_readmes_cluster_rules_fetches_and_bumps_on_every_node(
     cluster: LocalCluster, caplog: pytest.LogCaptureFixture
 ) -> None:
-    readme = readme_section("Deploying")
-    assert all(rule in readme for rule in ACL_CLUSTER.split()), "the README names them"
+    readme = docs_page("deploying.md")
+    assert all(rule in readme for rule in ACL_CLUSTER.split()), "the deploying guide names them"
     for node in cluster.running():
         with node.client() as admin:
             command(admin, "ACL", "SETUSER", "alkey", *f"{ACL} {ACL_CLUSTER}".split())

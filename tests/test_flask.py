@@ -1,4 +1,4 @@
-"""The README's Flask-SQLAlchemy recipe: bind to ``db.session``."""
+"""The Flask-SQLAlchemy guide's recipe (``docs/integrations/flask.md``): bind to ``db.session``."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from pathlib import Path
 import alkey
 from alkey.tokens import RedisClient
 
-from .conftest import readme_section, run_python_examples, token_keys
+from .conftest import run_python_examples, token_keys
+from .support.docs import docs_page
 
-FLASK_DOCS = readme_section("Flask-SQLAlchemy")
+FLASK_DOCS = docs_page("integrations/flask.md")
 
 
 def test_the_flask_recipe_has_python_examples() -> None:

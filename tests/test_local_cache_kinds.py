@@ -30,7 +30,7 @@ from .support.cluster import (
     cluster_client,
     key_slot,
 )
-from .support.docs import readme_section
+from .support.docs import docs_page
 from .support.replication import SERVICE, replication_group
 from .support.stores import STORE_KINDS, StoreKind, StoreUnderTest
 
@@ -234,7 +234,7 @@ class SyncFace(StoreUnderTest):
 
 
 #: What the local token cache's tracking connection adds to alkey's least-privilege user
-#: (README, "A least-privilege Redis user").
+#: (docs/deploying.md, "A least-privilege Redis user").
 ACL_LOCAL_CACHE = "+client|id +client|tracking +subscribe &__redis__:invalidate"
 ACL = "on >acl-pw ~alkey:* resetchannels -@all +eval +evalsha +mget +set +ping +select"
 
@@ -243,9 +243,9 @@ ACL = "on >acl-pw ~alkey:* resetchannels -@all +eval +evalsha +mget +set +ping +
 def test_an_acl_user_with_the_readmes_local_cache_rules_gets_warm_keys_and_hears_bumps(
     server: EmbeddedRedis, info: str
 ) -> None:
-    """The README's rules are enough for the tracking connection; without ``+info`` the
+    """The deploying guide's rules are enough for the tracking connection; without ``+info`` the
     listener and the fetch script both see no epoch, and agree."""
-    assert ACL_LOCAL_CACHE in readme_section("Configuring a Redis client")
+    assert ACL_LOCAL_CACHE in docs_page("deploying.md")
     admin = redis.Redis.from_url(server.url)
     rules = f"{ACL} {info} {ACL_LOCAL_CACHE}".split()
     admin.execute_command("ACL", "SETUSER", "cached", *rules)  # type: ignore[no-untyped-call]

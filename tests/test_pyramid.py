@@ -28,10 +28,11 @@ from alkey.cache import CacheKeyGenerator, get_cache_key_generator, get_token
 from alkey.interfaces import IRedisClientFactory, IRedisConnectionPool
 from alkey.tokens import RedisClient, store_for
 
-from .conftest import readme_section, run_python_examples, token_keys
+from .conftest import run_python_examples, token_keys
+from .support.docs import docs_page
 from .models import User
 
-PYRAMID_DOCS = readme_section("Pyramid")
+PYRAMID_DOCS = docs_page("integrations/pyramid.md")
 
 
 #: Nothing listens here: a client on it fails at once (and alkey degrades to misses).

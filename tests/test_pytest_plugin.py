@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from .support.docs import python_blocks, readme_section
+from .support.docs import docs_page, python_blocks
 
 pytest_plugins = ["pytester"]
 
@@ -107,14 +107,14 @@ def test_the_plugin_documents_its_fixtures_in_pytest_fixtures(pytester: pytest.P
 def test_the_readmes_pytest_example_passes_with_the_plugin(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The tests that README's "Testing your application" shows, run as a user runs them."""
+    """The tests that the testing guide (``docs/testing.md``) shows, run as a user runs them."""
     examples = [
         block
-        for block in python_blocks(readme_section("Testing your application"))
+        for block in python_blocks(docs_page("testing.md"))
         if "def test_" in block
     ]
     if not examples:
-        pytest.skip("README shows no pytest example yet")
+        pytest.skip("docs/testing.md shows no pytest example yet")
     monkeypatch.delenv("ALKEY_TEST_REDIS_URL", raising=False)
     pytester.makepyfile(**{f"test_readme_{n}": block for n, block in enumerate(examples)})
     result = pytester.runpytest_subprocess("-p", "alkey.pytest_plugin", "-W", "error")

@@ -1,9 +1,6 @@
 """Every Python example in the README runs, in order, against the test Redis.
 
-The Pyramid, Flask-SQLAlchemy and asyncio sections describe applications of their own;
-their examples run in tests/test_pyramid.py, tests/test_flask.py and
-tests/test_asyncio_docs.py; Deploying's run against the servers they name, in
-tests/test_sentinel.py.
+The guides under ``docs/`` run theirs in ``tests/test_docs.py``.
 """
 
 from __future__ import annotations
@@ -17,20 +14,11 @@ import pytest
 
 import alkey
 
-from .conftest import README, python_blocks, readme_section
-
-OWN_TESTS = ("Pyramid", "Flask-SQLAlchemy", "asyncio", "Deploying")
+from .support.docs import README, python_blocks
 
 
-def core_blocks() -> list[str]:
-    markdown = README.read_text(encoding="utf-8")
-    for heading in OWN_TESTS:
-        markdown = markdown.replace(readme_section(heading), "\n")
-    return python_blocks(markdown)
-
-
-def test_the_readme_has_python_examples() -> None:
-    assert len(core_blocks()) >= 5
+def test_the_readme_has_one_complete_example() -> None:
+    assert len(python_blocks(README.read_text(encoding="utf-8"))) >= 1
 
 
 def test_every_readme_example_runs_and_its_assertions_hold(
@@ -43,9 +31,15 @@ def test_every_readme_example_runs_and_its_assertions_hold(
     # SQLAlchemy resolves annotations through sys.modules, so the examples need a module.
     module = types.ModuleType("readme_examples")
     monkeypatch.setitem(sys.modules, module.__name__, module)
+    blocks = python_blocks(README.read_text(encoding="utf-8"))
     try:
-        for number, block in enumerate(core_blocks(), start=1):
+        for number, block in enumerate(blocks, start=1):
             exec(compile(block, f"README.md python block {number}", "exec"), module.__dict__)
     finally:
         if hasattr(module, "Session"):
             alkey.unbind(module.Session)
+
+
+def test_the_readme_stays_a_front_page() -> None:
+    """About 200 lines: what alkey does, how to try it, where to read more."""
+    assert README.read_text(encoding="utf-8").count("\n") <= 200

@@ -43,7 +43,7 @@ from alkey.settings import (
 from alkey.tokens import RedisTokenStore, store_for
 
 from .models import User
-from .support.docs import python_blocks, readme_section
+from .support.docs import docs_page, python_blocks
 from .support.replication import SERVICE, ReplicationGroup, replication_group
 
 PASSWORD = "pr1mary-s3cret"
@@ -250,9 +250,9 @@ def test_a_master_for_client_built_by_hand_binds_sessions_and_builds_keys(
 def test_the_readmes_master_for_example_builds_a_store_on_the_primary(
     group: ReplicationGroup, primary: redis.Redis
 ) -> None:
-    """README, "Deploying": the example runs against a real sentinel, with only its
+    """docs/deploying.md: the example runs against a real sentinel, with only its
     address, service name and passwords put in."""
-    [block] = [b for b in python_blocks(readme_section("Deploying")) if "Sentinel(" in b]
+    [block] = [b for b in python_blocks(docs_page("deploying.md")) if "Sentinel(" in b]
     port = group.sentinels[0].port
     for written, real in [
         ('("sentinel1", 26379)', f'("127.0.0.1", {port})'),
@@ -262,7 +262,7 @@ def test_the_readmes_master_for_example_builds_a_store_on_the_primary(
         assert written in block
         block = block.replace(written, real)
     namespace: dict[str, Any] = {}
-    exec(compile(block, "README.md, Deploying", "exec"), namespace)
+    exec(compile(block, "docs/deploying.md", "exec"), namespace)
     store = namespace["store"]
     try:
         assert isinstance(store, RedisTokenStore)

@@ -10,7 +10,15 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parent.parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent.parent
+README = ROOT / "README.md"
+#: The documentation site's sources (``make docs``): Markdown guides under ``docs/``.
+DOCS = ROOT / "docs"
+
+
+def docs_page(name: str) -> str:
+    """The text of the docs page ``name`` (a path under ``docs/``, e.g. ``"asyncio.md"``)."""
+    return (DOCS / name).read_text(encoding="utf-8")
 
 
 def readme_section(heading: str, path: Path = README) -> str:
