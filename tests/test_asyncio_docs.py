@@ -1,4 +1,4 @@
-"""Every Python example of the asyncio guide (``docs/asyncio.md``) runs, in order, on the test Redis."""
+"""Every Python example of the asyncio guide (``docs/asyncio.md``) runs, in order."""
 
 from __future__ import annotations
 

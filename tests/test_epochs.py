@@ -177,7 +177,7 @@ def test_with_a_valkey_asyncio_client_keys_change_after_a_bump_and_miss_in_an_ou
 
 
 def test_a_primary_cut_off_from_its_replicas_refuses_bumps_which_are_kept_and_replayed() -> None:
-    """The README's split-brain advice: with ``min-replicas-to-write``, a primary that
+    """The deploying guide's split-brain advice: with ``min-replicas-to-write``, a primary that
     cannot reach a replica answers ``NOREPLICAS`` instead of taking a bump it may lose;
     alkey keeps the bump, like any outage's, and sends it again once writes are taken."""
     with EmbeddedRedis() as server:

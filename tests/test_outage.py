@@ -289,7 +289,7 @@ def test_two_namespaces_on_one_redis_never_see_each_others_tokens(
 
 
 #: The least a Redis ACL user needs for alkey: its own keys, and the commands alkey's
-#: scripts and connections run. Documented in the README.
+#: scripts and connections run. Documented in docs/operating.md.
 ACL_RULES = (
     "on >s3cret-acl ~alkey:* resetchannels -@all +eval +evalsha +mget +set +ping +select +info"
 )

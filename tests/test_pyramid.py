@@ -29,8 +29,8 @@ from alkey.interfaces import IRedisClientFactory, IRedisConnectionPool
 from alkey.tokens import RedisClient, store_for
 
 from .conftest import run_python_examples, token_keys
-from .support.docs import docs_page
 from .models import User
+from .support.docs import docs_page
 
 PYRAMID_DOCS = docs_page("integrations/pyramid.md")
 

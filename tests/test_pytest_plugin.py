@@ -108,11 +108,7 @@ def test_the_readmes_pytest_example_passes_with_the_plugin(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The tests that the testing guide (``docs/testing.md``) shows, run as a user runs them."""
-    examples = [
-        block
-        for block in python_blocks(docs_page("testing.md"))
-        if "def test_" in block
-    ]
+    examples = [block for block in python_blocks(docs_page("testing.md")) if "def test_" in block]
     if not examples:
         pytest.skip("docs/testing.md shows no pytest example yet")
     monkeypatch.delenv("ALKEY_TEST_REDIS_URL", raising=False)

@@ -9,7 +9,7 @@ threads of one application do) and as separate processes (each with its own engi
 client, store and binding; see tests/stale_worker.py), so that the check also covers what
 one process cannot know about another's commits. Each scenario must see no stale read and
 a real hit rate -- except, right after a frozen server or a cut link, the cross-process
-reads of the README's known bound, which are shown apart (see
+reads of the documented known bound, which are shown apart (see
 ``Scenario.cross_process_grace``); and, with the local token cache on
 (``local_cache``), the reads in another process than the writer's that missed a commit
 for less than the cache's bound (``Scenario.invalidation_bound``), also shown apart.
@@ -137,7 +137,7 @@ class Scenario:
     store_options: Mapping[str, Any] = field(default_factory=dict)
     kill_writer_process_after: int | None = None
     #: Seconds after the disruption ends during which a reader in another process than
-    #: the writer may still read a version from before the write: the README's known bound
+    #: the writer may still read a version from before the write: the documented known bound
     #: for a process that saw no error itself (its request was merely held up until the
     #: link came back), so it cannot know that others owe Redis bumps; they replay them
     #: within ``retry_interval`` plus a socket timeout. Such reads are counted apart and
@@ -560,7 +560,7 @@ SCENARIOS = [
     Scenario("nothing", nothing),
     Scenario("flushall", flushall),
     Scenario("restart", restart),
-    # Both outages leave tokens in place, so the README's cross-process bound applies:
+    # Both outages leave tokens in place, so the documented cross-process bound applies:
     # retry_interval 0.05 s + socket timeout 0.5 s, and a margin for a loaded machine.
     Scenario("frozen_redis", freeze, cross_process_grace=1.0),
     Scenario("cut_link", cut, through_proxy=True, cross_process_grace=1.0),

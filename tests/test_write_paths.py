@@ -1,8 +1,8 @@
 """Every write path invalidates what it wrote, and only that.
 
 The matrix test below runs each write path against real SQLite or PostgreSQL and records
-which keys changed; the README's "Write paths" table must equal it (set
-ALKEY_UPDATE_README=1 to rewrite the table from a run).
+which keys changed; the table in the write paths guide (``docs/write-paths.md``) must equal
+it (set ALKEY_UPDATE_DOCS=1 to rewrite the table from a run).
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ from alkey.keys import CacheKeyGenerator
 from alkey.sql import written_tables
 from alkey.tokens import RedisClient
 
-from .conftest import README
 from .models import Employee, Manager, Tag, User
+from .support.docs import DOCS
 
 # -- models for relationships ----------------------------------------------------------------
 
@@ -419,7 +419,7 @@ def render(changed: dict[str, set[str]]) -> str:
 START, END = "<!-- write paths: start -->", "<!-- write paths: end -->"
 
 
-def test_each_write_path_changes_exactly_the_keys_in_the_readme_table(
+def test_each_write_path_changes_exactly_the_keys_in_the_guide_table(
     session_factory: sessionmaker[Session],
     bound_engine: Engine,
     keys: CacheKeyGenerator,
@@ -429,11 +429,11 @@ def test_each_write_path_changes_exactly_the_keys_in_the_readme_table(
 ) -> None:
     environment_redis(redis_url)  # alkey.invalidate() uses the default client
     table = render(run_matrix(session_factory, bound_engine, keys, redis_client))
-    readme = README.read_text(encoding="utf-8")
-    before, _, rest = readme.partition(START)
+    guide = DOCS / "write-paths.md"
+    before, _, rest = guide.read_text(encoding="utf-8").partition(START)
     documented, _, after = rest.partition(END)
-    if os.environ.get("ALKEY_UPDATE_README"):
-        README.write_text(f"{before}{START}\n{table}{END}{after}", encoding="utf-8")
+    if os.environ.get("ALKEY_UPDATE_DOCS"):
+        guide.write_text(f"{before}{START}\n{table}{END}{after}", encoding="utf-8")
         documented = "\n" + table
     assert documented.strip() == table.strip()
 
