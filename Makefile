@@ -18,7 +18,7 @@ lint: $(VENV)/.installed-dev  ## ruff, mypy --strict and the import contracts
 	$(BIN)/lint-imports
 
 docs: $(VENV)/.installed-docs  ## the documentation site, warnings as errors: docs/_build/html
-	$(BIN)/sphinx-build -W --keep-going -n -q -b html docs docs/_build/html
+	$(BIN)/sphinx-build -E -W --keep-going -n -q -b html docs docs/_build/html
 
 bench: $(VENV)/.installed-bench  ## full benchmark: writes docs/benchmarks.md and .png
 	$(BIN)/python -m benchmarks

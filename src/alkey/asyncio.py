@@ -5,12 +5,13 @@ imports this module: as it is imported, it registers :func:`sync_target` and
 :func:`store_for` with :func:`alkey.events.support_asyncio`, and :func:`alkey.events.bind`
 loads it by name only once ``sqlalchemy.ext.asyncio`` has been imported.
 
-The guarantees are the sync ones. SQLAlchemy runs an :class:`AsyncSession`'s work, and
-the session events that alkey listens to, in a greenlet of the task that awaits it. From
-there :class:`AsyncRedisTokenStore` awaits ``redis.asyncio`` with SQLAlchemy's
-``await_()``, so the bump has reached Redis when ``await session.commit()`` returns (a
-request that saves and then renders sees the new key), while the event loop runs other
-tasks during the round trip.
+The guarantees are the sync ones. SQLAlchemy runs an
+:class:`~sqlalchemy.ext.asyncio.AsyncSession`'s work, and the session events that alkey
+listens to, in a greenlet of the task that awaits it. From there
+:class:`AsyncRedisTokenStore` awaits ``redis.asyncio`` with SQLAlchemy's ``await_()``, so
+the bump has reached Redis when ``await session.commit()`` returns (a request that saves
+and then renders sees the new key), while the event loop runs other tasks during the
+round trip.
 
 * :func:`bind` -- :func:`alkey.events.bind` with an asyncio token store;
 * :class:`AsyncCacheKeyGenerator` -- ``await key_generator(user, 'sidebar')``, one round
@@ -89,7 +90,7 @@ _T = TypeVar("_T")
 def sync_target(target: object) -> object:
     """The synchronous session target whose events an async ``target`` fires.
 
-    SQLAlchemy runs an :class:`AsyncSession`'s work in a synchronous
+    SQLAlchemy runs an :class:`~sqlalchemy.ext.asyncio.AsyncSession`'s work in a synchronous
     :class:`~sqlalchemy.orm.Session` (its ``sync_session``), and its events fire there.
     An ``async_sessionmaker`` without a ``sync_session_class`` of its own is given a
     dedicated subclass, so that binding it never binds every ``Session`` of the process
@@ -231,12 +232,12 @@ class AsyncRedisTokenStore(ScriptStore):
 
     ``afetch`` and ``abump`` are the asyncio calls. The synchronous
     :class:`~alkey.tokens.TokenStore` methods ``fetch`` and ``bump`` are what the session
-    listeners call at commit: inside an :class:`AsyncSession` operation they run in
-    SQLAlchemy's greenlet and await ``afetch``/``abump`` on the loop with ``await_()``,
-    so the commit returns after the bump reached Redis and other tasks run meanwhile.
-    Outside such a greenlet (a plain sync :class:`~sqlalchemy.orm.Session`) there is no
-    loop to await on, and they raise :class:`RuntimeError`: bind sync sessions to a
-    :class:`~alkey.tokens.RedisTokenStore`.
+    listeners call at commit: inside an :class:`~sqlalchemy.ext.asyncio.AsyncSession`
+    operation they run in SQLAlchemy's greenlet and await ``afetch``/``abump`` on the
+    loop with ``await_()``, so the commit returns after the bump reached Redis and other
+    tasks run meanwhile. Outside such a greenlet (a plain sync
+    :class:`~sqlalchemy.orm.Session`) there is no loop to await on, and they raise
+    :class:`RuntimeError`: bind sync sessions to a :class:`~alkey.tokens.RedisTokenStore`.
 
     Outages behave exactly as with the sync store (the same
     :class:`~alkey.tokens.OutageLedger`): with ``on_error="degrade"`` fetches return fresh
@@ -534,11 +535,11 @@ def bind(
     """:func:`alkey.events.bind` for asyncio sessions, bumping through ``redis.asyncio``.
 
     ``target`` is an ``async_sessionmaker``, an ``async_scoped_session``, an
-    :class:`AsyncSession` (class or instance) or any target :func:`alkey.events.bind`
-    takes. Tokens live in ``tokens``, else in ``redis_client`` (a ``redis.asyncio.Redis``),
-    else in each loop's default client (:func:`store_for`). ``alkey.events.bind`` with a
-    sync ``redis_client`` works too, but then each commit blocks the loop for its round
-    trip.
+    :class:`~sqlalchemy.ext.asyncio.AsyncSession` (class or instance) or any target
+    :func:`alkey.events.bind` takes. Tokens live in ``tokens``, else in ``redis_client``
+    (a ``redis.asyncio.Redis``), else in each loop's default client (:func:`store_for`).
+    ``alkey.events.bind`` with a sync ``redis_client`` works too, but then each commit
+    blocks the loop for its round trip.
 
     Binding the ``AsyncSession`` class binds ``sqlalchemy.orm.Session``, the sync class
     behind it, and with it every sync session of the process, which cannot bump through

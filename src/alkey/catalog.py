@@ -68,7 +68,7 @@ class Reference:
     columns: frozenset[str]  #: the child's foreign-key columns
     referred: frozenset[str]  #: the parent's referenced columns
     ondelete: str | None  #: ``CASCADE``, ``SET NULL``, ``SET DEFAULT`` or None
-    onupdate: str | None
+    onupdate: str | None  #: ``CASCADE``, ``SET NULL``, ``SET DEFAULT`` or None
 
 
 @dataclass

@@ -82,7 +82,7 @@ def get_redis_config(env: Mapping[str, str] | None = None) -> RedisConfig:
 
 def client_from_config(config: RedisConfig) -> RedisClient:
     """A new client with its own pool, built from a :class:`RedisConfig`, with
-    :data:`DEFAULT_CLIENT_OPTIONS`."""
+    :data:`~alkey.settings.DEFAULT_CLIENT_OPTIONS`."""
     configuration = configure(
         env={}, url=config["url"], db=config["db"], max_connections=config["max_connections"]
     )

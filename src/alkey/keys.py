@@ -125,6 +125,7 @@ class KeyPlan:
     __slots__ = ("_head", "identifiers", "prefix")
 
     def __init__(self, prefix: str, chunks: list[Chunk]) -> None:
+        #: The generator's prefix, which starts the key.
         self.prefix = prefix
         references = [chunk for chunk in chunks if type(chunk) is str]
         unique = dict.fromkeys(references)

@@ -89,11 +89,16 @@ class CacheStats:
 class CacheEvents(Protocol):
     """Who hears of a cache's invalidations and flushes (a store's observers)."""
 
+    #: The observers' ``local_invalidated`` methods: empty when nobody listens, so that
+    #: an invalidation costs no event.
     local_invalidated_hooks: tuple[Any, ...]
 
-    def local_invalidated(self, *, count: int, evicted: int) -> None: ...
+    def local_invalidated(self, *, count: int, evicted: int) -> None:
+        """Token keys changed, and those the cache held were evicted
+        (:meth:`alkey.observers.StoreObserver.local_invalidated`)."""
 
-    def local_flushed(self, *, reason: str, entries: int) -> None: ...
+    def local_flushed(self, *, reason: str, entries: int) -> None:
+        """The cache was emptied (:meth:`alkey.observers.StoreObserver.local_flushed`)."""
 
 
 def _epoch(token: str) -> str:

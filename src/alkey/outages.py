@@ -33,23 +33,39 @@ class OutageEvents(Protocol):
     """The incidents :class:`OutageLedger` and :class:`Recoveries` report (the methods of
     :class:`alkey.observers.StoreObserver` of the same names)."""
 
-    def bump_kept(self, *, count: int, pending: int) -> None: ...
+    def bump_kept(self, *, count: int, pending: int) -> None:
+        """A bump could not reach Redis and was kept for replay
+        (:meth:`alkey.observers.StoreObserver.bump_kept`)."""
 
-    def dropped(self, *, count: int, max_pending: int) -> None: ...
+    def dropped(self, *, count: int, max_pending: int) -> None:
+        """Kept bumps went past ``max_pending``: the token every key depends on is kept in
+        their place (:meth:`alkey.observers.StoreObserver.dropped`)."""
 
     def outage_began(
         self, *, action: str, error: BaseException, pending: int, dropped: int, max_pending: int
-    ) -> None: ...
+    ) -> None:
+        """The first failure of an outage
+        (:meth:`alkey.observers.StoreObserver.outage_began`)."""
 
-    def outage_ended(self, *, replayed: int, dropped: int) -> None: ...
+    def outage_ended(self, *, replayed: int, dropped: int) -> None:
+        """Redis answers again; the kept bumps were replayed
+        (:meth:`alkey.observers.StoreObserver.outage_ended`)."""
 
-    def pool_exhausted(self, *, action: str, error: BaseException, pending: int) -> None: ...
+    def pool_exhausted(self, *, action: str, error: BaseException, pending: int) -> None:
+        """A call found no free connection in its pool and went without Redis
+        (:meth:`alkey.observers.StoreObserver.pool_exhausted`)."""
 
-    def pool_recovered(self, *, starved: int) -> None: ...
+    def pool_recovered(self, *, starved: int) -> None:
+        """A call got a connection again
+        (:meth:`alkey.observers.StoreObserver.pool_recovered`)."""
 
-    def recovery_began(self, *, claimed: int, lease: float, backlog: bool) -> None: ...
+    def recovery_began(self, *, claimed: int, lease: float, backlog: bool) -> None:
+        """A recovery of due intents begins
+        (:meth:`alkey.observers.StoreObserver.recovery_began`)."""
 
-    def recovery_ended(self, *, total: int, lease: float, backlog: bool) -> None: ...
+    def recovery_ended(self, *, total: int, lease: float, backlog: bool) -> None:
+        """A recovery of due intents is over
+        (:meth:`alkey.observers.StoreObserver.recovery_ended`)."""
 
 
 class _Unheard:

@@ -8,24 +8,23 @@ Including alkey does two things, both configured from the application's settings
 * adds ``request.cache_key``, a :class:`~alkey.keys.CacheKeyGenerator` on the same token
   store, so the keys a view builds change exactly when those commits happen.
 
-=========================  ==============================================================
-setting                    meaning
-=========================  ==============================================================
-``alkey.session_cls``      dotted path of a Session class, ``sessionmaker``,
-                           ``scoped_session`` or Session instance (default
-                           ``pyramid_basemodel.Session``)
-``alkey.redis_url``        ``redis://``, ``rediss://`` or ``unix://`` URL of the token
-                           Redis; ``redis.url`` is read when it is unset
-``alkey.cache_key_prefix`` text in front of every ``request.cache_key(...)`` key
-``alkey.ttl``,             the token store's options (:class:`alkey.options.StoreOptions`),
-``alkey.key_prefix``,      read by :func:`alkey.settings.configure` like every other
-``alkey.on_error``,        source: these settings win over the URL's ``alkey_*`` query
-``alkey.max_pending``,     options and the ``ALKEY_*`` environment variables
-``alkey.retry_interval``,
-``alkey.durable``,
-``alkey.lease``,
-``alkey.local_cache``
-=========================  ==============================================================
+============================  ===========================================================
+setting                       meaning
+============================  ===========================================================
+``alkey.session_cls``         dotted path of a Session class, ``sessionmaker``,
+                              ``scoped_session`` or Session instance (default
+                              ``pyramid_basemodel.Session``)
+``alkey.redis_url``           ``redis://``, ``rediss://`` or ``unix://`` URL of the token
+                              Redis; ``redis.url`` is read when it is unset
+``alkey.cache_key_prefix``    text in front of every ``request.cache_key(...)`` key
+``alkey.<option>``            the token store's options (``ttl``, ``key_prefix``,
+                              ``on_error``, ``max_pending``, ``retry_interval``,
+                              ``durable``, ``lease``, ``local_cache``: see
+                              :class:`alkey.options.StoreOptions`), read by
+                              :func:`alkey.settings.configure` like every other source:
+                              these settings win over the URL's ``alkey_*`` query options
+                              and the ``ALKEY_*`` environment variables
+============================  ===========================================================
 
 Redis is chosen once per application, in this order: an
 :class:`~alkey.interfaces.IRedisClientFactory` or
@@ -70,11 +69,15 @@ __all__ = [
 
 log = logging.getLogger("alkey.pyramid")
 
+#: The setting naming the session to bind: a dotted path, or the object itself when the
+#: application passes settings from code.
 SESSION_CLS_SETTING: Final = "alkey.session_cls"
 #: The seed's default: pyramid_basemodel's thread-local scoped session.
 DEFAULT_SESSION_CLS: Final = "pyramid_basemodel.Session"
 #: Read in this order; the first one set names the token Redis.
 REDIS_URL_SETTINGS: Final = ("alkey.redis_url", "redis.url")
+#: The setting whose text starts every ``request.cache_key(...)`` key, so that two
+#: applications sharing a cache never share keys.
 CACHE_KEY_PREFIX_SETTING: Final = "alkey.cache_key_prefix"
 
 # Where the application's key generator lives in its registry (a dict, as in Pyramid's
@@ -144,12 +147,17 @@ class ApplicationTokenStore:
         return self._store
 
     def fetch(self, identifiers: Sequence[str]) -> list[str]:
+        """The application store's :meth:`~alkey.tokens.TokenStore.fetch`."""
         return self.store.fetch(identifiers)
 
     def intend(self, identifiers: Collection[str]) -> str | None:
+        """The application store's :meth:`~alkey.tokens.DurableTokenStore.intend`, if it
+        is durable; else ``None``, nothing recorded."""
         return intend(self.store, identifiers)
 
     def bump(self, identifiers: Collection[str], intent: str | None = None) -> None:
+        """The application store's :meth:`~alkey.tokens.DurableTokenStore.bump` (its
+        :meth:`~alkey.tokens.TokenStore.bump` if it is not durable)."""
         bump(self.store, identifiers, intent)
 
     def registers_redis(self) -> bool:

@@ -215,7 +215,9 @@ class Script:
     __slots__ = ("sha", "source")
 
     def __init__(self, source: str) -> None:
+        #: The Lua source.
         self.source = source
+        #: The source's SHA1, hex: the name ``EVALSHA`` runs the script by.
         self.sha = hashlib.sha1(source.encode("ascii")).hexdigest()
 
 
@@ -287,9 +289,14 @@ class ScriptCalls:
         return calls
 
     def intend(self, intent: str, identifiers: Collection[str]) -> list[Call]:
+        """Durable mode's record that ``identifiers`` are about to be bumped, as
+        ``intent``: a store that finds it older than the lease bumps them itself."""
         return [(INTEND, self.intent_keys, (intent, "\n".join(identifiers)))]
 
     def claim(self, lease: float) -> Call:
+        """Take over up to :data:`CLAIM_LIMIT` intents older than ``lease`` seconds --
+        their writers died, or lost Redis, between COMMIT and bump -- to bump them
+        (:meth:`claimed` reads the answer)."""
         return (CLAIM, self.intent_keys, (lease, CLAIM_LIMIT))
 
     @staticmethod

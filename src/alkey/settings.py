@@ -275,7 +275,7 @@ _OPTIONS: Final[Mapping[str, _Option]] = {
 
 def _option_value(name: str, raw: object, source: Source) -> object:
     """``raw`` (text from a file, a URL or the environment, or a value from code) as the
-    value of store option ``name``, checked; a :class:`ConfigurationError` naming
+    value of store option ``name``, checked; a :class:`~alkey.errors.ConfigurationError` naming
     ``source`` otherwise."""
     option = _OPTIONS[name]
     value = raw
@@ -862,8 +862,8 @@ class SentinelURL:
 
     @classmethod
     def parse(cls, url: str, source: Source = _DEFAULT) -> SentinelURL:
-        """``url`` taken apart; a :class:`ConfigurationError` naming ``source`` (and the
-        URL, password masked) if it cannot name a Sentinel group."""
+        """``url`` taken apart; a :class:`~alkey.errors.ConfigurationError` naming
+        ``source`` (and the URL, password masked) if it cannot name a Sentinel group."""
 
         def invalid(problem: str) -> ConfigurationError:
             return ConfigurationError(f"{source.spell(url)} is invalid: {problem}")

@@ -54,7 +54,7 @@ _UNKNOWN_COMMANDS = frozenset({"CALL", "DO", "COPY", "EXEC", "EXECUTE", "LOAD"})
 class Write(NamedTuple):
     """One table that a statement writes, and how.
 
-    ``parts`` are the encoded table parts it may be (see :func:`_spellings`), ``names``
+    ``parts`` are the encoded table parts it may be (see ``_spellings()``), ``names``
     its name as written and folded, ``qualified`` whether a schema was named. ``kind`` is
     ``insert``, ``update``, ``delete``, ``write`` (may be any of them: ``MERGE``,
     ``INSERT OR REPLACE``) or ``ddl``; ``columns`` the lower-case columns an ``update``

@@ -14,7 +14,7 @@ key in different tables, and those rows must never share a token or a key:
   rows changes every shard's row keys of that table: more misses, never a stale hit).
 
 This module records, as SQLAlchemy loads an instance, the schema map it was loaded with
-(:func:`alkey.identity.record_schemas`); :func:`record_flushed` does the same for the
+(``alkey.identity.record_schemas()``); :func:`record_flushed` does the same for the
 instances a flush inserts. A tenant's write also changes the key of the mapped class or
 ``Table`` (which stands for the table in every schema); to key on one tenant's table, name
 it: ``'alkey:tenant_a.items#*'``.

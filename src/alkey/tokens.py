@@ -161,11 +161,11 @@ class ScriptStore:
     library's exceptions.
 
     ``options`` (checked already: the stores' own keyword arguments are applied over it
-    by :func:`store_options`) set the behaviour; ``observers`` hear of incidents (default:
+    by ``store_options()``) set the behaviour; ``observers`` hear of incidents (default:
     one :class:`~alkey.observers.LoggingObserver`); ``transport`` carries the round trips.
     """
 
-    #: Which registry of shared stores this kind lives in (see :func:`shared_store`).
+    #: Which registry of shared stores this kind lives in (see ``shared_store()``).
     pool_attribute: ClassVar[str]
 
     def __init__(
@@ -219,7 +219,7 @@ class ScriptStore:
         return self.outage.pending
 
     def _share_through(self, key: object | None) -> None:
-        """Become the store that :func:`shared_store` returns for ``key`` (a transport's
+        """Become the store that ``shared_store()`` returns for ``key`` (a transport's
         share key; ``None``: nothing to share through)."""
         if key is None:
             return
@@ -308,9 +308,9 @@ class ScriptStore:
         """``fetch``: the current tokens, in one round trip unless a recovery comes first.
 
         Fresh random tokens (a guaranteed miss) instead while Redis is down or was until
-        lately (see :class:`OutageLedger`), when the pool had no connection for this call,
-        and while a recovery of due intents runs in this store or has left some due: the
-        tokens Redis holds then may be about to be replaced.
+        lately (see :class:`~alkey.outages.OutageLedger`), when the pool had no connection
+        for this call, and while a recovery of due intents runs in this store or has left
+        some due: the tokens Redis holds then may be about to be replaced.
 
         ``known``: the local cache's answer (:meth:`_cached`); only the identifiers it
         lacks are fetched, and what comes back is kept in it.
@@ -469,7 +469,8 @@ class ScriptStore:
         self, claimed: dict[str, list[str]], then: list[Call]
     ) -> Exchange[list[Any] | None]:
         """Bump the intents a claim took over and clear them; while the claims come back
-        full, claim and bump the next batch, for up to :data:`RECOVERY_BUDGET` seconds.
+        full, claim and bump the next batch, for up to
+        :data:`~alkey.outages.RECOVERY_BUDGET` seconds.
 
         One round trip per batch, each carrying the bump of one batch, the claim of the
         next, and ``then`` (a fetch's calls): in a loop, so that a backlog of any size
@@ -569,12 +570,12 @@ class RedisTokenStore(ScriptStore):
 
     Each outage is reported once when it starts and once when it ends to the store's
     ``observers``; the default :class:`~alkey.observers.LoggingObserver` logs it on the
-    ``alkey.tokens`` logger, with counts (see :class:`OutageLedger`).
+    ``alkey.tokens`` logger, with counts (see :class:`~alkey.outages.OutageLedger`).
 
     A connection pool with no free connection (``max_connections``) is no outage: the
     call waits for one, at most the client's socket timeout
     (:func:`alkey.transports.pool_waits`), and only if none comes does that call alone go
-    without Redis, as above, marking nothing down (:meth:`OutageLedger.exhausted`).
+    without Redis, as above, marking nothing down (:meth:`~alkey.outages.OutageLedger.exhausted`).
 
     ``durable=True`` closes the one gap memory cannot: a process that dies (or loses
     Redis for good) between the database COMMIT and the bump. Just before the COMMIT the
@@ -586,8 +587,8 @@ class RedisTokenStore(ScriptStore):
     never outlives a committed write by more than about 1.5 leases while some process
     generates keys or commits. Read-only commits still cost nothing. A backlog of due
     intents (many writers died) is drained in batches, one round trip each, for at most
-    :data:`RECOVERY_BUDGET` seconds per call, the next calls going on at once; meanwhile
-    fetches miss (see :meth:`ScriptStore._recover`).
+    :data:`~alkey.outages.RECOVERY_BUDGET` seconds per call, the next calls going on at
+    once; meanwhile fetches miss (see ``ScriptStore._recover()``).
 
     ``options`` (:class:`~alkey.options.StoreOptions`) holds all of these settings in one
     object; keyword arguments given as well are applied over it.
@@ -660,6 +661,9 @@ class RedisTokenStore(ScriptStore):
         return self.transport.pool_wait
 
     def fetch(self, identifiers: Sequence[str]) -> list[str]:
+        """The current token of each of ``identifiers``, in order, created if missing:
+        those the local token cache holds from it, the others from Redis in one round
+        trip. Fresh random tokens -- a miss -- when Redis cannot answer (see above)."""
         if not identifiers:
             return []
         local = self.local
@@ -688,6 +692,9 @@ class RedisTokenStore(ScriptStore):
         return self._exchange(self._intending(identifiers))
 
     def bump(self, identifiers: Collection[str], intent: str | None = None) -> None:
+        """Give each of ``identifiers`` a new random token, in one round trip that also
+        clears ``intent`` (from :meth:`intend`). Kept for replay when Redis cannot take it
+        (see above)."""
         self._bump(identifiers, () if intent is None else (intent,))
 
     def _bump(self, identifiers: Collection[str], intents: Collection[str]) -> None:

@@ -67,8 +67,9 @@ class ChangeStack:
         self._levels: list[Written] = []
 
     def record(self, identifiers: Iterable[str] | Written) -> None:
-        """Record writes against the innermost open level. A :class:`Written` passed in
-        becomes the stack's (it may be kept as the level itself): do not change it."""
+        """Record writes against the innermost open level. A
+        :class:`~alkey.written.Written` passed in becomes the stack's (it may be kept as the
+        level itself): do not change it."""
         levels = self._levels
         if not levels:
             if type(identifiers) is Written:

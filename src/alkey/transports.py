@@ -200,7 +200,7 @@ def _library_of(client: object) -> str | None:
 def errors_of(client: object) -> ClientErrors:
     """The error classes of ``client``'s library -- redis-py's, or valkey-py's for a
     valkey client, found through the client's class and its bases -- and for a cluster
-    client with its cluster errors (:func:`_cluster_errors`).
+    client with its cluster errors (``_cluster_errors()``).
 
     Fails closed: a client of neither library is mapped by the errors of every known
     library that is installed, so that none of them can escape a commit.
@@ -239,18 +239,20 @@ def store_error(error: Exception, errors: ClientErrors = REDIS_ERRORS) -> TokenS
     """alkey's error for a client library's error (raise it ``from error``).
 
     * no connection free in the pool, even after waiting (``MaxConnectionsError``, or a
-      ``BlockingConnectionPool``'s timeout) -> :class:`TokenStorePoolExhaustedError`:
+      ``BlockingConnectionPool``'s timeout) -> :class:`~alkey.errors.TokenStorePoolExhaustedError`:
       Redis is fine, this process ran out of connections;
     * Redis cannot be reached or cannot serve now -- connection refused or lost,
       timeouts, ``LOADING``, ``BUSY`` (a long script), ``READONLY`` (a replica),
       ``MASTERDOWN``, ``NOREPLICAS`` (a primary cut off from its replicas, under
-      ``min-replicas-to-write``), cluster down -> :class:`TokenStoreUnavailableError`;
+      ``min-replicas-to-write``), cluster down -> :class:`~alkey.errors.TokenStoreUnavailableError`;
       through a cluster client also
-      a failover or resharding under way (see :func:`_cluster_errors`);
+      a failover or resharding under way (see ``_cluster_errors()``);
     * a plain client pointed at one node of a Redis Cluster (``CROSSSLOT``, ``MOVED``,
-      ``ASK``) -> :class:`TokenStoreError`, whose message says to use a cluster client:
-      without it every key would miss, for good, behind a log line about an outage;
-    * anything else (``OOM`` of a full Redis, a wrong type...) -> :class:`TokenStoreError`.
+      ``ASK``) -> :class:`~alkey.errors.TokenStoreError`, whose message says to use a
+      cluster client: without it every key would miss, for good, behind a log line about
+      an outage;
+    * anything else (``OOM`` of a full Redis, a wrong type...) ->
+      :class:`~alkey.errors.TokenStoreError`.
 
     ``errors``: the classes of the library that raised it (:func:`errors_of`; default
     redis-py's). The message is the client's own, which names host and port, with
