@@ -56,8 +56,14 @@ autodoc_default_options = {"members": True, "undoc-members": True, "show-inherit
 #: intersphinx: references into them stay plain text. Only these prefixes are ignored; a
 #: reference to an ``alkey`` name must resolve.
 EXTERNAL = (
+    "aiocache",
     "binascii",
+    "cashews",
     "collections",
+    "datetime",
+    "dogpile",
+    "enum",
+    "flask_caching",
     "logging",
     "os",
     "pyramid",
@@ -70,7 +76,11 @@ EXTERNAL = (
     "webob",
     "zope",
 )
-nitpick_ignore_regex = [(r"py:.*", rf"({'|'.join(EXTERNAL)})(\..+)?")]
+nitpick_ignore_regex = [
+    (r"py:.*", rf"({'|'.join(EXTERNAL)})(\..+)?"),
+    # the private type variables of generic signatures (``_T``), which have no entry
+    (r"py:.*", r"~?(alkey(\.\w+)*\.)?_[A-Z]\w*"),
+]
 
 #: Short external names that type hints leave unqualified (autodoc renders some
 #: annotations of ``from __future__ import annotations`` modules as written): their
@@ -78,6 +88,9 @@ nitpick_ignore_regex = [(r"py:.*", rf"({'|'.join(EXTERNAL)})(\..+)?")]
 EXTERNAL_SHORT_NAMES = {
     # alkey.transports' aliases of redis-py's cluster clients
     "AsyncClusterClient": "redis.asyncio.cluster.RedisCluster",
+    "BaseCache": "aiocache.base.BaseCache",
+    "Cache": "flask_caching.Cache",
+    "timedelta": "datetime.timedelta",
     "ClusterClient": "redis.cluster.RedisCluster",
     "Engine": "sqlalchemy.engine.Engine",
     "Session": "sqlalchemy.orm.Session",

@@ -123,6 +123,42 @@ def test_a_registered_client_factory_replaces_the_default(redis_client: RedisCli
     assert get_redis_client(registry=registry) is redis_client
 
 
+def test_a_0_3_style_client_factory_taking_request_still_works(
+    redis_client: RedisClient,
+) -> None:
+    seen: list[object] = []
+
+    def factory_of_0_3(request: object) -> RedisClient:  # a required request, as 0.3 passed
+        seen.append(request)
+        return redis_client
+
+    class Request:
+        registry = Components()
+
+    Request.registry.registerUtility(factory_of_0_3, IRedisClientFactory)
+    request = Request()
+    assert get_redis_client(request) is redis_client
+    assert get_redis_client(registry=Request.registry) is redis_client
+    assert seen == [request, None]  # as 0.3: request=, None when there is no request
+
+
+def test_a_factory_taking_keyword_arguments_is_given_the_request_and_one_taking_none_is_not(
+    redis_client: RedisClient,
+) -> None:
+    given: list[dict[str, object]] = []
+
+    def factory(**kwargs: object) -> RedisClient:
+        given.append(kwargs)
+        return redis_client
+
+    registry = Components()
+    registry.registerUtility(factory, IRedisClientFactory)
+    assert get_redis_client(registry=registry) is redis_client
+    assert given == [{"request": None}]
+    registry.registerUtility(lambda: redis_client, IRedisClientFactory)
+    assert get_redis_client(registry=registry) is redis_client
+
+
 def test_a_registered_connection_pool_is_used_for_the_request(redis_url: str) -> None:
     pool = redis.ConnectionPool.from_url(redis_url)
 

@@ -1,4 +1,5 @@
-"""The demo and the token command work from a fresh process, as a newcomer runs them."""
+"""The demo and the (deprecated) token command work from a fresh process, as a newcomer
+runs them."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import sys
 
 import pytest
 
-from alkey.tokens import RedisClient
+from alkey.tokens import RedisClient, RedisTokenStore
 
 from .conftest import token_keys
 
@@ -58,15 +59,20 @@ def test_the_demo_uses_redis_url_and_leaves_no_keys_behind(
     assert redis_client.dbsize() == 0
 
 
-def test_the_token_command_prints_current_tokens(redis_url: str, redis_client: RedisClient) -> None:
+def test_the_token_command_is_a_deprecated_inspect_that_creates_no_token(
+    redis_url: str, redis_client: RedisClient
+) -> None:
+    RedisTokenStore(redis_client).fetch(["alkey:users#1"])
     env = clean_env(REDIS_URL=redis_url)
     result = run_alkey("token", "alkey:users#1", "alkey:users#*", env=env)
     assert result.returncode == 0, result.stderr
-    lines = dict(line.split(" ") for line in result.stdout.splitlines())
-    token, _, epoch = lines["alkey:users#1"].partition("@")
+    lines = dict(line.split(maxsplit=1) for line in result.stdout.splitlines())
+    token, ttl = lines["alkey:users#1"].split(maxsplit=1)
     assert token.encode() == redis_client.get("alkey:users#1")
-    assert epoch, "with the server's epoch"
-    assert token_keys(redis_client) == {"alkey:users#1", "alkey:users#*"}
+    assert ttl.startswith("ttl ")
+    assert lines["alkey:users#*"] == "missing"
+    assert "deprecated: use 'alkey inspect'" in result.stderr
+    assert token_keys(redis_client) == {"alkey:users#1"}
 
 
 @pytest.mark.parametrize("identifier", ["alkey:users", "alkey:users#%2c"])

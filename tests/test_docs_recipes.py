@@ -1,6 +1,7 @@
 """Every Python example of the integration recipes runs, in order, against the real
 libraries and the test Redis: docs/integrations/sqlmodel.md, celery.md and fastapi.md,
-and docs/front-ends.md (dogpile.cache, Flask-Caching, aiocache, cashews).
+and docs/front-ends.md (alkey.readthrough on a dict and redis-py, dogpile.cache,
+Flask-Caching, redis.asyncio, aiocache, cashews, and a Jinja2 fragment tag).
 
 The examples hold their own assertions: a key changes after a commit, a cached value is
 fresh after a write. Each test unbinds what its page bound, so other tests see no binding.
@@ -65,22 +66,39 @@ def test_the_sqlmodel_recipe_changes_a_heroes_key_when_its_row_is_committed(
     assert "alkey:hero#1" in token_keys(redis_client)
 
 
+# dogpile.cache's Redis backend stores with setex() when given redis_expiration_time, which
+# redis-py 5 deprecates.
+@pytest.mark.filterwarnings("ignore:Call to deprecated setex:DeprecationWarning")
 def test_the_front_end_recipes_serve_a_fresh_value_after_a_commit(
     page_module: types.ModuleType,
     redis_url: str,
     redis_client: RedisClient,
     environment_redis: Callable[[str], None],
 ) -> None:
+    """Every block of the page, in order, in one module: the shipped read-through helpers
+    and adapters, dogpile's default keys as the stale control, and the Jinja2 tag."""
     environment_redis(redis_url)
     try:
         run_blocks("front-ends.md", page_module)
     finally:
-        for factory in ("Session", "AsyncSession"):
-            if hasattr(page_module, factory):
-                alkey.unbind(getattr(page_module, factory))
-        if hasattr(page_module, "redis_client"):
-            page_module.redis_client.close()
+        close_front_end_page(page_module)
     assert "alkey:notes#1" in token_keys(redis_client)
+
+
+def close_front_end_page(page: types.ModuleType) -> None:
+    """Undo what front-ends.md bound and close the clients it opened, however far it ran
+    (its asyncio block closes its own redis.asyncio client on its event loop)."""
+    for factory in ("Session", "AsyncSession"):
+        if hasattr(page, factory):
+            alkey.unbind(getattr(page, factory))
+    if hasattr(page, "redis_cache"):
+        page.redis_cache.close()
+    region = getattr(page, "region", None)
+    if region is not None and region.is_configured:  # its Redis backend opened clients
+        region.backend.writer_client.close()
+        region.backend.reader_client.close()
+    if hasattr(page, "engine"):
+        page.engine.dispose()
 
 
 def test_the_celery_recipe_binds_each_worker_process_and_its_tasks_commits_change_keys(

@@ -29,6 +29,7 @@ from alkey.observers import LoggingObserver, ObserverGroup, StoreObserver
 from alkey.tokens import RedisTokenStore, ScriptStore
 
 from .models import User
+from .support.pools import take_connection
 
 _T = TypeVar("_T")
 FLAVOURS = ["sync", "asyncio"]
@@ -263,7 +264,7 @@ def test_an_exhausted_pool_reports_the_starved_call_and_the_recovery_without_an_
     client_options = {"max_connections": 1, "socket_timeout": 0.1}
     for driver, recorder in open_store(flavour, redis_url, client_options=client_options):
         pool = driver.client.connection_pool
-        held = pool.get_connection() if flavour == "sync" else driver._run(pool.get_connection())
+        held = take_connection(pool) if flavour == "sync" else driver._run(take_connection(pool))
         driver.fetch(["alkey:users#1"])
         if flavour == "sync":
             pool.release(held)

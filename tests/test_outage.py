@@ -304,7 +304,7 @@ def test_an_acl_user_limited_to_alkey_keys_is_enough_and_its_password_never_show
     redis_client.execute_command("ACL", "SETUSER", "alkey", *rules)  # type: ignore[no-untyped-call]
     host_port = redis_url.removeprefix("redis://")
     # On database 1: an ACL without +select fails on any database but 0.
-    limited = redis.Redis.from_url(f"redis://alkey:s3cret-acl@{host_port}/1")
+    limited = redis.Redis.from_url(f"redis://alkey:s3cret-acl@{host_port}/1", socket_timeout=2)
     database_1 = redis.Redis.from_url(f"redis://{host_port}/1")
     database_1.flushdb()
     store = RedisTokenStore(limited, on_error="raise", durable=True, lease=0.05)
@@ -329,7 +329,8 @@ def test_an_acl_user_limited_to_alkey_keys_is_enough_and_its_password_never_show
     with caplog.at_level(logging.DEBUG, logger="alkey"):
         key = CacheKeyGenerator(tokens=RedisTokenStore(wrong))("alkey:users#1")
     assert len(key) == 64, "a miss, not an exception"
-    assert "Redis unavailable" in caplog.text
+    assert "alkey cannot use Redis at" in caplog.text, "a misconfiguration, not an outage"
+    assert "refused alkey's credentials" in caplog.text
     assert "wrong-pw" not in caplog.text
     wrong.close()
     redis_client.execute_command("ACL", "DELUSER", "alkey")  # type: ignore[no-untyped-call]

@@ -78,6 +78,19 @@ DOCUMENTED = [
     "alkey.errors.TokenStoreError",
     "alkey.errors.TokenStoreUnavailableError",
     "alkey.errors.TokenStorePoolExhaustedError",
+    "alkey.errors.TokenStoreConfigurationError",
+    "alkey.check_redis",
+    "alkey.UnboundSessionWarning",
+    "alkey.asyncio.acheck_redis",
+    "alkey.readthrough.cached",
+    "alkey.readthrough.get_or_create",
+    "alkey.readthrough_asyncio.acached",
+    "alkey.readthrough_asyncio.aget_or_create",
+    "alkey.adapters.dogpile.function_key_generator",
+    "alkey.adapters.flask_caching.memoize",
+    "alkey.adapters.aiocache.cached",
+    "alkey.adapters.cashews.cached",
+    "alkey.cli.main",
 ]
 
 

@@ -201,6 +201,7 @@ def test_request_cache_key_is_one_reified_key_generator_with_the_configured_pref
     assert app.get("/describe").text.startswith("shop:")
 
 
+@pytest.mark.filterwarnings("ignore::alkey.UnboundSessionWarning")  # keys from request.dbsession
 def test_without_alkey_session_cls_pyramid_basemodels_session_is_bound(
     ada: User, tables: Engine, redis_url: str, redis_client: RedisClient
 ) -> None:
@@ -516,3 +517,26 @@ def test_every_python_example_of_the_pyramid_docs_runs_and_its_assertions_hold(
     finally:
         if "myapp.models" in sys.modules:
             alkey.unbind(sys.modules["myapp.models"].DBSession)
+
+
+def test_fail_fast_refuses_to_start_an_application_whose_redis_is_down(tables: Engine) -> None:
+    settings = {"alkey.redis_url": "redis://:pa%2Fss@127.0.0.1:1/0", "alkey.fail_fast": "0.2"}
+    with pytest.raises(ConfigurationError, match=r"alkey\.fail_fast: .*it cannot be reached") as e:
+        make_app(tables, settings)
+    assert "pa%2Fss" not in str(e.value)
+
+
+def test_fail_fast_lets_an_application_with_a_usable_redis_start(
+    tables: Engine, ada: User, redis_url: str
+) -> None:
+    app = make_app(tables, {"alkey.redis_url": redis_url, "alkey.fail_fast": "true"})
+    assert app.get("/users/1/key").text
+
+
+@pytest.mark.parametrize("value", ["maybe", "-1"])
+def test_a_fail_fast_setting_that_is_neither_a_boolean_nor_seconds_fails_the_include(
+    value: str,
+) -> None:
+    config = Configurator(settings={"alkey.session_cls": SESSION_CLS, "alkey.fail_fast": value})
+    with pytest.raises(ConfigurationError, match=rf"alkey\.fail_fast = {value!r}"):
+        config.include("alkey")

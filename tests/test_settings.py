@@ -111,6 +111,31 @@ def test_the_url_comes_from_code_then_alkey_redis_url_then_redis_url_then_the_en
     assert str(configure(settings, env=env).sources["url"]) == "setting alkey.redis_url"
 
 
+def test_herokus_redis_tls_url_comes_before_redis_url_and_after_code_and_settings() -> None:
+    """Heroku sets REDIS_URL and REDIS_TLS_URL for one server: alkey takes the TLS one,
+    with REDIS_DB and REDIS_MAX_CONNECTIONS; a URL from code or the settings still wins."""
+    env = {
+        "REDIS_TLS_URL": "rediss://:p%40ss@heroku-host:6380/0",
+        "REDIS_URL": "redis://:p%40ss@heroku-host:6379/0",
+        "REDISCLOUD_URL": "redis://cloud:6379/0",
+        "REDIS_DB": "2",
+        "REDIS_MAX_CONNECTIONS": "9",
+    }
+    configuration = configure(env=env)
+    assert configuration.url == "rediss://:p%40ss@heroku-host:6380/0"
+    assert str(configuration.sources["url"]) == "environment variable REDIS_TLS_URL"
+    assert (configuration.db, configuration.max_connections) == (2, 9)
+    assert "rediss://:***@heroku-host:6380/0 (from environment variable REDIS_TLS_URL)" in (
+        configuration.describe()
+    )
+    assert configure(env={**env, "REDIS_TLS_URL": " "}).url == env["REDIS_URL"]
+    assert configure(env={"REDIS_TLS_URL": env["REDIS_TLS_URL"]}).url == env["REDIS_TLS_URL"]
+    assert configure({"redis.url": "redis://shared/0"}, env=env).url == "redis://shared/0"
+    assert configure(env=env, url="redis://code/0").url == "redis://code/0"
+    with pytest.raises(ConfigurationError, match=r"REDIS_TLS_URL='http://:\*\*\*@h/0'"):
+        configure(env={**env, "REDIS_TLS_URL": "http://:s3cret@h/0"})
+
+
 def test_redis_db_and_max_connections_go_with_an_environment_url_only() -> None:
     env = {"REDIS_URL": "redis://environment/2", "REDIS_DB": "5", "REDIS_MAX_CONNECTIONS": "7"}
     from_env = configure(env=env)

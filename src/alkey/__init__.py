@@ -14,10 +14,10 @@ from __future__ import annotations
 from typing import Any
 
 from alkey.catalog import declare_writes, register_metadata, undeclare_writes
-from alkey.client import get_redis_client, get_redis_config
+from alkey.client import check_redis, get_redis_client, get_redis_config
 from alkey.connections import bind_engine, unbind_engine
 from alkey.constants import GLOBAL_WRITE_TOKEN
-from alkey.events import bind, unbind
+from alkey.events import UnboundSessionWarning, bind, unbind
 from alkey.identity import parse_identifier, row_identifier, table_identifier
 from alkey.keys import CacheKeyGenerator, get_cache_key_generator, get_token
 from alkey.manual import invalidate, touch
@@ -28,8 +28,10 @@ __all__ = [
     "CacheKeyGenerator",
     "RedisTokenStore",
     "TokenStore",
+    "UnboundSessionWarning",
     "bind",
     "bind_engine",
+    "check_redis",
     "declare_writes",
     "get_cache_key_generator",
     "get_redis_client",

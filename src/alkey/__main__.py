@@ -1,13 +1,13 @@
-"""``python -m alkey``: a guided demo, and token inspection.
+"""``python -m alkey`` and the ``alkey`` command: the guided demo, and the operators' commands.
 
-* ``python -m alkey demo`` -- walks through keys changing on commit and staying put on
-  rollback, on an embedded Redis and SQLite (or the Redis at ``REDIS_URL``).
-* ``python -m alkey token IDENTIFIER...`` -- prints current tokens from the configured Redis.
+* ``alkey demo`` -- walks through keys changing on commit and staying put on rollback, on
+  an embedded Redis and SQLite (or the Redis at ``REDIS_URL``); it lives here.
+* ``alkey check``, ``inspect``, ``bump``, ``watch``, ``stats`` -- see :mod:`alkey.cli`,
+  which :func:`main` hands every command to.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import sys
@@ -17,6 +17,7 @@ from sqlalchemy import String, create_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 import alkey
+from alkey import cli
 from alkey.client import client_from_config, get_redis_config, redact_url
 from alkey.keys import CacheKeyGenerator
 from alkey.tokens import RedisClient, RedisTokenStore
@@ -140,31 +141,10 @@ def _story(
     out("CacheKeyGenerator()(instance, 'anything else') wherever you cache.")
 
 
-def _token(identifiers: Sequence[str], out: Callable[[str], None]) -> None:
-    store = RedisTokenStore(client_from_config(get_redis_config()), on_error="raise")
-    for identifier in identifiers:
-        alkey.parse_identifier(identifier)
-    for identifier, token in zip(identifiers, store.fetch(identifiers), strict=True):
-        out(f"{identifier} {token}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m alkey`` and the ``alkey`` command."""
-    parser = argparse.ArgumentParser(prog="alkey", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("demo", help="a guided demo on an embedded Redis and SQLite")
-    token = commands.add_parser("token", help="print current tokens (creating missing ones)")
-    token.add_argument("identifiers", nargs="+", metavar="IDENTIFIER", help="e.g. alkey:users#1")
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "demo":
-            demo()
-        else:
-            _token(args.identifiers, print)
-    except (ValueError, RuntimeError) as error:
-        print(f"alkey: {error}", file=sys.stderr)
-        return 2
-    return 0
+    """Entry point of ``python -m alkey`` and of the ``alkey`` console script: the
+    commands of :mod:`alkey.cli`, with this module's :func:`demo`."""
+    return cli.main(argv, demo=demo)
 
 
 if __name__ == "__main__":

@@ -72,6 +72,15 @@ MAX_DEPTH: Final = 64
 #: ``bytes``: encoded data; ``str``: a validated identifier whose token goes here.
 Chunk = bytes | str
 
+#: Called with the state of an instance of a session not checked yet (see
+#: :data:`checked_session`), to warn if that session is not bound: set by
+#: :func:`alkey.events.bind` (which this module must not import), so that a process that
+#: never binds pays one global lookup per key and nothing more.
+check_session: Callable[[InstanceState[Any]], None] | None = None
+#: The ``session_id`` of the session :data:`check_session` saw last. Keys are built a
+#: request at a time, so the check runs about once per session, not once per key.
+checked_session: int | None = None
+
 
 def _framed(tag: bytes, body: bytes) -> bytes:
     return tag + str(len(body)).encode("ascii") + b":" + body
@@ -119,6 +128,8 @@ class _Encoder:
             return
         state = getattr(value, DEFAULT_STATE_ATTR, None)
         if isinstance(state, InstanceState):
+            if check_session is not None and state.session_id not in (checked_session, None):
+                check_session(state)
             self.chunks.append(identity.instance_identifier(state))
             self.chunks.append(loaded_state(state, self.expired))
             return
@@ -449,5 +460,9 @@ def _instances(
     chunks: list[Chunk], states: list[InstanceState[Any]], expired: list[InstanceState[Any]] | None
 ) -> None:
     """Append each instance's identifier, then its state, as :meth:`_Encoder.encode` does."""
+    # Whether the session is bound: asked of the run's first instance only, and only for
+    # a session not asked about yet (instances of one key nearly always share one).
+    if check_session is not None and states[0].session_id not in (checked_session, None):
+        check_session(states[0])
     identifiers = identity.instance_identifiers(states)
     chunks += chain.from_iterable(zip(identifiers, loaded_states(states, expired), strict=True))

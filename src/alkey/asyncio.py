@@ -37,8 +37,18 @@ from sqlalchemy.orm import Session
 from sqlalchemy.util import greenlet_spawn
 
 from alkey import events
-from alkey.client import RedisConfig
-from alkey.errors import TokenStoreError
+from alkey.client import (
+    CHECK_IDENTIFIER,
+    CHECK_TIMEOUT,
+    RedisConfig,
+    _check_rounds,
+    _diagnosis,
+    _epoch_problem,
+    _failed,
+    _log_default_redis,
+    _server,
+)
+from alkey.errors import ConfigurationError, TokenStoreError
 from alkey.invalidations import AsyncListener, ClusterListeners, marked, tracking_options
 from alkey.keys import CacheKeyGenerator
 from alkey.observers import StoreObserver
@@ -74,6 +84,7 @@ __all__ = [
     "AsyncRedisClient",
     "AsyncRedisTokenStore",
     "AsyncTokenStore",
+    "acheck_redis",
     "bind",
     "close_async_redis_client",
     "get_async_redis_client",
@@ -185,7 +196,9 @@ async def get_async_redis_client() -> AsyncRedisClient:
     entry = _loop_clients.get(loop)
     if entry is not None:
         return entry[0]
-    client = async_client(configure())
+    configuration = configure()
+    client = async_client(configuration)
+    _log_once(configuration)
     closer = _closed_at_loop_shutdown(client)
     with _loop_clients_lock:
         # Forget the clients of loops that were closed without shutting down their async
@@ -195,6 +208,18 @@ async def get_async_redis_client() -> AsyncRedisClient:
         _loop_clients[loop] = (client, closer)
     await anext(closer)  # registers it with the loop; runs to its yield without I/O
     return client
+
+
+# What the default asyncio clients were said to use: a client is made per event loop, and
+# the log says it once per configuration rather than once per loop.
+_logged: set[str] = set()
+
+
+def _log_once(configuration: Configuration) -> None:
+    described = configuration.describe()
+    if described not in _logged:
+        _logged.add(described)
+        _log_default_redis(configuration, "asyncio client")
 
 
 async def close_async_redis_client() -> None:
@@ -531,6 +556,7 @@ def bind(
     *,
     redis_client: AsyncRedisClient | None = None,
     tokens: TokenStore | None = None,
+    fail_fast: bool | float = False,
 ) -> events.Binding:
     """:func:`alkey.events.bind` for asyncio sessions, bumping through ``redis.asyncio``.
 
@@ -544,10 +570,18 @@ def bind(
     Binding the ``AsyncSession`` class binds ``sqlalchemy.orm.Session``, the sync class
     behind it, and with it every sync session of the process, which cannot bump through
     asyncio: bind an ``async_sessionmaker`` instead.
+
+    ``fail_fast`` is :func:`alkey.events.bind`'s: the store is checked now, on an event
+    loop of its own, so bind before the application's loop runs; inside a running loop,
+    await :func:`acheck_redis` in the application's startup instead.
     """
     if tokens is not None and redis_client is not None:
         raise ValueError("pass either redis_client or tokens, not both")
-    return events.bind(target, tokens=tokens if tokens is not None else store_for(redis_client))
+    return events.bind(
+        target,
+        tokens=tokens if tokens is not None else store_for(redis_client),
+        fail_fast=fail_fast,
+    )
 
 
 class AsyncCacheKeyGenerator:
@@ -610,4 +644,91 @@ def _configured_store(
 for _scheme in (*REDIS_SCHEMES, *SENTINEL_SCHEMES):
     register_scheme(_scheme, asyncio=_configured_store)
 
-events.support_asyncio(sync_target, store_for)
+# -- the startup check ------------------------------------------------------------------------
+
+
+async def acheck_redis(
+    target: object = None, *, timeout: float = CHECK_TIMEOUT, require_epoch: bool = True
+) -> None:
+    """:func:`alkey.check_redis` for asyncio: refuse to start on a Redis alkey cannot use.
+
+    Await it in the application's startup (a FastAPI lifespan, say). ``target`` is an
+    :class:`AsyncRedisTokenStore`, a ``redis.asyncio.Redis`` (its shared store), a
+    :class:`~alkey.events.Binding`, or ``None`` for the process's default asyncio store
+    (:func:`store_for`, on the running loop's :func:`get_async_redis_client`). The same
+    calls, retries, and :class:`~alkey.errors.ConfigurationError` naming the server and
+    the problem as the sync check, awaited without blocking the loop.
+    """
+    configuration = None
+    if target is None:
+        target, configuration = store_for(), configure()
+    elif isinstance(target, (redis.asyncio.Redis, redis.asyncio.RedisCluster)):
+        target = store_for(target)
+    while not isinstance(target, ScriptStore):
+        inner = getattr(target, "store", None) or getattr(target, "tokens", None)
+        if inner is None or inner is target:
+            break
+        target = inner
+    server = _server(target, configuration)
+    if not isinstance(target, AsyncRedisTokenStore):
+        if isinstance(target, ScriptStore):
+            raise TypeError("acheck_redis() checks asyncio stores: use alkey.check_redis()")
+        try:
+            await target.afetch([CHECK_IDENTIFIER])  # type: ignore[attr-defined]
+            await target.abump([CHECK_IDENTIFIER])  # type: ignore[attr-defined]
+        except Exception as error:
+            raise _failed(server, f"its token store failed ({error})") from error
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            await _check_once(target, require_epoch)
+        except ConfigurationError as problem:
+            raise _failed(server, str(problem)) from None
+        except Exception as error:
+            said, passing = _diagnosis(error, target)
+            left = deadline - loop.time()
+            if not passing or left <= 0:
+                raise _failed(server, said) from error
+            await asyncio.sleep(min(0.1, left))
+        else:
+            return
+
+
+async def _check_once(store: AsyncRedisTokenStore, require_epoch: bool) -> None:
+    client = store.client if store.client is not None else await get_async_redis_client()
+    await client.ping()
+    answers = [await store.transport.run(calls) for calls in _check_rounds(store)]
+    problem = _epoch_problem(answers[0]) if require_epoch else None
+    if problem is not None:
+        raise ConfigurationError(problem)
+
+
+def _check_at_bind(store: TokenStore, timeout: float) -> None:
+    """``bind(..., fail_fast=...)`` of an asyncio session: :func:`acheck_redis` on an
+    event loop of its own, whose connections are closed with it. Inside a running loop
+    (whose thread must not block) it cannot: it says to await :func:`acheck_redis`."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        raise TypeError(
+            "bind(..., fail_fast=...) cannot check an asyncio token store from inside a "
+            "running event loop: bind without fail_fast, and await "
+            "alkey.asyncio.acheck_redis() in the application's startup"
+        )
+
+    async def check() -> None:
+        try:
+            await acheck_redis(store, timeout=timeout)
+        finally:
+            client = getattr(store, "client", None)
+            if client is not None:  # its connections belong to this loop: close them
+                await client.connection_pool.disconnect()
+
+    asyncio.run(check())
+
+
+events.support_asyncio(sync_target, store_for, check=_check_at_bind)

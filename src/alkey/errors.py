@@ -21,19 +21,33 @@ from redis.exceptions import RedisError
 __all__ = [
     "AlkeyError",
     "ConfigurationError",
+    "TokenStoreConfigurationError",
     "TokenStoreError",
     "TokenStorePoolExhaustedError",
     "TokenStoreUnavailableError",
     "redacted",
 ]
 
-# A password in a client's repr or options, as client libraries print them in their
-# errors: ``password=s3cret,`` / ``password=s3cret>`` (a connection's repr) and
-# ``'password': 's3cret'`` (a dict of options); any option ending in "password".
+# A secret in a client's repr or options, as client libraries print them in their
+# errors: ``password=s3cret,`` / ``password=s3cret)>`` (a connection's repr, whose values
+# are not quoted: a password with a "," or a ")" goes on to the next ``,name=`` or to the
+# ``)>`` that closes the repr), ``'password': 's3cret'`` (a dict of options, the value a
+# Python literal) -- any option whose name ends in "password", "passwd" or "secret" --
+# and the user part of a URL (``redis://user:s3cret@host``).
+_SECRET_NAME = r"(?:password|passwd|secret)"
 _PASSWORD = re.compile(
-    r"""(password=)[^,>)\s]*|(password['"]?\s*:\s*)(?:'[^']*'|"[^"]*"|[^,}\s]*)""",
+    rf"""(?P<key>{_SECRET_NAME}=)(?:(?!,[A-Za-z_][A-Za-z0-9_]*=|\)>(?:\)|>|,|\]|\s|$))[^\n])*"""
+    rf"""|(?P<entry>{_SECRET_NAME}['"]?\s*:\s*)"""
+    r"""(?:b?'(?:[^'\\\n]|\\.)*'|b?"(?:[^"\\\n]|\\.)*"|[^,}\n]*)"""
+    r"""|(?P<url>\b[a-z][a-z0-9+.-]*://[^\s:/?#@]*:)[^\s@/?#]*@""",
     re.IGNORECASE,
 )
+
+
+def _masked(match: re.Match[str]) -> str:
+    if match.group("url"):
+        return f"{match.group('url')}***@"
+    return f"{match.group('key') or match.group('entry')}***"
 
 
 def redacted(text: str) -> str:
@@ -42,9 +56,12 @@ def redacted(text: str) -> str:
     Why: alkey logs and raises its client library's error messages, which are meant to
     name only host and port; but some do more -- redis-py before 7.4 printed each sentinel
     client's connection, password included, in ``MasterNotFoundError`` -- and alkey's
-    promise is that no password reaches a log or an error of its own.
+    promise is that no password reaches a log or an error of its own. A password is
+    masked whole whatever it holds: in a connection's repr (``password=Se,cr)et)>``) it
+    runs to the next ``,option=`` or to the ``)>`` closing the repr, which may hide a
+    little more than the password but never shows a piece of it.
     """
-    return _PASSWORD.sub(lambda m: f"{m.group(1) or m.group(2)}***", text)
+    return _PASSWORD.sub(_masked, text)
 
 
 class AlkeyError(Exception):
@@ -80,3 +97,38 @@ class TokenStorePoolExhaustedError(TokenStoreUnavailableError):
     this distinct error lets the application tell it from an outage (e.g. to size its
     pool rather than page someone).
     """
+
+
+class TokenStoreConfigurationError(TokenStoreError):
+    """Redis answers, but not to alkey as it is configured: waiting will not help.
+
+    A TLS certificate or handshake the client refuses (or the server refuses), a wrong
+    password or user (``WRONGPASS``, ``NOAUTH``), an ACL that denies alkey's commands
+    (``NOPERM``), a plain client pointed at a node of a Redis Cluster (``CROSSSLOT``,
+    ``MOVED``), a cluster client pointed at a plain Redis, a database number the server
+    does not have, scripting switched off. Each used to be taken for an outage
+    ("Redis unavailable") although it lasts until someone fixes a setting.
+
+    Why a :class:`TokenStoreError` (so every ``except TokenStoreError`` still catches it)
+    but neither a :class:`TokenStoreUnavailableError` (nothing is unavailable: code that
+    waits out an outage would wait for ever) nor a :class:`ConfigurationError` (that one is
+    a :class:`ValueError` raised by :func:`~alkey.settings.configure` before anything
+    connects, with nothing changed; this one comes from the server's answer to a call, at
+    run time, and an ``except ValueError`` around application code must not swallow it).
+
+    A degrading store treats it as an incident as it does an outage -- keys miss, bumps
+    are kept for replay, the store waits ``retry_interval`` between tries rather than
+    paying a connection per call, and recovers by itself once the setting is fixed on
+    either side -- but its log line says what is wrong and what to check
+    (:class:`~alkey.observers.LoggingObserver`). The client library's error is
+    ``__cause__``.
+    """
+
+    def __init__(self, message: str, *, server: str = "", problem: str = "", fix: str = "") -> None:
+        super().__init__(message)
+        #: The Redis alkey tried, as ``host:port`` (or a socket path, a cluster's nodes).
+        self.server = server
+        #: What is wrong, e.g. "the server's TLS certificate was not accepted".
+        self.problem = problem
+        #: What to check or change, e.g. "check ssl_ca_certs".
+        self.fix = fix

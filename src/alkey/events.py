@@ -12,8 +12,10 @@ wrote nothing costs none at its commit.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import threading
+import warnings
 import weakref
 from collections.abc import Callable
 from typing import Any, Final
@@ -30,7 +32,8 @@ from sqlalchemy.orm import (
 )
 from sqlalchemy.orm.attributes import instance_state
 
-from alkey.client import UsesDefaultStore
+from alkey import _canonical
+from alkey.client import CHECK_TIMEOUT, UsesDefaultStore, check_redis
 from alkey.connections import (
     claim_connection,
     record_intent,
@@ -43,7 +46,16 @@ from alkey.tokens import RedisClient, TokenStore, bump, store_for
 from alkey.transactions import changes_of
 from alkey.writes import flushed, modified_before_flush, statement_writes
 
-__all__ = ["SESSION_EVENTS", "Binding", "bind", "is_bound", "support_asyncio", "unbind"]
+__all__ = [
+    "SESSION_EVENTS",
+    "Binding",
+    "UnboundSessionWarning",
+    "bind",
+    "bound_stores",
+    "is_bound",
+    "support_asyncio",
+    "unbind",
+]
 
 _bindings: weakref.WeakKeyDictionary[Any, Binding] = weakref.WeakKeyDictionary()
 _bindings_lock = threading.Lock()
@@ -53,14 +65,22 @@ _bindings_lock = threading.Lock()
 #: fires, and the token store of an asyncio binding. Registered by :mod:`alkey.asyncio`
 #: as it is imported, so that the core never imports it (nor greenlet, which it needs).
 _asyncio_support: tuple[Callable[[object], object], Callable[[], TokenStore]] | None = None
+#: How ``bind(..., fail_fast=...)`` checks an asyncio store (also :mod:`alkey.asyncio`'s).
+_asyncio_check: Callable[[TokenStore, float], None] | None = None
 
 
 def support_asyncio(
-    sync_target: Callable[[object], object], default_store: Callable[[], TokenStore]
+    sync_target: Callable[[object], object],
+    default_store: Callable[[], TokenStore],
+    *,
+    check: Callable[[TokenStore, float], None] | None = None,
 ) -> None:
-    """Teach :func:`bind` asyncio session objects (called by :mod:`alkey.asyncio`)."""
-    global _asyncio_support
+    """Teach :func:`bind` asyncio session objects (called by :mod:`alkey.asyncio`), and
+    how ``fail_fast`` checks their stores (``check(store, timeout)``)."""
+    global _asyncio_support, _asyncio_check
     _asyncio_support = (sync_target, default_store)
+    if check is not None:
+        _asyncio_check = check
 
 
 def _asyncio() -> tuple[Callable[[object], object], Callable[[], TokenStore]] | None:
@@ -251,6 +271,8 @@ def _changed_bindings() -> None:
     global _generation, _bound_instances
     _bound_instances = any(not isinstance(target, type) for target in _bindings)
     _generation += 1
+    # A session found unbound may be bound now (and the reverse): look again.
+    _canonical.checked_session = None
     # Kept answers hold their session classes: let those of unbound sessionmakers go.
     _class_bindings.clear()
 
@@ -281,6 +303,7 @@ def bind(
     redis_client: RedisClient | None = None,
     tokens: TokenStore | None = None,
     touch_parents: bool = True,
+    fail_fast: bool | float = False,
 ) -> Binding:
     """Invalidate alkey tokens when sessions made from ``target`` commit writes.
 
@@ -297,15 +320,27 @@ def bind(
     With ``touch_parents`` (the default), writing a row also invalidates the rows it
     references many-to-one -- the old and the new one when the reference moves -- and both
     sides of a changed many-to-many association.
+
+    With ``fail_fast``, the binding's store is checked now (:func:`alkey.check_redis`,
+    for up to :data:`~alkey.client.CHECK_TIMEOUT` seconds, or ``fail_fast`` seconds if it
+    is a number), and a Redis it cannot use -- unreachable, a wrong password, an ACL that
+    lacks a command, scripts that cannot run -- raises
+    :class:`~alkey.errors.ConfigurationError` naming the server and the problem, with
+    the binding undone: the application refuses to start rather than run with keys that
+    never hit. An asyncio store is checked on an event loop of its own, which only works
+    where no loop runs yet; inside one, await :func:`alkey.asyncio.acheck_redis` instead.
     """
     if tokens is not None and redis_client is not None:
         raise ValueError("pass either redis_client or tokens, not both")
     if redis_client is not None:
         tokens = store_for(redis_client)
     resolved = _resolve(target)
+    _watch_sessions()
+    created = False
     with _bindings_lock:
         binding = _bindings.get(resolved)
         if binding is None:
+            created = True
             support = _asyncio()
             if tokens is None and resolved is not target and _is_asyncio(target) and support:
                 # An asyncio session bumps through redis.asyncio, so that a commit never
@@ -318,7 +353,94 @@ def bind(
             binding.touch_parents = touch_parents
             if tokens is not None:
                 binding.tokens = tokens
+    if fail_fast is not False:
+        try:
+            _check(binding.tokens, CHECK_TIMEOUT if fail_fast is True else float(fail_fast))
+        except BaseException:
+            if created:
+                unbind(resolved)
+            raise
     return binding
+
+
+def _check(store: TokenStore, timeout: float) -> None:
+    """``fail_fast``'s check of a binding's store, sync or asyncio."""
+    if callable(getattr(store, "afetch", None)) and _asyncio_check is not None:
+        _asyncio_check(store, timeout)
+    else:
+        check_redis(store, timeout=timeout)
+
+
+def bound_stores() -> list[TokenStore]:
+    """The token store of each binding in force, each store once, in no set order.
+
+    Why: :func:`alkey.invalidate` without ``tokens=`` bumps in the stores the
+    application's sessions bump in, whichever Redis and ``key_prefix`` they use.
+    """
+    with _bindings_lock:
+        bindings = list(_bindings.values())
+    stores: dict[int, TokenStore] = {}
+    for binding in bindings:
+        store = binding.tokens
+        stores.setdefault(id(store), store)
+    return list(stores.values())
+
+
+class UnboundSessionWarning(UserWarning):
+    """A key was built for an instance of a session that alkey does not watch.
+
+    Why a warning: the session's commits bump nothing, so keys built for its instances
+    change only when the instance's own loaded state does -- a write through that session
+    (or a rollback of one) leaves them as they were, and the cache serves what it held.
+    Either bind it (:func:`bind` its class, its ``sessionmaker`` or the session), or, if
+    its writes are bumped some other way, filter this warning. Issued once per session
+    class, and only once :func:`bind` has been called in the process: a process that
+    never binds may only read, and pays nothing for the check.
+    """
+
+
+# Session classes already warned about: once each.
+_warned: set[type] = set()
+_ALKEY_DIRECTORY: Final = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _check_session(state: Any) -> None:
+    """Warn once per session class if ``state``'s session is not bound (the hook that
+    key generation calls for the first instance of each new session it sees)."""
+    _canonical.checked_session = state.session_id
+    session = state.session
+    if session is None or _binding_for(session) is not None:
+        return
+    kind = type(session)
+    if kind in _warned:
+        return
+    _warned.add(kind)
+    name = f"{kind.__module__}.{kind.__qualname__}"
+    warnings.warn(
+        f"alkey: a cache key was built for a {state.class_.__qualname__} of a {name} "
+        "session that alkey does not watch: commits through "
+        "it bump no token, so keys for its instances change only when the instance's "
+        "own loaded state does. Bind it with alkey.bind(<its sessionmaker or class>) "
+        "(issued once per session class)",
+        UnboundSessionWarning,
+        stacklevel=_caller_level(),
+    )
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside alkey: the code building the key."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_code.co_filename.startswith(_ALKEY_DIRECTORY):
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    return level
+
+
+def _watch_sessions() -> None:
+    """Have key generation check sessions from now on (the first :func:`bind` does)."""
+    if _canonical.check_session is None:
+        _canonical.check_session = _check_session
 
 
 def unbind(target: object) -> None:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from alkey.client import get_redis_client
-from alkey.events import is_bound
-from alkey.tokens import TokenStore, store_for
+from alkey.client import default_store
+from alkey.events import _binding_for, bound_stores, is_bound
+from alkey.tokens import TokenStore
 from alkey.transactions import changes_of
 from alkey.writes import invalidation_identifiers
 
@@ -42,14 +42,49 @@ def touch(session: Session, *targets: object) -> None:
         changes_of(session).record(session, identifiers)
 
 
-def invalidate(*targets: object, tokens: TokenStore | None = None) -> None:
-    """Invalidate ``targets`` now, outside any transaction (one round trip).
+def invalidate(
+    *targets: object, tokens: TokenStore | None = None, session: Session | None = None
+) -> None:
+    """Invalidate ``targets`` now, outside any transaction (one round trip per store).
 
     For writes that have already committed elsewhere: a migration script, another service.
-    Tokens live in ``tokens``, else in the default client's store.
+    Targets are instances, mapped classes, Table objects or identifiers. The tokens are
+    bumped in:
+
+    * ``tokens``, if given;
+    * else the store of ``session``'s binding, if given (it must be bound, as for
+      :func:`touch`);
+    * else every store the process's bindings (:func:`alkey.bind`) bump in -- usually
+      one -- so that the keys its sessions' commits would invalidate are invalidated,
+      whatever Redis and ``key_prefix`` each binding was given. An asyncio binding's
+      store (which can only be awaited) is left out;
+    * else, with no binding, the process's default store
+      (:func:`alkey.client.default_store`: ``REDIS_URL``, and the ``ALKEY_*`` options
+      such as ``ALKEY_KEY_PREFIX``).
+
+    (Before alkey 1.0's release this always used the default client's store, which
+    ignored ``ALKEY_KEY_PREFIX`` and the stores given to :func:`alkey.bind`.)
     """
+    if tokens is not None and session is not None:
+        raise ValueError("pass either tokens or session, not both")
     identifiers: set[str] = set()
     for target in targets:
         identifiers |= invalidation_identifiers(target)
-    if identifiers:
-        (tokens if tokens is not None else store_for(get_redis_client())).bump(identifiers)
+    if not identifiers:
+        return
+    if tokens is not None:
+        stores = [tokens]
+    elif session is not None:
+        binding = _binding_for(session)
+        if binding is None:
+            raise ValueError(
+                "alkey.invalidate(session=...) needs a session bound with alkey.bind(): "
+                "its store is the one to bump"
+            )
+        stores = [binding.tokens]
+    else:
+        stores = [store for store in bound_stores() if not callable(getattr(store, "afetch", None))]
+        if not stores:
+            stores = [default_store()]
+    for store in stores:
+        store.bump(identifiers)

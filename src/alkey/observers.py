@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from alkey.constants import UNKNOWN_WRITES
-from alkey.errors import redacted
+from alkey.errors import TokenStoreConfigurationError, redacted
 
 __all__ = ["EVENTS", "LoggingObserver", "ObserverGroup", "StoreObserver"]
 
@@ -75,7 +75,15 @@ class StoreObserver:
     ) -> None:
         """The first failure of an outage (once per incident, under ``on_error="degrade"``):
         the store could not ``action`` (e.g. ``"fetch tokens"``); ``pending`` identifiers
-        are kept for replay, ``dropped`` more went past ``max_pending``."""
+        are kept for replay, ``dropped`` more went past ``max_pending``.
+
+        ``error`` tells an outage from a misconfiguration: a
+        :class:`~alkey.errors.TokenStoreConfigurationError` (a refused TLS certificate or
+        password, an ACL refusal, ``CROSSSLOT``...) will not end by waiting. Both are one
+        event, because both make keys miss and bumps wait, and a metric of incidents
+        should count both; when the cause changes within an incident (Redis comes back
+        from a restart with a password alkey lacks), this is called again with the new
+        error before :meth:`outage_ended`."""
 
     def outage_ended(self, *, replayed: int, dropped: int) -> None:
         """Redis answers again: ``replayed`` kept bumps were sent, and the token every key
@@ -124,6 +132,11 @@ class LoggingObserver(StoreObserver):
     begins (with the error and how many bumps are kept) and one when it ends (how many
     were replayed), the same for an exhausted pool, and for recoveries of due intents.
 
+    A misconfiguration (:class:`~alkey.errors.TokenStoreConfigurationError`: a refused
+    TLS certificate or password, an ACL refusal, ``CROSSSLOT``...) is logged as what it
+    is, at ``ERROR``, once per incident: "alkey cannot use Redis at host:port: <what is
+    wrong>: <what to fix>. Keys miss until this is fixed...", not as "Redis unavailable".
+
     Installed by default; leave it out of a store's ``observers`` to silence them.
     Passwords never appear: client errors name host and port, and anything that looks
     like a password in them is masked (:func:`~alkey.errors.redacted`).
@@ -133,6 +146,23 @@ class LoggingObserver(StoreObserver):
         self, *, action: str, error: BaseException, pending: int, dropped: int, max_pending: int
     ) -> None:
         cause = _cause(error)
+        if isinstance(error, TokenStoreConfigurationError):
+            # Not an outage: say what is wrong and what to fix, as an error -- it lasts.
+            store_log.error(
+                "alkey cannot use %s: %s: %s. Keys miss until this is fixed (alkey could "
+                "not %s; nothing is lost: %d bump(s) kept for replay, %d over "
+                "max_pending=%d). The client's error: %s: %s",
+                error.server,
+                error.problem,
+                error.fix,
+                action,
+                pending,
+                dropped,
+                max_pending,
+                type(cause).__name__,
+                redacted(str(cause)),
+            )
+            return
         store_log.warning(
             "Redis unavailable, alkey could not %s: %s: %s. Keys miss until it answers; "
             "%d bump(s) kept for replay, %d over max_pending=%d.",

@@ -16,7 +16,7 @@ from collections.abc import Collection
 from typing import Protocol
 
 from alkey.constants import UNKNOWN_WRITES
-from alkey.errors import TokenStoreError
+from alkey.errors import TokenStoreConfigurationError, TokenStoreError
 from alkey.options import ErrorPolicy, StoreOptions
 
 __all__ = ["RECOVERY_BUDGET", "OutageEvents", "OutageLedger", "Recoveries", "Replay"]
@@ -178,6 +178,9 @@ class OutageLedger:
         self._generation = 0
         self._dropped = 0
         self._failing = False
+        # What the failures of the open incident are: "" for an outage, else the fix a
+        # misconfiguration calls for (TokenStoreConfigurationError.fix).
+        self._kind = ""
         self._recovering_until = 0.0
         # Calls that went without Redis because the pool had no connection for them, since
         # the last call that had one (0: no such incident).
@@ -231,12 +234,27 @@ class OutageLedger:
 
     def failed(self, error: TokenStoreError, action: str) -> None:
         """A call could not reach Redis: raise ``error`` under ``on_error="raise"``, else
-        mark Redis down for ``retry_interval`` (reported once per incident)."""
+        mark Redis down for ``retry_interval`` (reported once per incident).
+
+        A misconfiguration (:class:`~alkey.errors.TokenStoreConfigurationError`: a TLS
+        certificate or a password refused, ``NOPERM``, ``CROSSSLOT``...) takes this way
+        too, on purpose: it is reported as what it is (by the observers, from the error),
+        but keys miss and bumps are kept exactly as in an outage -- nothing is lost, the
+        database work never breaks -- and the store uses the same fast-fail window. Why
+        the window: a refused handshake costs a connection attempt (TLS: several round
+        trips) per call, and every call would pay it for as long as the setting stays
+        wrong; probing every ``retry_interval`` still notices the fix within that time
+        (the server's ACL or certificate changed) and replays the kept bumps. The
+        incident is reported again when its cause changes kind -- from an outage to a
+        misconfiguration (a restart with a new password) or from one misconfiguration to
+        another -- so that the log says what is wrong now."""
         if self.on_error == "raise":
             raise error
+        kind = error.fix if isinstance(error, TokenStoreConfigurationError) else ""
         with self._lock:
-            first = not self._failing
+            first = not self._failing or kind != self._kind
             self._failing = True
+            self._kind = kind
             self._next_probe = time.monotonic() + self.retry_interval
             pending, dropped = len(self._pending), self._dropped
         if first:

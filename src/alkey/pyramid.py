@@ -17,6 +17,10 @@ setting                       meaning
 ``alkey.redis_url``           ``redis://``, ``rediss://`` or ``unix://`` URL of the token
                               Redis; ``redis.url`` is read when it is unset
 ``alkey.cache_key_prefix``    text in front of every ``request.cache_key(...)`` key
+``alkey.fail_fast``           ``true`` (or a number of seconds to wait for Redis): check
+                              the chosen Redis when the configuration is committed, and
+                              refuse to start if alkey cannot use it
+                              (:func:`alkey.client.check_redis`); default ``false``
 ``alkey.<option>``            the token store's options (``ttl``, ``key_prefix``,
                               ``on_error``, ``max_pending``, ``retry_interval``,
                               ``durable``, ``lease``, ``local_cache``: see
@@ -50,7 +54,7 @@ from pyramid.config import Configurator  # type: ignore[import-untyped]
 from pyramid.interfaces import PHASE3_CONFIG  # type: ignore[import-untyped]
 
 from alkey import errors, events
-from alkey.client import default_store, get_redis_client
+from alkey.client import CHECK_TIMEOUT, check_redis, default_store, get_redis_client
 from alkey.interfaces import IRedisClientFactory, IRedisConnectionPool
 from alkey.keys import CacheKeyGenerator
 from alkey.settings import SETTINGS_PREFIX, Configuration, configure
@@ -59,6 +63,7 @@ from alkey.tokens import RedisClient, TokenStore, bump, intend
 __all__ = [
     "CACHE_KEY_PREFIX_SETTING",
     "DEFAULT_SESSION_CLS",
+    "FAIL_FAST_SETTING",
     "REDIS_URL_SETTINGS",
     "SESSION_CLS_SETTING",
     "ApplicationTokenStore",
@@ -79,6 +84,10 @@ REDIS_URL_SETTINGS: Final = ("alkey.redis_url", "redis.url")
 #: The setting whose text starts every ``request.cache_key(...)`` key, so that two
 #: applications sharing a cache never share keys.
 CACHE_KEY_PREFIX_SETTING: Final = "alkey.cache_key_prefix"
+#: The setting that makes the application refuse to start on a Redis alkey cannot use:
+#: ``true``/``false`` (also ``yes``/``no``, ``on``/``off``, ``1``/``0``), or the seconds
+#: to wait for a Redis that cannot be reached yet.
+FAIL_FAST_SETTING: Final = "alkey.fail_fast"
 
 # Where the application's key generator lives in its registry (a dict, as in Pyramid's
 # cookiecutter): per application, never a module global.
@@ -233,6 +242,30 @@ def _session_target(config: Configurator, settings: Mapping[str, Any]) -> object
         ) from error
 
 
+def _fail_fast(settings: Mapping[str, Any]) -> float | None:
+    """The check's timeout that ``alkey.fail_fast`` asks for, or ``None`` for no check."""
+    value = settings.get(FAIL_FAST_SETTING)
+    if value is None or value is False or (isinstance(value, str) and not value.strip()):
+        return None
+    if value is True:
+        return CHECK_TIMEOUT
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "on"):
+        return CHECK_TIMEOUT
+    if text in ("false", "no", "off", "0"):
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0 or seconds == float("inf"):
+        raise PyramidConfigurationError(
+            f"{FAIL_FAST_SETTING} = {value!r}: use true or false, or the seconds to wait "
+            "for Redis (a positive number)"
+        )
+    return seconds
+
+
 def cache_key(request: Any) -> CacheKeyGenerator:
     """``request.cache_key``: the application's key generator.
 
@@ -249,9 +282,12 @@ def includeme(config: Configurator) -> None:
     Errors in the settings -- a ``alkey.session_cls`` that does not resolve or cannot be
     bound, a malformed Redis URL, store option or key prefix, an ``alkey.*`` setting that
     does not exist -- raise :class:`PyramidConfigurationError` (both alkey's and Pyramid's
-    ``ConfigurationError``) here, at startup, naming the setting.
+    ``ConfigurationError``) here, at startup, naming the setting. With ``alkey.fail_fast``,
+    a Redis that alkey cannot use fails the configuration's commit the same way (Pyramid
+    wraps it in its ``ConfigurationExecutionError``).
     """
     settings: Mapping[str, Any] = config.get_settings() or {}
+    fail_fast = _fail_fast(settings)
     target = _session_target(config, settings)
     tokens = ApplicationTokenStore(config.registry, _configuration(settings))
     prefix = settings.get(CACHE_KEY_PREFIX_SETTING)
@@ -274,6 +310,11 @@ def includeme(config: Configurator) -> None:
         # asks the registry (alkey.get_cache_key_generator(request)) gets the same client.
         registered = tokens.registers_redis()
         client = tokens.client
+        if fail_fast is not None:
+            try:
+                check_redis(tokens.store, timeout=fail_fast)
+            except errors.ConfigurationError as error:
+                raise PyramidConfigurationError(f"{FAIL_FAST_SETTING}: {error}") from error
         if not registered:
             config.registry.registerUtility(lambda: client, IRedisClientFactory)
 

@@ -14,8 +14,9 @@ is read the same way, in one order, and checked at once:
    (``redis://host/0?alkey_durable=true&alkey_ttl=3600``), removed before the URL
    reaches redis-py;
 4. the environment: ``ALKEY_<OPTION>`` (``ALKEY_TTL``, ``ALKEY_DURABLE``...), and for the
-   server the rules of alkey 0.3, unchanged (``REDIS_URL`` or a hosting provider's
-   variable, ``REDIS_DB``, ``REDIS_MAX_CONNECTIONS``: see :func:`configure`);
+   server the rules of alkey 0.3 (``REDIS_URL`` or a hosting provider's variable,
+   ``REDIS_DB``, ``REDIS_MAX_CONNECTIONS``), with Heroku's ``REDIS_TLS_URL`` before
+   ``REDIS_URL`` (see :func:`configure`);
 5. the defaults (:class:`~alkey.options.StoreOptions`, ``redis://localhost:6379/0``).
 
 The result, a :class:`Configuration`, also records where each value came from, for
@@ -40,7 +41,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Final, Literal, TypeAlias, TypeVar
-from urllib.parse import parse_qs, parse_qsl, unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qs, parse_qsl, unquote, unquote_plus, urlsplit, urlunsplit
 
 import redis
 import redis.asyncio
@@ -71,7 +72,9 @@ __all__ = [
     "SENTINEL_SCHEMES",
     "SETTINGS_PREFIX",
     "STORE_OPTIONS",
+    "TLS_URL_VARIABLE",
     "URL_OPTION_PREFIX",
+    "URL_VARIABLES",
     "Configuration",
     "Flavour",
     "SentinelURL",
@@ -91,6 +94,15 @@ __all__ = [
 #: Environment variable prefixes, in order of precedence: ``<PREFIX>_URL`` names the
 #: server, and ``<PREFIX>_DB`` / ``<PREFIX>_MAX_CONNECTIONS`` go with it.
 PROVIDERS: Final = ("REDIS", "REDISTOGO", "OPENREDIS", "REDISCLOUD", "REDISGREEN")
+
+#: Heroku's variable for the same server as ``REDIS_URL``, over TLS (``rediss://``). It
+#: comes first of the environment's URLs: where both are set, the password and the
+#: tokens then travel encrypted. ``REDIS_DB`` and ``REDIS_MAX_CONNECTIONS`` go with it.
+TLS_URL_VARIABLE: Final = "REDIS_TLS_URL"
+
+#: The environment variables that name the server, in order of precedence:
+#: :data:`TLS_URL_VARIABLE`, then ``<PREFIX>_URL`` of each of :data:`PROVIDERS`.
+URL_VARIABLES: Final = (TLS_URL_VARIABLE, *(f"{provider}_URL" for provider in PROVIDERS))
 
 #: Applied to the clients alkey builds, so that an unreachable Redis costs seconds, not a
 #: hang. A ``?socket_timeout=`` (or any other redis-py option) in the URL overrides them.
@@ -118,7 +130,9 @@ STORE_OPTIONS: Final = tuple(field.name for field in dataclasses.fields(StoreOpt
 
 #: Settings under the prefix that are not store options but belong to an integration
 #: (read by :mod:`alkey.pyramid`); any other ``alkey.*`` setting is a mistake.
-INTEGRATION_SETTINGS: Final = frozenset({"session_cls", "redis_url", "cache_key_prefix"})
+INTEGRATION_SETTINGS: Final = frozenset(
+    {"session_cls", "redis_url", "cache_key_prefix", "fail_fast"}
+)
 
 #: Read after ``<prefix>redis_url`` when it is unset: the name other Pyramid add-ons use.
 _SHARED_URL_SETTING: Final = "redis.url"
@@ -134,44 +148,161 @@ def redact_url(url: str) -> str:
     """``url`` with any password replaced by ``***``, for logs and error messages.
 
     Why here: every message about a setting goes through this module, and a Redis URL
-    is the one setting that carries a secret -- in its user part, and for a Sentinel URL
-    also in its query (``?sentinel_password=...``). Several hosts (a Sentinel URL's
-    ``host1:26379,host2:26379``) are kept as written: they say which servers were meant.
+    is the one setting that carries a secret -- in its user part, and in its query
+    (``?password=...``, a Sentinel URL's ``?sentinel_password=...``).
+
+    The URL is read as redis-py reads it (``urllib.parse.urlsplit``): the user part
+    is everything before the last ``@`` of the network location, and a query option is
+    ``name=value`` between ``&``. The host, port, path and the other options are shown
+    as written -- they say which server was meant -- and several hosts (a Sentinel URL's
+    ``host1:26379,host2:26379``) too. Masked: the password of the user part (the user
+    name is kept), the value of every query option whose name looks like a secret
+    (``password``, ``sentinel_password``, ``ssl_password``, a misspelt ``pasword``, any
+    name with ``pass``, ``pwd``, ``secret``, ``token`` or ``auth`` in it) together with
+    any ``&``-piece after it that is no option (an unencoded ``&`` in the password), and
+    a fragment (an unencoded ``#`` in a query password; a Redis URL has no fragment).
+
+    A password whose ``/``, ``#`` or ``?`` is not percent-encoded ends the network
+    location early for a URL parser (:func:`configure` refuses such URLs): the user part
+    is then taken to end at the last ``@`` that is not inside a query option's value, so
+    the message refusing it shows no piece of it either.
     """
     scheme, separator, rest = url.partition("://")
     if not separator:
         return url
-    # The user part ends at the last "@": a password with an unencoded "/", "#" or "?"
-    # (an Azure key, say) would end it early for a URL parser, and show.
-    userinfo, at, after = rest.rpartition("@")
-    if at and ":" in userinfo:
-        rest = f"{userinfo.split(':', 1)[0]}:***@{after}"
-    head, question, query = rest.partition("?")
-    if question:
-        rest = head + "?" + _PASSWORD_IN_QUERY.sub(r"\1***", query)
-    return f"{scheme}://{rest}"
+    end = _user_part_end(rest)
+    userinfo, server = ("", rest) if end is None else (rest[:end], rest[end + 1 :])
+    user, colon, _ = userinfo.partition(":")
+    shown_user = f"{user}:***@" if colon else (f"{userinfo}@" if end is not None else "")
+    location, hash_sign, _ = server.partition("#")
+    head, question, query = location.partition("?")
+    shown = head + (question + _redacted_query(query) if question else "")
+    return f"{scheme}://{shown_user}{shown}{'#***' if hash_sign else ''}"
+
+
+def _user_part_end(rest: str) -> int | None:
+    """Where the user part of a URL (``rest``: after ``scheme://``) ends: the index of its
+    ``@``, or ``None`` without one.
+
+    As a URL parser reads it, the last ``@`` of the network location (the text up to the
+    first ``/``, ``?`` or ``#``). Then, an ``@`` further on means a password with an
+    unencoded ``/``, ``#`` or ``?`` -- unless it is inside the value of a known query
+    option (``?client_name=me@x``): the path of a Redis URL is a database number or a
+    service name, and its fragment nothing."""
+    netloc_end = len(rest)
+    for delimiter in "/?#":
+        found = rest.find(delimiter)
+        if found != -1:
+            netloc_end = min(netloc_end, found)
+    end = rest.rfind("@", 0, netloc_end)
+    position = netloc_end
+    while (position := rest.find("@", position + 1)) != -1:
+        if not _inside_option_value(rest, position):
+            end = position
+    return None if end == -1 else end
+
+
+def _inside_option_value(rest: str, position: int) -> bool:
+    """Whether ``rest[position]`` lies in the value of a query option redis-py or alkey
+    knows (``client_name=me@x``), or after a secret option's ``=`` (``password=a#b@c``),
+    rather than in a password that ended the network location early."""
+    question = rest.find("?")
+    if question == -1 or question > position:
+        return False
+    # After a secret option's "=", anything is its value (or a piece of it cut off by an
+    # unencoded "&" or "#"): an "@" there is no end of a user part.
+    before = rest[question + 1 : position].split("#", 1)
+    for piece in before[0].split("&"):
+        name, equals, _ = piece.partition("=")
+        if equals and _secret_name(unquote_plus(name)):
+            return True
+    if len(before) > 1:  # in a fragment: no option's value
+        return False
+    name, equals, _ = before[0].rpartition("&")[2].partition("=")
+    return bool(equals) and _known_option(unquote_plus(name))
+
+
+def _known_option(name: str) -> bool:
+    """Whether ``name`` is a query option of a Redis URL: redis-py's, a Sentinel URL's
+    ``sentinel_<option>``, or alkey's ``alkey_<option>``."""
+    known = _connection_options() | {"ssl", *_SENTINEL_MANAGER_OPTIONS}
+    return (
+        name in known
+        or (name.startswith(_SENTINEL_OPTION) and name[len(_SENTINEL_OPTION) :] in known)
+        or name.startswith(URL_OPTION_PREFIX)
+    )
+
+
+def _secret_name(name: str) -> bool:
+    """Whether a query option or setting named ``name`` may hold a secret: its value is
+    masked wherever it is shown (misspelt names too, since a refused option is shown)."""
+    return _SECRET_NAME.search(name) is not None
+
+
+_SECRET_NAME: Final = re.compile(r"pass|pasw|pwd|secret|token|auth|credential", re.IGNORECASE)
+
+
+def _query_options(query: str) -> list[tuple[str, str, str]]:
+    """The options of a URL's query as ``(name, value, text)``: name and value decoded as
+    redis-py decodes them, and the option's text as written.
+
+    A ``&``-piece that follows a secret option's value and is no known option
+    (``?password=Se&cr``: an unencoded ``&``) belongs to that value: its text and value
+    run on, so that it is masked with it, and :func:`configure` can refuse it without
+    showing it."""
+    options: list[tuple[str, str, str]] = []
+    for piece in query.split("&") if query else ():
+        name, equals, value = piece.partition("=")
+        decoded = unquote_plus(name)
+        if options and _secret_name(options[-1][0]) and not (equals and _known_option(decoded)):
+            last_name, last_value, last_text = options[-1]
+            options[-1] = (last_name, f"{last_value}&{unquote_plus(piece)}", f"{last_text}&{piece}")
+            continue
+        options.append((decoded, unquote_plus(value), piece))
+    return options
+
+
+def _redacted_query(query: str) -> str:
+    """A URL's query with the value of every secret option masked (:func:`redact_url`)."""
+    shown = []
+    for name, _, text in _query_options(query):
+        if _secret_name(name):
+            shown.append(f"{text.partition('=')[0]}=***")
+        else:
+            shown.append(text)
+    return "&".join(shown)
 
 
 def _check_encoded(url: str, source: Source) -> None:
     """Refuse a URL whose password has an unencoded ``/``, ``#`` or ``?``: a URL parser
     ends the user part there, so the client would connect to a "host" made of a piece
     of the password (and print it), and the database or query would be read from the
-    rest. The message shows the URL masked, and how to encode the password."""
+    rest. Likewise a secret query option (``?password=``) with an unencoded ``&`` or
+    ``#``, which would cut the password short. The message shows the URL masked, and how
+    to encode the password."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # "Invalid IPv6 URL": an unencoded "[" or "]"
+        raise ConfigurationError(
+            f"{source.spell(url)} is not a valid URL: a '[' or ']' in it must enclose an "
+            "IPv6 address; in a password, percent-encode them (%5B, %5D), e.g. "
+            "urllib.parse.quote(password, safe='')"
+        ) from None
     rest = url.partition("://")[2]
-    netloc = urlsplit(url).netloc
-    before, at, _ = rest.rpartition("@")
-    # (An "@" in a query option's value, "?client_name=me@x", is no user part.)
-    if at and "@" not in netloc and not re.search(r"\?[^@]*=", before[len(netloc) :]):
+    end = _user_part_end(rest)
+    if end is not None and end > len(parts.netloc):
         raise ConfigurationError(
             f"{source.spell(url)}: its password holds a '/', '#' or '?' that is not "
             "percent-encoded; encode it (%2F, %23, %3F), e.g. "
             "urllib.parse.quote(password, safe='')"
         )
-
-
-# ``password=...``, ``sentinel_password=...``: any option whose name looks like it holds a
-# secret, misspelt ones included (``sentinel_pasword``), since a refused option is shown.
-_PASSWORD_IN_QUERY: Final = re.compile(r"((?:^|&)[^&=]*(?:pass|pasw|pwd|secret)[^&=]*=)[^&]*", re.I)
+    for name, _, text in _query_options(parts.query):
+        if _secret_name(name) and ("&" in text or parts.fragment):
+            raise ConfigurationError(
+                f"{source.spell(url)}: its {name} option holds a '&' or '#' that is not "
+                "percent-encoded (or is followed by an unknown option); encode the value "
+                "(%26, %23), e.g. urllib.parse.quote(password, safe='')"
+            )
 
 
 # -- where a value came from -----------------------------------------------------------------
@@ -204,8 +335,12 @@ class Source:
         return "default"
 
     def spell(self, value: object) -> str:
-        """``value`` as the user wrote it under this source, passwords masked."""
-        shown = redact_url(str(value)) if isinstance(value, str) else value
+        """``value`` as the user wrote it under this source, passwords masked: a URL's,
+        and the whole value of a setting whose name looks like a secret's
+        (``alkey.redis_password``, misspelt or not)."""
+        shown: object = redact_url(str(value)) if isinstance(value, str) else value
+        if _secret_name(self.name):
+            shown = "***"
         if self.kind == "settings":
             return f"{self.name} = {shown!r} in the settings"
         if self.kind == "url":
@@ -602,11 +737,20 @@ def configure(
     :data:`os.environ`); the defaults. A blank value counts as unset.
 
     The server, from the environment, follows alkey 0.3: the URL is the first of
-    ``REDIS_URL``, ``REDISTOGO_URL``, ``OPENREDIS_URL``, ``REDISCLOUD_URL``,
-    ``REDISGREEN_URL`` that is set; the database is that provider's ``<PREFIX>_DB``, else
-    ``REDIS_DB``, else the URL's (``?db=`` or the path), else 0; the pool size is
-    ``<PREFIX>_MAX_CONNECTIONS``, else ``REDIS_MAX_CONNECTIONS``. Those variables go with
-    an environment URL only: a URL from code or the settings brings its own database.
+    ``REDIS_TLS_URL``, ``REDIS_URL``, ``REDISTOGO_URL``, ``OPENREDIS_URL``,
+    ``REDISCLOUD_URL``, ``REDISGREEN_URL`` that is set (:data:`URL_VARIABLES`); the
+    database is that provider's ``<PREFIX>_DB``, else ``REDIS_DB``, else the URL's
+    (``?db=`` or the path), else 0; the pool size is ``<PREFIX>_MAX_CONNECTIONS``, else
+    ``REDIS_MAX_CONNECTIONS``. Those variables go with an environment URL only: a URL
+    from code or the settings brings its own database.
+
+    ``REDIS_TLS_URL`` (Heroku's) comes before ``REDIS_URL`` because Heroku sets both for
+    one server, the first over TLS: where TLS is offered, alkey uses it. A URL from code
+    or the settings still wins over both. Heroku's TLS endpoints present a self-signed
+    certificate, which redis-py refuses by default: add ``?ssl_cert_reqs=none`` (or
+    ``ssl_ca_certs=...``) to the URL you give alkey, or pass it in ``client_options``; a
+    refused certificate is logged as such
+    (:class:`~alkey.errors.TokenStoreConfigurationError`), not as an outage.
 
     Text is parsed (booleans ``true``/``false``, ``yes``/``no``, ``on``/``off``,
     ``1``/``0``; whole and decimal numbers). A value that cannot work, an ``alkey.*``
@@ -634,11 +778,11 @@ def configure(
                 chosen, url_source = str(given[name]).strip(), Source("settings", name)
                 break
         else:
-            for candidate in PROVIDERS:
-                value = environ.get(f"{candidate}_URL", "").strip()
+            for variable in URL_VARIABLES:
+                value = environ.get(variable, "").strip()
                 if value:
-                    provider = candidate
-                    chosen, url_source = value, Source("environment", f"{candidate}_URL")
+                    provider = "REDIS" if variable == TLS_URL_VARIABLE else variable[:-4]
+                    chosen, url_source = value, Source("environment", variable)
                     break
     sources["url"] = url_source
     _check_encoded(chosen, url_source)
@@ -904,7 +1048,8 @@ class SentinelURL:
             try:
                 target[key] = parse(value) if parse is not None else value
             except (TypeError, ValueError):
-                raise invalid(f"option {name}={value!r} is not valid for redis-py") from None
+                shown = "***" if _secret_name(name) else repr(value)
+                raise invalid(f"option {name}={shown} is not valid for redis-py") from None
         db: int | None = None
         text = str(connection.pop("db", "")) or db_text
         if text:

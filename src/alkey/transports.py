@@ -29,10 +29,11 @@ import asyncio
 import importlib
 import inspect
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
 import redis
 import redis.asyncio
@@ -41,6 +42,7 @@ import redis.cluster
 import redis.exceptions
 
 from alkey.errors import (
+    TokenStoreConfigurationError,
     TokenStoreError,
     TokenStorePoolExhaustedError,
     TokenStoreUnavailableError,
@@ -57,11 +59,14 @@ __all__ = [
     "REDIS_ERRORS",
     "AsyncRedisTransport",
     "ClientErrors",
+    "Misconfiguration",
     "RedisClient",
     "RedisTransport",
     "checked_socket_timeout",
     "errors_of",
+    "misconfiguration",
     "pool_waits",
+    "server_of",
     "store_error",
 ]
 
@@ -80,9 +85,23 @@ AsyncClusterClient: TypeAlias = redis.asyncio.cluster.RedisCluster
 #: socket timeout to go by (otherwise it waits that long: see :func:`pool_waits`).
 POOL_WAIT = 2.0
 
-#: What redis-py's ``BlockingConnectionPool`` (sync and asyncio) raises, as a plain
-#: ``ConnectionError``, when no connection came back within its ``timeout``.
-_BLOCKING_POOL_TIMEOUT = ("No connection available.",)
+#: What a pool raises, as a plain ``ConnectionError``, when it has no connection to give:
+#: redis-py's ``BlockingConnectionPool`` (sync and asyncio) when none came back within its
+#: ``timeout``, and its ``ConnectionPool`` at ``max_connections`` before redis-py 6.4
+#: (which raises ``MaxConnectionsError`` instead).
+_POOL_FULL_ARGS = ("Too many connections",)
+_POOL_EXHAUSTED_ARGS = (("No connection available.",), _POOL_FULL_ARGS)
+
+
+def _pool_full(error: BaseException, errors: ClientErrors) -> bool:
+    """Whether ``error`` is a pool at ``max_connections`` refusing at once (worth waiting
+    for a connection to come back: :func:`pool_waits`)."""
+    return isinstance(error, errors.max_connections) or error.args == _POOL_FULL_ARGS
+
+
+def _pool_exhausted(error: BaseException, errors: ClientErrors) -> bool:
+    """Whether ``error`` says the pool had no free connection (not that Redis is down)."""
+    return isinstance(error, errors.max_connections) or error.args in _POOL_EXHAUSTED_ARGS
 
 
 class ClientErrors:
@@ -123,7 +142,8 @@ class ClientErrors:
             named[name] for name in ("MovedError", "AskError") if name in named
         )
         #: Answers of a server that cannot serve now but will (a restart, a failover, a
-        #: cluster resharding): refused, lost, timed out, ``LOADING``, authentication,
+        #: cluster resharding): refused, lost, timed out, ``LOADING``, authentication
+        #: (but :func:`misconfiguration` tells a refused password or TLS certificate first),
         #: ``READONLY`` (a replica, or a primary demoted by a failover), ``MASTERDOWN``,
         #: cluster down, ``TRYAGAIN`` -- those of the library's version that exist.
         self.unavailable: tuple[type[Exception], ...] = tuple(
@@ -235,51 +255,245 @@ def is_cluster(client: object) -> bool:
 _CANNOT_SERVE_NOW = ("BUSY ", "READONLY ", "NOREPLICAS ")
 
 
-def store_error(error: Exception, errors: ClientErrors = REDIS_ERRORS) -> TokenStoreError:
+def store_error(
+    error: Exception,
+    errors: ClientErrors = REDIS_ERRORS,
+    server: str = "",
+    *,
+    clustered: bool = False,
+) -> TokenStoreError:
     """alkey's error for a client library's error (raise it ``from error``).
 
     * no connection free in the pool, even after waiting (``MaxConnectionsError``, or a
       ``BlockingConnectionPool``'s timeout) -> :class:`~alkey.errors.TokenStorePoolExhaustedError`:
       Redis is fine, this process ran out of connections;
+    * Redis answers, but not to alkey as configured -- a TLS certificate or handshake
+      refused, a wrong password, an ACL refusal (``NOPERM``), a plain client at a
+      cluster node (``CROSSSLOT``, ``MOVED``, ``ASK``), a cluster client at a plain Redis,
+      a database the server lacks, scripting disabled (see :func:`misconfiguration`) ->
+      :class:`~alkey.errors.TokenStoreConfigurationError`, whose message names the
+      server (``server``, from :func:`server_of`), what is wrong and what to fix: waiting
+      would not help, so it must not read as an outage;
     * Redis cannot be reached or cannot serve now -- connection refused or lost,
       timeouts, ``LOADING``, ``BUSY`` (a long script), ``READONLY`` (a replica),
       ``MASTERDOWN``, ``NOREPLICAS`` (a primary cut off from its replicas, under
       ``min-replicas-to-write``), cluster down -> :class:`~alkey.errors.TokenStoreUnavailableError`;
       through a cluster client also
       a failover or resharding under way (see ``_cluster_errors()``);
-    * a plain client pointed at one node of a Redis Cluster (``CROSSSLOT``, ``MOVED``,
-      ``ASK``) -> :class:`~alkey.errors.TokenStoreError`, whose message says to use a
-      cluster client: without it every key would miss, for good, behind a log line about
-      an outage;
     * anything else (``OOM`` of a full Redis, a wrong type...) ->
       :class:`~alkey.errors.TokenStoreError`.
 
     ``errors``: the classes of the library that raised it (:func:`errors_of`; default
-    redis-py's). The message is the client's own, which names host and port, with
-    anything like a password masked (:func:`~alkey.errors.redacted`).
+    redis-py's); ``clustered``: whether a cluster client raised it. The message is the
+    client's own, which names host and port, with anything like a password masked
+    (:func:`~alkey.errors.redacted`).
     """
     args = tuple(redacted(arg) if isinstance(arg, str) else arg for arg in error.args)
-    if isinstance(error, errors.max_connections) or error.args == _BLOCKING_POOL_TIMEOUT:
+    if _pool_exhausted(error, errors):
         return TokenStorePoolExhaustedError(*args)
+    found = misconfiguration(error, errors, clustered=clustered)
+    if found is not None:
+        where = server or "Redis"
+        return TokenStoreConfigurationError(
+            f"alkey cannot use {where}: {found.problem}: {found.fix}",
+            server=where,
+            problem=found.problem,
+            fix=found.fix,
+        )
     if isinstance(error, errors.unavailable) or (
         isinstance(error, errors.response) and str(error).startswith(_CANNOT_SERVE_NOW)
     ):
         return TokenStoreUnavailableError(*args)
-    if isinstance(error, errors.response) and (
-        str(error).startswith("CROSSSLOT") or type(error).__name__ in _CLUSTER_NODE_ANSWERS
-    ):
-        return TokenStoreError(
-            f"{type(error).__name__}: {redacted(str(error))} -- this Redis is a node of a "
-            "Redis Cluster: give alkey a redis.cluster.RedisCluster (redis.asyncio.cluster."
-            "RedisCluster under asyncio), which sends each hash slot's keys to the node that "
-            "serves it"
-        )
     return TokenStoreError(*args)
+
+
+class Misconfiguration(NamedTuple):
+    """What :func:`misconfiguration` found wrong: its ``kind``, the ``problem`` as an
+    operator reads it, and the ``fix``.
+
+    Why a kind: the startup check (:func:`alkey.client.check_redis`) and the command line
+    (:mod:`alkey.cli`) say more for some kinds (the exact ACL rule for ``"permissions"``)
+    and exit with a code per kind, from this one reading of the error.
+    """
+
+    #: ``"tls"``, ``"credentials"``, ``"permissions"``, ``"cluster"``, ``"database"`` or
+    #: ``"scripting"``.
+    kind: str
+    #: What is wrong, e.g. "the server's TLS certificate was not accepted (...)".
+    problem: str
+    #: What to change, e.g. "check ssl_ca_certs ...".
+    fix: str
 
 
 #: What a client library makes of a cluster node's answers to a call that a plain client
 #: sent it: keys of several slots (``CROSSSLOT``), or of a slot another node serves.
 _CLUSTER_NODE_ANSWERS = ("ClusterCrossSlotError", "AskError", "MovedError")
+#: A client library's errors for credentials the server refused (by class name, so that
+#: valkey-py's count too): ``WRONGPASS``, ``NOAUTH``, ``invalid password``, an ``AUTH``
+#: the server has no password for.
+_AUTHENTICATION = ("AuthenticationError", "AuthenticationWrongNumberOfArgsError")
+#: TLS errors of a connection that ended, rather than a handshake refused: an outage.
+_TLS_CONNECTION_LOST = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)
+_TLS_FIX = (
+    "check ssl_ca_certs (the authority that signed the server's certificate), "
+    "ssl_check_hostname and the host in the rediss:// URL, or the server's certificate"
+)
+_TLS_REFUSED_BY_SERVER = (
+    "TLSV1_ALERT_UNKNOWN_CA",
+    "SSLV3_ALERT_BAD_CERTIFICATE",
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED",
+    "SSLV3_ALERT_HANDSHAKE_FAILURE",
+)
+
+
+def _tls_error(error: BaseException) -> ssl.SSLError | None:
+    """The TLS error behind ``error`` (redis-py wraps it in its ``ConnectionError``, as
+    the ``__cause__`` or the ``__context__``), if any."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLError):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def misconfiguration(
+    error: BaseException, errors: ClientErrors = REDIS_ERRORS, *, clustered: bool = False
+) -> Misconfiguration | None:
+    """What is wrong (a :class:`Misconfiguration`) when ``error`` says Redis answers but
+    not to alkey as it is configured, so that waiting will not help; ``None`` for anything
+    else (an outage, a full Redis...). See :class:`~alkey.errors.TokenStoreConfigurationError`.
+
+    Why by the error's class *name* and text as well as its class: redis-py wraps a TLS
+    failure in its ``ConnectionError`` (the ``ssl.SSLError`` is its cause), valkey-py
+    has the same classes under its own module, and a cluster client's
+    ``RedisClusterException`` says "Cluster mode is not enabled" only in its text. A
+    connection that merely ended during a TLS handshake (EOF) stays an outage, and so do
+    ``MOVED``/``ASK`` through a cluster client (``clustered``), which follows them: one
+    left over is a slot changing hands.
+    """
+    text = redacted(str(error))
+    # redis-py keeps an error answer's code (WRONGPASS, NOPERM...) apart from its text.
+    code = getattr(error, "status_code", None)
+    if isinstance(code, str) and code and not text.startswith(code):
+        text = f"{code} {text}"
+    name = type(error).__name__
+    tls = _tls_error(error)
+    if tls is not None and not isinstance(tls, _TLS_CONNECTION_LOST):
+        if isinstance(tls, ssl.SSLCertVerificationError):
+            detail = tls.verify_message or tls.reason or "certificate verify failed"
+            reason = tls.reason or "CERTIFICATE_VERIFY_FAILED"
+            return Misconfiguration(
+                "tls",
+                f"the server's TLS certificate was not accepted ({reason}: {detail})",
+                _TLS_FIX,
+            )
+        reason = tls.reason or type(tls).__name__
+        if reason == "WRONG_VERSION_NUMBER" or "record layer" in str(tls).lower():
+            return Misconfiguration(
+                "tls",
+                f"the server does not speak TLS on this port ({reason})",
+                "use a redis:// URL for a plain port, or the server's TLS port with rediss://",
+            )
+        if reason in _TLS_REFUSED_BY_SERVER:
+            return Misconfiguration(
+                "tls",
+                f"the server refused the TLS handshake ({reason})",
+                "check ssl_certfile and ssl_keyfile (a client certificate the server's "
+                "tls-ca-cert-file trusts) and the TLS versions and ciphers on both sides",
+            )
+        return Misconfiguration(
+            "tls",
+            f"the TLS handshake failed ({reason})",
+            "check the rediss:// URL and its ssl_* options against the server's TLS settings",
+        )
+    if name in _AUTHENTICATION or text.startswith(("WRONGPASS", "NOAUTH", "invalid password")):
+        if text.startswith("NOAUTH") or "HELLO must be called with the client already" in text:
+            return Misconfiguration(
+                "credentials",
+                f"the server requires a password and alkey gave none ({text})",
+                "put it in the URL, percent-encoded (redis://:password@host:6379/0), or in "
+                "the client's password option",
+            )
+        return Misconfiguration(
+            "credentials",
+            f"the server refused alkey's credentials ({text})",
+            "check the user name and password in the URL (percent-encoded) or the "
+            "client's options against the server's requirepass or ACL users",
+        )
+    lowered = text.lower()
+    if (
+        name in ("NoPermissionError", "AuthorizationError")
+        or "NOPERM" in text
+        or "can't run this command" in lowered  # a command a script calls, denied
+        or "can't access at least one of the keys" in lowered
+    ):
+        return Misconfiguration(
+            "permissions",
+            f"the server's ACL denies alkey's user a command or key it needs ({text})",
+            "grant the user EVAL, EVALSHA and what alkey's scripts call (+eval +evalsha "
+            "+mget +set +info +ping; durable mode also +time +zadd +zrangebyscore +zrem "
+            "+hset +hget +hdel) on the token keys (~alkey:*, or ~<key_prefix>alkey:*), "
+            "e.g. with ACL SETUSER; 'alkey check' lists them",
+        )
+    if clustered and name == "ClusterCrossSlotError":
+        return Misconfiguration(
+            "cluster",
+            f"the keys of one of alkey's calls hash to different slots ({text})",
+            "check key_prefix: a '{' in it makes a hash tag that must name one slot "
+            "for all of a call's keys, or none",
+        )
+    if not clustered and (
+        isinstance(error, errors.response)
+        and (text.startswith("CROSSSLOT") or name in _CLUSTER_NODE_ANSWERS)
+    ):
+        return Misconfiguration(
+            "cluster",
+            f"this Redis is a node of a Redis Cluster ({name}: {text})",
+            "give alkey a redis.cluster.RedisCluster (redis.asyncio.cluster.RedisCluster "
+            "under asyncio), which sends each hash slot's keys to the node that serves it",
+        )
+    if "Cluster mode is not enabled" in text or "cluster support disabled" in text:
+        return Misconfiguration(
+            "cluster",
+            f"this Redis is no Redis Cluster ({text})",
+            "give alkey a redis.Redis (or a redis:// URL) for it, or enable cluster mode",
+        )
+    if isinstance(error, errors.response) and "DB index is out of range" in text:
+        return Misconfiguration(
+            "database",
+            f"the server has no such database ({text})",
+            "use a database number below the server's 'databases' setting (the URL's "
+            "path, ?db= or REDIS_DB); a Redis Cluster has database 0 only",
+        )
+    if isinstance(error, errors.response) and text.lower().startswith("unknown command"):
+        return Misconfiguration(
+            "scripting",
+            f"the server does not know a command alkey sends ({text})",
+            "alkey needs Lua scripting (EVAL, EVALSHA): the server must not rename or disable them",
+        )
+    return None
+
+
+def server_of(client: object) -> str:
+    """Which Redis ``client`` talks to, in words for a message: ``"Redis at host:port"``,
+    ``"Redis at /path/to/socket"``, the primary of a Sentinel service, or the nodes a
+    cluster client started from. Never credentials: only host, port, path or name."""
+    if is_cluster(client):
+        manager = getattr(client, "nodes_manager", None)
+        nodes = sorted(str(name) for name in getattr(manager, "startup_nodes", {}) or {})
+        shown = ",".join(nodes[:3]) + (",..." if len(nodes) > 3 else "")
+        return f"the Redis Cluster at {shown}" if shown else "the Redis Cluster"
+    pool = getattr(client, "connection_pool", None)
+    service = getattr(pool, "service_name", None)
+    if isinstance(service, str):
+        return f"the primary of Sentinel service {service!r}"
+    options = getattr(pool, "connection_kwargs", {}) or {}
+    if options.get("path"):
+        return f"Redis at {options['path']}"
+    return f"Redis at {options.get('host', 'localhost')}:{options.get('port', 6379)}"
 
 
 def pool_waits(pool_wait: float) -> Iterator[float]:
@@ -323,6 +537,8 @@ class RedisTransport:
         self.share_key: object | None = client.connection_pool
         #: What the client's library raises, and what each error means.
         self.errors = errors_of(client)
+        #: Which Redis the client talks to, for messages (:func:`server_of`).
+        self.server = server_of(client)
         self._loaded: frozenset[str] = frozenset()
 
     def run(self, calls: list[Call]) -> list[Any]:
@@ -336,12 +552,16 @@ class RedisTransport:
                 errors = self.errors
                 if not isinstance(error, errors.base):
                     raise
-                if not isinstance(error, errors.max_connections):
-                    raise store_error(error, errors) from error
+                if not _pool_full(error, errors):
+                    raise store_error(
+                        error, errors, self.server, clustered=self.clustered
+                    ) from error
                 waits = pool_waits(self.pool_wait) if waits is None else waits
                 pause = next(waits, None)
                 if pause is None:
-                    raise store_error(error, errors) from error
+                    raise store_error(
+                        error, errors, self.server, clustered=self.clustered
+                    ) from error
                 time.sleep(pause)
 
     def _run_once(self, calls: list[Call]) -> list[Any]:
@@ -402,6 +622,8 @@ class AsyncRedisTransport:
         self.share_key: object | None = client.connection_pool if client is not None else None
         #: As :attr:`RedisTransport.errors` (``get_client``'s clients: learnt on first use).
         self.errors = errors_of(client) if client is not None else REDIS_ERRORS
+        #: As :attr:`RedisTransport.server` (``get_client``'s clients: learnt on first use).
+        self.server = server_of(client) if client is not None else "Redis"
         self._loaded: frozenset[str] = frozenset()
 
     async def run(self, calls: list[Call]) -> list[Any]:
@@ -414,12 +636,16 @@ class AsyncRedisTransport:
                 errors = self.errors  # learnt from the client (see _run_once)
                 if not isinstance(error, errors.base):
                     raise
-                if not isinstance(error, errors.max_connections):
-                    raise store_error(error, errors) from error
+                if not _pool_full(error, errors):
+                    raise store_error(
+                        error, errors, self.server, clustered=self.clustered
+                    ) from error
                 waits = pool_waits(self.pool_wait) if waits is None else waits
                 pause = next(waits, None)
                 if pause is None:
-                    raise store_error(error, errors) from error
+                    raise store_error(
+                        error, errors, self.server, clustered=self.clustered
+                    ) from error
                 await asyncio.sleep(pause)
 
     async def _run_once(self, calls: list[Call]) -> list[Any]:
@@ -428,6 +654,7 @@ class AsyncRedisTransport:
             assert self._get_client is not None
             client = await self._get_client()
             self.errors = errors_of(client)
+            self.server = server_of(client)
         try:
             results = await self._send(client, calls, self._loaded)
         except self.errors.no_script:
@@ -553,9 +780,7 @@ def _cluster_failure(
     if not isinstance(error, errors.base):
         transport._rediscover = True
         return errors.lost[0](f"the cluster client failed: {type(error).__name__}: {error}")
-    if isinstance(error, errors.unavailable) and not (
-        isinstance(error, errors.max_connections) or error.args == _BLOCKING_POOL_TIMEOUT
-    ):
+    if isinstance(error, errors.unavailable) and not _pool_exhausted(error, errors):
         transport._rediscover = True
     return error
 
@@ -571,6 +796,7 @@ def _set_up_cluster(
     transport.pool_wait = transport.socket_timeout or POOL_WAIT
     transport.share_key = client
     transport.errors = errors_of(client)
+    transport.server = server_of(client)
     transport._loaded = frozenset()
     transport._node_scripts = {}
     transport._rediscover = False
@@ -790,7 +1016,10 @@ def checked_socket_timeout(pool: Any) -> float:
     """
     timeout = _connection_option(pool, "socket_timeout")
     retry = _connection_option(pool, "retry")
-    retries = retry.get_retries() if hasattr(retry, "get_retries") else 0
+    # Retry.get_retries() is redis-py 6's; before it, the count is its _retries.
+    retries = (
+        retry.get_retries() if hasattr(retry, "get_retries") else getattr(retry, "_retries", 0)
+    )
     problems = []
     if not isinstance(timeout, int | float):
         problems.append("no socket_timeout (a hung Redis would block it for good)")

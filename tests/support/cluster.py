@@ -536,7 +536,11 @@ async def async_cluster_client(
         **options,
     )
     client.connection_kwargs["connection_class"] = AsyncCountingConnection
-    for startup in client.startup_nodes:
+    # The client's startup_nodes are redis-py 5.3's; before, only its nodes manager's.
+    startups = getattr(client, "startup_nodes", None)
+    if startups is None:
+        startups = list(client.nodes_manager.startup_nodes.values())
+    for startup in startups:
         startup.connection_class = AsyncCountingConnection
     for attempt in range(CONNECT_ATTEMPTS):
         try:
