@@ -41,7 +41,8 @@ from alkey.errors import (
     TokenStoreError,
     TokenStoreUnavailableError,
 )
-from alkey.observers import LoggingObserver, StoreObserver
+from alkey.observers import LoggingObserver, ObserverGroup, StoreObserver
+from alkey.outages import OutageLedger
 from alkey.tokens import RedisClient, RedisTokenStore
 
 from .support.cluster import LocalCluster, cluster_capable_server, key_slot
@@ -433,3 +434,32 @@ def test_a_degrading_store_uses_the_fast_fail_window_while_misconfigured(
         assert store.outage.skip(), "the store does not try again for retry_interval"
     finally:
         client.close()
+
+
+def test_an_incident_that_flaps_between_an_outage_and_a_misconfiguration_reports_each_once() -> (
+    None
+):
+    """A Redis restarting in a loop with a password alkey lacks fails by turns as down
+    (refused) and as misconfigured (``WRONGPASS``): the wrong password is reported when it
+    first turns up, and nothing more until the incident ends, so that an observer counting
+    ``outage_began`` counts one incident."""
+
+    class Began(StoreObserver):
+        def __init__(self) -> None:
+            self.errors: list[BaseException] = []
+
+        def outage_began(self, **event: Any) -> None:
+            self.errors.append(event["error"])
+
+    began = Began()
+    ledger = OutageLedger("degrade", 100, 0.0, events=ObserverGroup([began]))
+    down = TokenStoreUnavailableError("Error 111 connecting to 127.0.0.1:1. Connection refused.")
+    wrong = TokenStoreConfigurationError(
+        "alkey cannot use Redis", problem="refused alkey's credentials", fix="check the password"
+    )
+    for error in (down, wrong, down, wrong, down):
+        ledger.failed(error, "fetch tokens")
+    assert began.errors == [down, wrong]
+    ledger.succeeded(ledger.replay())
+    ledger.failed(wrong, "fetch tokens")
+    assert began.errors == [down, wrong, wrong], "a new incident reports again"

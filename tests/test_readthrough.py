@@ -13,6 +13,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 import aiocache  # type: ignore[import-untyped]
@@ -31,7 +32,14 @@ import alkey.readthrough
 import alkey.readthrough_asyncio
 from alkey.asyncio import AsyncCacheKeyGenerator, AsyncRedisClient
 from alkey.keys import CacheKeyGenerator
-from alkey.readthrough import MISSING, CacheBackend, adapt_cache, cached, get_or_create
+from alkey.readthrough import (
+    MISSING,
+    CacheBackend,
+    FunctionKey,
+    adapt_cache,
+    cached,
+    get_or_create,
+)
 from alkey.readthrough_asyncio import (
     AsyncCacheBackend,
     acached,
@@ -452,19 +460,25 @@ def test_concurrent_misses_of_one_key_compute_once_in_tasks(
 
 
 def test_misses_of_different_keys_compute_concurrently(keys: CacheKeyGenerator) -> None:
+    """The creators of four keys run at the same time: each waits at a barrier that only
+    opens once all four are inside (one after another, the first would time out)."""
     cache: dict[str, str] = {}
-    render = Calls(lambda: "rendered", delay=0.3)
+    inside = threading.Barrier(4, timeout=10)
+
+    def render() -> str:
+        inside.wait()
+        return "rendered"
+
     threads = [
         threading.Thread(target=get_or_create, args=(cache, keys("alkey:users#1", n), render))
         for n in range(4)
     ]
-    started = time.monotonic()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert render.count == 4
-    assert time.monotonic() - started < 1.0  # not one after another (4 x 0.3 s)
+    assert not inside.broken, "all four creators were running at once"
+    assert list(cache.values()) == ["rendered"] * 4
 
 
 def test_the_table_of_computations_in_flight_holds_only_those_running(
@@ -589,6 +603,31 @@ def test_a_cancelled_waiting_task_leaves_the_computation_running(
     loop.run_until_complete(scenario())
 
 
+def test_a_waiting_task_cancelled_with_the_computing_one_stays_cancelled(
+    async_keys: AsyncCacheKeyGenerator, loop: asyncio.AbstractEventLoop
+) -> None:
+    """A scope that cancels both (a failing task group, a timeout, shutdown): the waiter
+    must not take the computing task's cancellation for a cue to compute itself."""
+    cache: dict[str, str] = {}
+    render = Calls(lambda: "rendered", delay=0.2)
+
+    async def scenario() -> None:
+        key = await async_keys("alkey:users#1", "both cancelled")
+        first = asyncio.ensure_future(aget_or_create(cache, key, render.acall))
+        await asyncio.sleep(0.05)
+        second = asyncio.ensure_future(aget_or_create(cache, key, render.acall))
+        await asyncio.sleep(0.05)
+        first.cancel()
+        second.cancel()
+        outcomes = await asyncio.gather(first, second, return_exceptions=True)
+        assert all(isinstance(outcome, asyncio.CancelledError) for outcome in outcomes)
+        assert render.count == 1, "nobody computed again"
+        assert cache == {}
+
+    loop.run_until_complete(scenario())
+    assert not alkey.readthrough_asyncio._flights
+
+
 def test_a_dogpile_region_computes_again_for_the_waiters_of_a_failed_computation(
     keys: CacheKeyGenerator,
 ) -> None:
@@ -673,3 +712,24 @@ def test_each_decorator_refuses_the_other_flavour_of_function() -> None:
         cached({}, key_generator=lambda *args: "key")(coroutine_function)
     with pytest.raises(TypeError, match=r"not a coroutine function.*readthrough.cached"):
         acached({})(function)  # type: ignore[arg-type]
+
+
+def render_card(user: User, size: str) -> str:
+    return f"{user.name}:{size}"
+
+
+def test_partials_of_one_function_fixing_other_arguments_key_apart() -> None:
+    big, small = (
+        FunctionKey(partial(render_card, size="big")),
+        FunctionKey(partial(render_card, size="small")),
+    )
+    user = User(id=1, name="Ada")
+    assert big.name == small.name == f"{__name__}:render_card"
+    assert big.arguments(user) != small.arguments(user)
+    assert big.arguments(user) == FunctionKey(partial(render_card, size="big")).arguments(user)
+
+
+def test_a_lambda_without_a_namespace_is_refused_with_the_fix() -> None:
+    with pytest.raises(TypeError, match="namespace"):
+        cached({})(lambda user: user.name)
+    assert cached({}, namespace="names")(lambda user: user.name) is not None

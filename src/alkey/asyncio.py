@@ -48,7 +48,7 @@ from alkey.client import (
     _log_default_redis,
     _server,
 )
-from alkey.errors import ConfigurationError, TokenStoreError
+from alkey.errors import ConfigurationError, TokenStoreError, redacted
 from alkey.invalidations import AsyncListener, ClusterListeners, marked, tracking_options
 from alkey.keys import CacheKeyGenerator
 from alkey.observers import StoreObserver
@@ -677,7 +677,7 @@ async def acheck_redis(
             await target.afetch([CHECK_IDENTIFIER])  # type: ignore[attr-defined]
             await target.abump([CHECK_IDENTIFIER])  # type: ignore[attr-defined]
         except Exception as error:
-            raise _failed(server, f"its token store failed ({error})") from error
+            raise _failed(server, f"its token store failed ({redacted(str(error))})") from error
         return
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout

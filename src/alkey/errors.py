@@ -39,7 +39,8 @@ _PASSWORD = re.compile(
     rf"""(?P<key>{_SECRET_NAME}=)(?:(?!,[A-Za-z_][A-Za-z0-9_]*=|\)>(?:\)|>|,|\]|\s|$))[^\n])*"""
     rf"""|(?P<entry>{_SECRET_NAME}['"]?\s*:\s*)"""
     r"""(?:b?'(?:[^'\\\n]|\\.)*'|b?"(?:[^"\\\n]|\\.)*"|[^,}\n]*)"""
-    r"""|(?P<url>\b[a-z][a-z0-9+.-]*://[^\s:/?#@]*:)[^\s@/?#]*@""",
+    # A URL's password runs to the authority's *last* "@", as redis-py reads it.
+    r"""|(?P<url>\b[a-z][a-z0-9+.-]*://[^\s:/?#@]*:)[^\s/?#]*@""",
     re.IGNORECASE,
 )
 

@@ -178,9 +178,9 @@ class OutageLedger:
         self._generation = 0
         self._dropped = 0
         self._failing = False
-        # What the failures of the open incident are: "" for an outage, else the fix a
-        # misconfiguration calls for (TokenStoreConfigurationError.fix).
-        self._kind = ""
+        # The misconfigurations the open incident has reported (by the fix each calls
+        # for, TokenStoreConfigurationError.fix): each is reported once per incident.
+        self._kinds: set[str] = set()
         self._recovering_until = 0.0
         # Calls that went without Redis because the pool had no connection for them, since
         # the last call that had one (0: no such incident).
@@ -245,16 +245,20 @@ class OutageLedger:
         trips) per call, and every call would pay it for as long as the setting stays
         wrong; probing every ``retry_interval`` still notices the fix within that time
         (the server's ACL or certificate changed) and replays the kept bumps. The
-        incident is reported again when its cause changes kind -- from an outage to a
-        misconfiguration (a restart with a new password) or from one misconfiguration to
-        another -- so that the log says what is wrong now."""
+        incident is reported again, once, when a misconfiguration it has not reported yet
+        turns up -- an outage that ends in a restart with a new password, say -- so that
+        the log says what is wrong now; a cause that flaps between the two is not reported
+        again, so that ``outage_began`` stays about once per incident for metrics."""
         if self.on_error == "raise":
             raise error
         kind = error.fix if isinstance(error, TokenStoreConfigurationError) else ""
         with self._lock:
-            first = not self._failing or kind != self._kind
+            if not self._failing:
+                self._kinds.clear()
+            first = not self._failing or (bool(kind) and kind not in self._kinds)
             self._failing = True
-            self._kind = kind
+            if kind:
+                self._kinds.add(kind)
             self._next_probe = time.monotonic() + self.retry_interval
             pending, dropped = len(self._pending), self._dropped
         if first:

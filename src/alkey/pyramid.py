@@ -85,8 +85,8 @@ REDIS_URL_SETTINGS: Final = ("alkey.redis_url", "redis.url")
 #: applications sharing a cache never share keys.
 CACHE_KEY_PREFIX_SETTING: Final = "alkey.cache_key_prefix"
 #: The setting that makes the application refuse to start on a Redis alkey cannot use:
-#: ``true``/``false`` (also ``yes``/``no``, ``on``/``off``, ``1``/``0``), or the seconds
-#: to wait for a Redis that cannot be reached yet.
+#: ``true``/``false`` (also ``yes``/``no``, ``on``/``off``), or a number: the seconds to
+#: wait for a Redis that cannot be reached yet (``0``: no check).
 FAIL_FAST_SETTING: Final = "alkey.fail_fast"
 
 # Where the application's key generator lives in its registry (a dict, as in Pyramid's

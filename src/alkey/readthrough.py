@@ -143,16 +143,35 @@ class FunctionKey:
     does: an instance of the class that defines a method has no stable text; key on what
     it holds by passing that as an argument.
 
+    A :func:`functools.partial` keys as its function with the arguments it fixes; a lambda
+    needs a ``namespace`` (every lambda of a module has one name, so a :class:`TypeError`
+    says so rather than share keys). Closures that one factory makes share its name: give
+    each its own ``namespace`` when what they capture differs.
+
     :func:`cached` and the adapters in :mod:`alkey.adapters` build their keys with it, so
     the same call makes the same key whichever front end caches it.
     """
 
-    __slots__ = ("_self", "_signature", "name", "namespace")
+    __slots__ = ("_fixed", "_self", "_signature", "name", "namespace")
 
     def __init__(self, fn: Callable[..., Any], namespace: str | None = None) -> None:
-        # A callable object without a name of its own (a partial) is named by its class:
-        # give it a namespace to keep its keys apart from another's.
-        named = fn if hasattr(fn, "__qualname__") else type(fn)
+        # A partial is its function with some arguments fixed: those are part of the key,
+        # or partial(render, size="big") would serve what partial(render, size="small")
+        # stored.
+        fixed: list[object] = []
+        inner: Any = fn
+        while isinstance(inner, functools.partial):
+            fixed.append((inner.args, inner.keywords))
+            inner = inner.func
+        self._fixed = tuple(fixed)
+        # Another callable object without a name of its own is named by its class.
+        named = inner if hasattr(inner, "__qualname__") else type(inner)
+        if named.__name__ == "<lambda>" and namespace is None:
+            raise TypeError(
+                f"cannot key {fn!r}: every lambda of {named.__module__} has the name "
+                "<lambda>, so their keys would be shared; define it with def, or give "
+                "a namespace of its own (namespace=...)"
+            )
         #: ``module:qualified name`` of the function, the same in every process.
         self.name = f"{named.__module__}:{named.__qualname__}"
         #: The namespace given: part of every key, so two caches of one function differ.
@@ -171,11 +190,11 @@ class FunctionKey:
         call itself would.
         """
         if self._signature is None:
-            return (self.name, self.namespace, args, kwargs)
+            return (self.name, self.namespace, *self._fixed, args, kwargs)
         arguments = dict(self._signature.bind(*args, **kwargs).arguments)
         if self._self is not None:
             arguments.pop(self._self, None)
-        return (self.name, self.namespace, arguments)
+        return (self.name, self.namespace, *self._fixed, arguments)
 
 
 def _seconds(ttl: float | timedelta | None) -> float | None:

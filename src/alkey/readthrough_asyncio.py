@@ -270,12 +270,12 @@ async def _single_flight(
     while True:
         flight = _flights.get(flight_key)
         if flight is not None:
-            try:
-                return cast(_T, await asyncio.shield(flight))
-            except asyncio.CancelledError:
-                if flight.cancelled():
-                    continue  # the computing task was cancelled: ask again
-                raise
+            # asyncio.wait raises CancelledError only when *this* task is cancelled (it
+            # never cancels the flight), so the two cancellations cannot be confused.
+            await asyncio.wait((flight,))
+            if flight.cancelled():
+                continue  # the computing task was cancelled: ask again
+            return cast(_T, flight.result())
         flight = _flights[flight_key] = loop.create_future()
         try:
             # A computation that ended between our miss and our turn stored its value.
