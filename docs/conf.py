@@ -64,6 +64,7 @@ EXTERNAL = (
     "dogpile",
     "enum",
     "flask_caching",
+    "functools",
     "logging",
     "opentelemetry",
     "os",
