@@ -22,6 +22,10 @@ registers its fixtures and hooks with pytest, and re-exports every helper so tha
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Iterator
+
+import pytest
 
 from alkey.pytest_plugin import alkey_redis
 
@@ -120,3 +124,27 @@ def pytest_report_header() -> list[str]:
     database = DATABASE_URL or "SQLite (temporary file)"
     redis_url = os.environ.get("ALKEY_TEST_REDIS_URL") or "a private redis-server"
     return [f"alkey: database {database}; Redis {redis_url}"]
+
+
+@pytest.fixture(autouse=True)
+def no_replays_left_behind() -> Iterator[None]:
+    """Stop the background replays that a test's stores leave running.
+
+    A store whose bumps could not reach Redis keeps them and replays them from a thread
+    until Redis answers: nothing is lost. A test that stopped its Redis, or gave a store
+    a wrong password, leaves that thread probing a server that never comes back -- every
+    ``retry_interval``, every 10 ms at ``retry_interval=0`` -- for the rest of the
+    session. Hundreds of them took the test process's CPU and made timing-bound tests
+    fail. After each test, the kept bumps of the stores whose replay it started are
+    dropped (a test's own reach into the outage ledger), so their threads end.
+    """
+    before = {thread for thread in threading.enumerate() if thread.name == "alkey-replay"}
+    yield
+    for thread in threading.enumerate():
+        if thread.name != "alkey-replay" or thread in before:
+            continue
+        store = getattr(getattr(thread, "_target", None), "__self__", None)
+        outage = getattr(store, "outage", None)
+        if outage is not None:
+            with outage._lock:
+                outage._pending.clear()

@@ -9,6 +9,7 @@ fresh after a write. Each test unbinds what its page bound, so other tests see n
 
 from __future__ import annotations
 
+import logging
 import sys
 import types
 from collections.abc import Callable
@@ -109,9 +110,15 @@ def test_the_celery_recipe_binds_each_worker_process_and_its_tasks_commits_chang
 ) -> None:
     monkeypatch.setenv("REDIS_URL", redis_url)
     monkeypatch.chdir(docs_directory)  # the example's SQLite file
+    # Celery's test worker sets up logging for itself: the root logger's level goes to
+    # ERROR, and stays there, hiding the warnings later tests read. Put it back.
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
     try:
         run_python_examples(docs_page("integrations/celery.md"), docs_directory)
     finally:
+        root.setLevel(level)
+        root.handlers[:] = handlers
         tasks = sys.modules.get("tasks")
         if tasks is not None:
             tasks.worker_process_init.disconnect(tasks.bind_alkey)
