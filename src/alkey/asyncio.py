@@ -42,10 +42,10 @@ from alkey.client import (
     CHECK_TIMEOUT,
     RedisConfig,
     _check_rounds,
-    _diagnosis,
     _epoch_problem,
     _failed,
     _log_default_redis,
+    _retry_after,
     _server,
 )
 from alkey.errors import ConfigurationError, TokenStoreError, redacted
@@ -684,14 +684,8 @@ async def acheck_redis(
     while True:
         try:
             await _check_once(target, require_epoch)
-        except ConfigurationError as problem:
-            raise _failed(server, str(problem)) from None
         except Exception as error:
-            said, passing = _diagnosis(error, target)
-            left = deadline - loop.time()
-            if not passing or left <= 0:
-                raise _failed(server, said) from error
-            await asyncio.sleep(min(0.1, left))
+            await asyncio.sleep(_retry_after(error, target, server, deadline - loop.time()))
         else:
             return
 

@@ -402,17 +402,23 @@ def check_redis(
     while True:
         try:
             _check_once(store, require_epoch)
-        except ConfigurationError as problem:
-            raise _failed(server, str(problem)) from None
         except Exception as error:
-            problem_text, passing = _diagnosis(error, store)
-            left = deadline - time.monotonic()
-            if not passing or left <= 0:
-                raise _failed(server, problem_text) from error
-            time.sleep(min(0.1, left))
+            time.sleep(_retry_after(error, store, server, deadline - time.monotonic()))
         else:
             log.info("alkey: the Redis at %s passed alkey's check", server)
             return
+
+
+def _retry_after(error: Exception, store: ScriptStore, server: str, left: float) -> float:
+    """How long the check (sync or asyncio) waits before trying again after ``error``,
+    with ``left`` seconds to its deadline; or the check's :class:`ConfigurationError`,
+    raised, when waiting cannot help or the time is up."""
+    if isinstance(error, ConfigurationError):
+        raise _failed(server, str(error)) from None
+    problem, passing = _diagnosis(error, store)
+    if not passing or left <= 0:
+        raise _failed(server, problem) from error
+    return min(0.1, left)
 
 
 def _check_once(store: RedisTokenStore, require_epoch: bool) -> None:
