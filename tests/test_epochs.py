@@ -93,7 +93,7 @@ def test_a_redis_that_hides_its_replication_id_still_works_and_is_reported_once(
     rules += ["+set", "+ping"]
     redis_client.execute_command("ACL", "SETUSER", "noinfo", *rules)  # type: ignore[no-untyped-call]
     host_port = redis_url.removeprefix("redis://")
-    limited = redis.Redis.from_url(f"redis://noinfo:pw@{host_port}")
+    limited = redis.Redis.from_url(f"redis://noinfo:pw@{host_port}", socket_timeout=2)
     store = RedisTokenStore(limited, on_error="raise")
     with caplog.at_level(logging.WARNING, logger="alkey"):
         first = store.fetch(["alkey:users#1"])

@@ -15,10 +15,15 @@ from typing import Any
 import pytest
 import redis
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint
+from opentelemetry.sdk.metrics.export import (
+    HistogramDataPoint,
+    InMemoryMetricReader,
+    NumberDataPoint,
+)
 from prometheus_client import CollectorRegistry, generate_latest
 
 from alkey.embedded import EmbeddedRedis
+from alkey.metrics import ROUND_TRIP_BUCKETS
 from alkey.metrics.otel import OpenTelemetryObserver
 from alkey.metrics.prometheus import PrometheusObserver
 from alkey.observers import LoggingObserver
@@ -73,6 +78,41 @@ def test_prometheus_counts_fetches_bumps_and_a_forced_miss(
     exposition = generate_latest(registry).decode()
     assert "# HELP alkey_fetches_total Token fetches" in exposition
     assert "# TYPE alkey_bumps_pending gauge" in exposition
+
+
+def test_prometheus_times_each_round_trip_by_operation_and_result(
+    private_redis: EmbeddedRedis,
+) -> None:
+    registry = CollectorRegistry()
+    metrics = PrometheusObserver(registry)
+    client = quick_client(private_redis.url)
+    store = RedisTokenStore(client, durable=True, retry_interval=60, observers=[metrics])
+    try:
+        began = time.perf_counter()
+        for _ in range(3):
+            store.fetch([ROW, TABLE])
+        intent = store.intend([ROW])
+        store.bump([ROW], intent=intent)
+        elapsed = time.perf_counter() - began
+        for operation, count in (("fetch", 3), ("intend", 1), ("bump", 1)):
+            labels = {"operation": operation, "result": "ok"}
+            assert sample(registry, "alkey_round_trip_seconds_count", **labels) == count
+            assert 0 < sample(registry, "alkey_round_trip_seconds_sum", **labels) <= elapsed
+            assert sample(registry, "alkey_round_trip_seconds_bucket", le="5.0", **labels) == count
+        private_redis.stop()
+        store.fetch([ROW])
+        failed = {"operation": "fetch", "result": "error"}
+        assert sample(registry, "alkey_round_trip_seconds_count", **failed) == 1
+        assert (
+            sample(registry, "alkey_round_trip_seconds_count", operation="fetch", result="ok") == 3
+        )
+    finally:
+        client.close()
+    exposition = generate_latest(registry).decode()
+    assert "# TYPE alkey_round_trip_seconds histogram" in exposition
+    assert 'alkey_round_trip_seconds_bucket{le="0.0001",operation="fetch",result="ok"}' in (
+        exposition
+    )
 
 
 def test_prometheus_shows_an_outage_and_its_end_and_the_replayed_bumps(
@@ -196,10 +236,28 @@ def otel_points(
         for scope in resource.scope_metrics:
             for metric in scope.metrics:
                 for point in metric.data.data_points:
+                    if isinstance(point, HistogramDataPoint):
+                        continue  # see otel_histograms()
                     assert isinstance(point, NumberDataPoint)
                     attributes = tuple(sorted((point.attributes or {}).items()))
                     points[metric.name, attributes] = point.value
     return points
+
+
+def otel_histograms(
+    reader: InMemoryMetricReader,
+) -> dict[tuple[str, tuple[tuple[str, Any], ...]], HistogramDataPoint]:
+    """Every histogram data point the reader collects, by instrument name and attributes."""
+    data = reader.get_metrics_data()
+    assert data is not None
+    return {
+        (metric.name, tuple(sorted((point.attributes or {}).items()))): point
+        for resource in data.resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        for point in metric.data.data_points
+        if isinstance(point, HistogramDataPoint)
+    }
 
 
 def test_opentelemetry_records_the_same_counts_through_an_in_memory_reader(
@@ -230,6 +288,35 @@ def test_opentelemetry_records_the_same_counts_through_an_in_memory_reader(
         assert after["alkey.bumps.pending", ()] == 0
         assert after["alkey.bumps.replayed", ()] == 1
         assert after["alkey.tokens.bumped", ()] == 3
+    finally:
+        client.close()
+        provider.shutdown()
+
+
+def test_opentelemetry_times_round_trips_in_seconds_with_alkeys_buckets(
+    private_redis: EmbeddedRedis,
+) -> None:
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    metrics = OpenTelemetryObserver(meter_provider=provider)
+    client = quick_client(private_redis.url)
+    store = RedisTokenStore(client, retry_interval=60, observers=[metrics])
+    try:
+        began = time.perf_counter()
+        store.fetch([ROW, TABLE])
+        store.fetch([ROW])
+        store.bump([ROW])
+        elapsed = time.perf_counter() - began
+        private_redis.stop()
+        store.bump([TABLE])  # the round trip fails; the bump is kept
+        histograms = otel_histograms(reader)
+        name = "alkey.round_trip.duration"
+        fetches = histograms[name, (("operation", "fetch"), ("result", "ok"))]
+        assert fetches.count == 2
+        assert 0 < fetches.sum <= elapsed
+        assert tuple(fetches.explicit_bounds) == ROUND_TRIP_BUCKETS
+        assert histograms[name, (("operation", "bump"), ("result", "ok"))].count == 1
+        assert histograms[name, (("operation", "bump"), ("result", "error"))].count == 1
     finally:
         client.close()
         provider.shutdown()

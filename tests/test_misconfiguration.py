@@ -393,7 +393,11 @@ def test_a_plain_client_of_a_cluster_node_is_a_misconfiguration(
         store = RedisTokenStore(plain, on_error="raise")
         with pytest.raises(TokenStoreConfigurationError) as raised:
             store.fetch(_other_slots(cluster))
-        assert type(raised.value.__cause__).__name__ in ("ClusterCrossSlotError", "MovedError")
+        cause = raised.value.__cause__
+        # redis-py 6 and later raise these classes; redis-py 5 a ResponseError("CROSSSLOT...").
+        assert type(cause).__name__ in ("ClusterCrossSlotError", "MovedError") or str(
+            cause
+        ).startswith(("CROSSSLOT", "MOVED"))
         assert "give alkey a redis.cluster.RedisCluster" in str(raised.value)
         assert "this Redis is a node of a Redis Cluster" in str(raised.value)
         degrading = RedisTokenStore(plain, retry_interval=0)

@@ -218,6 +218,48 @@ def test_fetches_and_bumps_report_their_counts_and_whether_the_answer_was_a_forc
         ]
 
 
+class Timer(StoreObserver):
+    """The round trips a store reports, in order."""
+
+    def __init__(self) -> None:
+        self.round_trips: list[tuple[str, float, bool]] = []
+
+    def round_trip(self, *, operation: str, seconds: float, failed: bool) -> None:
+        self.round_trips.append((operation, seconds, failed))
+
+
+def test_each_round_trip_reports_its_operation_and_duration_and_a_failed_one_says_so(
+    flavour: str, private_redis: EmbeddedRedis
+) -> None:
+    timer = Timer()
+    driver = Driver(flavour, private_redis.url, durable=True, retry_interval=60, observers=[timer])
+    try:
+        began = time.perf_counter()
+        driver.fetch(["alkey:users#1", "alkey:users#*"])
+        intent = driver.intend(["alkey:users#1", "alkey:users#*"])
+        assert intent is not None
+        driver.bump(["alkey:users#1", "alkey:users#*"], intent=intent)
+        elapsed = time.perf_counter() - began
+        assert [(operation, failed) for operation, _, failed in timer.round_trips] == [
+            ("fetch", False),
+            ("intend", False),
+            ("bump", False),
+        ]
+        durations = [seconds for _, seconds, _ in timer.round_trips]
+        assert all(seconds > 0 for seconds in durations)
+        assert sum(durations) <= elapsed, "each is one round trip, not more than the calls"
+
+        private_redis.stop()
+        driver.fetch(["alkey:users#1"])  # the round trip fails: a forced miss
+        operation, seconds, failed = timer.round_trips[-1]
+        assert (operation, failed) == ("fetch", True)
+        assert 0 < seconds < 5
+        driver.fetch(["alkey:users#1"])  # Redis is known to be down: no round trip
+        assert len(timer.round_trips) == 4
+    finally:
+        driver.close()
+
+
 def test_an_outage_reports_its_beginning_the_kept_bumps_the_misses_and_its_end_with_counts(
     flavour: str, private_redis: EmbeddedRedis
 ) -> None:
@@ -366,10 +408,12 @@ def test_a_store_logs_through_one_logging_observer_by_default(redis_url: str) ->
 
 
 def test_events_that_only_the_logging_observer_would_hear_are_never_dispatched() -> None:
-    """The success path pays nothing for observers: fetched and bumped have no hooks."""
+    """The success path pays nothing for observers: fetched, bumped and round_trip have
+    no hooks."""
     group = ObserverGroup([LoggingObserver()])
     assert len(group.fetched_hooks) == 0
     assert len(group.bumped_hooks) == 0
+    assert len(group.round_trip_hooks) == 0, "round trips are then not even timed"
     recorder = Recorder()
     group.add(recorder)
     assert list(group.fetched_hooks) == [recorder.fetched]

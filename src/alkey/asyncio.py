@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Coroutine, Sequence
 from typing import Any, Protocol, TypeAlias, TypeVar, runtime_checkable
@@ -53,6 +54,7 @@ from alkey.invalidations import AsyncListener, ClusterListeners, marked, trackin
 from alkey.keys import CacheKeyGenerator
 from alkey.observers import StoreObserver
 from alkey.options import ErrorPolicy, StoreOptions
+from alkey.scripts import Call
 from alkey.settings import (
     DEFAULT_CLIENT_OPTIONS,
     REDIS_SCHEMES,
@@ -368,11 +370,11 @@ class AsyncRedisTokenStore(ScriptStore):
             return []
         local = self.local
         if local is None:
-            return await self._exchange(self._fetching(identifiers))
+            return await self._exchange(self._fetching(identifiers), "fetch")
         tokens, known = self._cached(local, identifiers)
         if tokens is not None:
             return tokens
-        return await self._exchange(self._fetching(identifiers, known))
+        return await self._exchange(self._fetching(identifiers, known), "fetch")
 
     def _start_listening(self) -> None:
         if self._listener is not None:
@@ -387,7 +389,7 @@ class AsyncRedisTokenStore(ScriptStore):
     async def aintend(self, identifiers: Collection[str]) -> str | None:
         """:meth:`RedisTokenStore.intend <alkey.tokens.RedisTokenStore.intend>`: in
         durable mode, record the bumps a commit is about to make."""
-        return await self._exchange(self._intending(identifiers))
+        return await self._exchange(self._intending(identifiers), "intend")
 
     async def abump(self, identifiers: Collection[str], intent: str | None = None) -> None:
         """Give each identifier a new random token, in one round trip, and clear
@@ -401,16 +403,21 @@ class AsyncRedisTokenStore(ScriptStore):
         plan = self._bump_plan(identifiers)
         if plan is None:
             return
-        task = asyncio.ensure_future(self._exchange(self._bumping(identifiers, intents, *plan)))
+        task = asyncio.ensure_future(
+            self._exchange(self._bumping(identifiers, intents, *plan), "bump")
+        )
         self._finishing.add(task)
         task.add_done_callback(self._finishing.discard)
         await asyncio.shield(task)
 
-    async def _exchange(self, exchange: Exchange[_T]) -> _T:
+    async def _exchange(self, exchange: Exchange[_T], operation: str) -> _T:
         """Carry out one of :class:`~alkey.tokens.ScriptStore`'s calls: await each round
         trip it yields, hand it back the results or the error (see
-        ``RedisTokenStore._exchange``)."""
-        run = self.transport.run
+        ``RedisTokenStore._exchange``), timing each as ``operation`` when an observer
+        listens."""
+        run: Callable[[list[Call]], Awaitable[list[Any]]] = self.transport.run
+        if self._observe.round_trip_hooks:
+            run = self._timed(run, operation)
         try:
             calls = next(exchange)
             while True:
@@ -425,6 +432,25 @@ class AsyncRedisTokenStore(ScriptStore):
             return answer
         finally:
             exchange.close()
+
+    def _timed(
+        self, run: Callable[[list[Call]], Awaitable[list[Any]]], operation: str
+    ) -> Callable[[list[Call]], Awaitable[list[Any]]]:
+        """``run``, telling the observers how long each round trip took (see
+        ``RedisTokenStore._timed``)."""
+        report = self._observe.round_trip
+
+        async def timed(calls: list[Call]) -> list[Any]:
+            began = time.perf_counter()
+            try:
+                results = await run(calls)
+            except TokenStoreError:
+                report(operation=operation, seconds=time.perf_counter() - began, failed=True)
+                raise
+            report(operation=operation, seconds=time.perf_counter() - began, failed=False)
+            return results
+
+        return timed
 
     def _replay_soon(self) -> None:
         """Replay the kept bumps from a task on this loop, probing every

@@ -20,9 +20,10 @@ call or a commit: the error is logged once (per observer and event) on the
 ``alkey.observers`` logger and the store goes on.
 
 Cost: an event that no installed observer overrides is never dispatched -- in
-particular :meth:`StoreObserver.fetched` and :meth:`StoreObserver.bumped`, the two
-events of the success path, cost one attribute test per call (not per identifier) with
-only the :class:`LoggingObserver` installed.
+particular :meth:`StoreObserver.fetched`, :meth:`StoreObserver.bumped` and
+:meth:`StoreObserver.round_trip`, the events of the success path, cost one attribute test
+per call (not per identifier) with only the :class:`LoggingObserver` installed; round
+trips are not even timed then.
 """
 
 from __future__ import annotations
@@ -60,6 +61,19 @@ class StoreObserver:
     def bumped(self, *, count: int, replayed: int) -> None:
         """``count`` identifiers got new tokens in Redis in one round trip, ``replayed``
         of them bumps kept from an outage (or intents of a dead writer, recovered)."""
+
+    def round_trip(self, *, operation: str, seconds: float, failed: bool) -> None:
+        """One round trip to Redis took ``seconds`` (wall clock, from sending its calls to
+        reading the last reply, or to the error): for ``operation`` ``"fetch"`` (a key's
+        tokens), ``"intend"`` (durable mode, just before a COMMIT) or ``"bump"`` (after
+        one, or a replay of kept bumps). Kept bumps and due intents that ride along in
+        the same round trip are part of it. ``failed``: it ended in an error (a timeout, a
+        refused connection, no free connection in the pool).
+
+        Why an event of its own: a round trip is the one cost alkey adds that grows with
+        the network, so latency is what a dashboard should show (see
+        :mod:`alkey.metrics.prometheus`). Calls that go without Redis (an outage's forced
+        misses, the local token cache's hits) make no round trip and no event."""
 
     def bump_kept(self, *, count: int, pending: int) -> None:
         """A bump of ``count`` identifiers could not reach Redis and was kept for replay;
@@ -258,6 +272,8 @@ class ObserverGroup(StoreObserver):
         self.fetched_hooks: tuple[Callable[..., None], ...] = ()
         #: The observers' ``bumped`` methods (empty: nobody listens; skip the event).
         self.bumped_hooks: tuple[Callable[..., None], ...] = ()
+        #: The observers' ``round_trip`` methods (empty: nobody listens; time nothing).
+        self.round_trip_hooks: tuple[Callable[..., None], ...] = ()
         #: The observers' ``local_lookup`` methods (empty: nobody listens; skip the event).
         self.local_lookup_hooks: tuple[Callable[..., None], ...] = ()
         #: The observers' ``local_invalidated`` methods (empty: skip the event).
@@ -285,6 +301,7 @@ class ObserverGroup(StoreObserver):
         self._hooks = hooks
         self.fetched_hooks = hooks["fetched"]
         self.bumped_hooks = hooks["bumped"]
+        self.round_trip_hooks = hooks["round_trip"]
         self.local_lookup_hooks = hooks["local_lookup"]
         self.local_invalidated_hooks = hooks["local_invalidated"]
         self.observers = observers
@@ -309,6 +326,9 @@ class ObserverGroup(StoreObserver):
 
     def bumped(self, *, count: int, replayed: int) -> None:
         self._emit("bumped", {"count": count, "replayed": replayed})
+
+    def round_trip(self, *, operation: str, seconds: float, failed: bool) -> None:
+        self._emit("round_trip", {"operation": operation, "seconds": seconds, "failed": failed})
 
     def bump_kept(self, *, count: int, pending: int) -> None:
         self._emit("bump_kept", {"count": count, "pending": pending})

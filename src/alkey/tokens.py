@@ -668,11 +668,11 @@ class RedisTokenStore(ScriptStore):
             return []
         local = self.local
         if local is None:
-            return self._exchange(self._fetching(identifiers))
+            return self._exchange(self._fetching(identifiers), "fetch")
         tokens, known = self._cached(local, identifiers)
         if tokens is not None:
             return tokens
-        return self._exchange(self._fetching(identifiers, known))
+        return self._exchange(self._fetching(identifiers, known), "fetch")
 
     def _start_listening(self) -> None:
         if self._listener is not None:
@@ -689,7 +689,7 @@ class RedisTokenStore(ScriptStore):
         """In durable mode, record in Redis that ``identifiers`` are about to be bumped
         (one round trip, just before the database COMMIT); return the intent's id for
         :meth:`bump`. Without durable mode, or while Redis is down: ``None``."""
-        return self._exchange(self._intending(identifiers))
+        return self._exchange(self._intending(identifiers), "intend")
 
     def bump(self, identifiers: Collection[str], intent: str | None = None) -> None:
         """Give each of ``identifiers`` a new random token, in one round trip that also
@@ -700,12 +700,15 @@ class RedisTokenStore(ScriptStore):
     def _bump(self, identifiers: Collection[str], intents: Collection[str]) -> None:
         plan = self._bump_plan(identifiers)
         if plan is not None:
-            self._exchange(self._bumping(identifiers, intents, *plan))
+            self._exchange(self._bumping(identifiers, intents, *plan), "bump")
 
-    def _exchange(self, exchange: Exchange[_R]) -> _R:
+    def _exchange(self, exchange: Exchange[_R], operation: str) -> _R:
         """Carry out one of :class:`ScriptStore`'s calls: send each round trip it yields,
-        hand it back the results or the error."""
-        run = self.transport.run
+        hand it back the results or the error. Each round trip is timed for the observers
+        as ``operation`` when one of them listens."""
+        run: Callable[[list[Call]], list[Any]] = self.transport.run
+        if self._observe.round_trip_hooks:
+            run = self._timed(run, operation)
         try:
             calls = next(exchange)
             while True:
@@ -720,6 +723,25 @@ class RedisTokenStore(ScriptStore):
             return answer
         finally:
             exchange.close()
+
+    def _timed(
+        self, run: Callable[[list[Call]], list[Any]], operation: str
+    ) -> Callable[[list[Call]], list[Any]]:
+        """``run``, telling the observers how long each round trip took
+        (:meth:`~alkey.observers.StoreObserver.round_trip`)."""
+        report = self._observe.round_trip
+
+        def timed(calls: list[Call]) -> list[Any]:
+            began = time.perf_counter()
+            try:
+                results = run(calls)
+            except TokenStoreError:
+                report(operation=operation, seconds=time.perf_counter() - began, failed=True)
+                raise
+            report(operation=operation, seconds=time.perf_counter() - began, failed=False)
+            return results
+
+        return timed
 
     def _replay_soon(self) -> None:
         """Replay the kept bumps from a daemon thread, probing every ``retry_interval``,

@@ -359,6 +359,23 @@ def _tls_error(error: BaseException) -> ssl.SSLError | None:
     return None
 
 
+#: The texts redis-py 5 (and valkey-py) leave of the answers it turns into classes, without
+#: their codes: (class name, how the text begins, the code Redis sent).
+_BARE_TEXTS = (
+    ("AuthenticationError", "Authentication required", "NOAUTH"),
+    ("AuthenticationError", "invalid username-password pair", "WRONGPASS"),
+    ("NoPermissionError", "this user has no permissions", "NOPERM"),
+)
+
+
+def _code_of_bare_text(name: str, text: str) -> str | None:
+    """The code of a client error whose text lost it (see :data:`_BARE_TEXTS`)."""
+    for bare_name, begins, code in _BARE_TEXTS:
+        if name == bare_name and text.startswith(begins):
+            return code
+    return None
+
+
 def misconfiguration(
     error: BaseException, errors: ClientErrors = REDIS_ERRORS, *, clustered: bool = False
 ) -> Misconfiguration | None:
@@ -375,11 +392,12 @@ def misconfiguration(
     left over is a slot changing hands.
     """
     text = redacted(str(error))
-    # redis-py keeps an error answer's code (WRONGPASS, NOPERM...) apart from its text.
-    code = getattr(error, "status_code", None)
+    name = type(error).__name__
+    # redis-py keeps an error answer's code (WRONGPASS, NOPERM...) apart from its text;
+    # before 6 it dropped the code of the errors it has classes for: put it back.
+    code = getattr(error, "status_code", None) or _code_of_bare_text(name, text)
     if isinstance(code, str) and code and not text.startswith(code):
         text = f"{code} {text}"
-    name = type(error).__name__
     tls = _tls_error(error)
     if tls is not None and not isinstance(tls, _TLS_CONNECTION_LOST):
         if isinstance(tls, ssl.SSLCertVerificationError):

@@ -1,4 +1,5 @@
-"""A token store's counts as OpenTelemetry metrics (the ``opentelemetry`` extra).
+"""A token store's counts and timings as OpenTelemetry metrics (the ``opentelemetry``
+extra).
 
 Why: a service instrumented with OpenTelemetry exports its metrics through the SDK it
 configured (OTLP to a collector, a Prometheus reader...); alkey's counts should travel the
@@ -18,6 +19,10 @@ The instruments are those of :mod:`alkey.metrics.prometheus`, with dotted names
 
 * ``alkey.fetches`` (Counter): fetch calls; attribute ``result``: ``hit`` answered by
   Redis, ``miss`` a forced miss;
+* ``alkey.round_trip.duration`` (Histogram, seconds): how long each round trip to Redis
+  took; attributes ``operation`` (``fetch``, ``bump``, ``intend``) and ``result``
+  (``ok``, ``error``), with the buckets of
+  :data:`alkey.metrics.ROUND_TRIP_BUCKETS` as advice;
 * ``alkey.tokens.bumped`` (Counter): tokens bumped in Redis;
 * ``alkey.bumps.replayed`` (Counter): of those, bumps kept during an outage (or intents
   of a dead writer) sent late;
@@ -52,6 +57,7 @@ from opentelemetry import metrics
 from opentelemetry.metrics import Meter, MeterProvider
 
 from alkey.errors import TokenStoreConfigurationError
+from alkey.metrics import ROUND_TRIP_BUCKETS
 from alkey.observers import StoreObserver
 
 __all__ = ["OpenTelemetryObserver"]
@@ -91,6 +97,19 @@ class OpenTelemetryObserver(StoreObserver):
             description="Token fetches: result=hit answered by Redis, result=miss a forced "
             "miss (fresh random tokens: Redis down or recovering, no free connection).",
         )
+        self.round_trips = meter.create_histogram(
+            "alkey.round_trip.duration",
+            unit="s",
+            description="Seconds a round trip to Redis took, by operation (fetch: a key's "
+            "tokens; bump: after a COMMIT, or a replay; intend: durable mode, before a "
+            "COMMIT) and result (ok, or error: a timeout, a refused connection).",
+            explicit_bucket_boundaries_advisory=ROUND_TRIP_BUCKETS,
+        )
+        self._round_trip_attributes = {
+            (operation, failed): {"operation": operation, "result": "error" if failed else "ok"}
+            for operation in ("fetch", "bump", "intend")
+            for failed in (False, True)
+        }
         self.tokens_bumped = meter.create_counter(
             "alkey.tokens.bumped",
             unit="{token}",
@@ -188,6 +207,9 @@ class OpenTelemetryObserver(StoreObserver):
         self.tokens_bumped.add(count)
         if replayed:
             self.bumps_replayed.add(replayed)
+
+    def round_trip(self, *, operation: str, seconds: float, failed: bool) -> None:
+        self.round_trips.record(seconds, self._round_trip_attributes[operation, failed])
 
     def bump_kept(self, *, count: int, pending: int) -> None:
         self._set_pending(pending)

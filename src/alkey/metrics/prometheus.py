@@ -1,4 +1,4 @@
-"""A token store's counts as Prometheus metrics (the ``prometheus`` extra).
+"""A token store's counts and timings as Prometheus metrics (the ``prometheus`` extra).
 
 Why: Prometheus scrapes counters; a service that already exposes its metrics with
 ``prometheus_client`` (``start_http_server``, a WSGI or ASGI app, a multiprocess
@@ -17,6 +17,9 @@ The metrics (with the default ``namespace="alkey"``):
 
 * ``alkey_fetches_total{result}`` (counter): fetch calls: ``hit`` answered by Redis,
   ``miss`` a forced miss (fresh random tokens);
+* ``alkey_round_trip_seconds{operation,result}`` (histogram): how long each round trip
+  to Redis took: ``operation`` ``fetch`` (a key's tokens), ``bump`` (after a COMMIT, or a
+  replay) or ``intend`` (durable mode, before one); ``result`` ``ok`` or ``error``;
 * ``alkey_tokens_bumped_total`` (counter): tokens bumped in Redis;
 * ``alkey_bumps_replayed_total`` (counter): of those, bumps kept during an outage (or
   intents of a dead writer) sent late;
@@ -50,18 +53,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
 
 from alkey.errors import TokenStoreConfigurationError
+from alkey.metrics import ROUND_TRIP_BUCKETS
 from alkey.observers import StoreObserver
 
 __all__ = ["PrometheusObserver"]
 
 
 class PrometheusObserver(StoreObserver):
-    """Counts a token store's events in Prometheus counters and gauges (see the module
-    for the metrics).
+    """Counts a token store's events in Prometheus counters and gauges, and times its
+    round trips in a histogram (see the module for the metrics).
 
     ``registry``: where to register them (``prometheus_client.REGISTRY`` by default);
     ``namespace``: the prefix of their names (``alkey``). Raises :class:`ValueError` when
@@ -69,7 +73,7 @@ class PrometheusObserver(StoreObserver):
     :class:`PrometheusObserver`: attach that one to every store instead.
 
     Thread-safe and quick, as an observer must be: each event increments a counter or
-    two (``prometheus_client``'s metrics take their own locks).
+    two, or observes one histogram (``prometheus_client``'s metrics take their own locks).
     """
 
     def __init__(self, registry: CollectorRegistry | None = None, namespace: str = "alkey") -> None:
@@ -106,6 +110,18 @@ class PrometheusObserver(StoreObserver):
         self._registered.append(gauge)
         return gauge
 
+    def _histogram(self, name: str, documentation: str, labelnames: Sequence[str]) -> Histogram:
+        histogram = Histogram(
+            name,
+            documentation,
+            labelnames=labelnames,
+            namespace=self.namespace,
+            registry=self.registry,
+            buckets=ROUND_TRIP_BUCKETS,
+        )
+        self._registered.append(histogram)
+        return histogram
+
     def _create(self) -> None:
         fetches = self._counter(
             "fetches",
@@ -117,6 +133,21 @@ class PrometheusObserver(StoreObserver):
         self.fetch_hits = fetches.labels(result="hit")
         #: Forced misses.
         self.fetch_misses = fetches.labels(result="miss")
+        round_trips = self._histogram(
+            "round_trip_seconds",
+            "Seconds a round trip to Redis took, by operation (fetch: a key's tokens; "
+            "bump: after a COMMIT, or a replay; intend: durable mode, before a COMMIT) and "
+            "result (ok, or error: a timeout, a refused connection).",
+            ["operation", "result"],
+        )
+        #: The round-trip histograms, by ``(operation, failed)``.
+        self.round_trips = {
+            (operation, failed): round_trips.labels(
+                operation=operation, result="error" if failed else "ok"
+            )
+            for operation in ("fetch", "bump", "intend")
+            for failed in (False, True)
+        }
         #: Tokens bumped in Redis.
         self.tokens_bumped = self._counter(
             "tokens_bumped", "Tokens bumped in Redis (each a row, table or global token)."
@@ -207,6 +238,9 @@ class PrometheusObserver(StoreObserver):
         self.tokens_bumped.inc(count)
         if replayed:
             self.bumps_replayed.inc(replayed)
+
+    def round_trip(self, *, operation: str, seconds: float, failed: bool) -> None:
+        self.round_trips[operation, failed].observe(seconds)
 
     def bump_kept(self, *, count: int, pending: int) -> None:
         self.bumps_pending.set(pending)
