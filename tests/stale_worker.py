@@ -386,8 +386,12 @@ def redis_client(url: str) -> redis.Redis:
 CONNECT_ATTEMPTS = 5
 #: What a reader's cache call may raise when Redis does not answer: a ``RedisError``, or,
 #: from a cluster client whose slot map changes under it, a ``RedisClusterException``
-#: (``SlotNotCoveredError``...), which is not one.
-CACHE_ERRORS = (redis.RedisError, RedisClusterException)
+#: (``SlotNotCoveredError``...), which is not one. Before redis-py 6 the cluster client
+#: also lets a failover's reset of its connections reach a call another thread is making
+#: as the socket layer's own error (``ValueError: I/O operation on closed file``, an
+#: ``AttributeError`` of a buffer gone, ``OSError``); alkey's cluster transport fails
+#: closed on those (``transports._cluster_failure``), and so does this application.
+CACHE_ERRORS = (redis.RedisError, RedisClusterException, OSError, ValueError, AttributeError)
 
 
 def redis_cluster_client(url: str) -> redis.RedisCluster:

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import pytest
 import redis
 import redis.asyncio
+from redis._parsers import _RESP2Parser
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -204,7 +205,7 @@ class Cached:
 
 
 def counted_client(
-    url: str, socket_timeout: float = SOCKET_TIMEOUT
+    url: str, socket_timeout: float = SOCKET_TIMEOUT, **options: Any
 ) -> tuple[RedisClient, CountedPool]:
     pool = CountedPool.from_url(
         url,
@@ -212,6 +213,7 @@ def counted_client(
         socket_timeout=socket_timeout,
         socket_connect_timeout=socket_timeout,
         retry=Retry(NoBackoff(), 0),
+        **options,
     )
     return redis.Redis.from_pool(pool), pool
 
@@ -246,9 +248,13 @@ def open_cached(server: EmbeddedRedis) -> Iterator[OpenCached]:
     opened: list[tuple[Cached, RedisClient]] = []
 
     def open_(
-        *, local_cache: int = 1000, socket_timeout: float = SOCKET_TIMEOUT, **options: Any
+        *,
+        local_cache: int = 1000,
+        socket_timeout: float = SOCKET_TIMEOUT,
+        client_options: dict[str, Any] | None = None,
+        **options: Any,
     ) -> Cached:
-        client, pool = counted_client(server.url, socket_timeout)
+        client, pool = counted_client(server.url, socket_timeout, **(client_options or {}))
         events = Recorder()
         options.setdefault("retry_interval", RETRY_INTERVAL)
         store = RedisTokenStore(client, local_cache=local_cache, observers=[events], **options)
@@ -298,6 +304,25 @@ def test_a_warm_key_costs_no_round_trip_and_answers_the_tokens_redis_holds(
     assert all(answer == tokens for answer in answers)
     assert [stored(token) for token in tokens] == admin.mget(ROWS)
     assert cached.local.stats().hits - hits == 200 * len(ROWS)
+
+
+@pytest.mark.usefixtures("rows")
+def test_the_cache_works_with_redis_pys_pure_python_parser_as_without_hiredis(
+    open_cached: OpenCached, other: RedisTokenStore
+) -> None:
+    """Without hiredis, redis-py 8 refuses a RESP2 connection configured for its
+    maintenance notifications (RESP3 only); the tracking connection is RESP2, so it must
+    leave them out, or the cache never serves (and ``alkey watch`` cannot connect)."""
+    cached = open_cached(client_options={"parser_class": _RESP2Parser})
+    tokens = cached.warm(ROWS)
+    other.bump([ROWS[0]])
+
+    def changed_here() -> list[str] | None:
+        answer = cached.fetch(ROWS)
+        return answer if answer[0] != tokens[0] else None
+
+    changed = wait_until(changed_here, DEADLINE, "the bump to reach the cache", 0.005)
+    assert changed[1:] == tokens[1:]
 
 
 @pytest.mark.usefixtures("rows")

@@ -44,6 +44,7 @@ from alkey.errors import (
 from alkey.observers import LoggingObserver, ObserverGroup, StoreObserver
 from alkey.outages import OutageLedger
 from alkey.tokens import RedisClient, RedisTokenStore
+from alkey.transports import misconfiguration
 
 from .support.cluster import LocalCluster, cluster_capable_server, key_slot
 
@@ -467,3 +468,33 @@ def test_an_incident_that_flaps_between_an_outage_and_a_misconfiguration_reports
     ledger.succeeded(ledger.replay())
     ledger.failed(wrong, "fetch tokens")
     assert began.errors == [down, wrong, wrong], "a new incident reports again"
+
+
+@pytest.mark.parametrize(
+    ("error", "says"),
+    [
+        (
+            redis.AuthenticationError("Authentication required."),
+            "requires a password and alkey gave none (NOAUTH",
+        ),
+        (
+            redis.AuthenticationError("invalid username-password pair or user is disabled."),
+            "refused alkey's credentials (WRONGPASS",
+        ),
+        (
+            redis.exceptions.NoPermissionError(
+                "this user has no permissions to run the 'eval' command"
+            ),
+            "denies alkey's user a command or key it needs (NOPERM",
+        ),
+    ],
+    ids=["no password", "wrong password", "acl"],
+)
+def test_redis_py_5s_error_texts_without_their_codes_are_read_as_the_codes_redis_sent(
+    error: Exception, says: str
+) -> None:
+    """redis-py 5 raises these classes with the code cut off the server's answer (6 and
+    later keep it): each still reads as what it is, with the code named for the operator."""
+    found = misconfiguration(error)
+    assert found is not None
+    assert says in found.problem

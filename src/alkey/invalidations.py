@@ -92,7 +92,13 @@ def tracking_options(options: dict[str, Any]) -> dict[str, Any]:
     # Left out: what refers back to the client or its pool (a cluster client's connect
     # hook, redis-py's maintenance-notification handlers), which would keep them -- and
     # the store they hold -- alive as long as the listener runs.
-    kept = {name: value for name, value in options.items() if not _refers_back(name)}
+    # And redis-py 8's maintenance notifications, which need RESP3 or hiredis: on a RESP2
+    # connection without hiredis, redis-py refuses to connect while they are configured.
+    kept = {
+        name: value
+        for name, value in options.items()
+        if not _refers_back(name) and name != "maint_notifications_config"
+    }
     return {
         **kept,
         "protocol": 2,
