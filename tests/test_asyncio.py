@@ -31,6 +31,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import alkey
 import alkey.asyncio
+import alkey.manual
+import alkey.tokens
 from alkey.asyncio import (
     AsyncCacheKeyGenerator,
     AsyncRedisClient,
@@ -684,3 +686,74 @@ def test_bind_without_a_client_bumps_through_each_loops_default_client(
         alkey.unbind(maker)
     assert keys[0] != keys[1]
     assert {"alkey:users#1", "alkey:users#2"} <= token_keys(redis_client)
+
+
+def test_ainvalidate_bumps_in_the_store_of_an_asyncio_binding_with_its_own_prefix(
+    async_engine: AsyncEngine,
+    async_redis_client: AsyncRedisClient,
+    redis_client: RedisClient,
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    store = AsyncRedisTokenStore(async_redis_client, key_prefix="tenant1:")
+    maker = async_sessionmaker(async_engine, expire_on_commit=False)
+    alkey.asyncio.bind(maker, tokens=store)
+
+    async def scenario() -> list[list[str]]:
+        seen = [await store.afetch(["alkey:users#1"])]
+        await alkey.asyncio.ainvalidate("alkey:users#1")  # every bound store
+        seen.append(await store.afetch(["alkey:users#1"]))
+        async with maker() as session:
+            await alkey.asyncio.ainvalidate("alkey:users#1", session=session)
+        seen.append(await store.afetch(["alkey:users#1"]))
+        await alkey.asyncio.ainvalidate("alkey:users#1", tokens=store)
+        seen.append(await store.afetch(["alkey:users#1"]))
+        return seen
+
+    try:
+        seen = run(loop, scenario())
+    finally:
+        alkey.unbind(maker)
+    assert len({tuple(tokens) for tokens in seen}) == 4, "each call bumped the token"
+    assert redis_client.exists("tenant1:alkey:users#1")
+    assert not redis_client.exists("alkey:users#1"), "nothing went to the default prefix"
+
+
+def test_ainvalidate_runs_a_sync_stores_bump_off_the_loop_and_without_bindings_uses_the_default(
+    redis_url: str,
+    redis_client: RedisClient,
+    loop: asyncio.AbstractEventLoop,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    sync_store = alkey.tokens.RedisTokenStore(redis_client, key_prefix="sync:")
+    before = sync_store.fetch(["alkey:users#2"])
+    run(loop, alkey.asyncio.ainvalidate("alkey:users#2", tokens=sync_store))
+    assert sync_store.fetch(["alkey:users#2"]) != before
+
+    async def default() -> tuple[list[str], list[str]]:
+        default_store = alkey.asyncio.store_for()
+        first = await default_store.afetch(["alkey:users#3"])
+        await alkey.asyncio.ainvalidate("alkey:users#3")
+        return first, await default_store.afetch(["alkey:users#3"])
+
+    first, second = run(loop, default())
+    assert first != second
+
+
+def test_sync_invalidate_says_once_that_it_cannot_bump_in_an_asyncio_bindings_store(
+    async_engine: AsyncEngine,
+    async_redis_client: AsyncRedisClient,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(alkey.manual, "_warned_awaited_only", False)
+    maker = async_sessionmaker(async_engine, expire_on_commit=False)
+    alkey.asyncio.bind(maker, tokens=AsyncRedisTokenStore(async_redis_client))
+    try:
+        with caplog.at_level(logging.WARNING, logger="alkey.manual"):
+            alkey.invalidate("alkey:users#4")
+            alkey.invalidate("alkey:users#4")
+    finally:
+        alkey.unbind(maker)
+    [line] = [record.getMessage() for record in caplog.records if record.name == "alkey.manual"]
+    assert "await alkey.asyncio.ainvalidate" in line

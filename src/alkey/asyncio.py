@@ -52,6 +52,7 @@ from alkey.client import (
 from alkey.errors import ConfigurationError, TokenStoreError, redacted
 from alkey.invalidations import AsyncListener, ClusterListeners, marked, tracking_options
 from alkey.keys import CacheKeyGenerator
+from alkey.manual import invalidation_plan
 from alkey.observers import StoreObserver
 from alkey.options import ErrorPolicy, StoreOptions
 from alkey.scripts import Call
@@ -87,6 +88,7 @@ __all__ = [
     "AsyncRedisTokenStore",
     "AsyncTokenStore",
     "acheck_redis",
+    "ainvalidate",
     "bind",
     "close_async_redis_client",
     "get_async_redis_client",
@@ -608,6 +610,38 @@ def bind(
         tokens=tokens if tokens is not None else store_for(redis_client),
         fail_fast=fail_fast,
     )
+
+
+async def ainvalidate(
+    *targets: object,
+    tokens: TokenStore | AsyncTokenStore | None = None,
+    session: AsyncSession | Session | None = None,
+) -> None:
+    """:func:`alkey.invalidate` for asyncio code: invalidate ``targets`` now, without
+    blocking the event loop.
+
+    The same targets and choice of stores -- ``tokens``, else ``session``'s binding's (an
+    :class:`~sqlalchemy.ext.asyncio.AsyncSession` or a sync session), else every bound
+    store, else this loop's default store (:func:`store_for`) -- except that the stores
+    of asyncio bindings, which the sync :func:`alkey.invalidate` has to leave out, are
+    awaited here; a sync store's bump runs in a worker thread.
+    """
+    if isinstance(session, AsyncSession):
+        session = session.sync_session
+    sync_tokens = tokens if isinstance(tokens, TokenStore) else None
+    identifiers, stores = invalidation_plan(targets, sync_tokens, session)
+    if not identifiers:
+        return
+    chosen: list[TokenStore | AsyncTokenStore] = list(stores)
+    if tokens is not None and sync_tokens is None:
+        chosen = [tokens]
+    elif not chosen:
+        chosen = [store_for(None)]
+    for store in chosen:
+        if isinstance(store, AsyncTokenStore):
+            await store.abump(identifiers)
+        else:
+            await asyncio.to_thread(store.bump, identifiers)
 
 
 class AsyncCacheKeyGenerator:

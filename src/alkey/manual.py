@@ -9,6 +9,8 @@ that have committed elsewhere already. What a target stands for is
 
 from __future__ import annotations
 
+import logging
+
 from sqlalchemy.orm import Session
 
 from alkey.client import default_store
@@ -18,6 +20,8 @@ from alkey.transactions import changes_of
 from alkey.writes import invalidation_identifiers
 
 __all__ = ["invalidate", "touch"]
+
+log = logging.getLogger("alkey.manual")
 
 
 def touch(session: Session, *targets: object) -> None:
@@ -57,34 +61,67 @@ def invalidate(
     * else every store the process's bindings (:func:`alkey.bind`) bump in -- usually
       one -- so that the keys its sessions' commits would invalidate are invalidated,
       whatever Redis and ``key_prefix`` each binding was given. An asyncio binding's
-      store (which can only be awaited) is left out;
-    * else, with no binding, the process's default store
+      store can only be awaited: it is left out, with a warning once -- asyncio code
+      awaits :func:`alkey.asyncio.ainvalidate`, which bumps in every store;
+    * else, with no binding (or only asyncio ones), the process's default store
       (:func:`alkey.client.default_store`: ``REDIS_URL``, and the ``ALKEY_*`` options
       such as ``ALKEY_KEY_PREFIX``).
 
     (Before alkey 1.0's release this always used the default client's store, which
     ignored ``ALKEY_KEY_PREFIX`` and the stores given to :func:`alkey.bind`.)
     """
+    identifiers, stores = invalidation_plan(targets, tokens, session)
+    if not identifiers:
+        return
+    usable = [store for store in stores if not _awaited_only(store)]
+    if len(usable) < len(stores):
+        _warn_awaited_only()
+    if not usable:
+        usable = [default_store()]
+    for store in usable:
+        store.bump(identifiers)
+
+
+def invalidation_plan(
+    targets: tuple[object, ...], tokens: TokenStore | None, session: Session | None
+) -> tuple[set[str], list[TokenStore]]:
+    """What :func:`invalidate` (and :func:`alkey.asyncio.ainvalidate`) bump, and in
+    which stores: ``tokens``, ``session``'s binding's, or every binding's (an empty list:
+    no binding, so the caller's default store)."""
     if tokens is not None and session is not None:
         raise ValueError("pass either tokens or session, not both")
     identifiers: set[str] = set()
     for target in targets:
         identifiers |= invalidation_identifiers(target)
-    if not identifiers:
-        return
     if tokens is not None:
-        stores = [tokens]
-    elif session is not None:
+        return identifiers, [tokens]
+    if session is not None:
         binding = _binding_for(session)
         if binding is None:
             raise ValueError(
                 "alkey.invalidate(session=...) needs a session bound with alkey.bind(): "
                 "its store is the one to bump"
             )
-        stores = [binding.tokens]
-    else:
-        stores = [store for store in bound_stores() if not callable(getattr(store, "afetch", None))]
-        if not stores:
-            stores = [default_store()]
-    for store in stores:
-        store.bump(identifiers)
+        return identifiers, [binding.tokens]
+    return identifiers, bound_stores()
+
+
+def _awaited_only(store: TokenStore) -> bool:
+    """Whether ``store`` is an asyncio binding's, which a sync call cannot bump in."""
+    return callable(getattr(store, "afetch", None))
+
+
+_warned_awaited_only = False
+
+
+def _warn_awaited_only() -> None:
+    global _warned_awaited_only
+    if not _warned_awaited_only:
+        _warned_awaited_only = True
+        log.warning(
+            "alkey.invalidate() cannot bump in the token store of an asyncio binding, "
+            "which can only be awaited; it bumps in the other bound stores, or else the "
+            "default store (REDIS_URL), which misses keys if that binding was given "
+            "another Redis or key_prefix. In asyncio code, await "
+            "alkey.asyncio.ainvalidate(...), which bumps in every bound store (said once)"
+        )
