@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import threading
 import time
 from collections.abc import Collection, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import redis
@@ -31,6 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import alkey
 import alkey.asyncio
+import alkey.client
 import alkey.manual
 import alkey.tokens
 from alkey.asyncio import (
@@ -725,10 +727,22 @@ def test_ainvalidate_runs_a_sync_stores_bump_off_the_loop_and_without_bindings_u
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("REDIS_URL", redis_url)
-    sync_store = alkey.tokens.RedisTokenStore(redis_client, key_prefix="sync:")
+
+    class Recording(alkey.tokens.RedisTokenStore):
+        """A real store that notes which thread each bump ran in."""
+
+        threads: ClassVar[list[threading.Thread]] = []
+
+        def bump(self, identifiers: Collection[str], intent: str | None = None) -> None:
+            self.threads.append(threading.current_thread())
+            super().bump(identifiers, intent)
+
+    sync_store = Recording(redis_client, key_prefix="sync:")
     before = sync_store.fetch(["alkey:users#2"])
     run(loop, alkey.asyncio.ainvalidate("alkey:users#2", tokens=sync_store))
     assert sync_store.fetch(["alkey:users#2"]) != before
+    [thread] = sync_store.threads
+    assert thread is not threading.main_thread(), "the bump ran off the loop's thread"
 
     async def default() -> tuple[list[str], list[str]]:
         default_store = alkey.asyncio.store_for()
@@ -743,12 +757,18 @@ def test_ainvalidate_runs_a_sync_stores_bump_off_the_loop_and_without_bindings_u
 def test_sync_invalidate_says_once_that_it_cannot_bump_in_an_asyncio_bindings_store(
     async_engine: AsyncEngine,
     async_redis_client: AsyncRedisClient,
+    redis_url: str,
+    redis_client: RedisClient,
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(alkey.manual, "_warned_awaited_only", False)
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    monkeypatch.setattr(alkey.client, "_default_configuration", None)
+    default = alkey.client.default_store()
+    before = default.fetch(["alkey:users#4"])
     maker = async_sessionmaker(async_engine, expire_on_commit=False)
-    alkey.asyncio.bind(maker, tokens=AsyncRedisTokenStore(async_redis_client))
+    alkey.asyncio.bind(maker, tokens=AsyncRedisTokenStore(async_redis_client, key_prefix="a:"))
     try:
         with caplog.at_level(logging.WARNING, logger="alkey.manual"):
             alkey.invalidate("alkey:users#4")
@@ -757,3 +777,15 @@ def test_sync_invalidate_says_once_that_it_cannot_bump_in_an_asyncio_bindings_st
         alkey.unbind(maker)
     [line] = [record.getMessage() for record in caplog.records if record.name == "alkey.manual"]
     assert "await alkey.asyncio.ainvalidate" in line
+    assert default.fetch(["alkey:users#4"]) != before, "the default store was bumped instead"
+    assert not redis_client.exists("a:alkey:users#4"), "the asyncio binding's store was not"
+
+
+def test_ainvalidate_refuses_both_tokens_and_session_naming_itself(
+    async_redis_client: AsyncRedisClient, loop: asyncio.AbstractEventLoop
+) -> None:
+    store = AsyncRedisTokenStore(async_redis_client)
+    with pytest.raises(ValueError, match=r"alkey\.asyncio\.ainvalidate\(\): pass either"):
+        run(loop, alkey.asyncio.ainvalidate("alkey:users#5", tokens=store, session=Session()))
+    with pytest.raises(ValueError, match=r"alkey\.asyncio\.ainvalidate\(session=\.\.\.\) needs"):
+        run(loop, alkey.asyncio.ainvalidate("alkey:users#5", session=Session()))

@@ -305,6 +305,8 @@ def test_an_exhausted_pool_reports_the_starved_call_and_the_recovery_without_an_
 ) -> None:
     client_options = {"max_connections": 1, "socket_timeout": 0.1}
     for driver, recorder in open_store(flavour, redis_url, client_options=client_options):
+        timer = Timer()
+        driver.store.add_observer(timer)
         pool = driver.client.connection_pool
         held = take_connection(pool) if flavour == "sync" else driver._run(take_connection(pool))
         driver.fetch(["alkey:users#1"])
@@ -313,6 +315,9 @@ def test_an_exhausted_pool_reports_the_starved_call_and_the_recovery_without_an_
         else:
             driver._run(pool.release(held))
         driver.fetch(["alkey:users#1"])
+        assert [(op, failed) for op, _, failed in timer.round_trips] == [("fetch", False)], (
+            "a call that got no connection made no round trip"
+        )
         [exhausted] = recorder.of("pool_exhausted")
         assert (exhausted["action"], exhausted["pending"]) == ("fetch tokens", 0)
         assert recorder.of("pool_recovered") == [{"starved": 1}]

@@ -82,6 +82,7 @@ DOCUMENTED = [
     "alkey.check_redis",
     "alkey.UnboundSessionWarning",
     "alkey.asyncio.acheck_redis",
+    "alkey.asyncio.ainvalidate",
     "alkey.readthrough.cached",
     "alkey.readthrough.get_or_create",
     "alkey.readthrough_asyncio.acached",

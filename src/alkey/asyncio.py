@@ -49,7 +49,12 @@ from alkey.client import (
     _retry_after,
     _server,
 )
-from alkey.errors import ConfigurationError, TokenStoreError, redacted
+from alkey.errors import (
+    ConfigurationError,
+    TokenStoreError,
+    TokenStorePoolExhaustedError,
+    redacted,
+)
 from alkey.invalidations import AsyncListener, ClusterListeners, marked, tracking_options
 from alkey.keys import CacheKeyGenerator
 from alkey.manual import invalidation_plan
@@ -446,8 +451,10 @@ class AsyncRedisTokenStore(ScriptStore):
             began = time.perf_counter()
             try:
                 results = await run(calls)
-            except TokenStoreError:
-                report(operation=operation, seconds=time.perf_counter() - began, failed=True)
+            except TokenStoreError as error:
+                # No connection at all reached Redis: that is pool_exhausted's to tell.
+                if not isinstance(error, TokenStorePoolExhaustedError):
+                    report(operation=operation, seconds=time.perf_counter() - began, failed=True)
                 raise
             report(operation=operation, seconds=time.perf_counter() - began, failed=False)
             return results
@@ -628,12 +635,13 @@ async def ainvalidate(
     """
     if isinstance(session, AsyncSession):
         session = session.sync_session
-    sync_tokens = tokens if isinstance(tokens, TokenStore) else None
-    identifiers, stores = invalidation_plan(targets, sync_tokens, session)
+    identifiers, stores = invalidation_plan(
+        targets, tokens, session, caller="alkey.asyncio.ainvalidate"
+    )
     if not identifiers:
         return
     chosen: list[TokenStore | AsyncTokenStore] = list(stores)
-    if tokens is not None and sync_tokens is None:
+    if tokens is not None:
         chosen = [tokens]
     elif not chosen:
         chosen = [store_for(None)]

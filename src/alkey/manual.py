@@ -73,42 +73,49 @@ def invalidate(
     identifiers, stores = invalidation_plan(targets, tokens, session)
     if not identifiers:
         return
-    usable = [store for store in stores if not _awaited_only(store)]
-    if len(usable) < len(stores):
-        _warn_awaited_only()
-    if not usable:
-        usable = [default_store()]
-    for store in usable:
+    if tokens is not None:
+        stores = [tokens]
+    elif session is None:  # every binding's store, as far as a sync call can bump in it
+        usable = [store for store in stores if not _awaited_only(store)]
+        if len(usable) < len(stores):
+            _warn_awaited_only()
+        stores = usable or [default_store()]
+    for store in stores:
         store.bump(identifiers)
 
 
 def invalidation_plan(
-    targets: tuple[object, ...], tokens: TokenStore | None, session: Session | None
+    targets: tuple[object, ...],
+    tokens: object | None,
+    session: Session | None,
+    caller: str = "alkey.invalidate",
 ) -> tuple[set[str], list[TokenStore]]:
     """What :func:`invalidate` (and :func:`alkey.asyncio.ainvalidate`) bump, and in
-    which stores: ``tokens``, ``session``'s binding's, or every binding's (an empty list:
-    no binding, so the caller's default store)."""
+    which stores: ``session``'s binding's, or every binding's (an empty list: no
+    binding, so the caller's default store); none when ``tokens`` is given, which the
+    caller bumps in itself. ``caller`` names the function in errors."""
     if tokens is not None and session is not None:
-        raise ValueError("pass either tokens or session, not both")
+        raise ValueError(f"{caller}(): pass either tokens or session, not both")
     identifiers: set[str] = set()
     for target in targets:
         identifiers |= invalidation_identifiers(target)
     if tokens is not None:
-        return identifiers, [tokens]
+        return identifiers, []
     if session is not None:
         binding = _binding_for(session)
         if binding is None:
             raise ValueError(
-                "alkey.invalidate(session=...) needs a session bound with alkey.bind(): "
-                "its store is the one to bump"
+                f"{caller}(session=...) needs a session bound with alkey.bind(): its "
+                "store is the one to bump"
             )
         return identifiers, [binding.tokens]
     return identifiers, bound_stores()
 
 
 def _awaited_only(store: TokenStore) -> bool:
-    """Whether ``store`` is an asyncio binding's, which a sync call cannot bump in."""
-    return callable(getattr(store, "afetch", None))
+    """Whether ``store`` is an asyncio binding's (it has ``abump``), whose ``bump`` a
+    sync call outside SQLAlchemy's greenlet cannot use."""
+    return callable(getattr(store, "abump", None))
 
 
 _warned_awaited_only = False

@@ -63,12 +63,19 @@ class StoreObserver:
         of them bumps kept from an outage (or intents of a dead writer, recovered)."""
 
     def round_trip(self, *, operation: str, seconds: float, failed: bool) -> None:
-        """One round trip to Redis took ``seconds`` (wall clock, from sending its calls to
-        reading the last reply, or to the error): for ``operation`` ``"fetch"`` (a key's
-        tokens), ``"intend"`` (durable mode, just before a COMMIT) or ``"bump"`` (after
-        one, or a replay of kept bumps). Kept bumps and due intents that ride along in
-        the same round trip are part of it. ``failed``: it ended in an error (a timeout, a
-        refused connection, no free connection in the pool).
+        """One round trip to Redis took ``seconds`` (wall clock, from handing its calls to
+        the client to reading the last reply, or to the error): for ``operation``
+        ``"fetch"`` (a key's tokens), ``"intend"`` (durable mode, just before a COMMIT) or
+        ``"bump"`` (after one, or a replay of kept bumps). ``failed``: it ended in an
+        error (a timeout, a refused or lost connection, an error answer).
+
+        What the span holds besides the network: a wait for a free connection of the
+        pool (when it had none; a call that got none at all is no round trip, and is
+        :meth:`pool_exhausted`'s to tell), the one extra round trip of a server that
+        forgot alkey's scripts, the client's own connecting, and under asyncio the event
+        loop's delay in resuming the call. Kept bumps and due intents that ride along
+        belong to the operation they ride on, and so do the further round trips of a
+        recovery of due intents that a fetch or bump runs.
 
         Why an event of its own: a round trip is the one cost alkey adds that grows with
         the network, so latency is what a dashboard should show (see

@@ -735,8 +735,10 @@ class RedisTokenStore(ScriptStore):
             began = time.perf_counter()
             try:
                 results = run(calls)
-            except TokenStoreError:
-                report(operation=operation, seconds=time.perf_counter() - began, failed=True)
+            except TokenStoreError as error:
+                # No connection at all reached Redis: that is pool_exhausted's to tell.
+                if not isinstance(error, TokenStorePoolExhaustedError):
+                    report(operation=operation, seconds=time.perf_counter() - began, failed=True)
                 raise
             report(operation=operation, seconds=time.perf_counter() - began, failed=False)
             return results

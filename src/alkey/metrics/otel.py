@@ -19,7 +19,7 @@ The instruments are those of :mod:`alkey.metrics.prometheus`, with dotted names
 
 * ``alkey.fetches`` (Counter): fetch calls; attribute ``result``: ``hit`` answered by
   Redis, ``miss`` a forced miss;
-* ``alkey.round_trip.duration`` (Histogram, seconds): how long each round trip to Redis
+* ``alkey.round_trip`` (Histogram, unit ``s``): how long each round trip to Redis
   took; attributes ``operation`` (``fetch``, ``bump``, ``intend``) and ``result``
   (``ok``, ``error``), with the buckets of
   :data:`alkey.metrics.ROUND_TRIP_BUCKETS` as advice;
@@ -98,11 +98,12 @@ class OpenTelemetryObserver(StoreObserver):
             "miss (fresh random tokens: Redis down or recovering, no free connection).",
         )
         self.round_trips = meter.create_histogram(
-            "alkey.round_trip.duration",
+            "alkey.round_trip",  # unit s: alkey_round_trip_seconds, as Prometheus's
             unit="s",
             description="Seconds a round trip to Redis took, by operation (fetch: a key's "
             "tokens; bump: after a COMMIT, or a replay; intend: durable mode, before a "
-            "COMMIT) and result (ok, or error: a timeout, a refused connection).",
+            "COMMIT) and result (ok, or error: a timeout, a refused or lost connection, an "
+            "error answer).",
             explicit_bucket_boundaries_advisory=ROUND_TRIP_BUCKETS,
         )
         self._round_trip_attributes = {

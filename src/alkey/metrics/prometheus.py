@@ -137,7 +137,8 @@ class PrometheusObserver(StoreObserver):
             "round_trip_seconds",
             "Seconds a round trip to Redis took, by operation (fetch: a key's tokens; "
             "bump: after a COMMIT, or a replay; intend: durable mode, before a COMMIT) and "
-            "result (ok, or error: a timeout, a refused connection).",
+            "result (ok, or error: a timeout, a refused or lost connection, an error "
+            "answer).",
             ["operation", "result"],
         )
         #: The round-trip histograms, by ``(operation, failed)``.
