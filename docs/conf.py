@@ -73,6 +73,7 @@ EXTERNAL = (
     "redis",
     "sqlalchemy",
     "sys",
+    "threading",
     "time",
     "typing",
     "valkey",
@@ -99,6 +100,7 @@ EXTERNAL_SHORT_NAMES = {
     "timedelta": "datetime.timedelta",
     "ClusterClient": "redis.cluster.RedisCluster",
     "Engine": "sqlalchemy.engine.Engine",
+    "MetaData": "sqlalchemy.MetaData",
     "Session": "sqlalchemy.orm.Session",
 }
 

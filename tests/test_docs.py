@@ -35,6 +35,7 @@ OWN_TESTS = {
     "asyncio.md": "tests/test_asyncio_docs.py",
     "testing.md": "tests/test_pytest_plugin.py",
     "migrating.md": "tests/test_docs_guarantees.py",
+    "outside-writes.md": "tests/test_cdc.py",
 }
 #: Blocks that need servers of their own, by page and a text that tells them apart.
 OWN_BLOCKS = {

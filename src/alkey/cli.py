@@ -39,6 +39,7 @@ import random
 import secrets
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -1346,7 +1347,100 @@ def _build_parser(*, demo: bool = True) -> argparse.ArgumentParser:
         help="tables to list, most row tokens first (default: %(default)s; 0: all)",
     )
     stats.set_defaults(run=_stats)
+
+    listen = command(
+        "listen",
+        "bump the tokens of every write PostgreSQL commits, from anywhere",
+        "Reads PostgreSQL's logical decoding (the built-in pgoutput plugin, through a\n"
+        "publication and a replication slot, both created on first use) and bumps each\n"
+        "written row's token, its table's and the global one, as the application's own\n"
+        "write of that row would: writes from psql, other services, migrations and cron\n"
+        "jobs change keys too. A change is confirmed to PostgreSQL only once its bump\n"
+        "reached Redis: a listener stopped or killed loses nothing, and resumes from the\n"
+        "slot. Needs wal_level=logical and a role with REPLICATION (or a superuser) that\n"
+        "owns the tables. A slot nobody reads makes PostgreSQL keep its log: --drop-slot\n"
+        "removes the slot and the publication. Ctrl-C stops it, with exit code 0.",
+    )
+    listen.add_argument(
+        "database",
+        metavar="DATABASE_URL",
+        help="the database, as a SQLAlchemy or libpq URL (postgresql://user@host/db)",
+    )
+    listen.add_argument("--slot", default="alkey", help="the slot's name (default: alkey)")
+    listen.add_argument(
+        "--publication", default="alkey", help="the publication's name (default: alkey)"
+    )
+    listen.add_argument(
+        "--drop-slot",
+        action="store_true",
+        help="drop the slot and the publication, and exit (PostgreSQL keeps no more log)",
+    )
+    listen.add_argument(
+        "--once",
+        action="store_true",
+        help="bump what the slot holds now, then exit (for a cron job, or a test)",
+    )
+    listen.set_defaults(run=_listen)
     return parser
+
+
+# -- listen ---------------------------------------------------------------------------------------
+
+
+def _database_url(text: str) -> str:
+    """A libpq URL as SQLAlchemy's, with psycopg 3 (``postgresql://`` -> ``+psycopg``)."""
+    for scheme in ("postgresql://", "postgres://"):
+        if text.startswith(scheme):
+            return "postgresql+psycopg://" + text[len(scheme) :]
+    return text
+
+
+def _listen(args: argparse.Namespace, context: _Context) -> int:
+    """``alkey listen``: bump the tokens of the changes PostgreSQL decodes, until Ctrl-C
+    (or, with ``--once``, until the slot holds nothing more)."""
+    from sqlalchemy import exc as sqlalchemy_errors
+    from sqlalchemy.engine import make_url
+
+    from alkey.cdc import ChangeListener
+
+    url = _database_url(args.database)
+    try:
+        where = make_url(url).render_as_string(hide_password=True)
+        listener = ChangeListener(
+            url, tokens=context.store(), slot=args.slot, publication=args.publication
+        )
+    except (ValueError, ImportError, sqlalchemy_errors.ArgumentError) as error:
+        raise CommandError(EXIT_USAGE, redacted(str(error))) from None
+    try:
+        if args.drop_slot:
+            listener.drop()
+            _out(f"dropped slot {args.slot!r} and publication {args.publication!r} of {where}")
+            return EXIT_OK
+        tables = listener.create()
+        _err(
+            f"listening to {where} (slot {args.slot!r}, {len(tables)} table(s) published), "
+            f"bumping tokens under {context.namespace!r} on {context.where}"
+            + ("" if args.once else "; press Ctrl-C to stop")
+        )
+        if args.once:
+            total = 0
+            while found := listener.poll():
+                total += found
+            _out(f"bumped the tokens of {total} transaction(s)")
+            return EXIT_OK
+        stop = threading.Event()
+        try:
+            listener.run(stop)
+        except KeyboardInterrupt:
+            _err("alkey: stopped listening")
+        return EXIT_OK
+    except sqlalchemy_errors.DBAPIError as error:
+        original = getattr(error, "orig", None) or error
+        raise CommandError(
+            EXIT_FAILED, f"the database {where}: {redacted(str(original)).strip()}"
+        ) from None
+    finally:
+        listener.close()
 
 
 def _quiet_logging() -> None:

@@ -1,0 +1,597 @@
+"""Writes from outside the application: PostgreSQL's logical decoding bumps the tokens.
+
+Why: alkey sees the writes made through bound sessions and engines. Other services,
+``psql`` sessions, migrations, cron jobs and admin tools write the same database, and each
+such write would leave keys stale until their TTL. PostgreSQL already records every
+committed change in its write-ahead log; logical decoding reads it back as rows. A
+:class:`ChangeListener` reads those rows and bumps exactly the tokens the application's own
+write of them would bump -- each row's, its table's and the global one -- so that *any*
+committed write, from anywhere, changes the right keys::
+
+    listener = ChangeListener("postgresql+psycopg://alkey@db/app", metadata=Base.metadata)
+    listener.create()  # once: a publication of the tables, and a replication slot
+    listener.run()  # polls, bumps, confirms; until stopped
+
+(or ``alkey listen postgresql://alkey@db/app`` from a shell).
+
+How: through a *publication* (``CREATE PUBLICATION alkey FOR TABLE ...``, the tables that
+have a primary key) and a *logical replication slot* with PostgreSQL's built-in
+``pgoutput`` plugin. Each poll reads what the slot holds without consuming it
+(``pg_logical_slot_peek_binary_changes``), decodes the committed transactions
+(:func:`decode`), bumps their identifiers in one round trip, and only then moves the
+slot's confirmed position past them (``pg_replication_slot_advance``). So:
+
+* **nothing is lost**: a listener killed between the bump and the confirmation bumps those
+  transactions again when it restarts, and while Redis is down nothing is confirmed --
+  the changes wait in the slot, and are bumped once Redis answers;
+* **the cost of waiting**: PostgreSQL keeps the write-ahead log from the slot's position
+  on. A listener that stays down, or a slot nobody reads, makes the log grow until the
+  disk is full: drop an abandoned slot (:meth:`ChangeListener.drop`, ``alkey listen
+  --drop-slot``), or bound it with ``max_slot_wal_keep_size``;
+* **writes the application made are bumped twice**: once by its own commit, once by the
+  listener. That costs one more bump per transaction, and a key built between the two
+  bumps misses once more; nothing is ever stale for it.
+
+Identifiers are spelled exactly as the application's own writes spell them
+(:func:`alkey.identity.row_identifiers`): with ``metadata`` (the application's
+``MetaData``), each table is matched to its ``Table`` and its primary-key values are typed
+as its columns load them; without it, values are typed by their PostgreSQL type (integers,
+numerics, UUIDs, dates and timestamps, ``bytea``, ``char(n)`` unpadded), and tables of
+``default_schema`` are spelled without their schema, as a ``Table`` without ``schema=``
+spells them.
+
+Requirements: ``wal_level = logical`` (a restart), a role with the ``REPLICATION``
+attribute (or a superuser) for the slot, and ownership of the tables (or a superuser) for
+the publication. Tables without a primary key are left out of the publication: PostgreSQL
+refuses ``UPDATE`` and ``DELETE`` on a published table that has no replica identity.
+"""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import logging
+import re
+import struct
+import threading
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, NamedTuple
+
+from sqlalchemy import Engine, MetaData, Table, create_engine, text
+from sqlalchemy import exc as sqlalchemy_errors
+from sqlalchemy import table as table_clause
+
+from alkey.constants import GLOBAL_WRITE_TOKEN, NAMESPACE, ROW_SEPARATOR, UNKNOWN_ROWS
+from alkey.errors import TokenStoreError, redacted
+from alkey.identity import (
+    encode_table,
+    family_identifiers,
+    row_identifier,
+    row_identifiers,
+    table_write_identifiers,
+)
+from alkey.tokens import TokenStore
+
+__all__ = ["ChangeListener", "Column", "Naming", "Relation", "Transaction", "decode"]
+
+log = logging.getLogger("alkey.cdc")
+
+#: A name PostgreSQL accepts unquoted for a slot or a publication.
+_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+
+class Column(NamedTuple):
+    """A column of a published table, as the ``Relation`` message describes it."""
+
+    #: Its name.
+    name: str
+    #: Whether it is part of the table's replica identity (its primary key, by default).
+    key: bool
+    #: The OID of its type (``pg_type``).
+    type_oid: int
+
+
+class Relation(NamedTuple):
+    """A published table, as the ``Relation`` message describes it."""
+
+    #: Its schema (``public``...).
+    schema: str
+    #: Its name.
+    name: str
+    #: Its columns, in the table's order.
+    columns: tuple[Column, ...]
+
+
+class Transaction(NamedTuple):
+    """A committed transaction, decoded: where it ends, and what its writes invalidate."""
+
+    #: The position just past its COMMIT, to confirm once it is bumped.
+    end: str
+    #: The identifiers of every row, table and the global token it wrote.
+    identifiers: frozenset[str]
+
+
+# -- decoding pgoutput (protocol version 1) --------------------------------------------------
+
+
+class _Reader:
+    """Reads a pgoutput message's fields in order."""
+
+    __slots__ = ("at", "data")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.at = 1  # past the message's type byte
+
+    def byte(self) -> int:
+        value = self.data[self.at]
+        self.at += 1
+        return value
+
+    def int16(self) -> int:
+        (value,) = struct.unpack_from("!h", self.data, self.at)
+        self.at += 2
+        return int(value)
+
+    def int32(self) -> int:
+        (value,) = struct.unpack_from("!i", self.data, self.at)
+        self.at += 4
+        return int(value)
+
+    def skip(self, count: int) -> None:
+        self.at += count
+
+    def string(self) -> str:
+        end = self.data.index(b"\0", self.at)
+        value = self.data[self.at : end].decode("utf-8")
+        self.at = end + 1
+        return value
+
+    def tuple(self) -> list[str | None]:
+        """A ``TupleData``: each column's value as text (``None``: NULL, or a TOASTed
+        value the change left as it was)."""
+        values: list[str | None] = []
+        for _ in range(self.int16()):
+            kind = self.byte()
+            if kind in (ord("n"), ord("u")):
+                values.append(None)
+            else:  # 't': text ('b', binary, is never asked for)
+                length = self.int32()
+                values.append(self.data[self.at : self.at + length].decode("utf-8"))
+                self.at += length
+        return values
+
+
+def decode(
+    messages: Iterable[tuple[str, bytes]],
+    relations: dict[int, Relation],
+    naming: Callable[[Relation, list[str | None] | None], Iterable[str]],
+) -> Iterator[Transaction]:
+    """The committed transactions in ``messages`` -- ``(lsn, pgoutput message)`` pairs, as
+    ``pg_logical_slot_peek_binary_changes`` returns them -- each with the identifiers its
+    writes invalidate.
+
+    ``relations`` collects the tables the messages describe (a ``Relation`` message comes
+    before a table's first change in each decoding session); ``naming(relation, key)``
+    gives the identifiers of a change to a row of ``relation`` whose replica-identity
+    values (the whole row, in column order) are ``key``, or, with ``None``, of the table
+    alone (``TRUNCATE``). A transaction cut off at the end of ``messages`` is not yielded.
+    """
+    identifiers: set[str] | None = None
+    for lsn, message in messages:
+        kind = message[:1]
+        reader = _Reader(message)
+        if kind == b"B":
+            identifiers = set()
+        elif kind == b"C":
+            if identifiers is not None:
+                if identifiers:
+                    identifiers.add(GLOBAL_WRITE_TOKEN)
+                yield Transaction(lsn, frozenset(identifiers))
+            identifiers = None
+        elif kind == b"R":
+            relid = reader.int32()
+            schema, name = reader.string(), reader.string()
+            reader.skip(1)  # replica identity setting
+            columns = []
+            for _ in range(reader.int16()):
+                flags = reader.byte()
+                column = reader.string()
+                type_oid = reader.int32()
+                reader.skip(4)  # type modifier
+                columns.append(Column(column, bool(flags & 1), type_oid & 0xFFFFFFFF))
+            relations[relid] = Relation(schema, name, tuple(columns))
+        elif identifiers is None:
+            continue  # a change outside a transaction we saw begin: never confirmed alone
+        elif kind in (b"I", b"U", b"D"):
+            relation = relations[reader.int32()]
+            while reader.at < len(message):
+                marker = reader.byte()  # 'K' old key, 'O' old row, 'N' new row
+                identifiers.update(naming(relation, reader.tuple()))
+                if marker == ord("N"):
+                    break
+        elif kind == b"T":
+            count = reader.int32()
+            reader.skip(1)  # options: CASCADE, RESTART IDENTITY
+            for _ in range(count):
+                identifiers.update(naming(relations[reader.int32()], None))
+        # 'O' origin, 'Y' type, 'M' logical message: nothing to bump
+
+
+# -- naming: identifiers spelled as the application's writes spell them ----------------------
+
+
+def _timestamp(value: str) -> datetime.datetime:
+    """A ``timestamp``/``timestamptz`` in PostgreSQL's ISO text output (with its offset,
+    for ``timestamptz``), whatever the number of fractional digits."""
+    value = value.replace(" ", "T", 1)
+    offset = ""
+    match = re.search(r"([+-]\d\d(?::?\d\d)?)$", value)
+    if match:
+        offset = match.group(1)
+        value = value[: match.start()]
+        if len(offset) == 3:
+            offset += ":00"
+    if "." in value:
+        whole, fraction = value.split(".", 1)
+        value = f"{whole}.{fraction[:6].ljust(6, '0')}"
+    return datetime.datetime.fromisoformat(value + offset)
+
+
+def _time(value: str) -> datetime.time:
+    if "." in value:
+        whole, fraction = value.split(".", 1)
+        value = f"{whole}.{fraction[:6].ljust(6, '0')}"
+    return datetime.time.fromisoformat(value)
+
+
+#: How a key value's text is read, by the OID of its PostgreSQL type.
+_READERS: dict[int, Callable[[str], Any]] = {
+    16: lambda value: value == "t",  # bool
+    17: lambda value: bytes.fromhex(value[2:]),  # bytea, hex output
+    20: int,  # int8
+    21: int,  # int2
+    23: int,  # int4
+    26: int,  # oid
+    700: float,  # float4
+    701: float,  # float8
+    1042: lambda value: value.rstrip(" "),  # char(n), padded
+    1082: datetime.date.fromisoformat,  # date
+    1083: _time,  # time
+    1114: _timestamp,  # timestamp
+    1184: _timestamp,  # timestamptz, with its offset
+    1700: decimal.Decimal,  # numeric
+    2950: uuid.UUID,  # uuid
+}
+
+
+class Naming:
+    """Identifiers of decoded changes, spelled as the application's writes spell them
+    (see the module): ``metadata``'s tables where they match, else the types PostgreSQL
+    names; tables of ``default_schema`` without their schema.
+
+    A change to a known row invalidates the row -- and the same row in the tables of
+    mapped subclasses whose rows live partly in its table -- and the table tokens; a
+    change whose row cannot be named (a table without a key, a key value of a text this
+    cannot read, a ``TRUNCATE``) invalidates every row of the table, through its
+    unknown-rows token, as a raw SQL write of unknown rows does.
+    """
+
+    def __init__(self, metadata: MetaData | None = None, default_schema: str = "public") -> None:
+        self.default_schema = default_schema
+        self._tables: dict[tuple[str, str], Table] = {}
+        for table in metadata.tables.values() if metadata is not None else ():
+            schema = table.schema if table.schema is not None else default_schema
+            if table.schema is not None or (schema, table.name) not in self._tables:
+                self._tables[schema, table.name] = table  # a Table naming its schema wins
+        self._plans: dict[Relation, _Plan] = {}
+
+    def _plan(self, relation: Relation) -> _Plan:
+        plan = self._plans.get(relation)
+        if plan is None:
+            table = self._tables.get((relation.schema, relation.name))
+            positions = {column.name: index for index, column in enumerate(relation.columns)}
+            if table is not None and all(c.name in positions for c in table.primary_key):
+                key = [positions[column.name] for column in table.primary_key]
+                target: Any = table
+            else:
+                key = [index for index, column in enumerate(relation.columns) if column.key]
+                schema = None if relation.schema == self.default_schema else relation.schema
+                target = table_clause(relation.name, schema=schema)
+            readers = [_READERS.get(relation.columns[i].type_oid, str) for i in key]
+            part = encode_table(target)
+            everything = frozenset(table_write_identifiers([part]))
+            unknown_rows = f"{NAMESPACE}:{part}{ROW_SEPARATOR}{UNKNOWN_ROWS}"
+            plan = _Plan(target, key, readers, everything - {unknown_rows}, everything)
+            self._plans[relation] = plan
+        return plan
+
+    def __call__(self, relation: Relation, row: list[str | None] | None) -> frozenset[str]:
+        plan = self._plan(relation)
+        if row is None or not plan.key:
+            return plan.every_row
+        try:
+            values = [
+                None if row[i] is None else read(row[i])  # type: ignore[arg-type]
+                for i, read in zip(plan.key, plan.readers, strict=True)
+            ]
+        except (ValueError, TypeError, decimal.InvalidOperation):
+            return plan.every_row  # a key of a text this cannot read: every row, safely
+        if all(value is None for value in values):  # a TOASTed or absent key
+            return plan.every_row
+        target = plan.target
+        rows = (
+            row_identifiers(target, values)
+            if isinstance(target, Table)
+            else [row_identifier(target, *values)]
+        )
+        identifiers = set(plan.tables)
+        for identifier in rows:
+            identifiers |= family_identifiers(identifier)
+        return frozenset(identifiers)
+
+
+class _Plan(NamedTuple):
+    """How :class:`Naming` names the changes of one relation."""
+
+    #: The ``Table`` of the metadata, or a table clause of the relation's name.
+    target: Any
+    #: The positions of the key's columns in the relation's rows, in key order.
+    key: list[int]
+    #: How each key value's text is read.
+    readers: list[Callable[[str], Any]]
+    #: The table tokens a change to a known row bumps (and the global one).
+    tables: frozenset[str]
+    #: What a change to unknown rows bumps: also the unknown-rows token.
+    every_row: frozenset[str]
+
+
+# -- the listener ------------------------------------------------------------------------------
+
+
+class ChangeListener:
+    """Bumps the tokens of every change PostgreSQL commits, read from a logical
+    replication slot (see the module).
+
+    ``database``: a SQLAlchemy URL or ``Engine`` of the database (PostgreSQL, with
+    ``wal_level = logical``). ``tokens``: the store to bump in -- by default the process's
+    default store (:func:`alkey.client.default_store`, so ``REDIS_URL`` and ``ALKEY_*``);
+    the application's own ``key_prefix`` must be the same. ``slot`` and ``publication``:
+    their names (``alkey``). ``metadata`` and ``default_schema``: how tables are named
+    (see :class:`Naming`). ``batch``: at most this many messages a poll (a transaction
+    larger than that is read whole, by growing the batch); ``poll_interval``: the pause
+    when a poll found nothing; ``retry_interval``: the pause after Redis or the database
+    failed.
+
+    Not thread-safe: run one listener per slot (PostgreSQL lets one session use a slot at
+    a time anyway).
+    """
+
+    def __init__(
+        self,
+        database: str | Engine,
+        *,
+        tokens: TokenStore | None = None,
+        slot: str = "alkey",
+        publication: str = "alkey",
+        metadata: MetaData | None = None,
+        default_schema: str = "public",
+        batch: int = 10_000,
+        poll_interval: float = 0.05,
+        retry_interval: float = 1.0,
+    ) -> None:
+        for what, name in (("slot", slot), ("publication", publication)):
+            if not _NAME.fullmatch(name):
+                raise ValueError(
+                    f"{what} name {name!r}: use lower-case letters, digits and underscores, "
+                    "starting with a letter or underscore, at most 63 characters"
+                )
+        if batch < 1:
+            raise ValueError(f"batch={batch!r}: a poll reads at least one message")
+        self._own_engine = not isinstance(database, Engine)
+        self.engine = (
+            database
+            if isinstance(database, Engine)
+            else create_engine(database, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
+        )
+        if self.engine.dialect.name != "postgresql":
+            raise ValueError(
+                f"the change listener reads PostgreSQL's logical decoding; {database!r} is "
+                f"{self.engine.dialect.name}"
+            )
+        if tokens is None:
+            from alkey.client import default_store
+
+            tokens = default_store()
+        self.tokens = tokens
+        self.slot = slot
+        self.publication = publication
+        self.naming = Naming(metadata, default_schema)
+        self.batch = batch
+        self.poll_interval = poll_interval
+        self.retry_interval = retry_interval
+        self._relations: dict[int, Relation] = {}
+        self._failing: str | None = None
+
+    def close(self) -> None:
+        """Close the database connections of the engine this listener made from a URL
+        (one it was given is the caller's to dispose of)."""
+        if self._own_engine:
+            self.engine.dispose()
+
+    def __enter__(self) -> ChangeListener:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- set-up ------------------------------------------------------------------------------
+
+    def create(self, tables: Iterable[str] | None = None) -> list[str]:
+        """Create the publication and the slot, unless they exist; the tables published.
+
+        ``tables`` (``"name"`` or ``"schema.name"``): those, else every table of the
+        database that has a primary key, outside PostgreSQL's own schemas. A table created
+        later is not in the publication: call this again (it adds the new ones), or
+        ``ALTER PUBLICATION alkey ADD TABLE ...``. The slot starts at the current end of
+        the log: what was committed before is not bumped.
+        """
+        with self.engine.connect() as connection:
+            if tables is None:
+                found = connection.execute(
+                    text(
+                        "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname) "
+                        "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                        "WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition "
+                        "AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
+                        "AND n.nspname NOT LIKE 'pg_toast%' AND EXISTS (SELECT 1 FROM "
+                        "pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) "
+                        "ORDER BY 1"
+                    )
+                )
+                names = [row[0] for row in found]
+            else:
+                names = [
+                    ".".join(
+                        connection.dialect.identifier_preparer.quote(part) for part in t.split(".")
+                    )
+                    for t in tables
+                ]
+            exists = connection.execute(
+                text("SELECT 1 FROM pg_publication WHERE pubname = :name"),
+                {"name": self.publication},
+            ).first()
+            published = set()
+            if exists:
+                published = {
+                    row[0]
+                    for row in connection.execute(
+                        text(
+                            "SELECT quote_ident(schemaname) || '.' || quote_ident(tablename) "
+                            "FROM pg_publication_tables WHERE pubname = :name"
+                        ),
+                        {"name": self.publication},
+                    )
+                }
+            new = [name for name in names if name not in published]
+            if not exists:
+                listing = f" FOR TABLE {', '.join(names)}" if names else ""
+                connection.execute(text(f"CREATE PUBLICATION {self.publication}{listing}"))
+            elif new:
+                connection.execute(
+                    text(f"ALTER PUBLICATION {self.publication} ADD TABLE {', '.join(new)}")
+                )
+            slot = connection.execute(
+                text("SELECT 1 FROM pg_replication_slots WHERE slot_name = :name"),
+                {"name": self.slot},
+            ).first()
+            if not slot:
+                connection.execute(
+                    text("SELECT pg_create_logical_replication_slot(:name, 'pgoutput')"),
+                    {"name": self.slot},
+                )
+        return sorted(published | set(names))
+
+    def drop(self) -> None:
+        """Drop the slot and the publication, if they exist: PostgreSQL then stops keeping
+        log for this listener. What is committed meanwhile is never bumped by it."""
+        with self.engine.connect() as connection:
+            if connection.execute(
+                text("SELECT 1 FROM pg_replication_slots WHERE slot_name = :name"),
+                {"name": self.slot},
+            ).first():
+                connection.execute(
+                    text("SELECT pg_drop_replication_slot(:name)"), {"name": self.slot}
+                )
+            connection.execute(text(f"DROP PUBLICATION IF EXISTS {self.publication}"))
+
+    # -- polling -----------------------------------------------------------------------------
+
+    def poll(self) -> int:
+        """Read what the slot holds, bump the committed transactions' tokens, and confirm
+        them; the number of transactions bumped (0: nothing new).
+
+        Raises alkey's :class:`~alkey.errors.TokenStoreError` when Redis did not take the
+        bump -- nothing is confirmed then, and the next poll tries again -- and
+        SQLAlchemy's errors when the database did not answer.
+        """
+        limit = self.batch
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+            # Key values come as text in the session's DateStyle: ISO, as _READERS read it.
+            connection.execute(text("SET DateStyle = 'ISO, YMD'"))
+            while True:
+                rows = connection.execute(
+                    text(
+                        "SELECT lsn::text, data FROM pg_logical_slot_peek_binary_changes("
+                        ":slot, NULL, :limit, 'proto_version', '1', "
+                        "'publication_names', :publication)"
+                    ),
+                    {"slot": self.slot, "limit": limit, "publication": self.publication},
+                ).all()
+                self._relations.clear()  # each peek is a decoding session of its own
+                transactions = list(
+                    decode(((row[0], bytes(row[1])) for row in rows), self._relations, self.naming)
+                )
+                if transactions or len(rows) < limit:
+                    break
+                limit *= 2  # one transaction larger than the batch: read it whole
+            if not transactions:
+                return 0
+            identifiers: set[str] = set()
+            for transaction in transactions:
+                identifiers |= transaction.identifiers
+            if identifiers:
+                self._bump(identifiers)
+            connection.execute(
+                text("SELECT pg_replication_slot_advance(:slot, CAST(:lsn AS pg_lsn))"),
+                {"slot": self.slot, "lsn": transactions[-1].end},
+            )
+        return len(transactions)
+
+    def _bump(self, identifiers: set[str]) -> None:
+        """Bump ``identifiers``, raising unless Redis took the bump: a store that degrades
+        keeps a bump it could not send for replay, which is not yet a bump."""
+        self.tokens.bump(identifiers)
+        pending = getattr(self.tokens, "pending", None)
+        if pending and not pending.isdisjoint(identifiers):
+            raise TokenStoreError(
+                f"Redis did not take the bump of {len(identifiers)} token(s) (kept for "
+                "replay by the store): not confirmed to PostgreSQL yet"
+            )
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        """Poll until ``stop`` is set (forever without one): at once while there is more,
+        every ``poll_interval`` when idle, every ``retry_interval`` while Redis or the
+        database fails -- each failure logged once, and its end, on ``alkey.cdc``."""
+        stop = stop if stop is not None else threading.Event()
+        while not stop.is_set():
+            try:
+                found = self.poll()
+            except TokenStoreError as error:
+                self._failed("Redis", error)
+                stop.wait(self.retry_interval)
+                continue
+            except sqlalchemy_errors.DBAPIError as error:
+                self._failed("the database", error)
+                stop.wait(self.retry_interval)
+                continue
+            if self._failing is not None:
+                log.warning("alkey's change listener works again (%s answers)", self._failing)
+                self._failing = None
+            if not found:
+                stop.wait(self.poll_interval)
+
+    def _failed(self, what: str, error: BaseException) -> None:
+        if self._failing != what:
+            self._failing = what
+            log.warning(
+                "alkey's change listener cannot go on: %s failed (%s: %s). Nothing is "
+                "confirmed meanwhile: the changes wait in slot %r and are bumped once it "
+                "answers (retrying every %gs).",
+                what,
+                type(error).__name__,
+                redacted(str(error)),
+                self.slot,
+                self.retry_interval,
+            )
