@@ -29,10 +29,14 @@ bench-cpu: $(VENV)/.installed-bench  ## alkey's CPU per call, this tree against 
 bench-local: $(VENV)/.installed-bench  ## the local token cache: warm keys, invalidation delay, server cost: docs/localcache.md
 	$(BIN)/python -m benchmarks.localcache
 
+bench-cdc: $(VENV)/.installed-bench  ## the lag of outside writes, alkey listen: docs/cdc.md and .png
+	$(BIN)/python -m benchmarks.cdc
+
 bench-smoke: $(VENV)/.installed-test  ## seconds: fails if a round trip or a call/line budget regresses (cluster too)
 	$(BIN)/python -m benchmarks --smoke
 	$(BIN)/python -m benchmarks.cluster --smoke
 	$(BIN)/python -m benchmarks.localcache --smoke
+	$(BIN)/python -m benchmarks.cdc --smoke
 
 example: $(VENV)/.installed-example  ## the Pyramid example app on http://localhost:6543
 	PYTHONPATH=examples/pyramid_app $(BIN)/pserve examples/pyramid_app/development.ini

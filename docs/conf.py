@@ -57,6 +57,7 @@ autodoc_default_options = {"members": True, "undoc-members": True, "show-inherit
 #: reference to an ``alkey`` name must resolve.
 EXTERNAL = (
     "aiocache",
+    "asyncio",
     "binascii",
     "cashews",
     "collections",

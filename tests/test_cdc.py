@@ -9,6 +9,7 @@ application builds with alkey for the same rows.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import decimal
 import os
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 import psycopg
@@ -36,12 +37,14 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+import alkey.cdc
 import alkey.client
-from alkey.cdc import ChangeListener
+from alkey.cdc import ChangeListener, ListenerStoppedError
 from alkey.embedded import EmbeddedRedis
 from alkey.errors import TokenStoreError
 from alkey.identity import identifier_for, row_identifier
 from alkey.keys import CacheKeyGenerator
+from alkey.outbox import OUTBOX, OutboxListener
 from alkey.tokens import RedisClient, RedisTokenStore
 
 from .support.docs import docs_page, python_blocks
@@ -103,9 +106,11 @@ def database(postgres: LogicalPostgres) -> str:
             connection.execute(text("SELECT pg_drop_replication_slot(:s)"), {"s": slot})
         for (name,) in connection.execute(text("SELECT pubname FROM pg_publication")):
             connection.execute(text(f"DROP PUBLICATION {name}"))
+        connection.execute(text("DROP FUNCTION IF EXISTS alkey_outbox_capture() CASCADE"))
+        connection.execute(text(f"DROP TABLE IF EXISTS {OUTBOX}"))
         connection.execute(text("CREATE SCHEMA IF NOT EXISTS audit"))
         Base.metadata.drop_all(connection)
-        connection.execute(text("DROP TABLE IF EXISTS events_log"))
+        connection.execute(text("DROP TABLE IF EXISTS events_log, full_t, idx_t, meas, scratch"))
         Base.metadata.create_all(connection)
         connection.execute(text("CREATE TABLE events_log (happened text)"))  # no key
     engine.dispose()
@@ -117,7 +122,7 @@ def store(redis_client: RedisClient) -> RedisTokenStore:
     return RedisTokenStore(redis_client)
 
 
-_opened: list[ChangeListener] = []
+_opened: list[ChangeListener | OutboxListener] = []
 
 
 @pytest.fixture(autouse=True)
@@ -133,6 +138,26 @@ def listener_for(database: str, store: Any, **options: Any) -> ChangeListener:
     _opened.append(listener)
     listener.create()
     return listener
+
+
+class Drained:
+    """An :class:`OutboxListener` behind :class:`ChangeListener`'s ``poll``."""
+
+    def __init__(self, outbox: OutboxListener) -> None:
+        self.outbox = outbox
+
+    def poll(self) -> int:
+        return self.outbox.drain()
+
+    def close(self) -> None:
+        self.outbox.close()
+
+
+def outbox_for(database: str, store: Any, **options: Any) -> Any:
+    outbox = OutboxListener(database, tokens=store, metadata=Base.metadata, **options)
+    _opened.append(outbox)
+    outbox.install()
+    return Drained(outbox)
 
 
 def psql(database: str, *statements: str) -> None:
@@ -153,7 +178,7 @@ def raw(database: str, statement: str, *params: Any) -> None:
         c.execute(statement, params)
 
 
-def drain(listener: ChangeListener) -> int:
+def drain(listener: ChangeListener | Drained) -> int:
     total = 0
     while found := listener.poll():
         total += found
@@ -207,13 +232,15 @@ def test_a_psql_insert_update_and_delete_change_the_row_table_and_global_keys_on
         assert changed == expected, statement
 
 
+@pytest.mark.parametrize("mechanism", ["slot", "outbox"])
 def test_an_outside_write_changes_the_key_the_application_built_for_the_row(
-    database: str, store: RedisTokenStore
+    database: str, store: RedisTokenStore, mechanism: str
 ) -> None:
     """Identifiers are spelled as alkey's own writes spell them, for keys of every kind:
     an integer, a UUID, a composite of a timestamp with time zone and a numeric, and a
-    table in a schema of its own."""
-    listener = listener_for(database, store)
+    table in a schema of its own -- read from logical decoding or from the trigger
+    outbox alike."""
+    listener = listener_for(database, store) if mechanism == "slot" else outbox_for(database, store)
     document_id = uuid.uuid4()
     taken = datetime.datetime(2026, 11, 30, 12, 0, 0, 250000, tzinfo=datetime.timezone.utc)
     raw(database, "INSERT INTO accounts VALUES (7, 'ada')")
@@ -239,7 +266,8 @@ def test_an_outside_write_changes_the_key_the_application_built_for_the_row(
     raw(database, "UPDATE documents SET title = 'final' WHERE id = %s", document_id)
     raw(database, "UPDATE readings SET value = 2")
     raw(database, "UPDATE audit.notes SET body = 'y'")
-    assert drain(listener) == 4
+    # Four transactions; the outbox records each update's row twice (its old and new key).
+    assert drain(listener) == (4 if mechanism == "slot" else 8)
     after = [keys(identifier, "page") for identifier in identifiers]
     unchanged = [i for i, old, new in zip(identifiers, before, after, strict=True) if old == new]
     assert unchanged == [], f"keys the outside writes did not change: {unchanged}"
@@ -347,11 +375,24 @@ def test_listen_once_bumps_what_the_slot_holds_and_drop_slot_removes_slot_and_pu
     assert first.returncode == 0, first.stderr
     before = store.fetch(["alkey:accounts#9"])
     raw(database, "INSERT INTO accounts VALUES (9, 'ada')")
-    again = subprocess.run([*base, "--once"], capture_output=True, text=True, timeout=60)
+    again = subprocess.run(
+        [*base, "--once", "--metadata", "tests.test_cdc:Base.metadata"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert again.returncode == 0, again.stderr
     assert "bumped the tokens of 1 transaction(s)" in again.stdout
     assert store.fetch(["alkey:accounts#9"]) != before
 
+    wrong = subprocess.run(
+        [*base, "--once", "--metadata", "tests.test_cdc:Account"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert wrong.returncode == 2
+    assert "not a MetaData" in wrong.stderr
     dropped = subprocess.run([*base, "--drop-slot"], capture_output=True, text=True, timeout=60)
     assert dropped.returncode == 0, dropped.stderr
     engine = create_engine(database)
@@ -384,7 +425,7 @@ def test_listen_says_in_one_line_when_the_database_refuses(redis_url: str) -> No
 
 
 def test_a_listener_refuses_a_database_that_is_not_postgresql_and_bad_names() -> None:
-    with pytest.raises(ValueError, match="reads PostgreSQL's logical decoding"):
+    with pytest.raises(ValueError, match="reads PostgreSQL's changes; 'sqlite://' is sqlite"):
         ChangeListener("sqlite://", tokens=object())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="slot name 'My-Slot'"):
         ChangeListener("postgresql+psycopg://x@h/d", tokens=object(), slot="My-Slot")  # type: ignore[arg-type]
@@ -437,3 +478,289 @@ def test_the_guides_example_runs_against_a_real_listener_and_its_assertions_hold
     [block] = python_blocks(docs_page("outside-writes.md"))
     exec(compile(block, "docs/outside-writes.md", "exec"), namespace)
     _opened.append(namespace["listener"])
+
+
+def test_arun_bumps_from_an_event_loop_and_stops_when_its_event_is_set(
+    database: str, store: RedisTokenStore
+) -> None:
+    listener = listener_for(database, store, poll_interval=0.01)
+    before = store.fetch(["alkey:accounts#12"])
+
+    async def scenario() -> float:
+        stop = asyncio.Event()
+        running = asyncio.ensure_future(listener.arun(stop))
+        await asyncio.to_thread(psql, database, "INSERT INTO accounts VALUES (12, 'ada')")
+        began = time.monotonic()
+        while store.fetch(["alkey:accounts#12"]) == before:
+            assert time.monotonic() - began < 5, "the listener never bumped the row"
+            await asyncio.sleep(0.005)
+        stop.set()
+        await asyncio.wait_for(running, 5)  # it ends once its event is set
+        return time.monotonic() - began
+
+    assert asyncio.run(scenario()) < 5
+
+
+# -- the trigger outbox ------------------------------------------------------------------------
+
+
+def outbox_rows(database: str) -> int:
+    with psycopg.connect(database.replace("postgresql+psycopg://", "postgresql://")) as c:
+        found = c.execute(f"SELECT count(*) FROM {OUTBOX}").fetchone()
+    assert found is not None
+    return int(found[0])
+
+
+def test_the_outbox_records_psql_writes_in_their_transaction_and_drains_them_to_the_same_keys(
+    database: str, store: RedisTokenStore
+) -> None:
+    outbox = outbox_for(database, store)
+    everything = ["alkey:accounts#1", "alkey:accounts#2", "alkey:accounts#*", "alkey:*#*"]
+    everything += ["alkey:documents#*", "alkey:accounts#3"]
+    steps = [
+        ("INSERT INTO accounts VALUES (1, 'ada')", {"alkey:accounts#1"}),
+        ("UPDATE accounts SET name = 'grace' WHERE id = 1", {"alkey:accounts#1"}),
+        ("UPDATE accounts SET id = 2 WHERE id = 1", {"alkey:accounts#1", "alkey:accounts#2"}),
+        ("DELETE FROM accounts WHERE id = 2", {"alkey:accounts#2"}),
+    ]
+    for statement, rows in steps:
+        before = dict(zip(everything, store.fetch(everything), strict=True))
+        psql(database, statement)
+        assert outbox_rows(database) >= 1, "recorded by the writing transaction"
+        drain(outbox)
+        assert outbox_rows(database) == 0, "drained"
+        after = dict(zip(everything, store.fetch(everything), strict=True))
+        changed = {i for i in everything if after[i] != before[i]}
+        assert changed == rows | {"alkey:accounts#*", "alkey:*#*"}, statement
+
+    psql(database, "BEGIN", "INSERT INTO accounts VALUES (3, 'x')", "ROLLBACK")
+    assert outbox_rows(database) == 0, "a rolled-back write leaves no record"
+
+    keys = CacheKeyGenerator(tokens=store)
+    before_truncate = keys(identifier_for_row(database, 2))
+    psql(database, "TRUNCATE accounts")
+    drain(outbox)
+    assert keys(identifier_for_row(database, 2)) != before_truncate, "every row of the table"
+
+
+def identifier_for_row(database: str, row: int) -> str:
+    """What a key of an ``Account`` of key ``row`` depends on: its row identifier (a key
+    built on it also depends on the table's unknown-rows token)."""
+    return row_identifier(Account.__table__, row)
+
+
+def test_a_redis_outage_leaves_the_outbox_rows_until_redis_answers(database: str) -> None:
+    with EmbeddedRedis() as redis_server:
+        client = redis.Redis.from_url(redis_server.url, socket_timeout=0.5, retry=None)
+        store = RedisTokenStore(client, retry_interval=0)
+        outbox = outbox_for(database, store)
+        before = store.fetch(["alkey:accounts#6"])
+        redis_server.stop()
+        raw(database, "INSERT INTO accounts VALUES (6, 'ada')")
+        with pytest.raises(TokenStoreError, match="keeps its rows"):
+            outbox.poll()
+        assert outbox_rows(database) == 1, "nothing deleted while Redis is down"
+        redis_server.start()
+        assert store.wait_replayed(timeout=5)
+        assert drain(outbox) == 1
+        assert outbox_rows(database) == 0
+        assert store.fetch(["alkey:accounts#6"]) != before
+        client.close()
+
+
+@pytest.mark.skipif(
+    tuple(int(part) for part in psycopg.__version__.split(".")[:2]) < (3, 2),
+    reason="waiting for a NOTIFY with a timeout needs psycopg 3.2 (before, it polls)",
+)
+def test_a_notify_wakes_an_idle_outbox_listener_before_its_poll_interval(
+    database: str, store: RedisTokenStore
+) -> None:
+    import threading
+
+    outbox = outbox_for(database, store, poll_interval=30.0).outbox
+    stop = threading.Event()
+    running = threading.Thread(target=outbox.run, args=(stop,), daemon=True)
+    running.start()
+    try:
+        time.sleep(0.3)  # idle: waiting on its NOTIFY connection
+        before = store.fetch(["alkey:accounts#13"])
+        committed = time.monotonic()
+        psql(database, "INSERT INTO accounts VALUES (13, 'ada')")
+        wait_until(
+            lambda: store.fetch(["alkey:accounts#13"]) != before, 5, "the NOTIFY's drain", 0.005
+        )
+        assert time.monotonic() - committed < 5
+    finally:
+        stop.set()
+        raw(database, "NOTIFY alkey_outbox")  # ends its wait
+        running.join(timeout=35)
+
+
+def test_install_triggers_and_listen_outbox_once_from_the_command_line(
+    database: str, redis_url: str, store: RedisTokenStore
+) -> None:
+    base = [sys.executable, "-m", "alkey"]
+    installed = subprocess.run(
+        [*base, "install-triggers", database, "--url", redis_url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert installed.returncode == 0, installed.stderr
+    assert "installed alkey's outbox triggers on 4 table(s)" in installed.stdout
+    before = store.fetch(["alkey:accounts#8"])
+    raw(database, "INSERT INTO accounts VALUES (8, 'ada')")
+    drained = subprocess.run(
+        [*base, "listen", database, "--url", redis_url, "--outbox", "--once"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert drained.returncode == 0, drained.stderr
+    assert "bumped the tokens of 1 recorded write(s)" in drained.stdout
+    assert store.fetch(["alkey:accounts#8"]) != before
+    removed = subprocess.run(
+        [*base, "install-triggers", database, "--url", redis_url, "--uninstall"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert removed.returncode == 0, removed.stderr
+    raw(database, "INSERT INTO accounts VALUES (10, 'bob')")  # no trigger, no outbox
+
+
+# -- what the review of the first version found ------------------------------------------------
+
+
+class Recording(RedisTokenStore):
+    """A real store that also notes what each bump carried."""
+
+    def __init__(self, client: RedisClient) -> None:
+        super().__init__(client)
+        self.bumps: list[set[str]] = []
+
+    def bump(self, identifiers: Collection[str], intent: str | None = None) -> None:
+        self.bumps.append(set(identifiers))
+        super().bump(identifiers, intent)
+
+
+def bumped_by(listener: ChangeListener, store: Recording) -> set[str]:
+    store.bumps.clear()
+    drain(listener)
+    return set().union(*store.bumps)
+
+
+def test_rows_are_named_by_their_primary_key_whatever_the_replica_identity_and_partitions(
+    database: str, redis_client: RedisClient
+) -> None:
+    """Without metadata (as ``alkey listen`` runs): a table whose replica identity is
+    FULL, or another unique index, and a partitioned table (published through its root)
+    name their rows by primary key, as the application does."""
+    raw(database, "CREATE TABLE full_t (id int PRIMARY KEY, name text)")
+    raw(database, "ALTER TABLE full_t REPLICA IDENTITY FULL")
+    raw(database, "CREATE TABLE idx_t (id int PRIMARY KEY, code int NOT NULL UNIQUE)")
+    raw(database, "ALTER TABLE idx_t REPLICA IDENTITY USING INDEX idx_t_code_key")
+    raw(
+        database,
+        "CREATE TABLE meas (id int, day int, PRIMARY KEY (id, day)) PARTITION BY LIST (day)",
+    )
+    raw(database, "CREATE TABLE meas_1 PARTITION OF meas FOR VALUES IN (1)")
+    store = Recording(redis_client)
+    listener = ChangeListener(database, tokens=store)
+    _opened.append(listener)
+    listener.create()
+    listener.create()  # again: nothing to add, no error
+    for statement in (
+        "INSERT INTO full_t VALUES (1, 'ada')",
+        "INSERT INTO idx_t VALUES (1, 70)",
+        "INSERT INTO meas VALUES (5, 1)",
+    ):
+        raw(database, statement)
+    drain(listener)
+    cases: list[tuple[str, set[str], str]] = [
+        ("UPDATE full_t SET name = 'grace' WHERE id = 1", {"alkey:full_t#1"}, "full_t"),
+        ("DELETE FROM full_t WHERE id = 1", {"alkey:full_t#1"}, "full_t"),
+        ("UPDATE idx_t SET id = 1 WHERE id = 1", {"alkey:idx_t#1"}, "idx_t"),
+        # The log of a change to the replica identity (code), and of a delete, carries
+        # the old row's code alone, not its key: every row of the table, never none.
+        ("UPDATE idx_t SET code = 71 WHERE id = 1", {"alkey:idx_t#1", "alkey:idx_t#?"}, "idx_t"),
+        ("DELETE FROM idx_t WHERE id = 1", {"alkey:idx_t#?"}, "idx_t"),
+        ("UPDATE meas SET id = 5 WHERE day = 1", {"alkey:meas#5,1"}, "meas"),
+    ]
+    for statement, rows, table in cases:
+        raw(database, statement)
+        expected = rows | {f"alkey:{table}#*", "alkey:*#*"}
+        assert bumped_by(listener, store) == expected, statement
+
+
+def test_create_publishes_permanent_keyed_tables_and_adds_new_ones_when_run_again(
+    database: str, store: RedisTokenStore
+) -> None:
+    raw(database, "CREATE UNLOGGED TABLE scratch (id int PRIMARY KEY)")
+    with ChangeListener(database, tokens=store) as listener:
+        first = listener.create(tables=["accounts"])
+        assert listener.create(tables=["accounts"]) == first == ["public.accounts"]
+        with psycopg.connect(database.replace("postgresql+psycopg://", "postgresql://")) as c:
+            c.execute("CREATE TEMPORARY TABLE mine (id int PRIMARY KEY)")
+            published = listener.create()  # another session's temporary table: left out
+        assert "public.scratch" not in published
+        assert {"public.accounts", "public.documents", "audit.notes"} <= set(published)
+        with pytest.raises(ValueError, match="no table 'nowhere'"):
+            listener.create(tables=["nowhere"])
+
+
+def test_a_new_slot_bumps_the_token_every_key_depends_on(
+    database: str, store: RedisTokenStore
+) -> None:
+    """What was committed before a slot existed is in no slot: every key misses once."""
+    keys = CacheKeyGenerator(tokens=store)
+    before = keys("alkey:documents#1", "page")
+    listener_for(database, store)
+    assert keys("alkey:documents#1", "page") != before
+    again = keys("alkey:documents#1", "page")
+    listener_for(database, store).poll()  # the slot exists: nothing more
+    assert keys("alkey:documents#1", "page") == again
+
+
+def test_the_slot_moves_past_writes_to_tables_it_does_not_publish(
+    database: str, store: RedisTokenStore
+) -> None:
+    listener = listener_for(database, store)
+    for n in range(20):
+        raw(database, "INSERT INTO events_log VALUES (%s)", str(n))
+    start = confirmed(database)
+    assert listener.poll() == 0
+    assert confirmed(database) != start, "PostgreSQL need not keep that log for the slot"
+
+
+def test_a_dropped_slot_stops_the_listener_with_an_error_instead_of_retrying(
+    database: str, store: RedisTokenStore
+) -> None:
+    listener = listener_for(database, store)
+    raw(database, "SELECT pg_drop_replication_slot('alkey')")
+    with pytest.raises(ListenerStoppedError, match="does not exist"):
+        listener.run()
+
+
+def test_a_large_outside_transaction_names_its_table_rather_than_every_row(
+    database: str, redis_client: RedisClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(alkey.cdc, "ROWS_PER_TABLE", 5)
+    store = Recording(redis_client)
+    listener = listener_for(database, store)
+    raw(database, "INSERT INTO accounts SELECT g, 'x' FROM generate_series(1, 8) g")
+    bumped = bumped_by(listener, store)
+    assert "alkey:accounts#?" in bumped, "every row of the table"
+    assert len([i for i in bumped if i.startswith("alkey:accounts#") and i[-1].isdigit()]) == 5
+
+
+def test_a_store_that_cannot_tell_a_kept_bump_from_a_sent_one_is_refused(database: str) -> None:
+    class Plain:
+        def fetch(self, identifiers: Any) -> list[str]:
+            return ["t"] * len(identifiers)
+
+        def bump(self, identifiers: Any) -> None:
+            pass
+
+    with pytest.raises(ValueError, match="pass a RedisTokenStore"):
+        ChangeListener(database, tokens=Plain())

@@ -45,7 +45,7 @@ OWN_BLOCKS = {
     },
 }
 #: Pages written by the benchmarks (no examples) and the API reference (docstrings).
-GENERATED = ("benchmarks.md", "cluster.md", "cpu.md", "localcache.md", "reference/")
+GENERATED = ("benchmarks.md", "cdc.md", "cluster.md", "cpu.md", "localcache.md", "reference/")
 
 CONTINUES = re.compile(r"<!-- examples continue: ([\w/.-]+\.md) -->")
 

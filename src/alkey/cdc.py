@@ -48,6 +48,8 @@ refuses ``UPDATE`` and ``DELETE`` on a published table that has no replica ident
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime
 import decimal
 import logging
@@ -55,14 +57,21 @@ import re
 import struct
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 from sqlalchemy import Engine, MetaData, Table, create_engine, text
 from sqlalchemy import exc as sqlalchemy_errors
 from sqlalchemy import table as table_clause
+from sqlalchemy.orm import configure_mappers
 
-from alkey.constants import GLOBAL_WRITE_TOKEN, NAMESPACE, ROW_SEPARATOR, UNKNOWN_ROWS
+from alkey.constants import (
+    GLOBAL_WRITE_TOKEN,
+    NAMESPACE,
+    ROW_SEPARATOR,
+    UNKNOWN_ROWS,
+    UNKNOWN_WRITES,
+)
 from alkey.errors import TokenStoreError, redacted
 from alkey.identity import (
     encode_table,
@@ -73,7 +82,16 @@ from alkey.identity import (
 )
 from alkey.tokens import TokenStore
 
-__all__ = ["ChangeListener", "Column", "Naming", "Relation", "Transaction", "decode"]
+__all__ = [
+    "ROWS_PER_TABLE",
+    "ChangeListener",
+    "Column",
+    "ListenerStoppedError",
+    "Naming",
+    "Relation",
+    "Transaction",
+    "decode",
+]
 
 log = logging.getLogger("alkey.cdc")
 
@@ -101,6 +119,10 @@ class Relation(NamedTuple):
     name: str
     #: Its columns, in the table's order.
     columns: tuple[Column, ...]
+    #: Its primary key's columns, in the key's order, when the catalog was asked (a
+    #: ``Relation`` message names the replica identity, which may be another index, or
+    #: every column); empty when not known.
+    primary_key: tuple[str, ...] = ()
 
 
 class Transaction(NamedTuple):
@@ -163,10 +185,17 @@ class _Reader:
         return values
 
 
+#: Rows of one table in one transaction named one by one; past them, the table's every
+#: row at once (its unknown-rows token): a migration that rewrites a million rows must
+#: not make a bump of a million tokens.
+ROWS_PER_TABLE = 10_000
+
+
 def decode(
     messages: Iterable[tuple[str, bytes]],
     relations: dict[int, Relation],
     naming: Callable[[Relation, list[str | None] | None], Iterable[str]],
+    describe: Callable[[int, Relation], Relation] | None = None,
 ) -> Iterator[Transaction]:
     """The committed transactions in ``messages`` -- ``(lsn, pgoutput message)`` pairs, as
     ``pg_logical_slot_peek_binary_changes`` returns them -- each with the identifiers its
@@ -176,14 +205,19 @@ def decode(
     before a table's first change in each decoding session); ``naming(relation, key)``
     gives the identifiers of a change to a row of ``relation`` whose replica-identity
     values (the whole row, in column order) are ``key``, or, with ``None``, of the table
-    alone (``TRUNCATE``). A transaction cut off at the end of ``messages`` is not yielded.
+    alone (``TRUNCATE``). ``describe(relid, relation)`` may complete a relation from the
+    catalog (its primary key) as it is read. A transaction cut off at the end of
+    ``messages`` is not yielded. Past :data:`ROWS_PER_TABLE` rows of one table, a
+    transaction names that table's every row instead.
     """
     identifiers: set[str] | None = None
+    rows: dict[int, int] = {}
     for lsn, message in messages:
         kind = message[:1]
         reader = _Reader(message)
         if kind == b"B":
             identifiers = set()
+            rows = {}
         elif kind == b"C":
             if identifiers is not None:
                 if identifiers:
@@ -201,11 +235,18 @@ def decode(
                 type_oid = reader.int32()
                 reader.skip(4)  # type modifier
                 columns.append(Column(column, bool(flags & 1), type_oid & 0xFFFFFFFF))
-            relations[relid] = Relation(schema, name, tuple(columns))
+            relation = Relation(schema, name, tuple(columns))
+            relations[relid] = relation if describe is None else describe(relid, relation)
         elif identifiers is None:
             continue  # a change outside a transaction we saw begin: never confirmed alone
         elif kind in (b"I", b"U", b"D"):
-            relation = relations[reader.int32()]
+            relid = reader.int32()
+            relation = relations[relid]
+            seen = rows[relid] = rows.get(relid, 0) + 1
+            if seen > ROWS_PER_TABLE:
+                if seen == ROWS_PER_TABLE + 1:
+                    identifiers.update(naming(relation, None))
+                continue
             while reader.at < len(message):
                 marker = reader.byte()  # 'K' old key, 'O' old row, 'N' new row
                 identifiers.update(naming(relation, reader.tuple()))
@@ -248,7 +289,7 @@ def _time(value: str) -> datetime.time:
 
 #: How a key value's text is read, by the OID of its PostgreSQL type.
 _READERS: dict[int, Callable[[str], Any]] = {
-    16: lambda value: value == "t",  # bool
+    16: lambda value: value in ("t", "true"),  # bool (text output, or JSON's)
     17: lambda value: bytes.fromhex(value[2:]),  # bytea, hex output
     20: int,  # int8
     21: int,  # int2
@@ -263,6 +304,10 @@ _READERS: dict[int, Callable[[str], Any]] = {
     1184: _timestamp,  # timestamptz, with its offset
     1700: decimal.Decimal,  # numeric
     2950: uuid.UUID,  # uuid
+    18: str,  # "char"
+    19: str,  # name
+    25: str,  # text
+    1043: str,  # varchar
 }
 
 
@@ -279,6 +324,9 @@ class Naming:
     """
 
     def __init__(self, metadata: MetaData | None = None, default_schema: str = "public") -> None:
+        # The tables of mapped subclasses (joined inheritance) are known once the
+        # application's mappers are configured: before the first plan is made.
+        configure_mappers()
         self.default_schema = default_schema
         self._tables: dict[tuple[str, str], Table] = {}
         for table in metadata.tables.values() if metadata is not None else ():
@@ -292,14 +340,18 @@ class Naming:
         if plan is None:
             table = self._tables.get((relation.schema, relation.name))
             positions = {column.name: index for index, column in enumerate(relation.columns)}
+            names: Sequence[str]
             if table is not None and all(c.name in positions for c in table.primary_key):
-                key = [positions[column.name] for column in table.primary_key]
+                names = [column.name for column in table.primary_key]
                 target: Any = table
             else:
-                key = [index for index, column in enumerate(relation.columns) if column.key]
+                names = relation.primary_key or [c.name for c in relation.columns if c.key]
                 schema = None if relation.schema == self.default_schema else relation.schema
                 target = table_clause(relation.name, schema=schema)
-            readers = [_READERS.get(relation.columns[i].type_oid, str) for i in key]
+            key = [positions[name] for name in names] if set(names) <= positions.keys() else []
+            readers = [_READERS.get(relation.columns[i].type_oid) for i in key]
+            if any(read is None for read in readers):
+                key, readers = [], []  # a type this cannot read: every row, safely
             part = encode_table(target)
             everything = frozenset(table_write_identifiers([part]))
             unknown_rows = f"{NAMESPACE}:{part}{ROW_SEPARATOR}{UNKNOWN_ROWS}"
@@ -311,15 +363,15 @@ class Naming:
         plan = self._plan(relation)
         if row is None or not plan.key:
             return plan.every_row
+        texts = [row[i] if i < len(row) else None for i in plan.key]
+        if any(value is None for value in texts):
+            # Not in this tuple (an old row carries its replica identity only, which may
+            # be another index), or unchanged TOAST: a primary key is never NULL.
+            return plan.every_row
         try:
-            values = [
-                None if row[i] is None else read(row[i])  # type: ignore[arg-type]
-                for i, read in zip(plan.key, plan.readers, strict=True)
-            ]
+            values = [read(value) for value, read in zip(texts, plan.readers, strict=True)]  # type: ignore[misc,arg-type]
         except (ValueError, TypeError, decimal.InvalidOperation):
             return plan.every_row  # a key of a text this cannot read: every row, safely
-        if all(value is None for value in values):  # a TOASTed or absent key
-            return plan.every_row
         target = plan.target
         rows = (
             row_identifiers(target, values)
@@ -340,7 +392,7 @@ class _Plan(NamedTuple):
     #: The positions of the key's columns in the relation's rows, in key order.
     key: list[int]
     #: How each key value's text is read.
-    readers: list[Callable[[str], Any]]
+    readers: list[Callable[[str], Any] | None]
     #: The table tokens a change to a known row bumps (and the global one).
     tables: frozenset[str]
     #: What a change to unknown rows bumps: also the unknown-rows token.
@@ -350,6 +402,26 @@ class _Plan(NamedTuple):
 # -- the listener ------------------------------------------------------------------------------
 
 
+#: SQLSTATEs that waiting will not cure: the slot or publication is gone (dropped, or
+#: invalidated past ``max_slot_wal_keep_size``), or the role lacks a privilege.
+_FATAL = {
+    "42704": "the slot or the publication does not exist",  # undefined_object
+    "55000": "the slot can no longer give its changes (invalidated)",  # not in prerequisite
+    "42501": "the role lacks a privilege",  # insufficient_privilege
+}
+
+
+def _sqlstate(error: BaseException) -> str | None:
+    original = getattr(error, "orig", error)
+    state = getattr(original, "sqlstate", None) or getattr(original, "pgcode", None)
+    return state if isinstance(state, str) else None
+
+
+class ListenerStoppedError(Exception):
+    """A change listener stopped for good: a failure that retrying will not cure (see
+    the message), after which its slot or outbox must be set up again."""
+
+
 class ChangeListener:
     """Bumps the tokens of every change PostgreSQL commits, read from a logical
     replication slot (see the module).
@@ -357,10 +429,11 @@ class ChangeListener:
     ``database``: a SQLAlchemy URL or ``Engine`` of the database (PostgreSQL, with
     ``wal_level = logical``). ``tokens``: the store to bump in -- by default the process's
     default store (:func:`alkey.client.default_store`, so ``REDIS_URL`` and ``ALKEY_*``);
-    the application's own ``key_prefix`` must be the same. ``slot`` and ``publication``:
-    their names (``alkey``). ``metadata`` and ``default_schema``: how tables are named
-    (see :class:`Naming`). ``batch``: at most this many messages a poll (a transaction
-    larger than that is read whole, by growing the batch); ``poll_interval``: the pause
+    the application's own ``key_prefix`` must be the same. It must be a Redis token store
+    (:class:`~alkey.tokens.RedisTokenStore`), which tells a bump Redis took from one it
+    kept for replay. ``slot`` and ``publication``: their names (``alkey``). ``metadata``
+    and ``default_schema``: how tables are named (see :class:`Naming`). ``batch``: at most
+    about this many messages a poll (whole transactions); ``poll_interval``: the pause
     when a poll found nothing; ``retry_interval``: the pause after Redis or the database
     failed.
 
@@ -389,22 +462,8 @@ class ChangeListener:
                 )
         if batch < 1:
             raise ValueError(f"batch={batch!r}: a poll reads at least one message")
-        self._own_engine = not isinstance(database, Engine)
-        self.engine = (
-            database
-            if isinstance(database, Engine)
-            else create_engine(database, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
-        )
-        if self.engine.dialect.name != "postgresql":
-            raise ValueError(
-                f"the change listener reads PostgreSQL's logical decoding; {database!r} is "
-                f"{self.engine.dialect.name}"
-            )
-        if tokens is None:
-            from alkey.client import default_store
-
-            tokens = default_store()
-        self.tokens = tokens
+        self.engine, self._own_engine = _engine(database, "the change listener")
+        self.tokens = _checked_store(tokens)
         self.slot = slot
         self.publication = publication
         self.naming = Naming(metadata, default_schema)
@@ -412,6 +471,8 @@ class ChangeListener:
         self.poll_interval = poll_interval
         self.retry_interval = retry_interval
         self._relations: dict[int, Relation] = {}
+        self._described: dict[tuple[int, Relation], Relation] = {}
+        self._advanced: str | None = None
         self._failing: str | None = None
 
     def close(self) -> None:
@@ -426,61 +487,89 @@ class ChangeListener:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _connect(self) -> Any:
+        connection = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        if not self._own_engine:  # an engine of ours sets these as it connects
+            for name, value in _SESSION:
+                connection.exec_driver_sql(f"SET {name} = '{value}'")
+        return connection
+
     # -- set-up ------------------------------------------------------------------------------
 
     def create(self, tables: Iterable[str] | None = None) -> list[str]:
-        """Create the publication and the slot, unless they exist; the tables published.
+        """Create the publication and the slot, unless they exist, and add tables created
+        since to the publication; the tables published.
 
         ``tables`` (``"name"`` or ``"schema.name"``): those, else every table of the
-        database that has a primary key, outside PostgreSQL's own schemas. A table created
-        later is not in the publication: call this again (it adds the new ones), or
-        ``ALTER PUBLICATION alkey ADD TABLE ...``. The slot starts at the current end of
-        the log: what was committed before is not bumped.
+        database that has a primary key (permanent ones, outside PostgreSQL's own
+        schemas; a partitioned table as itself, its partitions through it). The slot
+        starts at the current end of the log: what was committed before it is not in it,
+        so creating a slot also bumps the token every key depends on
+        (:data:`~alkey.constants.UNKNOWN_WRITES`): every key misses once, and none can
+        predate a write that no slot recorded (a first set-up, or a slot lost and made
+        again). If that bump fails, the new slot is dropped again and the error raised.
         """
-        with self.engine.connect() as connection:
+        with self._connect() as connection:
             if tables is None:
-                found = connection.execute(
-                    text(
-                        "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname) "
-                        "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-                        "WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition "
-                        "AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
-                        "AND n.nspname NOT LIKE 'pg_toast%' AND EXISTS (SELECT 1 FROM "
-                        "pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) "
-                        "ORDER BY 1"
-                    )
-                )
-                names = [row[0] for row in found]
-            else:
-                names = [
-                    ".".join(
-                        connection.dialect.identifier_preparer.quote(part) for part in t.split(".")
-                    )
-                    for t in tables
-                ]
-            exists = connection.execute(
-                text("SELECT 1 FROM pg_publication WHERE pubname = :name"),
-                {"name": self.publication},
-            ).first()
-            published = set()
-            if exists:
-                published = {
+                oids = [
                     row[0]
                     for row in connection.execute(
                         text(
-                            "SELECT quote_ident(schemaname) || '.' || quote_ident(tablename) "
-                            "FROM pg_publication_tables WHERE pubname = :name"
+                            "SELECT c.oid FROM pg_class c JOIN pg_namespace n "
+                            "ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p') "
+                            "AND NOT c.relispartition AND c.relpersistence = 'p' "
+                            "AND c.relreplident <> 'n' "
+                            "AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
+                            "AND n.nspname NOT LIKE 'pg_toast%' AND c.relname <> :outbox "
+                            "AND EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid "
+                            "AND i.indisprimary)"
                         ),
-                        {"name": self.publication},
+                        {"outbox": "alkey_outbox"},
+                    )
+                ]
+            else:
+                oids = []
+                for name in tables:
+                    oid = connection.execute(
+                        text("SELECT to_regclass(:name)::oid"), {"name": name}
+                    ).scalar()
+                    if oid is None:
+                        raise ValueError(f"no table {name!r} in the database to publish")
+                    oids.append(oid)
+            exists = connection.execute(
+                text("SELECT oid FROM pg_publication WHERE pubname = :name"),
+                {"name": self.publication},
+            ).scalar()
+            published: set[int] = set()
+            if exists is not None:
+                published = {
+                    row[0]
+                    for row in connection.execute(
+                        text("SELECT prrelid FROM pg_publication_rel WHERE prpubid = :p"),
+                        {"p": exists},
                     )
                 }
-            new = [name for name in names if name not in published]
-            if not exists:
-                listing = f" FOR TABLE {', '.join(names)}" if names else ""
-                connection.execute(text(f"CREATE PUBLICATION {self.publication}{listing}"))
-            elif new:
+            new = [oid for oid in oids if oid not in published]
+            names = dict(
                 connection.execute(
-                    text(f"ALTER PUBLICATION {self.publication} ADD TABLE {', '.join(new)}")
+                    text(
+                        "SELECT c.oid, quote_ident(n.nspname) || '.' || quote_ident(c.relname) "
+                        "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                        "WHERE c.oid = ANY(:oids)"
+                    ),
+                    {"oids": [*oids, *published]},
+                ).all()
+            )
+            if exists is None:
+                listing = f" FOR TABLE {', '.join(names[o] for o in oids)}" if oids else ""
+                connection.exec_driver_sql(
+                    f"CREATE PUBLICATION {self.publication}{listing} "
+                    "WITH (publish_via_partition_root = true)"
+                )
+            elif new:
+                connection.exec_driver_sql(
+                    f"ALTER PUBLICATION {self.publication} ADD TABLE "
+                    + ", ".join(names[o] for o in new)
                 )
             slot = connection.execute(
                 text("SELECT 1 FROM pg_replication_slots WHERE slot_name = :name"),
@@ -491,12 +580,19 @@ class ChangeListener:
                     text("SELECT pg_create_logical_replication_slot(:name, 'pgoutput')"),
                     {"name": self.slot},
                 )
-        return sorted(published | set(names))
+                try:
+                    self._bump({UNKNOWN_WRITES})
+                except BaseException:
+                    connection.execute(
+                        text("SELECT pg_drop_replication_slot(:name)"), {"name": self.slot}
+                    )
+                    raise
+        return sorted(names[o].replace('"', "") for o in {*oids, *published})
 
     def drop(self) -> None:
         """Drop the slot and the publication, if they exist: PostgreSQL then stops keeping
         log for this listener. What is committed meanwhile is never bumped by it."""
-        with self.engine.connect() as connection:
+        with self._connect() as connection:
             if connection.execute(
                 text("SELECT 1 FROM pg_replication_slots WHERE slot_name = :name"),
                 {"name": self.slot},
@@ -504,7 +600,7 @@ class ChangeListener:
                 connection.execute(
                     text("SELECT pg_drop_replication_slot(:name)"), {"name": self.slot}
                 )
-            connection.execute(text(f"DROP PUBLICATION IF EXISTS {self.publication}"))
+            connection.exec_driver_sql(f"DROP PUBLICATION IF EXISTS {self.publication}")
 
     # -- polling -----------------------------------------------------------------------------
 
@@ -512,86 +608,207 @@ class ChangeListener:
         """Read what the slot holds, bump the committed transactions' tokens, and confirm
         them; the number of transactions bumped (0: nothing new).
 
+        Reads up to the current end of the log; when it read all of it, the slot is moved
+        to that end even if nothing there was published (other tables, other databases),
+        or PostgreSQL would keep that log, and decode it again on every poll.
+
         Raises alkey's :class:`~alkey.errors.TokenStoreError` when Redis did not take the
         bump -- nothing is confirmed then, and the next poll tries again -- and
         SQLAlchemy's errors when the database did not answer.
         """
-        limit = self.batch
-        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-            # Key values come as text in the session's DateStyle: ISO, as _READERS read it.
-            connection.execute(text("SET DateStyle = 'ISO, YMD'"))
-            while True:
-                rows = connection.execute(
-                    text(
-                        "SELECT lsn::text, data FROM pg_logical_slot_peek_binary_changes("
-                        ":slot, NULL, :limit, 'proto_version', '1', "
-                        "'publication_names', :publication)"
-                    ),
-                    {"slot": self.slot, "limit": limit, "publication": self.publication},
-                ).all()
-                self._relations.clear()  # each peek is a decoding session of its own
-                transactions = list(
-                    decode(((row[0], bytes(row[1])) for row in rows), self._relations, self.naming)
+        with self._connect() as connection:
+            end = connection.execute(text("SELECT pg_current_wal_lsn()::text")).scalar_one()
+            rows = connection.execute(
+                text(
+                    "SELECT lsn::text, data FROM pg_logical_slot_peek_binary_changes("
+                    ":slot, CAST(:end AS pg_lsn), :limit, 'proto_version', '1', "
+                    "'publication_names', :publication)"
+                ),
+                {
+                    "slot": self.slot,
+                    "end": end,
+                    "limit": self.batch,
+                    "publication": self.publication,
+                },
+            ).all()
+            self._relations.clear()  # each peek is a decoding session of its own
+
+            def describe(relid: int, relation: Relation) -> Relation:
+                return self._describe(connection, relid, relation)
+
+            transactions = list(
+                decode(
+                    ((row[0], bytes(row[1])) for row in rows),
+                    self._relations,
+                    self.naming,
+                    describe,
                 )
-                if transactions or len(rows) < limit:
-                    break
-                limit *= 2  # one transaction larger than the batch: read it whole
-            if not transactions:
-                return 0
+            )
             identifiers: set[str] = set()
             for transaction in transactions:
                 identifiers |= transaction.identifiers
             if identifiers:
                 self._bump(identifiers)
-            connection.execute(
-                text("SELECT pg_replication_slot_advance(:slot, CAST(:lsn AS pg_lsn))"),
-                {"slot": self.slot, "lsn": transactions[-1].end},
-            )
+            # Everything up to `end` was read unless the batch filled up.
+            confirm = end if len(rows) < self.batch else None
+            if confirm is None and transactions:
+                confirm = transactions[-1].end
+            if confirm is not None and confirm != self._advanced:
+                connection.execute(
+                    text("SELECT pg_replication_slot_advance(:slot, CAST(:lsn AS pg_lsn))"),
+                    {"slot": self.slot, "lsn": confirm},
+                )
+                self._advanced = confirm
         return len(transactions)
 
-    def _bump(self, identifiers: set[str]) -> None:
-        """Bump ``identifiers``, raising unless Redis took the bump: a store that degrades
-        keeps a bump it could not send for replay, which is not yet a bump."""
-        self.tokens.bump(identifiers)
-        pending = getattr(self.tokens, "pending", None)
-        if pending and not pending.isdisjoint(identifiers):
-            raise TokenStoreError(
-                f"Redis did not take the bump of {len(identifiers)} token(s) (kept for "
-                "replay by the store): not confirmed to PostgreSQL yet"
+    def _describe(self, connection: Any, relid: int, relation: Relation) -> Relation:
+        """``relation`` with its primary key and its key columns' base types (a domain's
+        values read as its base type's), from the catalog; asked once per table shape."""
+        described = self._described.get((relid, relation))
+        if described is None:
+            found = dict(
+                connection.execute(
+                    text(
+                        "SELECT a.attname, CASE WHEN t.typtype = 'd' THEN t.typbasetype "
+                        "ELSE a.atttypid END FROM pg_index i, unnest(i.indkey) WITH "
+                        "ORDINALITY AS k(num, pos), pg_attribute a, pg_type t "
+                        "WHERE i.indrelid = :relid AND i.indisprimary "
+                        "AND a.attrelid = i.indrelid AND a.attnum = k.num "
+                        "AND t.oid = a.atttypid ORDER BY k.pos"
+                    ),
+                    {"relid": relid},
+                ).all()
             )
+            columns = tuple(
+                Column(c.name, c.name in found, int(found.get(c.name, c.type_oid)))
+                for c in relation.columns
+            )
+            described = relation._replace(columns=columns, primary_key=tuple(found))
+            self._described[relid, relation] = described
+        return described
+
+    def _bump(self, identifiers: set[str]) -> None:
+        _bump_taken(self.tokens, identifiers, "not confirmed to PostgreSQL yet")
 
     def run(self, stop: threading.Event | None = None) -> None:
         """Poll until ``stop`` is set (forever without one): at once while there is more,
         every ``poll_interval`` when idle, every ``retry_interval`` while Redis or the
-        database fails -- each failure logged once, and its end, on ``alkey.cdc``."""
+        database fails -- each failure logged once, and its end, on ``alkey.cdc``.
+
+        Raises :class:`ListenerStoppedError` for a failure that waiting will not cure: the slot
+        or the publication gone (dropped, or the slot invalidated after falling more than
+        ``max_slot_wal_keep_size`` behind), or a privilege missing."""
         stop = stop if stop is not None else threading.Event()
         while not stop.is_set():
-            try:
-                found = self.poll()
-            except TokenStoreError as error:
-                self._failed("Redis", error)
-                stop.wait(self.retry_interval)
-                continue
-            except sqlalchemy_errors.DBAPIError as error:
-                self._failed("the database", error)
-                stop.wait(self.retry_interval)
-                continue
-            if self._failing is not None:
-                log.warning("alkey's change listener works again (%s answers)", self._failing)
-                self._failing = None
-            if not found:
-                stop.wait(self.poll_interval)
+            pause = self._round()
+            if pause:
+                stop.wait(pause)
+
+    async def arun(self, stop: asyncio.Event | None = None) -> None:
+        """:meth:`run` for an asyncio application: each poll runs in a worker thread (the
+        database and Redis calls block), the pauses on the loop, until ``stop`` is set or
+        the task is cancelled. ``tokens`` must then be a synchronous store (the default
+        one is)."""
+        stop = stop if stop is not None else asyncio.Event()
+        while not stop.is_set():
+            pause = await asyncio.to_thread(self._round)
+            if pause:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), pause)
+
+    def _round(self) -> float:
+        """One poll; how long to pause before the next (0: there may be more now)."""
+        return _round(self, self.poll, log, "change listener")
 
     def _failed(self, what: str, error: BaseException) -> None:
-        if self._failing != what:
-            self._failing = what
-            log.warning(
-                "alkey's change listener cannot go on: %s failed (%s: %s). Nothing is "
-                "confirmed meanwhile: the changes wait in slot %r and are bumped once it "
-                "answers (retrying every %gs).",
-                what,
-                type(error).__name__,
-                redacted(str(error)),
-                self.slot,
-                self.retry_interval,
-            )
+        _report(self, what, error, log, "change listener", f"they wait in slot {self.slot!r}")
+
+
+# -- shared by the listeners (this one, and alkey.outbox's) ------------------------------------
+
+#: Session settings a listener's connections need: key values in the text forms
+#: ``_READERS`` read.
+_SESSION = (("DateStyle", "ISO,YMD"), ("bytea_output", "hex"), ("IntervalStyle", "postgres"))
+
+
+def _engine(database: str | Engine, what: str) -> tuple[Engine, bool]:
+    """The engine of ``database``, and whether it is the listener's own."""
+    if isinstance(database, Engine):
+        engine, own = database, False
+    else:
+        options = " ".join(f"-c {name}={value}" for name, value in _SESSION)
+        engine = create_engine(database, connect_args={"options": options})
+        own = True
+    if engine.dialect.name != "postgresql":
+        raise ValueError(
+            f"{what} reads PostgreSQL's changes; {database!r} is {engine.dialect.name}"
+        )
+    return engine, own
+
+
+def _checked_store(tokens: TokenStore | None) -> TokenStore:
+    """``tokens`` (default: the default store), if it tells a bump Redis took from one it
+    kept for replay (its ``pending``)."""
+    if tokens is None:
+        from alkey.client import default_store
+
+        tokens = default_store()
+    if not isinstance(getattr(tokens, "pending", None), frozenset):
+        raise ValueError(
+            f"{tokens!r} cannot tell a bump Redis took from one it kept for replay, so a "
+            "listener could confirm a change before its bump: pass a RedisTokenStore "
+            "(tokens=alkey.tokens.RedisTokenStore(client, key_prefix=...))"
+        )
+    return tokens
+
+
+def _bump_taken(tokens: TokenStore, identifiers: set[str], unconfirmed: str) -> None:
+    """Bump ``identifiers``, raising unless Redis took the bump: a store that degrades
+    keeps a bump it could not send for replay, which is not yet a bump."""
+    tokens.bump(identifiers)
+    pending: frozenset[str] = getattr(tokens, "pending", frozenset())
+    if not pending.isdisjoint(identifiers):
+        raise TokenStoreError(
+            f"Redis did not take the bump of {len(identifiers)} token(s) (kept for replay "
+            f"by the store): {unconfirmed}"
+        )
+
+
+def _round(listener: Any, step: Callable[[], int], logger: logging.Logger, what: str) -> float:
+    """One ``step`` of a listener; how long to pause before the next."""
+    try:
+        found = step()
+    except TokenStoreError as error:
+        listener._failed("Redis", error)
+        return float(listener.retry_interval)
+    except sqlalchemy_errors.DBAPIError as error:
+        problem = _FATAL.get(_sqlstate(error) or "")
+        if problem is not None:
+            logger.error("alkey's %s stops: %s (%s)", what, problem, redacted(str(error.orig)))
+            raise ListenerStoppedError(f"{problem}: {redacted(str(error.orig)).strip()}") from None
+        listener._failed("the database", error)
+        return float(listener.retry_interval)
+    except Exception as error:  # a bug of ours, or a text we cannot decode: nothing confirmed
+        listener._failed("decoding", error)
+        return float(listener.retry_interval)
+    if listener._failing is not None:
+        logger.warning("alkey's %s works again (%s answers)", what, listener._failing)
+        listener._failing = None
+    return 0.0 if found else float(listener.poll_interval)
+
+
+def _report(
+    listener: Any, what: str, error: BaseException, logger: logging.Logger, who: str, kept: str
+) -> None:
+    if listener._failing != what:
+        listener._failing = what
+        logger.warning(
+            "alkey's %s cannot go on: %s failed (%s: %s). Nothing is confirmed meanwhile: "
+            "%s, and are bumped once it answers (retrying every %gs).",
+            who,
+            what,
+            type(error).__name__,
+            redacted(str(error)),
+            kept,
+            listener.retry_interval,
+        )

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import random
@@ -1380,7 +1381,39 @@ def _build_parser(*, demo: bool = True) -> argparse.ArgumentParser:
         action="store_true",
         help="bump what the slot holds now, then exit (for a cron job, or a test)",
     )
+    listen.add_argument(
+        "--metadata",
+        metavar="MODULE:NAME",
+        help="the application's SQLAlchemy MetaData (myapp.models:Base.metadata): tables "
+        "and keys named as the application names them, mapped subclasses included",
+    )
+    listen.add_argument(
+        "--outbox",
+        action="store_true",
+        help="drain the trigger outbox (alkey install-triggers) instead of a slot: "
+        "no REPLICATION needed",
+    )
     listen.set_defaults(run=_listen)
+
+    triggers = command(
+        "install-triggers",
+        "record writes in an outbox by triggers, for alkey listen --outbox",
+        "Where logical decoding is not available (no REPLICATION privilege, wal_level\n"
+        "cannot be changed): creates an outbox table and, on each table that has a primary\n"
+        "key, triggers that record the keys of the rows written -- in the writing\n"
+        "transaction itself -- and NOTIFY. alkey listen --outbox drains it, and deletes what\n"
+        "it drained only once the bump reached Redis. Run it again after creating tables.\n"
+        "--uninstall drops the triggers, their function and the outbox.",
+    )
+    triggers.add_argument(
+        "database",
+        metavar="DATABASE_URL",
+        help="the database, as a SQLAlchemy or libpq URL (postgresql://owner@host/db)",
+    )
+    triggers.add_argument(
+        "--uninstall", action="store_true", help="drop the triggers, their function and the outbox"
+    )
+    triggers.set_defaults(run=_install_triggers)
     return parser
 
 
@@ -1401,17 +1434,51 @@ def _listen(args: argparse.Namespace, context: _Context) -> int:
     from sqlalchemy import exc as sqlalchemy_errors
     from sqlalchemy.engine import make_url
 
-    from alkey.cdc import ChangeListener
+    from alkey.cdc import ChangeListener, ListenerStoppedError
+    from alkey.outbox import OutboxListener
 
     url = _database_url(args.database)
+    listener: ChangeListener | OutboxListener
     try:
         where = make_url(url).render_as_string(hide_password=True)
-        listener = ChangeListener(
-            url, tokens=context.store(), slot=args.slot, publication=args.publication
-        )
-    except (ValueError, ImportError, sqlalchemy_errors.ArgumentError) as error:
+        metadata = _metadata(args.metadata) if args.metadata else None
+        if args.outbox:
+            listener = OutboxListener(url, tokens=context.store(), metadata=metadata)
+        else:
+            listener = ChangeListener(
+                url,
+                tokens=context.store(),
+                slot=args.slot,
+                publication=args.publication,
+                metadata=metadata,
+            )
+    except (ValueError, ImportError, AttributeError, sqlalchemy_errors.ArgumentError) as error:
         raise CommandError(EXIT_USAGE, redacted(str(error))) from None
+    # A listener runs for long: what goes wrong meanwhile is said on stderr, once.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("alkey: %(message)s"))
+    for name in ("alkey.cdc", "alkey.outbox"):
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        context.closers.append(functools.partial(logger.removeHandler, handler))
     try:
+        if isinstance(listener, OutboxListener):
+            _err(
+                f"draining the outbox of {where}, bumping tokens under "
+                f"{context.namespace!r} on {context.where}"
+                + ("" if args.once else "; press Ctrl-C to stop")
+            )
+            if args.once:
+                total = 0
+                while found := listener.drain():
+                    total += found
+                _out(f"bumped the tokens of {total} recorded write(s)")
+                return EXIT_OK
+            try:
+                listener.run(threading.Event())
+            except KeyboardInterrupt:
+                _err("alkey: stopped listening")
+            return EXIT_OK
         if args.drop_slot:
             listener.drop()
             _out(f"dropped slot {args.slot!r} and publication {args.publication!r} of {where}")
@@ -1434,6 +1501,8 @@ def _listen(args: argparse.Namespace, context: _Context) -> int:
         except KeyboardInterrupt:
             _err("alkey: stopped listening")
         return EXIT_OK
+    except ListenerStoppedError as error:
+        raise CommandError(EXIT_FAILED, f"the database {where}: {error}") from None
     except sqlalchemy_errors.DBAPIError as error:
         original = getattr(error, "orig", None) or error
         raise CommandError(
@@ -1441,6 +1510,57 @@ def _listen(args: argparse.Namespace, context: _Context) -> int:
         ) from None
     finally:
         listener.close()
+
+
+def _metadata(spec: str) -> Any:
+    """The object ``module:attribute.path`` names (``--metadata``)."""
+    import importlib
+
+    module, _, path = spec.partition(":")
+    if not module or not path:
+        raise ValueError(
+            f"--metadata {spec!r}: give it as module:name, e.g. myapp.models:Base.metadata"
+        )
+    found: Any = importlib.import_module(module)
+    for part in path.split("."):
+        found = getattr(found, part)
+    from sqlalchemy import MetaData
+
+    if not isinstance(found, MetaData):
+        raise ValueError(f"--metadata {spec!r} is a {type(found).__name__}, not a MetaData")
+    return found
+
+
+def _install_triggers(args: argparse.Namespace, context: _Context) -> int:
+    """``alkey install-triggers``: the trigger outbox, installed (or removed)."""
+    from sqlalchemy import exc as sqlalchemy_errors
+    from sqlalchemy.engine import make_url
+
+    from alkey.outbox import OutboxListener
+
+    url = _database_url(args.database)
+    try:
+        where = make_url(url).render_as_string(hide_password=True)
+        outbox = OutboxListener(url, tokens=context.store())
+    except (ValueError, ImportError, sqlalchemy_errors.ArgumentError) as error:
+        raise CommandError(EXIT_USAGE, redacted(str(error))) from None
+    try:
+        if args.uninstall:
+            outbox.uninstall()
+            _out(f"removed alkey's outbox, its triggers and their function from {where}")
+            return EXIT_OK
+        tables = outbox.install()
+        _out(f"installed alkey's outbox triggers on {len(tables)} table(s) of {where}")
+        for table in tables:
+            _out(f"  {table}")
+        return EXIT_OK
+    except sqlalchemy_errors.DBAPIError as error:
+        original = getattr(error, "orig", None) or error
+        raise CommandError(
+            EXIT_FAILED, f"the database {where}: {redacted(str(original)).strip()}"
+        ) from None
+    finally:
+        outbox.close()
 
 
 def _quiet_logging() -> None:
