@@ -2,10 +2,11 @@
 
 Why: :mod:`alkey.cdc` reads PostgreSQL's logical decoding, which needs
 ``wal_level = logical`` and a role with ``REPLICATION`` -- not every database grants
-them (some managed plans, a shared server, an ``ALTER SYSTEM`` nobody may run). Triggers need neither: each
-table gets one that, *in the writing transaction itself*, records the keys of the rows it
-writes in an outbox table, and notifies a channel. An :class:`OutboxListener` drains the outbox
-and bumps the same tokens :class:`alkey.cdc.ChangeListener` would::
+them (some managed plans, a shared server, an ``ALTER SYSTEM`` nobody may run).
+Triggers need neither: each table gets one that, *in the writing transaction itself*,
+records the keys of the rows it writes in an outbox table, and notifies a channel. An
+:class:`OutboxListener` drains the outbox and bumps the same tokens
+:class:`alkey.cdc.ChangeListener` would::
 
     outbox = OutboxListener("postgresql+psycopg://owner@db/app", metadata=Base.metadata)
     outbox.install()  # once: the outbox table, the trigger function, a trigger per table
