@@ -27,6 +27,7 @@ import pytest
 import redis
 from sqlalchemy import (
     DateTime,
+    ForeignKey,
     Integer,
     MetaData,
     Numeric,
@@ -35,7 +36,7 @@ from sqlalchemy import (
     create_engine,
     text,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 import alkey.cdc
 import alkey.client
@@ -88,6 +89,21 @@ class Note(Base):
     __table_args__ = {"schema": "audit"}  # noqa: RUF012
     code: Mapped[str] = mapped_column(String(10), primary_key=True)
     body: Mapped[str] = mapped_column(String(50))
+
+
+class Author(Base):
+    __tablename__ = "authors"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(50))
+
+
+class Book(Base):
+    """Its writes touch its author, as alkey's own writes of a book do."""
+
+    __tablename__ = "books"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    author_id: Mapped[int | None] = mapped_column(ForeignKey("authors.id"))
+    author: Mapped[Author | None] = relationship()
 
 
 @pytest.fixture(scope="module")
@@ -607,7 +623,7 @@ def test_install_triggers_and_listen_outbox_once_from_the_command_line(
         timeout=60,
     )
     assert installed.returncode == 0, installed.stderr
-    assert "installed alkey's outbox triggers on 4 table(s)" in installed.stdout
+    assert "installed alkey's outbox triggers on 6 table(s)" in installed.stdout
     before = store.fetch(["alkey:accounts#8"])
     raw(database, "INSERT INTO accounts VALUES (8, 'ada')")
     drained = subprocess.run(
@@ -764,3 +780,24 @@ def test_a_store_that_cannot_tell_a_kept_bump_from_a_sent_one_is_refused(databas
 
     with pytest.raises(ValueError, match="pass a RedisTokenStore"):
         ChangeListener(database, tokens=Plain())
+
+
+def test_an_outside_write_of_a_child_touches_its_parent_as_the_applications_write_does(
+    database: str, redis_client: RedisClient
+) -> None:
+    """With the application's models: a book inserted or moved by ``psql`` changes its
+    author's keys (the new author's precisely); a deleted one, whose author the log does
+    not carry, every author's."""
+    raw(database, "INSERT INTO authors VALUES (1, 'ada'), (2, 'grace')")
+    store = Recording(redis_client)
+    listener = listener_for(database, store)
+    raw(database, "INSERT INTO books VALUES (10, 1)")
+    bumped = bumped_by(listener, store)
+    assert {"alkey:books#10", "alkey:authors#1"} <= bumped
+    assert "alkey:authors#2" not in bumped
+    assert "alkey:authors#?" not in bumped
+    raw(database, "UPDATE books SET author_id = 2 WHERE id = 10")
+    bumped = bumped_by(listener, store)
+    assert "alkey:authors#2" in bumped, "the new author"
+    raw(database, "DELETE FROM books WHERE id = 10")
+    assert "alkey:authors#?" in bumped_by(listener, store), "every author: which is unknown"

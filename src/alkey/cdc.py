@@ -65,6 +65,7 @@ from sqlalchemy import exc as sqlalchemy_errors
 from sqlalchemy import table as table_clause
 from sqlalchemy.orm import configure_mappers
 
+from alkey import catalog
 from alkey.constants import (
     GLOBAL_WRITE_TOKEN,
     NAMESPACE,
@@ -74,6 +75,7 @@ from alkey.constants import (
 )
 from alkey.errors import TokenStoreError, redacted
 from alkey.identity import (
+    bulk_identifiers,
     encode_table,
     family_identifiers,
     row_identifier,
@@ -81,6 +83,7 @@ from alkey.identity import (
     table_write_identifiers,
 )
 from alkey.tokens import TokenStore
+from alkey.writes import _parents_of_table, _touched_parents
 
 __all__ = [
     "ROWS_PER_TABLE",
@@ -355,7 +358,32 @@ class Naming:
             part = encode_table(target)
             everything = frozenset(table_write_identifiers([part]))
             unknown_rows = f"{NAMESPACE}:{part}{ROW_SEPARATOR}{UNKNOWN_ROWS}"
-            plan = _Plan(target, key, readers, everything - {unknown_rows}, everything)
+            # The rows the application's mappers touch through many-to-one relationships
+            # (and an association table's sides): every row of them, when unknown.
+            every_parent = frozenset(_parents_of_table(part))
+            parents = []
+            for mapper in catalog.mappers_of(part):
+                for relationship in _touched_parents(mapper):
+                    parent = relationship.mapper
+                    by_remote = {remote: local for local, remote in relationship.local_remote_pairs}
+                    found: tuple[list[int], list[Callable[[str], Any]]] | None = None
+                    if set(by_remote) == set(parent.primary_key):
+                        columns = [by_remote[column].name for column in parent.primary_key]
+                        if set(columns) <= positions.keys():
+                            at = [positions[column] for column in columns]
+                            read = [_READERS.get(relation.columns[i].type_oid) for i in at]
+                            if all(read):
+                                found = (at, read)  # type: ignore[assignment]
+                    parents.append(_Parent(parent, found))
+            plan = _Plan(
+                target,
+                key,
+                readers,
+                everything - {unknown_rows},
+                everything | every_parent,
+                tuple(parents),
+                every_parent if catalog.association_sides(part) else frozenset(),
+            )
             self._plans[relation] = plan
         return plan
 
@@ -378,9 +406,11 @@ class Naming:
             if isinstance(target, Table)
             else [row_identifier(target, *values)]
         )
-        identifiers = set(plan.tables)
+        identifiers = set(plan.tables) | plan.sides
         for identifier in rows:
             identifiers |= family_identifiers(identifier)
+        for parent in plan.parents:
+            identifiers |= parent.of(row)
         return frozenset(identifiers)
 
 
@@ -395,8 +425,41 @@ class _Plan(NamedTuple):
     readers: list[Callable[[str], Any] | None]
     #: The table tokens a change to a known row bumps (and the global one).
     tables: frozenset[str]
-    #: What a change to unknown rows bumps: also the unknown-rows token.
+    #: What a change to unknown rows bumps: also the unknown-rows token, and every row
+    #: of the tables whose rows the application's writes of this table touch.
     every_row: frozenset[str]
+    #: The parents a row references many-to-one, as the application's mappers say.
+    parents: tuple[_Parent, ...] = ()
+    #: For an association table, every row of both sides (as a raw SQL write of one).
+    sides: frozenset[str] = frozenset()
+
+
+class _Parent(NamedTuple):
+    """A many-to-one relationship whose parent a change to a row touches, as the
+    application's own write of that row does (``alkey_touch`` opts out, as there)."""
+
+    #: The parent's mapper.
+    mapper: Any
+    #: Where the foreign key's values are in a row, in the parent's key order, and how
+    #: each is read; ``None`` when it cannot be read (then every row of the parent).
+    key: tuple[list[int], list[Callable[[str], Any]]] | None
+
+    def of(self, row: list[str | None]) -> set[str]:
+        """The parent rows ``row`` references: the one its foreign key names, or every
+        row of the parent when the key is not in the row (an old row's replica identity
+        alone, a NULL -- which cannot be told apart in the log -- or a value this cannot
+        read)."""
+        if self.key is not None:
+            at, readers = self.key
+            texts = [row[i] if i < len(row) else None for i in at]
+            if None not in texts:
+                try:
+                    values = tuple(read(t) for t, read in zip(texts, readers, strict=True))  # type: ignore[arg-type]
+                except (ValueError, TypeError, decimal.InvalidOperation):
+                    pass
+                else:
+                    return bulk_identifiers(self.mapper, [values])
+        return bulk_identifiers(self.mapper, None)
 
 
 # -- the listener ------------------------------------------------------------------------------
