@@ -801,3 +801,24 @@ def test_an_outside_write_of_a_child_touches_its_parent_as_the_applications_writ
     assert "alkey:authors#2" in bumped, "the new author"
     raw(database, "DELETE FROM books WHERE id = 10")
     assert "alkey:authors#?" in bumped_by(listener, store), "every author: which is unknown"
+
+
+def test_a_tenants_copy_of_a_mapped_table_is_named_as_the_applications_tenant_writes_name_it(
+    database: str, redis_client: RedisClient
+) -> None:
+    """A schema per tenant (``schema_translate_map``): the tenant's rows and table keep
+    their own tokens, and the mapped table's token changes too, as with the
+    application's own tenant writes."""
+    raw(database, "DROP SCHEMA IF EXISTS tenant_a CASCADE")
+    raw(database, "CREATE SCHEMA tenant_a")
+    raw(database, "CREATE TABLE tenant_a.accounts (id int PRIMARY KEY, name text)")
+    store = Recording(redis_client)
+    listener = listener_for(database, store)
+    raw(database, "INSERT INTO tenant_a.accounts VALUES (1, 'ada')")
+    assert bumped_by(listener, store) == {
+        "alkey:tenant_a.accounts#1",
+        "alkey:tenant_a.accounts#*",
+        "alkey:accounts#*",
+        "alkey:*#*",
+    }
+    raw(database, "DROP SCHEMA tenant_a CASCADE")

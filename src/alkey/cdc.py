@@ -75,11 +75,13 @@ from alkey.constants import (
 )
 from alkey.errors import TokenStoreError, redacted
 from alkey.identity import (
+    _coercer,
     bulk_identifiers,
     encode_table,
     family_identifiers,
     row_identifier,
     row_identifiers,
+    table_identifier,
     table_write_identifiers,
 )
 from alkey.tokens import TokenStore
@@ -342,13 +344,23 @@ class Naming:
         plan = self._plans.get(relation)
         if plan is None:
             table = self._tables.get((relation.schema, relation.name))
+            # A tenant's copy of a mapped table (schema_translate_map): spelled with the
+            # tenant's schema, typed by the mapped table, which has a token of its own.
+            mapped = None
+            if table is None and relation.schema != self.default_schema:
+                mapped = self._tables.get((self.default_schema, relation.name))
+                if mapped is not None and mapped.schema is not None:
+                    mapped = None  # a Table naming its schema is no tenant's template
             positions = {column.name: index for index, column in enumerate(relation.columns)}
             names: Sequence[str]
+            coercers: list[Callable[[Any], Any] | None] = []
             if table is not None and all(c.name in positions for c in table.primary_key):
                 names = [column.name for column in table.primary_key]
                 target: Any = table
             else:
                 names = relation.primary_key or [c.name for c in relation.columns if c.key]
+                if mapped is not None and [c.name for c in mapped.primary_key] == list(names):
+                    coercers = [_coercer(column) for column in mapped.primary_key]
                 schema = None if relation.schema == self.default_schema else relation.schema
                 target = table_clause(relation.name, schema=schema)
             key = [positions[name] for name in names] if set(names) <= positions.keys() else []
@@ -357,6 +369,8 @@ class Naming:
                 key, readers = [], []  # a type this cannot read: every row, safely
             part = encode_table(target)
             everything = frozenset(table_write_identifiers([part]))
+            if mapped is not None:
+                everything |= {table_identifier(mapped)}
             unknown_rows = f"{NAMESPACE}:{part}{ROW_SEPARATOR}{UNKNOWN_ROWS}"
             # The rows the application's mappers touch through many-to-one relationships
             # (and an association table's sides): every row of them, when unknown.
@@ -383,6 +397,7 @@ class Naming:
                 everything | every_parent,
                 tuple(parents),
                 every_parent if catalog.association_sides(part) else frozenset(),
+                tuple(coercers),
             )
             self._plans[relation] = plan
         return plan
@@ -400,6 +415,11 @@ class Naming:
             values = [read(value) for value, read in zip(texts, plan.readers, strict=True)]  # type: ignore[misc,arg-type]
         except (ValueError, TypeError, decimal.InvalidOperation):
             return plan.every_row  # a key of a text this cannot read: every row, safely
+        if plan.coercers:
+            values = [
+                value if coerce is None else coerce(value)
+                for coerce, value in zip(plan.coercers, values, strict=True)
+            ]
         target = plan.target
         rows = (
             row_identifiers(target, values)
@@ -432,6 +452,8 @@ class _Plan(NamedTuple):
     parents: tuple[_Parent, ...] = ()
     #: For an association table, every row of both sides (as a raw SQL write of one).
     sides: frozenset[str] = frozenset()
+    #: For a tenant's copy of a mapped table: how its mapped table types each key value.
+    coercers: tuple[Callable[[Any], Any] | None, ...] = ()
 
 
 class _Parent(NamedTuple):
