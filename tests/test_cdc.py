@@ -785,9 +785,9 @@ def test_a_store_that_cannot_tell_a_kept_bump_from_a_sent_one_is_refused(databas
 def test_an_outside_write_of_a_child_touches_its_parent_as_the_applications_write_does(
     database: str, redis_client: RedisClient
 ) -> None:
-    """With the application's models: a book inserted or moved by ``psql`` changes its
-    author's keys (the new author's precisely); a deleted one, whose author the log does
-    not carry, every author's."""
+    """With the application's models: a book inserted by ``psql`` changes its author's
+    keys; one moved or deleted, whose old author the log does not carry (unless the table
+    logs old rows whole), every author's."""
     raw(database, "INSERT INTO authors VALUES (1, 'ada'), (2, 'grace')")
     store = Recording(redis_client)
     listener = listener_for(database, store)
@@ -798,7 +798,13 @@ def test_an_outside_write_of_a_child_touches_its_parent_as_the_applications_writ
     assert "alkey:authors#?" not in bumped
     raw(database, "UPDATE books SET author_id = 2 WHERE id = 10")
     bumped = bumped_by(listener, store)
-    assert "alkey:authors#2" in bumped, "the new author"
+    assert "alkey:authors#?" in bumped, "the old author, which the log does not name: all"
+    raw(database, "ALTER TABLE books REPLICA IDENTITY FULL")  # old rows logged whole
+    raw(database, "UPDATE books SET author_id = 1 WHERE id = 10")
+    bumped = bumped_by(listener, store)
+    assert {"alkey:authors#1", "alkey:authors#2"} <= bumped, "the old and the new author"
+    assert "alkey:authors#?" not in bumped
+    raw(database, "ALTER TABLE books REPLICA IDENTITY DEFAULT")
     raw(database, "DELETE FROM books WHERE id = 10")
     assert "alkey:authors#?" in bumped_by(listener, store), "every author: which is unknown"
 
@@ -822,3 +828,27 @@ def test_a_tenants_copy_of_a_mapped_table_is_named_as_the_applications_tenant_wr
         "alkey:*#*",
     }
     raw(database, "DROP SCHEMA tenant_a CASCADE")
+
+
+def test_a_writer_with_no_privilege_on_the_outbox_writes_and_its_write_is_recorded(
+    database: str, store: RedisTokenStore
+) -> None:
+    """The trigger function runs as its owner with a fixed search path: a writer role
+    that may only insert into its table, with a search path of its own, is recorded."""
+    outbox = outbox_for(database, store)
+    raw(database, "DROP ROLE IF EXISTS plain_writer")
+    raw(database, "CREATE ROLE plain_writer LOGIN")
+    raw(database, "GRANT INSERT ON accounts TO plain_writer")
+    try:
+        as_writer = database.replace("postgres@", "plain_writer@").replace(
+            "postgresql+psycopg://", "postgresql://"
+        )
+        with psycopg.connect(as_writer, autocommit=True) as connection:
+            connection.execute("SET search_path = pg_catalog")
+            connection.execute("INSERT INTO public.accounts VALUES (21, 'ada')")
+        before = store.fetch(["alkey:accounts#21"])
+        assert drain(outbox) == 1
+        assert store.fetch(["alkey:accounts#21"]) != before
+    finally:
+        raw(database, "REVOKE ALL ON accounts FROM plain_writer")
+        raw(database, "DROP ROLE plain_writer")

@@ -199,7 +199,7 @@ ROWS_PER_TABLE = 10_000
 def decode(
     messages: Iterable[tuple[str, bytes]],
     relations: dict[int, Relation],
-    naming: Callable[[Relation, list[str | None] | None], Iterable[str]],
+    naming: Callable[..., Iterable[str]],
     describe: Callable[[int, Relation], Relation] | None = None,
 ) -> Iterator[Transaction]:
     """The committed transactions in ``messages`` -- ``(lsn, pgoutput message)`` pairs, as
@@ -207,11 +207,13 @@ def decode(
     writes invalidate.
 
     ``relations`` collects the tables the messages describe (a ``Relation`` message comes
-    before a table's first change in each decoding session); ``naming(relation, key)``
-    gives the identifiers of a change to a row of ``relation`` whose replica-identity
-    values (the whole row, in column order) are ``key``, or, with ``None``, of the table
-    alone (``TRUNCATE``). ``describe(relid, relation)`` may complete a relation from the
-    catalog (its primary key) as it is read. A transaction cut off at the end of
+    before a table's first change in each decoding session); ``naming(relation, row)``
+    gives the identifiers of a change to a row of ``relation`` whose values (a whole row,
+    in column order; an old row's are its replica identity's alone) are ``row``, or, with
+    ``None``, of the table's every row (``TRUNCATE``); ``old_unknown=True`` says an
+    update logged no old row (its foreign keys may have moved).
+    ``describe(relid, relation)`` may complete a relation from the catalog (its primary
+    key) as it is read. A transaction cut off at the end of
     ``messages`` is not yielded. Past :data:`ROWS_PER_TABLE` rows of one table, a
     transaction names that table's every row instead.
     """
@@ -252,9 +254,17 @@ def decode(
                 if seen == ROWS_PER_TABLE + 1:
                     identifiers.update(naming(relation, None))
                 continue
+            first = True
             while reader.at < len(message):
                 marker = reader.byte()  # 'K' old key, 'O' old row, 'N' new row
-                identifiers.update(naming(relation, reader.tuple()))
+                row = reader.tuple()
+                if kind == b"U" and first and marker == ord("N"):
+                    # No old row logged: its foreign keys may have moved from parents
+                    # the log does not name.
+                    identifiers.update(naming(relation, row, old_unknown=True))
+                else:
+                    identifiers.update(naming(relation, row))
+                first = False
                 if marker == ord("N"):
                     break
         elif kind == b"T":
@@ -402,7 +412,12 @@ class Naming:
             self._plans[relation] = plan
         return plan
 
-    def __call__(self, relation: Relation, row: list[str | None] | None) -> frozenset[str]:
+    def __call__(
+        self, relation: Relation, row: list[str | None] | None, *, old_unknown: bool = False
+    ) -> frozenset[str]:
+        """What a change to ``row`` of ``relation`` invalidates (``None``: every row);
+        ``old_unknown``: an update whose old row was not logged, so every row of each
+        parent table (the row may have left any of them)."""
         plan = self._plan(relation)
         if row is None or not plan.key:
             return plan.every_row
@@ -430,7 +445,7 @@ class Naming:
         for identifier in rows:
             identifiers |= family_identifiers(identifier)
         for parent in plan.parents:
-            identifiers |= parent.of(row)
+            identifiers |= parent.of(None if old_unknown else row)
         return frozenset(identifiers)
 
 
@@ -466,12 +481,12 @@ class _Parent(NamedTuple):
     #: each is read; ``None`` when it cannot be read (then every row of the parent).
     key: tuple[list[int], list[Callable[[str], Any]]] | None
 
-    def of(self, row: list[str | None]) -> set[str]:
+    def of(self, row: list[str | None] | None) -> set[str]:
         """The parent rows ``row`` references: the one its foreign key names, or every
         row of the parent when the key is not in the row (an old row's replica identity
         alone, a NULL -- which cannot be told apart in the log -- or a value this cannot
         read)."""
-        if self.key is not None:
+        if self.key is not None and row is not None:
             at, readers = self.key
             texts = [row[i] if i < len(row) else None for i in at]
             if None not in texts:
@@ -493,6 +508,7 @@ _FATAL = {
     "42704": "the slot or the publication does not exist",  # undefined_object
     "55000": "the slot can no longer give its changes (invalidated)",  # not in prerequisite
     "42501": "the role lacks a privilege",  # insufficient_privilege
+    "42P01": "a table it reads does not exist (is the outbox installed?)",  # undefined_table
 }
 
 
@@ -572,12 +588,22 @@ class ChangeListener:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _connect(self) -> Any:
-        connection = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-        if not self._own_engine:  # an engine of ours sets these as it connects
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[Any]:
+        """A connection in autocommit with :data:`_SESSION`'s settings (an engine of the
+        caller's gets them for the while, and its own back after)."""
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+            if self._own_engine:  # an engine of ours sets them as it connects
+                yield connection
+                return
             for name, value in _SESSION:
                 connection.exec_driver_sql(f"SET {name} = '{value}'")
-        return connection
+            try:
+                yield connection
+            finally:
+                with contextlib.suppress(Exception):
+                    for name, _ in _SESSION:
+                        connection.exec_driver_sql(f"RESET {name}")
 
     # -- set-up ------------------------------------------------------------------------------
 
@@ -651,11 +677,17 @@ class ChangeListener:
                     f"CREATE PUBLICATION {self.publication}{listing} "
                     "WITH (publish_via_partition_root = true)"
                 )
-            elif new:
+            else:
                 connection.exec_driver_sql(
-                    f"ALTER PUBLICATION {self.publication} ADD TABLE "
-                    + ", ".join(names[o] for o in new)
+                    f"ALTER PUBLICATION {self.publication} SET (publish_via_partition_root = true)"
                 )
+                if new:
+                    connection.exec_driver_sql(
+                        f"ALTER PUBLICATION {self.publication} ADD TABLE "
+                        + ", ".join(names[o] for o in new)
+                    )
+                    # Written since they were created, in no publication: every row.
+                    self._bump(self._every_row_of(connection, new))
             slot = connection.execute(
                 text("SELECT 1 FROM pg_replication_slots WHERE slot_name = :name"),
                 {"name": self.slot},
@@ -673,6 +705,20 @@ class ChangeListener:
                     )
                     raise
         return sorted(names[o].replace('"', "") for o in {*oids, *published})
+
+    def _every_row_of(self, connection: Any, oids: Iterable[int]) -> set[str]:
+        """What a write to unknown rows of each of the tables ``oids`` invalidates."""
+        identifiers: set[str] = set()
+        for schema, name in connection.execute(
+            text(
+                "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n "
+                "ON n.oid = c.relnamespace WHERE c.oid = ANY(:oids)"
+            ),
+            {"oids": list(oids)},
+        ):
+            relation = Relation(schema, name, ())
+            identifiers |= self.naming(relation, None)
+        return identifiers
 
     def drop(self) -> None:
         """Drop the slot and the publication, if they exist: PostgreSQL then stops keeping
@@ -702,7 +748,9 @@ class ChangeListener:
         SQLAlchemy's errors when the database did not answer.
         """
         with self._connect() as connection:
-            end = connection.execute(text("SELECT pg_current_wal_lsn()::text")).scalar_one()
+            # Decoding reads the log up to where it is flushed, not written: a commit
+            # written but not yet flushed must not be passed over by the advance below.
+            end = connection.execute(text("SELECT pg_current_wal_flush_lsn()::text")).scalar_one()
             rows = connection.execute(
                 text(
                     "SELECT lsn::text, data FROM pg_logical_slot_peek_binary_changes("
@@ -826,7 +874,8 @@ def _engine(database: str | Engine, what: str) -> tuple[Engine, bool]:
         own = True
     if engine.dialect.name != "postgresql":
         raise ValueError(
-            f"{what} reads PostgreSQL's changes; {database!r} is {engine.dialect.name}"
+            f"{what} reads PostgreSQL's changes; "
+            f"{engine.url.render_as_string(hide_password=True)!r} is {engine.dialect.name}"
         )
     return engine, own
 
@@ -838,6 +887,11 @@ def _checked_store(tokens: TokenStore | None) -> TokenStore:
         from alkey.client import default_store
 
         tokens = default_store()
+    if callable(getattr(tokens, "abump", None)):
+        raise ValueError(
+            f"{tokens!r} bumps through asyncio, which a listener's worker thread cannot: "
+            "pass a synchronous RedisTokenStore (arun() runs each poll in a thread)"
+        )
     if not isinstance(getattr(tokens, "pending", None), frozenset):
         raise ValueError(
             f"{tokens!r} cannot tell a bump Redis took from one it kept for replay, so a "

@@ -1437,6 +1437,12 @@ def _listen(args: argparse.Namespace, context: _Context) -> int:
     from alkey.cdc import ChangeListener, ListenerStoppedError
     from alkey.outbox import OutboxListener
 
+    if args.outbox and args.drop_slot:
+        raise CommandError(
+            EXIT_USAGE,
+            "--drop-slot drops a slot, which --outbox does not use: remove the outbox "
+            "with alkey install-triggers --uninstall",
+        )
     url = _database_url(args.database)
     listener: ChangeListener | OutboxListener
     try:

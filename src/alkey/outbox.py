@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from sqlalchemy import Engine, MetaData, text
@@ -63,25 +63,34 @@ _FUNCTION = "alkey_outbox_capture"
 _TRIGGER = "alkey_outbox"
 _TRUNCATE_TRIGGER = "alkey_outbox_truncate"
 
-_INSTALL = (
-    f"""
-CREATE TABLE IF NOT EXISTS {OUTBOX} (
+
+def _install_statements(schema: str) -> tuple[str, ...]:
+    """The outbox table and the trigger function, in ``schema`` (quoted).
+
+    The function runs with its owner's rights (``SECURITY DEFINER``) and a fixed
+    ``search_path``: a writer needs no privilege on the outbox, and no ``search_path``
+    of a writer's can send its rows elsewhere."""
+    outbox = f"{schema}.{OUTBOX}"
+    return (
+        f"""
+CREATE TABLE IF NOT EXISTS {outbox} (
     id bigserial PRIMARY KEY,
     table_oid oid NOT NULL,
     key text[]
 )""",
-    f"""
-CREATE OR REPLACE FUNCTION {_FUNCTION}() RETURNS trigger LANGUAGE plpgsql AS $$
+        f"""
+CREATE OR REPLACE FUNCTION {schema}.{_FUNCTION}() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF TG_OP = 'TRUNCATE' THEN
-        INSERT INTO {OUTBOX} (table_oid, key) VALUES (TG_RELID, NULL);
+        INSERT INTO {outbox} (table_oid, key) VALUES (TG_RELID, NULL);
     ELSE
         IF TG_OP IN ('UPDATE', 'DELETE') THEN
-            INSERT INTO {OUTBOX} (table_oid, key) VALUES (TG_RELID,
+            INSERT INTO {outbox} (table_oid, key) VALUES (TG_RELID,
                 ARRAY(SELECT to_jsonb(OLD) ->> name FROM unnest(TG_ARGV) AS name));
         END IF;
         IF TG_OP IN ('INSERT', 'UPDATE') THEN
-            INSERT INTO {OUTBOX} (table_oid, key) VALUES (TG_RELID,
+            INSERT INTO {outbox} (table_oid, key) VALUES (TG_RELID,
                 ARRAY(SELECT to_jsonb(NEW) ->> name FROM unnest(TG_ARGV) AS name));
         END IF;
     END IF;
@@ -89,7 +98,7 @@ BEGIN
     RETURN NULL;
 END
 $$""",
-)
+    )
 
 
 class OutboxListener:
@@ -148,8 +157,9 @@ class OutboxListener:
         them. ``tables`` (``"name"`` or ``"schema.name"``): those, else every table with
         a primary key outside PostgreSQL's own schemas."""
         installed = []
-        with self.engine.begin() as connection:
-            for statement in _INSTALL:
+        with self._transaction() as connection:
+            schema = self._schema(connection)
+            for statement in _install_statements(schema):
                 connection.exec_driver_sql(statement)
             keyed = connection.execute(
                 text(
@@ -168,7 +178,8 @@ class OutboxListener:
                 ),
                 {"outbox": OUTBOX},
             ).all()
-            wanted = None if tables is None else {_plain(name) for name in tables}
+            default = self.naming.default_schema
+            wanted = None if tables is None else {_plain(name, default) for name in tables}
             for _, quoted, plain, key in keyed:
                 if wanted is not None and plain not in wanted:
                     continue
@@ -176,14 +187,14 @@ class OutboxListener:
                 connection.exec_driver_sql(f"DROP TRIGGER IF EXISTS {_TRIGGER} ON {quoted}")
                 connection.exec_driver_sql(
                     f"CREATE TRIGGER {_TRIGGER} AFTER INSERT OR UPDATE OR DELETE ON {quoted} "
-                    f"FOR EACH ROW EXECUTE FUNCTION {_FUNCTION}({arguments})"
+                    f"FOR EACH ROW EXECUTE FUNCTION {schema}.{_FUNCTION}({arguments})"
                 )
                 connection.exec_driver_sql(
                     f"DROP TRIGGER IF EXISTS {_TRUNCATE_TRIGGER} ON {quoted}"
                 )
                 connection.exec_driver_sql(
                     f"CREATE TRIGGER {_TRUNCATE_TRIGGER} AFTER TRUNCATE ON {quoted} "
-                    f"FOR EACH STATEMENT EXECUTE FUNCTION {_FUNCTION}()"
+                    f"FOR EACH STATEMENT EXECUTE FUNCTION {schema}.{_FUNCTION}()"
                 )
                 installed.append(plain)
         return installed
@@ -191,9 +202,10 @@ class OutboxListener:
     def uninstall(self) -> None:
         """Drop every table's triggers, the function and the outbox (with what it holds:
         drain it first)."""
-        with self.engine.begin() as connection:
-            connection.exec_driver_sql(f"DROP FUNCTION IF EXISTS {_FUNCTION}() CASCADE")
-            connection.exec_driver_sql(f"DROP TABLE IF EXISTS {OUTBOX}")
+        with self._transaction() as connection:
+            schema = self._schema(connection)
+            connection.exec_driver_sql(f"DROP FUNCTION IF EXISTS {schema}.{_FUNCTION}() CASCADE")
+            connection.exec_driver_sql(f"DROP TABLE IF EXISTS {schema}.{OUTBOX}")
 
     # -- draining ----------------------------------------------------------------------------
 
@@ -206,10 +218,11 @@ class OutboxListener:
         bump (the rows stay for the next drain), and SQLAlchemy's errors when the database
         did not answer.
         """
-        with self.engine.begin() as connection:
+        with self._transaction() as connection:
+            outbox = f"{self._schema(connection)}.{OUTBOX}"
             rows = connection.execute(
                 text(
-                    f"DELETE FROM {OUTBOX} WHERE id IN (SELECT id FROM {OUTBOX} ORDER BY id "
+                    f"DELETE FROM {outbox} WHERE id IN (SELECT id FROM {outbox} ORDER BY id "
                     "LIMIT :batch FOR UPDATE SKIP LOCKED) RETURNING table_oid, key"
                 ),
                 {"batch": self.batch},
@@ -224,6 +237,21 @@ class OutboxListener:
                 identifiers |= self.naming(relation, None if key is None else list(key))
             _bump_taken(self.tokens, identifiers, "the outbox keeps its rows")
         return len(rows)
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[Any]:
+        """A transaction -- even on an engine of the caller's in autocommit, where a
+        drain's DELETE would otherwise commit before its bump."""
+        with (
+            self.engine.connect().execution_options(isolation_level="READ COMMITTED") as connection,
+            connection.begin(),
+        ):
+            yield connection
+
+    def _schema(self, connection: Any) -> str:
+        """The outbox's schema, quoted: ``default_schema``."""
+        quoted: str = connection.dialect.identifier_preparer.quote(self.naming.default_schema)
+        return quoted
 
     def _relation(self, connection: Any, table_oid: int) -> Relation | None:
         """The table of ``table_oid`` as :class:`~alkey.cdc.Naming` reads it: its key's
@@ -303,7 +331,8 @@ class OutboxListener:
             self._wakeups = False
             self.close_waiter()
             threading.Event().wait(seconds)
-        except Exception:  # psycopg missing, the database away: the next round says so
+        except Exception:  # psycopg missing, the database away: the drains say so
+            self._wakeups = False  # and pauses are plain from now on, no reconnecting
             self.close_waiter()
             threading.Event().wait(seconds)
 
@@ -318,8 +347,8 @@ class OutboxListener:
         _report(self, what, error, log, "outbox listener", "the outbox keeps its rows")
 
 
-def _plain(name: str) -> str:
-    return name if "." in name else f"public.{name}"
+def _plain(name: str, schema: str) -> str:
+    return name if "." in name else f"{schema}.{name}"
 
 
 def _literal(value: str) -> str:
