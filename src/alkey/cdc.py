@@ -739,18 +739,27 @@ class ChangeListener:
         """Read what the slot holds, bump the committed transactions' tokens, and confirm
         them; the number of transactions bumped (0: nothing new).
 
-        Reads up to the current end of the log; when it read all of it, the slot is moved
-        to that end even if nothing there was published (other tables, other databases),
-        or PostgreSQL would keep that log, and decode it again on every poll.
+        Reads up to the flushed end of the log; when it read all of it and everything
+        written is flushed, the slot is moved to that end even if nothing there was
+        published (other tables, other databases), or PostgreSQL would keep that log, and
+        decode it again on every poll.
 
         Raises alkey's :class:`~alkey.errors.TokenStoreError` when Redis did not take the
         bump -- nothing is confirmed then, and the next poll tries again -- and
         SQLAlchemy's errors when the database did not answer.
         """
         with self._connect() as connection:
-            # Decoding reads the log up to where it is flushed, not written: a commit
-            # written but not yet flushed must not be passed over by the advance below.
-            end = connection.execute(text("SELECT pg_current_wal_flush_lsn()::text")).scalar_one()
+            # Decoding reads the log up to where it is flushed (`end`). The slot may be
+            # moved past everything read only to a record's boundary that is flushed: the
+            # insert position when it is (a commit record cut by the flush point would
+            # otherwise be passed over when it is decoded later, its start being behind).
+            end, boundary = connection.execute(
+                text(
+                    "SELECT f::text, CASE WHEN i <= f THEN i::text END FROM "
+                    "(SELECT pg_current_wal_insert_lsn() AS i, "
+                    "pg_current_wal_flush_lsn() AS f) AS here"
+                )
+            ).one()
             rows = connection.execute(
                 text(
                     "SELECT lsn::text, data FROM pg_logical_slot_peek_binary_changes("
@@ -782,8 +791,9 @@ class ChangeListener:
                 identifiers |= transaction.identifiers
             if identifiers:
                 self._bump(identifiers)
-            # Everything up to `end` was read unless the batch filled up.
-            confirm = end if len(rows) < self.batch else None
+            # Everything up to `end` was read unless the batch filled up; past the last
+            # commit read, only to a flushed record boundary.
+            confirm = boundary if len(rows) < self.batch else None
             if confirm is None and transactions:
                 confirm = transactions[-1].end
             if confirm is not None and confirm != self._advanced:
