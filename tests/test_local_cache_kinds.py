@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import warnings
 from collections.abc import Iterator
 
 import pytest
@@ -432,7 +433,13 @@ def test_a_cluster_store_left_behind_ends_its_listeners_and_lets_its_cache_go() 
         client.close()
         del store, client
         deadline = time.monotonic() + 3
-        while cache() is not None or any(thread.is_alive() for thread in mine):
-            assert time.monotonic() < deadline, "the cluster store or its listeners lived on"
-            gc.collect()
-            time.sleep(0.05)
+        # Left behind unclosed on purpose: the collector may meet a connection of a
+        # listener before the listener closed it, and says so (with redis-py's
+        # pure-Python parser, as on Python 3.13 without hiredis). What is tested is that
+        # the store, its cache and its threads go.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            while cache() is not None or any(thread.is_alive() for thread in mine):
+                assert time.monotonic() < deadline, "the cluster store or its listeners lived on"
+                gc.collect()
+                time.sleep(0.05)
