@@ -852,12 +852,7 @@ class ChangeListener:
         database and Redis calls block), the pauses on the loop, until ``stop`` is set or
         the task is cancelled. ``tokens`` must then be a synchronous store (the default
         one is)."""
-        stop = stop if stop is not None else asyncio.Event()
-        while not stop.is_set():
-            pause = await asyncio.to_thread(self._round)
-            if pause:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(stop.wait(), pause)
+        await _arun(self._round, stop)
 
     def _round(self) -> float:
         """One poll; how long to pause before the next (0: there may be more now)."""
@@ -921,6 +916,17 @@ def _bump_taken(tokens: TokenStore, identifiers: set[str], unconfirmed: str) -> 
             f"Redis did not take the bump of {len(identifiers)} token(s) (kept for replay "
             f"by the store): {unconfirmed}"
         )
+
+
+async def _arun(round_: Callable[[], float], stop: asyncio.Event | None) -> None:
+    """Run ``round_`` (a listener's one step, which blocks) in a worker thread until
+    ``stop`` is set, pausing on the loop for as long as each round says."""
+    stop = stop if stop is not None else asyncio.Event()
+    while not stop.is_set():
+        pause = await asyncio.to_thread(round_)
+        if pause:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), pause)
 
 
 def _round(listener: Any, step: Callable[[], int], logger: logging.Logger, what: str) -> float:

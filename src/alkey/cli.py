@@ -1474,17 +1474,7 @@ def _listen(args: argparse.Namespace, context: _Context) -> int:
                 f"{context.namespace!r} on {context.where}"
                 + ("" if args.once else "; press Ctrl-C to stop")
             )
-            if args.once:
-                total = 0
-                while found := listener.drain():
-                    total += found
-                _out(f"bumped the tokens of {total} recorded write(s)")
-                return EXIT_OK
-            try:
-                listener.run(threading.Event())
-            except KeyboardInterrupt:
-                _err("alkey: stopped listening")
-            return EXIT_OK
+            return _keep_listening(listener.drain, listener.run, args.once, "recorded write(s)")
         if args.drop_slot:
             listener.drop()
             _out(f"dropped slot {args.slot!r} and publication {args.publication!r} of {where}")
@@ -1495,18 +1485,7 @@ def _listen(args: argparse.Namespace, context: _Context) -> int:
             f"bumping tokens under {context.namespace!r} on {context.where}"
             + ("" if args.once else "; press Ctrl-C to stop")
         )
-        if args.once:
-            total = 0
-            while found := listener.poll():
-                total += found
-            _out(f"bumped the tokens of {total} transaction(s)")
-            return EXIT_OK
-        stop = threading.Event()
-        try:
-            listener.run(stop)
-        except KeyboardInterrupt:
-            _err("alkey: stopped listening")
-        return EXIT_OK
+        return _keep_listening(listener.poll, listener.run, args.once, "transaction(s)")
     except ListenerStoppedError as error:
         raise CommandError(EXIT_FAILED, f"the database {where}: {error}") from None
     except sqlalchemy_errors.DBAPIError as error:
@@ -1516,6 +1495,24 @@ def _listen(args: argparse.Namespace, context: _Context) -> int:
         ) from None
     finally:
         listener.close()
+
+
+def _keep_listening(
+    step: Callable[[], int], run: Callable[[threading.Event], None], once: bool, what: str
+) -> int:
+    """``--once``: ``step`` until it finds nothing, then the total of ``what``; else
+    ``run`` until Ctrl-C."""
+    if once:
+        total = 0
+        while found := step():
+            total += found
+        _out(f"bumped the tokens of {total} {what}")
+        return EXIT_OK
+    try:
+        run(threading.Event())
+    except KeyboardInterrupt:
+        _err("alkey: stopped listening")
+    return EXIT_OK
 
 
 def _metadata(spec: str) -> Any:

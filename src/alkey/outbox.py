@@ -41,6 +41,7 @@ from alkey.cdc import (
     Column,
     Naming,
     Relation,
+    _arun,
     _bump_taken,
     _checked_store,
     _engine,
@@ -300,12 +301,7 @@ class OutboxListener:
     async def arun(self, stop: asyncio.Event | None = None) -> None:
         """:meth:`run` for an asyncio application: each drain runs in a worker thread,
         the pauses on the loop (``poll_interval``; no ``NOTIFY`` wake-up here)."""
-        stop = stop if stop is not None else asyncio.Event()
-        while not stop.is_set():
-            pause = await asyncio.to_thread(self._round)
-            if pause:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(stop.wait(), pause)
+        await _arun(self._round, stop)
 
     def _round(self) -> float:
         """One drain; how long to pause before the next (0: there may be more now)."""
