@@ -288,15 +288,22 @@ class OutageLedger:
         if first:
             self.events.pool_exhausted(action=action, error=error, pending=pending)
 
-    def succeeded(self, replayed: Replay) -> None:
+    def succeeded(self, replayed: Replay) -> int:
         """A call reached Redis, sending ``replayed`` in front: forget those kept bumps,
-        and end the incident if one was open."""
+        and end the incident if one was open.
+
+        Returns how many of them this call settled: two calls may send the same kept
+        bump at once (the background replay and the application's next call), and only
+        the first to come back settles it, so that each kept bump is reported replayed
+        once -- the second sending was one more bump, harmless (one more miss)."""
         if not self._failing and not replayed and not self._starved:
-            return
+            return 0
+        settled = 0
         with self._lock:
             for identifier, generation in replayed.generations.items():
                 if self._pending.get(identifier) == generation:
                     del self._pending[identifier]
+                    settled += 1
             recovered, self._failing = self._failing, False
             dropped, self._dropped = self._dropped, 0
             starved, self._starved = self._starved, 0
@@ -305,7 +312,8 @@ class OutageLedger:
         if starved:
             self.events.pool_recovered(starved=starved)
         if recovered:
-            self.events.outage_ended(replayed=len(replayed), dropped=dropped)
+            self.events.outage_ended(replayed=settled, dropped=dropped)
+        return settled
 
 
 class Recoveries:

@@ -338,10 +338,10 @@ class ScriptStore:
             except TokenStoreError as error:
                 self._failed(error, "fetch tokens")
                 return self._missed(identifiers)
-            self.outage.succeeded(replay)
+            settled = self.outage.succeeded(replay)
             if replay:
                 self._evict(replay)
-                self._bumped(len(replay), len(replay))
+                self._bumped(len(replay), settled)
             if claim:
                 claimed = self._claimed(results[0])
                 if claimed:
@@ -400,8 +400,8 @@ class ScriptStore:
         except TokenStoreError as error:
             self._failed(error, "record the bumps a commit intends")
             return None
-        self.outage.succeeded(replay)
-        self._bumped(len(replay), len(replay))
+        settled = self.outage.succeeded(replay)
+        self._bumped(len(replay), settled)
         return intent
 
     def _bump_plan(self, identifiers: Collection[str]) -> tuple[Replay, Collection[str]] | None:
@@ -435,8 +435,8 @@ class ScriptStore:
             self._failed(error, f"bump {len(todo)} token(s)")
             return
         self._evict(todo)
-        self.outage.succeeded(replay)
-        self._bumped(len(todo), len(replay))
+        settled = self.outage.succeeded(replay)
+        self._bumped(len(todo), settled)
         if claim:
             claimed = self._claimed(results[0])
             if claimed:
