@@ -296,7 +296,7 @@ def test_a_kept_bump_sent_by_two_calls_at_once_counts_as_replayed_once() -> None
     ledger.keep(["alkey:users#1"])  # kept during an outage
     background = ledger.replay()  # the background replay sends it...
     application = ledger.replay()  # ...and so does the application's next call
-    assert background == application == {"alkey:users#1"}
+    assert background == application == frozenset({"alkey:users#1"})
     assert ledger.succeeded(background) == 1  # the first answer settles it
     assert ledger.succeeded(application) == 0  # the second was one more bump, not a replay
     assert ledger.pending == frozenset()
