@@ -82,17 +82,23 @@ CREATE TABLE IF NOT EXISTS {outbox} (
         f"""
 CREATE OR REPLACE FUNCTION {schema}.{_FUNCTION}() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    old_key text[];
+    new_key text[];
 BEGIN
     IF TG_OP = 'TRUNCATE' THEN
         INSERT INTO {outbox} (table_oid, key) VALUES (TG_RELID, NULL);
     ELSE
         IF TG_OP IN ('UPDATE', 'DELETE') THEN
-            INSERT INTO {outbox} (table_oid, key) VALUES (TG_RELID,
-                ARRAY(SELECT to_jsonb(OLD) ->> name FROM unnest(TG_ARGV) AS name));
+            old_key := ARRAY(SELECT to_jsonb(OLD) ->> name FROM unnest(TG_ARGV) AS name);
+            INSERT INTO {outbox} (table_oid, key) VALUES (TG_RELID, old_key);
         END IF;
         IF TG_OP IN ('INSERT', 'UPDATE') THEN
-            INSERT INTO {outbox} (table_oid, key) VALUES (TG_RELID,
-                ARRAY(SELECT to_jsonb(NEW) ->> name FROM unnest(TG_ARGV) AS name));
+            new_key := ARRAY(SELECT to_jsonb(NEW) ->> name FROM unnest(TG_ARGV) AS name);
+            -- An update that keeps the key: one row names it.
+            IF new_key IS DISTINCT FROM old_key THEN
+                INSERT INTO {outbox} (table_oid, key) VALUES (TG_RELID, new_key);
+            END IF;
         END IF;
     END IF;
     PERFORM pg_notify('{CHANNEL}', '');
