@@ -662,37 +662,28 @@ class Recording(RedisTokenStore):
         super().bump(identifiers, intent)
 
 
-def bumped_by(listener: ChangeListener, store: Recording) -> set[str]:
+def bumped_by(listener: ChangeListener | Drained, store: Recording) -> set[str]:
     store.bumps.clear()
     drain(listener)
     return set().union(*store.bumps)
 
 
-def test_rows_are_named_by_their_primary_key_whatever_the_replica_identity_and_partitions(
+def test_rows_are_named_by_their_primary_key_whatever_the_replica_identity(
     database: str, redis_client: RedisClient
 ) -> None:
     """Without metadata (as ``alkey listen`` runs): a table whose replica identity is
-    FULL, or another unique index, and a partitioned table (published through its root)
-    name their rows by primary key, as the application does."""
+    FULL, or another unique index, names its rows by primary key, as the application
+    does."""
     raw(database, "CREATE TABLE full_t (id int PRIMARY KEY, name text)")
     raw(database, "ALTER TABLE full_t REPLICA IDENTITY FULL")
     raw(database, "CREATE TABLE idx_t (id int PRIMARY KEY, code int NOT NULL UNIQUE)")
     raw(database, "ALTER TABLE idx_t REPLICA IDENTITY USING INDEX idx_t_code_key")
-    raw(
-        database,
-        "CREATE TABLE meas (id int, day int, PRIMARY KEY (id, day)) PARTITION BY LIST (day)",
-    )
-    raw(database, "CREATE TABLE meas_1 PARTITION OF meas FOR VALUES IN (1)")
     store = Recording(redis_client)
     listener = ChangeListener(database, tokens=store)
     _opened.append(listener)
     listener.create()
     listener.create()  # again: nothing to add, no error
-    for statement in (
-        "INSERT INTO full_t VALUES (1, 'ada')",
-        "INSERT INTO idx_t VALUES (1, 70)",
-        "INSERT INTO meas VALUES (5, 1)",
-    ):
+    for statement in ("INSERT INTO full_t VALUES (1, 'ada')", "INSERT INTO idx_t VALUES (1, 70)"):
         raw(database, statement)
     drain(listener)
     cases: list[tuple[str, set[str], str]] = [
@@ -703,12 +694,52 @@ def test_rows_are_named_by_their_primary_key_whatever_the_replica_identity_and_p
         # the old row's code alone, not its key: every row of the table, never none.
         ("UPDATE idx_t SET code = 71 WHERE id = 1", {"alkey:idx_t#1", "alkey:idx_t#?"}, "idx_t"),
         ("DELETE FROM idx_t WHERE id = 1", {"alkey:idx_t#?"}, "idx_t"),
-        ("UPDATE meas SET id = 5 WHERE day = 1", {"alkey:meas#5,1"}, "meas"),
     ]
     for statement, rows, table in cases:
         raw(database, statement)
         expected = rows | {f"alkey:{table}#*", "alkey:*#*"}
         assert bumped_by(listener, store) == expected, statement
+
+
+@pytest.mark.parametrize("mechanism", ["slot", "outbox"])
+def test_a_partitions_writes_and_its_own_truncate_are_named_as_the_partitioned_tables(
+    database: str, redis_client: RedisClient, mechanism: str
+) -> None:
+    """The application maps the partitioned table: a partition's rows are its rows,
+    whatever partition they live in (one attached later, its columns in another order,
+    in another schema) or move to, and emptying one partition alone empties some rows
+    of it -- every row key of the table changes."""
+    raw(
+        database,
+        "CREATE TABLE meas (id int, day int, PRIMARY KEY (id, day)) PARTITION BY LIST (day)",
+    )
+    raw(database, "CREATE TABLE meas_1 PARTITION OF meas FOR VALUES IN (1)")
+    raw(database, "CREATE TABLE audit.meas_2 (day int NOT NULL, id int NOT NULL)")
+    raw(database, "ALTER TABLE meas ATTACH PARTITION audit.meas_2 FOR VALUES IN (2)")
+    store = Recording(redis_client)
+    if mechanism == "slot":
+        listener: Any = ChangeListener(database, tokens=store)
+        _opened.append(listener)
+        listener.create()
+    else:
+        outbox = OutboxListener(database, tokens=store)
+        _opened.append(outbox)
+        outbox.install(["meas"])
+        listener = Drained(outbox)
+    drain(listener)
+    cases: list[tuple[str, set[str]]] = [
+        ("INSERT INTO meas VALUES (5, 1)", {"alkey:meas#5,1"}),
+        ("UPDATE meas SET id = 5 WHERE day = 1", {"alkey:meas#5,1"}),
+        ("INSERT INTO audit.meas_2 VALUES (2, 6)", {"alkey:meas#6,2"}),
+        # A row moved to another partition: deleted from one, inserted into the other.
+        ("UPDATE meas SET day = 2 WHERE id = 5", {"alkey:meas#5,1", "alkey:meas#5,2"}),
+        # A partition emptied on its own: every row of the table it is part of.
+        ("TRUNCATE audit.meas_2", {"alkey:meas#?"}),
+        ("TRUNCATE meas", {"alkey:meas#?"}),
+    ]
+    for statement, rows in cases:
+        raw(database, statement)
+        assert bumped_by(listener, store) == rows | {"alkey:meas#*", "alkey:*#*"}, statement
 
 
 def test_create_publishes_permanent_keyed_tables_and_adds_new_ones_when_run_again(

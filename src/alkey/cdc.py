@@ -218,7 +218,7 @@ def decode(
     transaction names that table's every row instead.
     """
     identifiers: set[str] | None = None
-    rows: dict[int, int] = {}
+    rows: dict[tuple[str, str], int] = {}  # by table named: a partitioned one's, whole
     for lsn, message in messages:
         kind = message[:1]
         reader = _Reader(message)
@@ -249,7 +249,8 @@ def decode(
         elif kind in (b"I", b"U", b"D"):
             relid = reader.int32()
             relation = relations[relid]
-            seen = rows[relid] = rows.get(relid, 0) + 1
+            table = (relation.schema, relation.name)
+            seen = rows[table] = rows.get(table, 0) + 1
             if seen > ROWS_PER_TABLE:
                 if seen == ROWS_PER_TABLE + 1:
                     identifiers.update(naming(relation, None))
@@ -673,13 +674,15 @@ class ChangeListener:
             )
             if exists is None:
                 listing = f" FOR TABLE {', '.join(names[o] for o in oids)}" if oids else ""
+                # Partitions as themselves (named as their root by `_describe`):
+                # through the root, PostgreSQL would not publish a partition's TRUNCATE.
                 connection.exec_driver_sql(
                     f"CREATE PUBLICATION {self.publication}{listing} "
-                    "WITH (publish_via_partition_root = true)"
+                    "WITH (publish_via_partition_root = false)"
                 )
             else:
                 connection.exec_driver_sql(
-                    f"ALTER PUBLICATION {self.publication} SET (publish_via_partition_root = true)"
+                    f"ALTER PUBLICATION {self.publication} SET (publish_via_partition_root = false)"
                 )
                 if new:
                     connection.exec_driver_sql(
@@ -806,9 +809,21 @@ class ChangeListener:
 
     def _describe(self, connection: Any, relid: int, relation: Relation) -> Relation:
         """``relation`` with its primary key and its key columns' base types (a domain's
-        values read as its base type's), from the catalog; asked once per table shape."""
+        values read as its base type's), from the catalog; asked once per table shape.
+
+        A partition is named as the partitioned table at its root, with the root's key,
+        matched to the partition's columns by name (a partition attached later may order
+        them differently): the application maps the root, and writes through it."""
         described = self._described.get((relid, relation))
         if described is None:
+            root = connection.execute(
+                text(
+                    "SELECT c.oid, n.nspname, c.relname FROM pg_class c "
+                    "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                    "WHERE c.oid = coalesce(pg_partition_root(:relid), :relid)"
+                ),
+                {"relid": relid},
+            ).one()
             found = dict(
                 connection.execute(
                     text(
@@ -819,14 +834,16 @@ class ChangeListener:
                         "AND a.attrelid = i.indrelid AND a.attnum = k.num "
                         "AND t.oid = a.atttypid ORDER BY k.pos"
                     ),
-                    {"relid": relid},
+                    {"relid": root[0]},
                 ).all()
             )
             columns = tuple(
                 Column(c.name, c.name in found, int(found.get(c.name, c.type_oid)))
                 for c in relation.columns
             )
-            described = relation._replace(columns=columns, primary_key=tuple(found))
+            described = relation._replace(
+                schema=root[1], name=root[2], columns=columns, primary_key=tuple(found)
+            )
             self._described[relid, relation] = described
         return described
 

@@ -204,6 +204,24 @@ class OutboxListener:
                     f"FOR EACH STATEMENT EXECUTE FUNCTION {schema}.{_FUNCTION}()"
                 )
                 installed.append(plain)
+                # A partition emptied on its own fires no trigger of its root's: each
+                # partition gets the TRUNCATE trigger (its rows' triggers are cloned).
+                for (partition,) in connection.execute(
+                    text(
+                        "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname) "
+                        "FROM pg_partition_tree(CAST(:root AS regclass)) t "
+                        "JOIN pg_class c ON c.oid = t.relid "
+                        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE t.level > 0"
+                    ),
+                    {"root": quoted},
+                ):
+                    connection.exec_driver_sql(
+                        f"DROP TRIGGER IF EXISTS {_TRUNCATE_TRIGGER} ON {partition}"
+                    )
+                    connection.exec_driver_sql(
+                        f"CREATE TRIGGER {_TRUNCATE_TRIGGER} AFTER TRUNCATE ON {partition} "
+                        f"FOR EACH STATEMENT EXECUTE FUNCTION {schema}.{_FUNCTION}()"
+                    )
         return installed
 
     def uninstall(self) -> None:
