@@ -41,6 +41,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 import alkey.cdc
 import alkey.client
 from alkey.cdc import ChangeListener, ListenerStoppedError
+from alkey.constants import UNKNOWN_WRITES
 from alkey.embedded import EmbeddedRedis
 from alkey.errors import TokenStoreError
 from alkey.identity import identifier_for, row_identifier
@@ -126,7 +127,9 @@ def database(postgres: LogicalPostgres) -> str:
         connection.execute(text(f"DROP TABLE IF EXISTS {OUTBOX}"))
         connection.execute(text("CREATE SCHEMA IF NOT EXISTS audit"))
         Base.metadata.drop_all(connection)
-        connection.execute(text("DROP TABLE IF EXISTS events_log, full_t, idx_t, meas, scratch"))
+        connection.execute(
+            text("DROP TABLE IF EXISTS events_log, full_t, idx_t, meas, scratch, late_t")
+        )
         Base.metadata.create_all(connection)
         connection.execute(text("CREATE TABLE events_log (happened text)"))  # no key
     engine.dispose()
@@ -771,6 +774,52 @@ def test_a_new_slot_bumps_the_token_every_key_depends_on(
     assert keys("alkey:documents#1", "page") == again
 
 
+def test_set_up_that_redis_failed_leaves_no_bump_owed_unmade(database: str) -> None:
+    """A slot is never left without its bump of the token every key depends on, nor a
+    newly published table without its bump of every row, even when the process goes
+    away between the two (here: Redis refuses, with nothing kept to replay): the slot
+    is not made, and the table's bump is noted on the publication and made by the next
+    ``create()``."""
+    with EmbeddedRedis() as redis_server:
+        client = redis.Redis.from_url(redis_server.url, socket_timeout=0.5, retry=None)
+        refusing = RedisTokenStore(client, on_error="raise")  # keeps nothing for replay
+        redis_server.stop()
+        with ChangeListener(database, tokens=refusing) as listener, pytest.raises(TokenStoreError):
+            listener.create()
+        assert slots(database) == [], "no slot without its bump (nor a temporary one left)"
+
+        redis_server.start()
+        store = Recording(client)
+        with ChangeListener(database, tokens=store) as listener:
+            listener.create()
+        assert slots(database) == ["alkey"]
+        assert store.bumps == [{UNKNOWN_WRITES}]
+
+        raw(database, "CREATE TABLE late_t (id int PRIMARY KEY)")
+        raw(database, "INSERT INTO late_t VALUES (1)")  # in no publication yet
+        redis_server.stop()
+        with ChangeListener(database, tokens=refusing) as listener, pytest.raises(TokenStoreError):
+            listener.create()  # published, and its bump owed
+        redis_server.start()
+        store.bumps.clear()
+        with ChangeListener(database, tokens=store) as listener:
+            listener.create()  # a new process: makes the owed bump
+            assert store.bumps == [{"alkey:late_t#?", "alkey:late_t#*", "alkey:*#*"}]
+            store.bumps.clear()
+            listener.create()
+            assert store.bumps == [], "owed once"
+        client.close()
+
+
+def slots(database: str) -> list[str]:
+    engine = create_engine(database)
+    with engine.connect() as connection:
+        names = connection.execute(text("SELECT slot_name FROM pg_replication_slots")).scalars()
+        found = sorted(names)
+    engine.dispose()
+    return found
+
+
 def test_the_slot_moves_past_writes_to_tables_it_does_not_publish(
     database: str, store: RedisTokenStore
 ) -> None:
@@ -789,6 +838,77 @@ def test_a_dropped_slot_stops_the_listener_with_an_error_instead_of_retrying(
     raw(database, "SELECT pg_drop_replication_slot('alkey')")
     with pytest.raises(ListenerStoppedError, match="does not exist"):
         listener.run()
+
+
+def test_a_table_dropped_before_its_write_was_read_names_every_row_and_the_listener_goes_on(
+    database: str, redis_client: RedisClient
+) -> None:
+    """A migration writes a table and drops it while the listener is away: the write
+    names every row of that table (its key is no longer in the catalog), and the
+    writes after it are read as usual -- the listener does not stall on it."""
+    raw(database, "CREATE TABLE old_stuff (id int PRIMARY KEY)")
+    store = Recording(redis_client)
+    first = ChangeListener(database, tokens=store)
+    first.create()
+    first.close()
+    raw(database, "INSERT INTO old_stuff VALUES (1)")
+    raw(database, "DROP TABLE old_stuff")
+    raw(database, "INSERT INTO accounts VALUES (7, 'ada')")
+    restarted = ChangeListener(database, tokens=store)  # a new process: nothing cached
+    _opened.append(restarted)
+    bumped = bumped_by(restarted, store)
+    assert {"alkey:old_stuff#?", "alkey:old_stuff#*"} <= bumped
+    assert "alkey:old_stuff#1" not in bumped, "no key read from a table that is gone"
+    assert "alkey:accounts#7" in bumped
+
+
+def test_a_database_in_another_encoding_names_its_rows_as_the_application_does(
+    postgres: LogicalPostgres, database: str, redis_client: RedisClient
+) -> None:
+    """The log of a LATIN1 database carries its own bytes; the listener asks for UTF-8,
+    so a key (and any other value) with accents reads as the application reads it."""
+    admin = create_engine(postgres.url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text("DROP DATABASE IF EXISTS latin"))
+        connection.execute(
+            text(
+                "CREATE DATABASE latin TEMPLATE template0 ENCODING 'LATIN1' "
+                "LC_COLLATE 'C' LC_CTYPE 'C'"
+            )
+        )
+    admin.dispose()
+    url = postgres.url.rsplit("/", 1)[0] + "/latin"
+    raw(url, "CREATE TABLE people (name text PRIMARY KEY, city text)")
+    store = Recording(redis_client)
+    with ChangeListener(url, tokens=store) as listener:
+        try:
+            listener.create()
+            raw(url, "INSERT INTO people VALUES ('José', 'Málaga')")
+            raw(url, "UPDATE people SET city = 'Sevilla' WHERE name = 'José'")
+            assert bumped_by(listener, store) == {
+                row_identifier("people", "José"),
+                "alkey:people#*",
+                "alkey:*#*",
+            }
+        finally:
+            listener.drop()
+
+
+def test_outbox_triggers_record_writes_of_sessions_in_replica_mode(
+    database: str, store: RedisTokenStore
+) -> None:
+    """A subscription's apply worker, or a loader that sets ``session_replication_role``
+    to skip foreign keys, does not fire ordinary triggers; the outbox's fire always."""
+    outbox = outbox_for(database, store)
+    psql(
+        database,
+        "SET session_replication_role = replica",
+        "INSERT INTO accounts VALUES (4, 'ada')",
+    )
+    assert outbox_rows(database) == 1
+    psql(database, "SET session_replication_role = replica", "TRUNCATE accounts")
+    assert outbox_rows(database) == 2
+    assert drain(outbox) == 2
 
 
 def test_a_large_outside_transaction_names_its_table_rather_than_every_row(

@@ -102,6 +102,8 @@ log = logging.getLogger("alkey.cdc")
 
 #: A name PostgreSQL accepts unquoted for a slot or a publication.
 _NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+#: How the publication's comment notes the tables owed a bump of every row (their OIDs).
+_OWED = "alkey: owed a bump of every row: "
 
 
 class Column(NamedTuple):
@@ -171,13 +173,18 @@ class _Reader:
 
     def string(self) -> str:
         end = self.data.index(b"\0", self.at)
-        value = self.data[self.at : end].decode("utf-8")
+        # UTF-8, as the listener's sessions ask (client_encoding); only a SQL_ASCII
+        # database passes other bytes through, and names nothing the application can
+        # decode either.
+        value = self.data[self.at : end].decode("utf-8", "surrogateescape")
         self.at = end + 1
         return value
 
     def tuple(self) -> list[str | None]:
-        """A ``TupleData``: each column's value as text (``None``: NULL, or a TOASTed
-        value the change left as it was)."""
+        """A ``TupleData``: each column's value as text, in UTF-8 (``None``: NULL, a
+        TOASTed value the change left as it was, or bytes that are not UTF-8, which a
+        SQL_ASCII database passes through -- a key of them names every row, never a
+        wrong one)."""
         values: list[str | None] = []
         for _ in range(self.int16()):
             kind = self.byte()
@@ -185,7 +192,10 @@ class _Reader:
                 values.append(None)
             else:  # 't': text ('b', binary, is never asked for)
                 length = self.int32()
-                values.append(self.data[self.at : self.at + length].decode("utf-8"))
+                try:
+                    values.append(self.data[self.at : self.at + length].decode("utf-8"))
+                except UnicodeDecodeError:
+                    values.append(None)
                 self.at += length
         return values
 
@@ -619,7 +629,10 @@ class ChangeListener:
         so creating a slot also bumps the token every key depends on
         (:data:`~alkey.constants.UNKNOWN_WRITES`): every key misses once, and none can
         predate a write that no slot recorded (a first set-up, or a slot lost and made
-        again). If that bump fails, the new slot is dropped again and the error raised.
+        again). A table added to the publication has every row of it bumped. Neither
+        bump can be lost between the change and itself -- a Redis failure raises, and
+        the next ``create()`` makes it, even after a crash: see :meth:`_create_slot` and
+        :meth:`_add_tables`.
         """
         with self._connect() as connection:
             if tables is None:
@@ -684,30 +697,77 @@ class ChangeListener:
                 connection.exec_driver_sql(
                     f"ALTER PUBLICATION {self.publication} SET (publish_via_partition_root = false)"
                 )
-                if new:
-                    connection.exec_driver_sql(
-                        f"ALTER PUBLICATION {self.publication} ADD TABLE "
-                        + ", ".join(names[o] for o in new)
-                    )
-                    # Written since they were created, in no publication: every row.
-                    self._bump(self._every_row_of(connection, new))
+                self._add_tables(connection, exists, [names[o] for o in new], new)
             slot = connection.execute(
                 text("SELECT 1 FROM pg_replication_slots WHERE slot_name = :name"),
                 {"name": self.slot},
             ).first()
             if not slot:
-                connection.execute(
-                    text("SELECT pg_create_logical_replication_slot(:name, 'pgoutput')"),
-                    {"name": self.slot},
-                )
-                try:
-                    self._bump({UNKNOWN_WRITES})
-                except BaseException:
-                    connection.execute(
-                        text("SELECT pg_drop_replication_slot(:name)"), {"name": self.slot}
-                    )
-                    raise
+                self._create_slot(connection)
         return sorted(names[o].replace('"', "") for o in {*oids, *published})
+
+    def _add_tables(
+        self, connection: Any, publication: int, names: list[str], oids: list[int]
+    ) -> None:
+        """Publish the tables ``oids`` (``names``) and bump every row of each: what was
+        written to them before is in no slot.
+
+        Their bump must not be lost between the two, by a Redis failure or a crash: the
+        tables are published in one transaction with a note on the publication (its
+        comment) of the bump they are owed, cleared once the bump is made; a
+        ``create()`` that finds a note makes its bump first."""
+        owed = set(oids)
+        note = connection.execute(
+            text("SELECT obj_description(:p, 'pg_publication')"), {"p": publication}
+        ).scalar()
+        if isinstance(note, str) and note.startswith(_OWED):
+            owed |= {int(oid) for oid in note[len(_OWED) :].split(",") if oid.isdigit()}
+        if oids:
+            with (
+                self.engine.connect().execution_options(
+                    isolation_level="READ COMMITTED"
+                ) as transaction,
+                transaction.begin(),
+            ):
+                transaction.exec_driver_sql(
+                    f"ALTER PUBLICATION {self.publication} ADD TABLE {', '.join(names)}"
+                )
+                listed = ",".join(str(oid) for oid in sorted(owed))
+                transaction.exec_driver_sql(
+                    f"COMMENT ON PUBLICATION {self.publication} IS '{_OWED}{listed}'"
+                )
+        if owed:
+            self._bump(self._every_row_of(connection, owed))
+            connection.exec_driver_sql(f"COMMENT ON PUBLICATION {self.publication} IS NULL")
+
+    def _create_slot(self, connection: Any) -> None:
+        """Create the slot, and bump the token every key depends on: what was committed
+        before the slot's start is in no slot.
+
+        The slot must not exist without that bump made, even if Redis fails or the
+        process dies in between: it is made as a temporary slot of this session (gone
+        with it), and copied to its permanent name only after the bump -- from the same
+        start, so the writes made meanwhile are in it."""
+        temporary = connection.execute(text("SELECT 'alkey_new_' || pg_backend_pid()")).scalar_one()
+        connection.execute(
+            text("SELECT pg_create_logical_replication_slot(:name, 'pgoutput', true)"),
+            {"name": temporary},
+        )
+        try:
+            self._bump({UNKNOWN_WRITES})
+            try:
+                connection.execute(
+                    text("SELECT pg_copy_logical_replication_slot(:source, :name, false)"),
+                    {"source": temporary, "name": self.slot},
+                )
+            except sqlalchemy_errors.DBAPIError as error:
+                if _sqlstate(error) != "42710":  # made meanwhile by another listener
+                    raise
+        finally:
+            with contextlib.suppress(sqlalchemy_errors.DBAPIError):
+                connection.execute(
+                    text("SELECT pg_drop_replication_slot(:name)"), {"name": temporary}
+                )
 
     def _every_row_of(self, connection: Any, oids: Iterable[int]) -> set[str]:
         """What a write to unknown rows of each of the tables ``oids`` invalidates."""
@@ -823,7 +883,11 @@ class ChangeListener:
                     "WHERE c.oid = coalesce(pg_partition_root(:relid), :relid)"
                 ),
                 {"relid": relid},
-            ).one()
+            ).first()
+            if root is None:
+                # Dropped since this change was written: no key to read in the catalog,
+                # so every row of it, by the name the log gives.
+                root = (relid, relation.schema, relation.name)
             found = dict(
                 connection.execute(
                     text(
@@ -883,7 +947,13 @@ class ChangeListener:
 
 #: Session settings a listener's connections need: key values in the text forms
 #: ``_READERS`` read.
-_SESSION = (("DateStyle", "ISO,YMD"), ("bytea_output", "hex"), ("IntervalStyle", "postgres"))
+_SESSION = (
+    ("DateStyle", "ISO,YMD"),
+    ("bytea_output", "hex"),
+    ("IntervalStyle", "postgres"),
+    # The decoded changes come in the session's encoding: UTF-8 from any database's.
+    ("client_encoding", "UTF8"),
+)
 
 
 def _engine(database: str | Engine, what: str) -> tuple[Engine, bool]:

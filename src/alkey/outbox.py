@@ -203,6 +203,7 @@ class OutboxListener:
                     f"CREATE TRIGGER {_TRUNCATE_TRIGGER} AFTER TRUNCATE ON {quoted} "
                     f"FOR EACH STATEMENT EXECUTE FUNCTION {schema}.{_FUNCTION}()"
                 )
+                _fire_always(connection, quoted)
                 installed.append(plain)
                 # A partition emptied on its own fires no trigger of its root's: each
                 # partition gets the TRUNCATE trigger (its rows' triggers are cloned).
@@ -222,6 +223,7 @@ class OutboxListener:
                         f"CREATE TRIGGER {_TRUNCATE_TRIGGER} AFTER TRUNCATE ON {partition} "
                         f"FOR EACH STATEMENT EXECUTE FUNCTION {schema}.{_FUNCTION}()"
                     )
+                    _fire_always(connection, partition)
         return installed
 
     def uninstall(self) -> None:
@@ -365,6 +367,25 @@ class OutboxListener:
 
     def _failed(self, what: str, error: BaseException) -> None:
         _report(self, what, error, log, "outbox listener", "the outbox keeps its rows")
+
+
+def _fire_always(connection: Any, table: str) -> None:
+    """Make ``table``'s outbox triggers fire in every session, also those with
+    ``session_replication_role = replica`` -- a logical replication subscription's
+    apply worker, a bulk loader that sets it to skip foreign keys -- whose writes
+    ordinary triggers do not see. (On a partitioned table, PostgreSQL before 15 does
+    not pass this on to the partitions' clones: :meth:`OutboxListener.install` visits
+    each partition too.)"""
+    for trigger in (_TRIGGER, _TRUNCATE_TRIGGER):
+        exists = connection.execute(
+            text(
+                "SELECT 1 FROM pg_trigger WHERE tgrelid = CAST(:table AS regclass) "
+                "AND tgname = :name"
+            ),
+            {"table": table, "name": trigger},
+        ).first()
+        if exists:
+            connection.exec_driver_sql(f"ALTER TABLE {table} ENABLE ALWAYS TRIGGER {trigger}")
 
 
 def _plain(name: str, schema: str) -> str:
