@@ -723,19 +723,21 @@ class ChangeListener:
         if isinstance(note, str) and note.startswith(_OWED):
             owed |= {int(oid) for oid in note[len(_OWED) :].split(",") if oid.isdigit()}
         if oids:
-            with (
-                self.engine.connect().execution_options(
-                    isolation_level="READ COMMITTED"
-                ) as transaction,
-                transaction.begin(),
-            ):
-                transaction.exec_driver_sql(
+            listed = ",".join(str(oid) for oid in sorted(owed))
+            # One transaction, on this connection (in autocommit: begun and ended here).
+            connection.exec_driver_sql("BEGIN")
+            try:
+                connection.exec_driver_sql(
                     f"ALTER PUBLICATION {self.publication} ADD TABLE {', '.join(names)}"
                 )
-                listed = ",".join(str(oid) for oid in sorted(owed))
-                transaction.exec_driver_sql(
+                connection.exec_driver_sql(
                     f"COMMENT ON PUBLICATION {self.publication} IS '{_OWED}{listed}'"
                 )
+                connection.exec_driver_sql("COMMIT")
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    connection.exec_driver_sql("ROLLBACK")
+                raise
         if owed:
             self._bump(self._every_row_of(connection, owed))
             connection.exec_driver_sql(f"COMMENT ON PUBLICATION {self.publication} IS NULL")
