@@ -102,8 +102,10 @@ log = logging.getLogger("alkey.cdc")
 
 #: A name PostgreSQL accepts unquoted for a slot or a publication.
 _NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
-#: How the publication's comment notes the tables owed a bump of every row (their OIDs).
-_OWED = "alkey: owed a bump of every row: "
+#: How the publication's comment notes the bumps owed (tables' OIDs: every row of each).
+_OWED = "alkey owes a bump of: "
+#: In that note: the token every key depends on (a new slot's bump).
+_EVERY_KEY = "every-key"
 
 
 class Column(NamedTuple):
@@ -629,147 +631,150 @@ class ChangeListener:
         so creating a slot also bumps the token every key depends on
         (:data:`~alkey.constants.UNKNOWN_WRITES`): every key misses once, and none can
         predate a write that no slot recorded (a first set-up, or a slot lost and made
-        again). A table added to the publication has every row of it bumped. Neither
-        bump can be lost between the change and itself -- a Redis failure raises, and
-        the next ``create()`` makes it, even after a crash: see :meth:`_create_slot` and
-        :meth:`_add_tables`.
+        again). A table added to the publication has every row of it bumped.
+
+        Neither bump can be lost, even by a crash between the change and its bump: the
+        bumps owed are noted on the publication (its comment) before the slot is made,
+        and in the transaction that adds the tables, and cleared once made; a
+        ``create()`` that finds a note makes its bumps (a Redis failure raises, and the
+        note stays for the next). Calls on the same publication, from any process, take
+        turns (an advisory lock).
         """
         with self._connect() as connection:
-            if tables is None:
-                oids = [
-                    row[0]
-                    for row in connection.execute(
-                        text(
-                            "SELECT c.oid FROM pg_class c JOIN pg_namespace n "
-                            "ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p') "
-                            "AND NOT c.relispartition AND c.relpersistence = 'p' "
-                            "AND c.relreplident <> 'n' "
-                            "AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
-                            "AND n.nspname NOT LIKE 'pg_toast%' AND c.relname <> :outbox "
-                            "AND EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid "
-                            "AND i.indisprimary)"
-                        ),
-                        {"outbox": "alkey_outbox"},
-                    )
-                ]
-            else:
-                oids = []
-                for name in tables:
-                    oid = connection.execute(
-                        text("SELECT to_regclass(:name)::oid"), {"name": name}
-                    ).scalar()
-                    if oid is None:
-                        raise ValueError(f"no table {name!r} in the database to publish")
-                    oids.append(oid)
-            exists = connection.execute(
-                text("SELECT oid FROM pg_publication WHERE pubname = :name"),
-                {"name": self.publication},
-            ).scalar()
-            published: set[int] = set()
-            if exists is not None:
-                published = {
-                    row[0]
-                    for row in connection.execute(
-                        text("SELECT prrelid FROM pg_publication_rel WHERE prpubid = :p"),
-                        {"p": exists},
-                    )
-                }
-            new = [oid for oid in oids if oid not in published]
-            names = dict(
-                connection.execute(
+            lock = {"key": f"alkey.cdc:{self.publication}"}
+            connection.execute(text("SELECT pg_advisory_lock(hashtext(:key))"), lock)
+            try:
+                return self._create(connection, tables)
+            finally:
+                with contextlib.suppress(sqlalchemy_errors.DBAPIError):
+                    connection.execute(text("SELECT pg_advisory_unlock(hashtext(:key))"), lock)
+
+    def _create(self, connection: Any, tables: Iterable[str] | None) -> list[str]:
+        """:meth:`create`, under its lock."""
+        if tables is None:
+            oids = [
+                row[0]
+                for row in connection.execute(
                     text(
-                        "SELECT c.oid, quote_ident(n.nspname) || '.' || quote_ident(c.relname) "
-                        "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-                        "WHERE c.oid = ANY(:oids)"
+                        "SELECT c.oid FROM pg_class c JOIN pg_namespace n "
+                        "ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p') "
+                        "AND NOT c.relispartition AND c.relpersistence = 'p' "
+                        "AND c.relreplident <> 'n' "
+                        "AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
+                        "AND n.nspname NOT LIKE 'pg_toast%' AND c.relname <> :outbox "
+                        "AND EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid "
+                        "AND i.indisprimary)"
                     ),
-                    {"oids": [*oids, *published]},
-                ).all()
+                    {"outbox": "alkey_outbox"},
+                )
+            ]
+        else:
+            oids = []
+            for name in tables:
+                oid = connection.execute(
+                    text("SELECT to_regclass(:name)::oid"), {"name": name}
+                ).scalar()
+                if oid is None:
+                    raise ValueError(f"no table {name!r} in the database to publish")
+                oids.append(oid)
+        publication = self._publication(connection)
+        published: set[int] = set()
+        if publication is not None:
+            published = {
+                row[0]
+                for row in connection.execute(
+                    text("SELECT prrelid FROM pg_publication_rel WHERE prpubid = :p"),
+                    {"p": publication},
+                )
+            }
+        new = [oid for oid in oids if oid not in published]
+        names = dict(
+            connection.execute(
+                text(
+                    "SELECT c.oid, quote_ident(n.nspname) || '.' || quote_ident(c.relname) "
+                    "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                    "WHERE c.oid = ANY(:oids)"
+                ),
+                {"oids": [*oids, *published]},
+            ).all()
+        )
+        if publication is None:
+            listing = f" FOR TABLE {', '.join(names[o] for o in oids)}" if oids else ""
+            # Partitions as themselves (named as their root by `_describe`): through
+            # the root, PostgreSQL would not publish a partition's TRUNCATE.
+            connection.exec_driver_sql(
+                f"CREATE PUBLICATION {self.publication}{listing} "
+                "WITH (publish_via_partition_root = false)"
             )
-            if exists is None:
-                listing = f" FOR TABLE {', '.join(names[o] for o in oids)}" if oids else ""
-                # Partitions as themselves (named as their root by `_describe`):
-                # through the root, PostgreSQL would not publish a partition's TRUNCATE.
-                connection.exec_driver_sql(
-                    f"CREATE PUBLICATION {self.publication}{listing} "
-                    "WITH (publish_via_partition_root = false)"
-                )
-            else:
-                connection.exec_driver_sql(
-                    f"ALTER PUBLICATION {self.publication} SET (publish_via_partition_root = false)"
-                )
-                self._add_tables(connection, exists, [names[o] for o in new], new)
-            slot = connection.execute(
-                text("SELECT 1 FROM pg_replication_slots WHERE slot_name = :name"),
-                {"name": self.slot},
-            ).first()
+            publication = self._publication(connection)
+            new = []  # in the publication from its start, before the slot's
+        else:
+            connection.exec_driver_sql(
+                f"ALTER PUBLICATION {self.publication} SET (publish_via_partition_root = false)"
+            )
+        owed = self._owed(connection, publication)
+        slot = connection.execute(
+            text("SELECT 1 FROM pg_replication_slots WHERE slot_name = :name"),
+            {"name": self.slot},
+        ).first()
+        if new or not slot:
+            owed |= {str(oid) for oid in new}
             if not slot:
-                self._create_slot(connection)
-        return sorted(names[o].replace('"', "") for o in {*oids, *published})
-
-    def _add_tables(
-        self, connection: Any, publication: int, names: list[str], oids: list[int]
-    ) -> None:
-        """Publish the tables ``oids`` (``names``) and bump every row of each: what was
-        written to them before is in no slot.
-
-        Their bump must not be lost between the two, by a Redis failure or a crash: the
-        tables are published in one transaction with a note on the publication (its
-        comment) of the bump they are owed, cleared once the bump is made; a
-        ``create()`` that finds a note makes its bump first."""
-        owed = set(oids)
-        note = connection.execute(
-            text("SELECT obj_description(:p, 'pg_publication')"), {"p": publication}
-        ).scalar()
-        if isinstance(note, str) and note.startswith(_OWED):
-            owed |= {int(oid) for oid in note[len(_OWED) :].split(",") if oid.isdigit()}
-        if oids:
-            listed = ",".join(str(oid) for oid in sorted(owed))
+                owed.add(_EVERY_KEY)
             # One transaction, on this connection (in autocommit: begun and ended here).
             connection.exec_driver_sql("BEGIN")
             try:
-                connection.exec_driver_sql(
-                    f"ALTER PUBLICATION {self.publication} ADD TABLE {', '.join(names)}"
-                )
-                connection.exec_driver_sql(
-                    f"COMMENT ON PUBLICATION {self.publication} IS '{_OWED}{listed}'"
-                )
+                if new:
+                    connection.exec_driver_sql(
+                        f"ALTER PUBLICATION {self.publication} ADD TABLE "
+                        + ", ".join(names[o] for o in new)
+                    )
+                self._note(connection, owed)
                 connection.exec_driver_sql("COMMIT")
             except BaseException:
                 with contextlib.suppress(Exception):
                     connection.exec_driver_sql("ROLLBACK")
                 raise
+        if not slot:
+            connection.execute(
+                text("SELECT pg_create_logical_replication_slot(:name, 'pgoutput')"),
+                {"name": self.slot},
+            )
         if owed:
-            self._bump(self._every_row_of(connection, owed))
-            connection.exec_driver_sql(f"COMMENT ON PUBLICATION {self.publication} IS NULL")
+            identifiers = self._every_row_of(
+                connection, [int(oid) for oid in owed if oid != _EVERY_KEY]
+            )
+            if _EVERY_KEY in owed:
+                identifiers.add(UNKNOWN_WRITES)
+            self._bump(identifiers)
+            self._note(connection, set())
+        return sorted(names[o].replace('"', "") for o in {*oids, *published})
 
-    def _create_slot(self, connection: Any) -> None:
-        """Create the slot, and bump the token every key depends on: what was committed
-        before the slot's start is in no slot.
+    def _publication(self, connection: Any) -> int | None:
+        """The publication's OID, if it exists."""
+        oid = connection.execute(
+            text("SELECT oid FROM pg_publication WHERE pubname = :name"),
+            {"name": self.publication},
+        ).scalar()
+        return None if oid is None else int(oid)
 
-        The slot must not exist without that bump made, even if Redis fails or the
-        process dies in between: it is made as a temporary slot of this session (gone
-        with it), and copied to its permanent name only after the bump -- from the same
-        start, so the writes made meanwhile are in it."""
-        temporary = connection.execute(text("SELECT 'alkey_new_' || pg_backend_pid()")).scalar_one()
-        connection.execute(
-            text("SELECT pg_create_logical_replication_slot(:name, 'pgoutput', true)"),
-            {"name": temporary},
-        )
-        try:
-            self._bump({UNKNOWN_WRITES})
-            try:
-                connection.execute(
-                    text("SELECT pg_copy_logical_replication_slot(:source, :name, false)"),
-                    {"source": temporary, "name": self.slot},
-                )
-            except sqlalchemy_errors.DBAPIError as error:
-                if _sqlstate(error) != "42710":  # made meanwhile by another listener
-                    raise
-        finally:
-            with contextlib.suppress(sqlalchemy_errors.DBAPIError):
-                connection.execute(
-                    text("SELECT pg_drop_replication_slot(:name)"), {"name": temporary}
-                )
+    def _owed(self, connection: Any, publication: int | None) -> set[str]:
+        """The bumps a note on the publication says are owed: tables' OIDs (every row of
+        each) and :data:`_EVERY_KEY`."""
+        note = connection.execute(
+            text("SELECT obj_description(:p, 'pg_publication')"), {"p": publication}
+        ).scalar()
+        if not isinstance(note, str) or not note.startswith(_OWED):
+            return set()
+        return {
+            item for item in note[len(_OWED) :].split(",") if item.isdigit() or item == _EVERY_KEY
+        }
+
+    def _note(self, connection: Any, owed: set[str]) -> None:
+        """Note on the publication the bumps ``owed`` (none: clear the note)."""
+        listed = ",".join(sorted(owed))
+        note = f"'{_OWED}{listed}'" if owed else "NULL"
+        connection.exec_driver_sql(f"COMMENT ON PUBLICATION {self.publication} IS {note}")
 
     def _every_row_of(self, connection: Any, oids: Iterable[int]) -> set[str]:
         """What a write to unknown rows of each of the tables ``oids`` invalidates."""
@@ -887,8 +892,8 @@ class ChangeListener:
                 {"relid": relid},
             ).first()
             if root is None:
-                # Dropped since this change was written: no key to read in the catalog,
-                # so every row of it, by the name the log gives.
+                # Dropped since this change was written: no key to read in the catalog.
+                # Named by the log's name: by the metadata's Table, else every row.
                 root = (relid, relation.schema, relation.name)
             found = dict(
                 connection.execute(
