@@ -139,7 +139,15 @@ def test_a_link_cut_mid_request_costs_a_miss_or_a_kept_bump_and_never_an_excepti
     alkey.bind(factory, tokens=store)
 
     def cut_in_flight() -> threading.Thread:
-        cutter = threading.Timer(0.1, proxy.cut)
+        """Cut the link once the next request is held in the proxy (0.3 s before it
+        would be forwarded)."""
+        proxy.holding.clear()
+
+        def cut() -> None:
+            if proxy.holding.wait(timeout=5):
+                proxy.cut()
+
+        cutter = threading.Thread(target=cut)
         cutter.start()
         return cutter
 

@@ -191,6 +191,10 @@ class LatencyProxy:
     new ones are held without an answer (or refused) until :meth:`restore`. Clients then
     fail as they would on a real network, through their own socket timeouts, while the
     server itself keeps running and keeps its data.
+
+    :attr:`holding` is set when a request begins its delay: clear it, then wait for it,
+    to act (cut the link, say) while a request is surely in flight -- on a busy machine a
+    timer guessing that moment can fire after the request got through.
     """
 
     def __init__(self, target_port: int, latency: float = 0.0) -> None:
@@ -204,6 +208,8 @@ class LatencyProxy:
         self._refuse = False
         self._links: set[socket.socket] = set()  # both ends of every forwarded connection
         self._held: list[socket.socket] = []  # accepted while cut, never answered
+        #: Set when a request begins its delay (see the class).
+        self.holding = threading.Event()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def __enter__(self) -> LatencyProxy:
@@ -294,6 +300,7 @@ class LatencyProxy:
                         return
                     if sock is client:
                         if not awaiting_reply and self.latency:
+                            self.holding.set()
                             time.sleep(self.latency)
                         awaiting_reply = True
                         upstream.sendall(data)
