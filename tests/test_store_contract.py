@@ -517,7 +517,8 @@ def test_a_backlog_of_due_intents_is_claimed_in_batches_and_fetches_miss_until_i
         while dead.intend([identifier]) is None:
             assert time.monotonic() < deadline, "the intents could not be recorded"
             dead.idle(0.05)
-    assert redis_client.zcard(INTENTS) == len(identifiers), "every intent recorded"
+    # At least one each: an intent whose reply timed out may have been recorded too.
+    assert redis_client.zcard(INTENTS) >= len(identifiers), "every intent recorded"
     dead.idle(LEASE + 0.05)
     reader = open_store(redis_url, durable=True, lease=LEASE)
     claims_before = command_calls(redis_client, "zrangebyscore")
