@@ -22,20 +22,19 @@ shared 2-core machine are noisy; the poll interval bounds the lag of an idle lis
 bump the rest.
 
 The writer's cost of the outbox: one-row update commits, back to back, on a table with
-the outbox's triggers and on one without, in interleaved rounds (the order alternating,
-the garbage collector run between batches), with the outbox listener draining meanwhile
-as it would in production; the ratio is the median of the per-round ratios, with their
-interquartile range. Logical decoding adds nothing to a writer's transaction
-(``wal_level = logical`` itself logs a little more for every write, with or without
-alkey: not measured here).
+the outbox's triggers and on one without, in interleaved rounds
+(:mod:`benchmarks.timing`: the order alternating, the garbage collector out of each
+batch), with the outbox listener draining meanwhile as it would in production; the ratio
+is the median of the per-round ratios, with their interquartile range. Logical decoding
+adds nothing to a writer's transaction (``wal_level = logical`` itself logs a little
+more for every write, with or without alkey: not measured here).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
-import statistics
+import itertools
 import sys
 import threading
 import time
@@ -52,6 +51,8 @@ from alkey.embedded import EmbeddedRedis
 from alkey.identity import row_identifier
 from alkey.outbox import OutboxListener
 from alkey.tokens import RedisTokenStore
+from benchmarks.__main__ import fmt_ratio
+from benchmarks.timing import Spread, Variant, interleave, per_call, ratio, run_batch
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 #: The two listeners: logical decoding, and the trigger outbox.
@@ -165,22 +166,18 @@ class WriterCost:
 
     rounds: int
     batch: int
-    plain_ms: float
-    triggers_ms: float
-    ratios: list[float]
-
-    def ratio(self) -> str:
-        ordered = sorted(self.ratios)
-        quartile = statistics.quantiles(ordered, n=4) if len(ordered) > 1 else ordered * 3
-        return f"{statistics.median(ordered):.2f} ({quartile[0]:.2f}\u2013{quartile[2]:.2f})"
+    plain: Spread
+    triggers: Spread
+    ratio: Spread
 
 
 def writer_cost(postgres: LogicalPostgres, client: redis.Redis, rounds: int) -> WriterCost:
     """Time batches of back-to-back one-row commits on a table with the outbox's
-    triggers and on one without, interleaved, while the outbox listener drains."""
+    triggers and on one without, interleaved (:mod:`benchmarks.timing`), while the
+    outbox listener drains."""
     dsn = postgres.url.replace("postgresql+psycopg://", "postgresql://")
     batch = 200
-    rows = batch * rounds
+    rows = batch * (rounds + 1)  # each commit a row of its own: one batch of warm-up
     with psycopg.connect(dsn, autocommit=True) as connection:
         for name in ("plain_items", "items"):
             connection.execute(f"DROP TABLE IF EXISTS {name}")
@@ -193,30 +190,20 @@ def writer_cost(postgres: LogicalPostgres, client: redis.Redis, rounds: int) -> 
     stop = threading.Event()
     thread = threading.Thread(target=outbox.run, args=(stop,), daemon=True)
     thread.start()
-    times: dict[str, list[float]] = {"plain_items": [], "items": []}
-    ratios = []
     try:
         with psycopg.connect(dsn, autocommit=True) as connection:
-            for name in ("plain_items", "items"):  # warm both up, untimed
-                for row in range(1, 51):
-                    connection.execute(f"UPDATE {name} SET n = n + 1 WHERE id = %s", (row,))
-            for index in range(rounds):
-                order = ("plain_items", "items") if index % 2 == 0 else ("items", "plain_items")
-                per_commit = {}
-                for name in order:
-                    first = index * batch + 1
-                    statement = f"UPDATE {name} SET n = n + 1 WHERE id = %s"
-                    gc.collect()
-                    gc.disable()
-                    try:
-                        began = time.perf_counter()
-                        for row in range(first, first + batch):
-                            connection.execute(statement, (row,))
-                        per_commit[name] = (time.perf_counter() - began) / batch
-                    finally:
-                        gc.enable()
-                    times[name].append(per_commit[name])
-                ratios.append(per_commit["items"] / per_commit["plain_items"])
+
+            def committer(name: str) -> Variant:
+                statement = f"UPDATE {name} SET n = n + 1 WHERE id = %s"
+                next_row = itertools.count(1)
+                return Variant(
+                    name, lambda: connection.execute(statement, (next(next_row),)), batch=batch
+                )
+
+            variants = [committer("plain_items"), committer("items")]
+            for variant in variants:  # warm-up, untimed
+                run_batch(variant)
+            series = interleave(variants, rounds)
     finally:
         stop.set()
         thread.join()
@@ -227,9 +214,9 @@ def writer_cost(postgres: LogicalPostgres, client: redis.Redis, rounds: int) -> 
     return WriterCost(
         rounds,
         batch,
-        statistics.median(times["plain_items"]) * 1000,
-        statistics.median(times["items"]) * 1000,
-        ratios,
+        per_call(series, "plain_items"),
+        per_call(series, "items"),
+        ratio(series, "items", "plain_items"),
     )
 
 
@@ -255,8 +242,10 @@ def cost_table(cost: WriterCost) -> str:
             "| rounds x commits | ms per commit: no triggers | ms per commit: outbox triggers "
             "| ms added per commit | triggers / none |",
             "|---:|---:|---:|---:|---:|",
-            f"| {cost.rounds} x {cost.batch} | {cost.plain_ms:.3f} | {cost.triggers_ms:.3f} "
-            f"| {cost.triggers_ms - cost.plain_ms:.3f} | {cost.ratio()} |",
+            f"| {cost.rounds} x {cost.batch} | {cost.plain.median * 1000:.3f} "
+            f"| {cost.triggers.median * 1000:.3f} "
+            f"| {(cost.triggers.median - cost.plain.median) * 1000:.3f} "
+            f"| {fmt_ratio(cost.ratio)} |",
         ]
     )
 
@@ -322,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         "\n\n## What the outbox's triggers cost the writer\n\n"
         "One-row update commits, back to back, on a table with the outbox's triggers and "
         "on one without, in interleaved rounds (the order alternating, the garbage "
-        "collector run between batches), the outbox listener draining meanwhile. Ratio: "
+        "collector run before each batch and off during it), the outbox listener draining "
+        "meanwhile. Times: medians over the rounds. Ratio: "
         "the median of the per-round ratios (p25 to p75). Logical decoding adds nothing "
         "to the writer's transaction. This PostgreSQL runs with `fsync = off`, as the "
         "tests' does, so its commits cost less than a durable server's, and the ratio "
