@@ -47,7 +47,7 @@ from .support.cluster import (
     command,
 )
 from .support.docs import docs_page, python_blocks
-from .support.stores import OpenStore, StoreKind
+from .support.stores import SOCKET_TIMEOUT, OpenStore, StoreKind
 
 pytestmark = pytest.mark.skipif(NO_CLUSTER is not None, reason=f"no Redis Cluster: {NO_CLUSTER}")
 
@@ -690,7 +690,8 @@ def test_a_primary_failover_degrades_to_misses_keeps_bumps_and_keys_never_revert
                 assert time.monotonic() < deadline, "the replica never took over"
                 store.idle(0.1)
             assert store.wait_replayed(timeout=10), "the kept bumps reached the new primary"
-            store.idle(0.5)
+            # The recovery window: 2 x retry_interval plus the client's socket timeout.
+            store.idle(0.2 + SOCKET_TIMEOUT + 0.1)
             after = store.fetch(identifiers)
             assert after == store.fetch(identifiers), "settled"
             for identifier, token in zip(identifiers, after, strict=True):

@@ -7,8 +7,8 @@ a cluster, a sentinel, valkey, a store with a local cache -- is adding one entry
 a new flavour, one :class:`StoreUnderTest` subclass).
 
 Every store is opened on a client of its own that counts its round trips
-(:class:`alkey.testing.RoundTrips`), bounded by short timeouts and no retries, so that
-an outage shows within a fraction of a second.
+(:class:`alkey.testing.RoundTrips`), with no retries, so that
+an outage shows at once.
 """
 
 from __future__ import annotations
@@ -39,8 +39,12 @@ from alkey.tokens import RedisClient, RedisTokenStore
 
 _T = TypeVar("_T")
 
-#: Seconds a store's client waits for Redis: an outage costs the first call this long.
-SOCKET_TIMEOUT = 0.3
+#: Seconds a store's client waits for Redis. The outages here are stopped servers, which
+#: refuse a connection at once, so the wait costs them nothing; it is long because a
+#: machine busy with the rest of the suite can hold a fetch of thousands of keys past a
+#: fraction of a second, and a store answers a timeout with fresh tokens of its own.
+#: (A test of a hung server sets a short timeout of its own.)
+SOCKET_TIMEOUT = 2.0
 
 
 class StoreUnderTest:
