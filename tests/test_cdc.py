@@ -27,14 +27,17 @@ import psycopg
 import pytest
 import redis
 from sqlalchemy import (
+    Column,
     DateTime,
     ForeignKey,
     Integer,
     MetaData,
     Numeric,
     String,
+    Table,
     Uuid,
     create_engine,
+    select,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
@@ -108,6 +111,29 @@ class Book(Base):
     author: Mapped[Author | None] = relationship()
 
 
+class Surrogate(DeclarativeBase):
+    """Models of a metadata the listeners are not given: named by the catalog's keys."""
+
+    metadata = MetaData()
+
+
+seats = Table(
+    "cdc_seats",
+    Surrogate.metadata,
+    Column("id", Integer, primary_key=True),
+    Column("room", String(10), nullable=False),
+    Column("number", Integer, nullable=False),
+    Column("label", String(50)),
+)
+
+
+class Seat(Surrogate):
+    """A natural key mapped over the table's surrogate one: keyed ``cdc_seats#room,number``."""
+
+    __table__ = seats
+    __mapper_args__ = {"primary_key": [seats.c.room, seats.c.number]}  # noqa: RUF012
+
+
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[LogicalPostgres]:
     with LogicalPostgres() as server:
@@ -131,6 +157,7 @@ def database(postgres: LogicalPostgres) -> str:
         connection.execute(
             text("DROP TABLE IF EXISTS events_log, full_t, idx_t, meas, scratch, late_t, old_stuff")
         )
+        Surrogate.metadata.drop_all(connection)
         Base.metadata.create_all(connection)
         connection.execute(text("CREATE TABLE events_log (happened text)"))  # no key
     engine.dispose()
@@ -997,6 +1024,54 @@ def test_an_outside_write_of_a_child_touches_its_parent_as_the_applications_writ
     raw(database, "ALTER TABLE books REPLICA IDENTITY DEFAULT")
     raw(database, "DELETE FROM books WHERE id = 10")
     assert "alkey:authors#?" in bumped_by(listener, store), "every author: which is unknown"
+
+
+@pytest.mark.parametrize("mechanism", ["slot", "outbox"])
+def test_a_row_of_a_mapper_keyed_by_other_columns_than_its_tables_key_is_named_as_its_instances(
+    database: str, redis_client: RedisClient, mechanism: str
+) -> None:
+    """``Seat`` is keyed by ``(room, number)`` over the table's ``id``: an outside write
+    changes the keys of the seat it wrote, named as the application names it -- precisely
+    for an insert (logical decoding reads the new row whole), and as every row of the table
+    where the log or the outbox does not carry the mapper's columns (an update's old row,
+    a delete, every outbox row) -- never as ``cdc_seats#<id>``, which no key names."""
+    engine = create_engine(database)
+    Surrogate.metadata.create_all(engine)  # this test's alone: dropped by `database`
+    store = Recording(redis_client)
+    listener = listener_for(database, store) if mechanism == "slot" else outbox_for(database, store)
+    keys = CacheKeyGenerator(tokens=store)
+    raw(database, "INSERT INTO cdc_seats VALUES (1, 'a', 1, 'aisle')")
+    bumped = bumped_by(listener, store)
+    with Session(engine) as session:
+        seat = identifier_for(session.scalars(select(Seat)).one())
+    engine.dispose()
+    assert seat == "alkey:cdc_seats#a,1"
+    moved_to = "alkey:cdc_seats#b,1"
+    if mechanism == "slot":
+        assert seat in bumped, "an insert: the seat, named as the application names it"
+        assert "alkey:cdc_seats#?" not in bumped, "and not every row"
+    else:
+        assert "alkey:cdc_seats#?" in bumped, "the outbox records the table's key alone"
+    assert "alkey:cdc_seats#1" not in bumped
+    for change in (
+        "UPDATE cdc_seats SET label = 'window' WHERE id = 1",
+        "UPDATE cdc_seats SET room = 'b' WHERE id = 1",  # the seat's own key moves
+        "DELETE FROM cdc_seats WHERE id = 1",
+    ):
+        before = [keys(seat, "page"), keys(moved_to, "page")]
+        raw(database, change)
+        drain(listener)
+        after = [keys(seat, "page"), keys(moved_to, "page")]
+        assert before[0] != after[0], f"{change}: the seat's key did not change"
+        assert before[1] != after[1], f"{change}: a key of the seat's next place did not"
+    if mechanism == "slot":  # old rows logged whole: the old and the new seat, precisely
+        raw(database, "ALTER TABLE cdc_seats REPLICA IDENTITY FULL")
+        raw(database, "INSERT INTO cdc_seats VALUES (2, 'c', 2, 'aisle')")
+        drain(listener)
+        raw(database, "UPDATE cdc_seats SET room = 'd' WHERE id = 2")
+        bumped = bumped_by(listener, store)
+        assert {"alkey:cdc_seats#c,2", "alkey:cdc_seats#d,2"} <= bumped
+        assert "alkey:cdc_seats#?" not in bumped
 
 
 def test_a_tenants_copy_of_a_mapped_table_is_named_as_the_applications_tenant_writes_name_it(

@@ -155,6 +155,33 @@ def test_runs_of_instances_encode_as_the_instances_one_by_one(database: Engine) 
         assert encode_arguments(split) == one_by_one(*split)
 
 
+def test_instances_in_a_list_or_tuple_encode_as_each_one_alone_expired_ones_included(
+    database: Engine,
+) -> None:
+    """A list of instances takes the batch path of top-level runs: the bytes are those of
+    encoding each instance on its own, plain values between them split the runs, and an
+    instance its session expired is loaded first (the two-pass path) all the same."""
+
+    def one_by_one(items: list[Any] | tuple[Any, ...]) -> list[Any]:
+        chunks: list[Any] = [b"l" if type(items) is list else b"(", str(len(items)).encode()]
+        chunks = [chunks[0] + chunks[1] + b"["]
+        for item in items:
+            if isinstance(item, str):
+                chunks += encode_arguments((item,))[1:-1]
+            else:
+                state = instance_state(item)
+                chunks += [identity.instance_identifier(state), snapshot.loaded_state(state)]
+        return [*chunks, b"]"]
+
+    with Session(database) as session:
+        instances = _loaded(session)  # the first volume expired: loaded by the encoding
+        listed = [*instances[:3], "between", *instances[3:]]
+        encoded = encode_arguments((listed, tuple(instances), "tail"))
+        assert "title" in instances[1].__dict__, "the expired volume was loaded"
+        expected = [b"A3[", *one_by_one(listed), *one_by_one(tuple(instances))]
+        assert encoded == [*expected, *encode_arguments(("tail",))[1:-1], b"]"]
+
+
 def test_a_key_changes_when_any_value_of_an_instance_in_a_run_changes(
     database: Engine, redis_client: RedisClient
 ) -> None:

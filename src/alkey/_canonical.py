@@ -170,10 +170,23 @@ class _Encoder:
             self.chunks.append(_framed(b"s", _text(value)))
 
     def _sequence(self, tag: bytes, items: list[Any] | tuple[Any, ...], depth: int) -> None:
-        self.chunks.append(tag + str(len(items)).encode("ascii") + b"[")
+        chunks = self.chunks
+        chunks.append(tag + str(len(items)).encode("ascii") + b"[")
+        # A list of instances (a query's result, a relationship) is the commonest nested
+        # argument: its runs of instances take the batch path top-level ones take.
+        run: list[InstanceState[Any]] = []
         for item in items:
+            state = getattr(item, DEFAULT_STATE_ATTR, None)
+            if type(state) is InstanceState:
+                run.append(state)
+                continue
+            if run:
+                _instances(chunks, run, self.expired)
+                run = []
             self.encode(item, depth + 1)
-        self.chunks.append(b"]")
+        if run:
+            _instances(chunks, run, self.expired)
+        chunks.append(b"]")
 
     def _unordered(self, tag: bytes, entries: list[tuple[Any, ...]], depth: int) -> None:
         encoded = []

@@ -391,6 +391,15 @@ class Naming:
             if any(read is None for read in readers):
                 key, readers = [], []  # a type this cannot read: every row, safely
             part = encode_table(target)
+            natural = _keyed_otherwise(catalog.mappers_of(part), names)
+            if natural is not None:
+                # Its instances are keyed by the mapper's own primary key: rows are named
+                # by those columns, from a row that carries them, else every row.
+                columns = [column.name for column in natural.primary_key]
+                key = [positions[c] for c in columns] if set(columns) <= positions.keys() else []
+                readers = [_READERS.get(relation.columns[i].type_oid) for i in key]
+                if any(read is None for read in readers):
+                    key, readers = [], []
             everything = frozenset(table_write_identifiers([part]))
             if mapped is not None:
                 everything |= {table_identifier(mapped)}
@@ -421,6 +430,7 @@ class Naming:
                 tuple(parents),
                 every_parent if catalog.association_sides(part) else frozenset(),
                 tuple(coercers),
+                natural,
             )
             self._plans[relation] = plan
         return plan
@@ -432,7 +442,9 @@ class Naming:
         ``old_unknown``: an update whose old row was not logged, so every row of each
         parent table (the row may have left any of them)."""
         plan = self._plan(relation)
-        if row is None or not plan.key:
+        if row is None or not plan.key or (old_unknown and plan.mapper is not None):
+            # (An update whose old row was not logged may have changed a mapper's own
+            # key, which the table's key -- all the log names -- does not include.)
             return plan.every_row
         texts = [row[i] if i < len(row) else None for i in plan.key]
         if any(value is None for value in texts):
@@ -448,15 +460,19 @@ class Naming:
                 value if coerce is None else coerce(value)
                 for coerce, value in zip(plan.coercers, values, strict=True)
             ]
-        target = plan.target
-        rows = (
-            row_identifiers(target, values)
-            if isinstance(target, Table)
-            else [row_identifier(target, *values)]
-        )
         identifiers = set(plan.tables) | plan.sides
-        for identifier in rows:
-            identifiers |= family_identifiers(identifier)
+        target = plan.target
+        if plan.mapper is not None:
+            # Typed and spelled by the mapper, as its instances are (see _keyed_otherwise).
+            identifiers |= bulk_identifiers(plan.mapper, [values])
+        else:
+            rows = (
+                row_identifiers(target, values)
+                if isinstance(target, Table)
+                else [row_identifier(target, *values)]
+            )
+            for identifier in rows:
+                identifiers |= family_identifiers(identifier)
         for parent in plan.parents:
             identifiers |= parent.of(None if old_unknown else row)
         return frozenset(identifiers)
@@ -482,6 +498,21 @@ class _Plan(NamedTuple):
     sides: frozenset[str] = frozenset()
     #: For a tenant's copy of a mapped table: how its mapped table types each key value.
     coercers: tuple[Callable[[Any], Any] | None, ...] = ()
+    #: The mapper whose own primary key names the rows, when it is not the table's.
+    mapper: Any = None
+
+
+def _keyed_otherwise(mappers: Sequence[Any], names: Sequence[str]) -> Any:
+    """The mapper among a table's ``mappers`` that keys its instances by other columns
+    than the table's primary key ``names`` -- a natural key mapped over a surrogate one
+    (``__mapper_args__ = {"primary_key": [...]}``), or the same columns in another order
+    -- or ``None``. The application names such a table's rows by the mapper's key, so a
+    change read from the log must be too. (A subclass mapper keys by its base's columns
+    and is named through its base table.)"""
+    for mapper in mappers:
+        if mapper.inherits is None and [c.name for c in mapper.primary_key] != list(names):
+            return mapper
+    return None
 
 
 class _Parent(NamedTuple):
