@@ -155,7 +155,10 @@ def database(postgres: LogicalPostgres) -> str:
         connection.execute(text("CREATE SCHEMA IF NOT EXISTS audit"))
         Base.metadata.drop_all(connection)
         connection.execute(
-            text("DROP TABLE IF EXISTS events_log, full_t, idx_t, meas, scratch, late_t, old_stuff")
+            text(
+                "DROP TABLE IF EXISTS events_log, full_t, idx_t, meas, scratch, late_t, "
+                "old_stuff, bin_t"
+            )
         )
         Surrogate.metadata.drop_all(connection)
         Base.metadata.create_all(connection)
@@ -1072,6 +1075,28 @@ def test_a_row_of_a_mapper_keyed_by_other_columns_than_its_tables_key_is_named_a
         bumped = bumped_by(listener, store)
         assert {"alkey:cdc_seats#c,2", "alkey:cdc_seats#d,2"} <= bumped
         assert "alkey:cdc_seats#?" not in bumped
+
+
+def test_the_outbox_reads_a_bytea_key_whichever_bytea_output_the_writer_set(
+    database: str, redis_client: RedisClient
+) -> None:
+    """The outbox's trigger records a key as its text, in the writer's ``bytea_output``:
+    escape output is read as such -- ``zz0123`` read as hex would name row ``\\x0123``
+    -- and names the row the application names."""
+    raw(database, "CREATE TABLE bin_t (id bytea PRIMARY KEY, label text)")
+    store = Recording(redis_client)
+    outbox = outbox_for(database, store)
+    dsn = database.replace("postgresql+psycopg://", "postgresql://")
+    for output, key in [("escape", b"zz0123"), ("escape", b"a\\b\x00\xff"), ("hex", b"zz0123")]:
+        with psycopg.connect(dsn) as writer:
+            writer.execute(f"SET bytea_output = '{output}'")
+            writer.execute(
+                "INSERT INTO bin_t VALUES (%s, 'x') ON CONFLICT (id) DO UPDATE SET label = 'y'",
+                (key,),
+            )
+        bumped = bumped_by(outbox, store)
+        assert row_identifier("bin_t", key) in bumped, f"{output}: {key!r}"
+        assert "alkey:bin_t#?" not in bumped
 
 
 def test_a_tenants_copy_of_a_mapped_table_is_named_as_the_applications_tenant_writes_name_it(

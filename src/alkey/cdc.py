@@ -315,10 +315,28 @@ def _time(value: str) -> datetime.time:
     return datetime.time.fromisoformat(value)
 
 
+_OCTAL_ESCAPE = re.compile(r"\\([0-3][0-7]{2})|\\(\\)")
+
+
+def _bytea(value: str) -> bytes:
+    """A ``bytea`` in either output: hex (``\\x4142``), or escape (``AB\\000``), which
+    the outbox's trigger records when the writer's session sets ``bytea_output`` to
+    ``escape`` -- and which, read as hex, could name another row. (Escape output never
+    starts with ``\\x``: it doubles a backslash or follows it with three octal digits.)"""
+    if value.startswith("\\x"):
+        return bytes.fromhex(value[2:])
+    if not value.isascii():
+        raise ValueError("escape output of bytea is ASCII")
+    unescaped = _OCTAL_ESCAPE.sub(lambda found: "\\" if found[2] else chr(int(found[1], 8)), value)
+    if "\\" in _OCTAL_ESCAPE.sub("", value):
+        raise ValueError(f"not a bytea in escape output: {value!r}")
+    return unescaped.encode("latin-1")
+
+
 #: How a key value's text is read, by the OID of its PostgreSQL type.
 _READERS: dict[int, Callable[[str], Any]] = {
     16: lambda value: value in ("t", "true"),  # bool (text output, or JSON's)
-    17: lambda value: bytes.fromhex(value[2:]),  # bytea, hex output
+    17: _bytea,  # bytea, in hex or escape output
     20: int,  # int8
     21: int,  # int2
     23: int,  # int4
