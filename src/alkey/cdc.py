@@ -132,6 +132,10 @@ class Relation(NamedTuple):
     #: ``Relation`` message names the replica identity, which may be another index, or
     #: every column); empty when not known.
     primary_key: tuple[str, ...] = ()
+    #: Its replica identity's columns, as the ``Relation`` message flags them: an
+    #: ``UPDATE`` that changes none of them logs no old row. ``None``: every change
+    #: carries its old key (the outbox's triggers record it).
+    identity: tuple[str, ...] | None = None
 
 
 class Transaction(NamedTuple):
@@ -254,7 +258,9 @@ def decode(
                 type_oid = reader.int32()
                 reader.skip(4)  # type modifier
                 columns.append(Column(column, bool(flags & 1), type_oid & 0xFFFFFFFF))
-            relation = Relation(schema, name, tuple(columns))
+            relation = Relation(
+                schema, name, tuple(columns), identity=tuple(c.name for c in columns if c.key)
+            )
             relations[relid] = relation if describe is None else describe(relid, relation)
         elif identifiers is None:
             continue  # a change outside a transaction we saw begin: never confirmed alone
@@ -409,15 +415,23 @@ class Naming:
             if any(read is None for read in readers):
                 key, readers = [], []  # a type this cannot read: every row, safely
             part = encode_table(target)
-            natural = _keyed_otherwise(catalog.mappers_of(part), names)
-            if natural is not None:
-                # Its instances are keyed by the mapper's own primary key: rows are named
-                # by those columns, from a row that carries them, else every row.
-                columns = [column.name for column in natural.primary_key]
-                key = [positions[c] for c in columns] if set(columns) <= positions.keys() else []
-                readers = [_READERS.get(relation.columns[i].type_oid) for i in key]
-                if any(read is None for read in readers):
-                    key, readers = [], []
+            # The mappers whose instances are keyed by other columns than ``names``: each
+            # names the row by its own key too, read from the row, else every row.
+            keyed: list[tuple[Any, list[int], list[Callable[[str], Any]]]] = []
+            for mapper, columns in _keyed_otherwise(
+                catalog.mappers_of(encode_table(mapped) if mapped is not None else part),
+                names,
+            ):
+                here = mapped is None and columns is not None and set(columns) <= positions.keys()
+                at = [positions[c] for c in columns] if here and columns else []
+                read = [_READERS.get(relation.columns[i].type_oid) for i in at]
+                if not at or not all(read):
+                    key, readers = [], []  # (a tenant's copy, too: see the guide's limits)
+                    break
+                keyed.append((mapper, at, read))  # type: ignore[arg-type]
+            named = set(names).union(
+                *([relation.columns[i].name for i in at] for _, at, _ in keyed)
+            )
             everything = frozenset(table_write_identifiers([part]))
             if mapped is not None:
                 everything |= {table_identifier(mapped)}
@@ -448,7 +462,8 @@ class Naming:
                 tuple(parents),
                 every_parent if catalog.association_sides(part) else frozenset(),
                 tuple(coercers),
-                natural,
+                tuple(keyed),
+                relation.identity is None or named <= set(relation.identity),
             )
             self._plans[relation] = plan
         return plan
@@ -460,9 +475,9 @@ class Naming:
         ``old_unknown``: an update whose old row was not logged, so every row of each
         parent table (the row may have left any of them)."""
         plan = self._plan(relation)
-        if row is None or not plan.key or (old_unknown and plan.mapper is not None):
-            # (An update whose old row was not logged may have changed a mapper's own
-            # key, which the table's key -- all the log names -- does not include.)
+        if row is None or not plan.key or (old_unknown and not plan.stable):
+            # (An update that logged no old row changed no column of the replica
+            # identity; a key with other columns may have moved from a row unnamed.)
             return plan.every_row
         texts = [row[i] if i < len(row) else None for i in plan.key]
         if any(value is None for value in texts):
@@ -478,19 +493,25 @@ class Naming:
                 value if coerce is None else coerce(value)
                 for coerce, value in zip(plan.coercers, values, strict=True)
             ]
-        identifiers = set(plan.tables) | plan.sides
         target = plan.target
-        if plan.mapper is not None:
+        rows = (
+            row_identifiers(target, values)
+            if isinstance(target, Table)
+            else [row_identifier(target, *values)]
+        )
+        identifiers = set(plan.tables) | plan.sides
+        for identifier in rows:
+            identifiers |= family_identifiers(identifier)
+        for mapper, at, readers in plan.keyed:
             # Typed and spelled by the mapper, as its instances are (see _keyed_otherwise).
-            identifiers |= bulk_identifiers(plan.mapper, [values])
-        else:
-            rows = (
-                row_identifiers(target, values)
-                if isinstance(target, Table)
-                else [row_identifier(target, *values)]
-            )
-            for identifier in rows:
-                identifiers |= family_identifiers(identifier)
+            texts = [row[i] if i < len(row) else None for i in at]
+            try:
+                if any(value is None for value in texts):
+                    raise ValueError("a key with a NULL part, or not in this tuple")
+                own = [read(value) for value, read in zip(texts, readers, strict=True)]  # type: ignore[arg-type]
+            except (ValueError, TypeError, decimal.InvalidOperation):
+                return plan.every_row
+            identifiers |= bulk_identifiers(mapper, [own])
         for parent in plan.parents:
             identifiers |= parent.of(None if old_unknown else row)
         return frozenset(identifiers)
@@ -516,21 +537,39 @@ class _Plan(NamedTuple):
     sides: frozenset[str] = frozenset()
     #: For a tenant's copy of a mapped table: how its mapped table types each key value.
     coercers: tuple[Callable[[Any], Any] | None, ...] = ()
-    #: The mapper whose own primary key names the rows, when it is not the table's.
-    mapper: Any = None
+    #: The mappers whose instances are keyed by other columns than the table's key, each
+    #: with where its key's values are in a row, in its key's order, and how each is read.
+    keyed: tuple[tuple[Any, list[int], list[Callable[[str], Any]]], ...] = ()
+    #: Whether an update that logs no old row keeps every key this names: true when all
+    #: their columns are in the replica identity, whose change logs the old row.
+    stable: bool = True
 
 
-def _keyed_otherwise(mappers: Sequence[Any], names: Sequence[str]) -> Any:
-    """The mapper among a table's ``mappers`` that keys its instances by other columns
+def _keyed_otherwise(
+    mappers: Sequence[Any], names: Sequence[str]
+) -> list[tuple[Any, list[str] | None]]:
+    """The mappers among a table's ``mappers`` that key their instances by other columns
     than the table's primary key ``names`` -- a natural key mapped over a surrogate one
-    (``__mapper_args__ = {"primary_key": [...]}``), or the same columns in another order
-    -- or ``None``. The application names such a table's rows by the mapper's key, so a
-    change read from the log must be too. (A subclass mapper keys by its base's columns
-    and is named through its base table.)"""
+    (``__mapper_args__ = {"primary_key": [...]}``), the same columns in another order, a
+    joined subclass keyed by a base column its table does not have -- each with the
+    columns of this table that hold its key, in its key's order (``None``: not all of
+    them are here). The application names an instance by its mapper's key, so a change
+    read from the log must be named by it too."""
+    found: list[tuple[Any, list[str] | None]] = []
     for mapper in mappers:
-        if mapper.inherits is None and [c.name for c in mapper.primary_key] != list(names):
-            return mapper
-    return None
+        table = mapper.local_table
+        # A joined subclass's key is its base table's columns, equated to its own.
+        equated = getattr(mapper, "_equivalent_columns", None) or {}
+        columns: list[str] | None = []
+        for column in mapper.primary_key:
+            here = [c for c in (column, *equated.get(column, ())) if c.table is table]
+            if not here:
+                columns = None
+                break
+            columns.append(here[0].name)  # type: ignore[union-attr]
+        if columns != list(names):
+            found.append((mapper, columns))
+    return found
 
 
 class _Parent(NamedTuple):
