@@ -40,6 +40,7 @@ from sqlalchemy import (
     select,
     text,
 )
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 import alkey.cdc
@@ -175,6 +176,41 @@ class Engineer(Staff):
     __mapper_args__ = {"polymorphic_identity": "engineer"}  # noqa: RUF012
 
 
+emps = Table(
+    "cdc_emps",
+    Surrogate.metadata,
+    Column("id", Integer, primary_key=True),
+    Column("kind", String(10), nullable=False),
+)
+engs = Table(
+    "cdc_engs",
+    Surrogate.metadata,
+    Column("id", Integer, ForeignKey("cdc_emps.id"), primary_key=True),
+)
+mgrs = Table(
+    "cdc_mgrs",
+    Surrogate.metadata,
+    Column("id", Integer, ForeignKey("cdc_engs.id"), primary_key=True),
+)
+
+
+class Emp(Surrogate):
+    """Three levels of joined inheritance, keyed by the base's ``id`` throughout."""
+
+    __table__ = emps
+    __mapper_args__ = {"polymorphic_on": emps.c.kind, "polymorphic_identity": "emp"}  # noqa: RUF012
+
+
+class Eng(Emp):
+    __table__ = engs
+    __mapper_args__ = {"polymorphic_identity": "eng"}  # noqa: RUF012
+
+
+class Mgr(Eng):
+    __table__ = mgrs
+    __mapper_args__ = {"polymorphic_identity": "mgr"}  # noqa: RUF012
+
+
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[LogicalPostgres]:
     with LogicalPostgres() as server:
@@ -198,7 +234,7 @@ def database(postgres: LogicalPostgres) -> str:
         connection.execute(
             text(
                 "DROP TABLE IF EXISTS events_log, full_t, idx_t, meas, scratch, late_t, "
-                "old_stuff, bin_t"
+                "old_stuff, bin_t, flt_t"
             )
         )
         Surrogate.metadata.drop_all(connection)
@@ -1166,6 +1202,61 @@ def test_the_outbox_reads_a_bytea_key_whichever_bytea_output_the_writer_set(
         bumped = bumped_by(outbox, store)
         assert row_identifier("bin_t", key) in bumped, f"{output}: {key!r}"
         assert "alkey:bin_t#?" not in bumped
+
+
+@pytest.mark.parametrize("mechanism", ["slot", "outbox"])
+def test_a_grandchild_of_joined_inheritance_is_named_by_its_own_tables_key(
+    database: str, redis_client: RedisClient, mechanism: str
+) -> None:
+    """``Mgr`` is keyed by ``cdc_emps.id``, equal to ``cdc_mgrs.id`` through
+    ``cdc_engs.id`` (SQLAlchemy equates each table's key to its parent's only): a change
+    to its table names its row, not every row of the table."""
+    engine = create_engine(database)
+    Surrogate.metadata.create_all(engine)  # this test's alone: dropped by `database`
+    store = Recording(redis_client)
+    listener = listener_for(database, store) if mechanism == "slot" else outbox_for(database, store)
+    raw(database, "INSERT INTO cdc_emps VALUES (7, 'mgr')")
+    raw(database, "INSERT INTO cdc_engs VALUES (7)")
+    raw(database, "INSERT INTO cdc_mgrs VALUES (7)")
+    drain(listener)
+    with Session(engine) as session:
+        manager = identifier_for(session.scalars(select(Mgr)).one())
+    engine.dispose()
+    assert manager == "alkey:cdc_mgrs#7"
+    for change in ("UPDATE cdc_mgrs SET id = 7 WHERE id = 7", "DELETE FROM cdc_mgrs"):
+        raw(database, change)
+        bumped = bumped_by(listener, store)
+        assert manager in bumped, change
+        assert "alkey:cdc_mgrs#?" not in bumped, change
+
+
+@pytest.mark.parametrize("mechanism", ["slot", "outbox"])
+def test_a_float_key_names_its_row_whatever_extra_float_digits_the_sessions_default_to(
+    database: str, redis_client: RedisClient, mechanism: str
+) -> None:
+    """With ``extra_float_digits = 0`` as the database's default -- for the writer's
+    session, whose trigger prints the outbox's keys, and for the listener's, which prints
+    the decoded changes -- 0.1 + 0.2 would print as ``0.3`` and name another row: both
+    print floats exactly, and the row the application names changes."""
+    name = make_url(database).database
+    raw(database, "CREATE TABLE flt_t (id float8 PRIMARY KEY, label text)")
+    raw(database, f"ALTER DATABASE {name} SET extra_float_digits = 0")
+    try:
+        store = Recording(redis_client)
+        listener = (
+            listener_for(database, store) if mechanism == "slot" else outbox_for(database, store)
+        )
+        key = 0.1 + 0.2
+        raw(database, "INSERT INTO flt_t VALUES (%s, 'x')", key)
+        with psycopg.connect(database.replace("postgresql+psycopg://", "postgresql://")) as c:
+            printed = c.execute("SELECT id::text FROM flt_t").fetchone()
+        assert printed == ("0.3",), "the writer's session prints the key rounded"
+        bumped = bumped_by(listener, store)
+        assert row_identifier("flt_t", key) in bumped
+        assert row_identifier("flt_t", 0.3) not in bumped
+        assert "alkey:flt_t#?" not in bumped
+    finally:
+        raw(database, f"ALTER DATABASE {name} RESET extra_float_digits")
 
 
 def test_a_tenants_copy_of_a_mapped_table_is_named_as_the_applications_tenant_writes_name_it(

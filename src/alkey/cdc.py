@@ -562,13 +562,23 @@ def _keyed_otherwise(
         equated = getattr(mapper, "_equivalent_columns", None) or {}
         columns: list[str] | None = []
         for column in mapper.primary_key:
-            here = [c for c in (column, *equated.get(column, ())) if c.table is table]
+            here = [c for c in _equal_to(column, equated) if c.table is table]
             if not here:
                 columns = None
                 break
             columns.append(here[0].name)  # type: ignore[union-attr]
         if columns != list(names):
             found.append((mapper, columns))
+    return found
+
+
+def _equal_to(column: Any, equated: dict[Any, set[Any]]) -> list[Any]:
+    """``column`` and every column an inheritance condition makes equal to it, near ones
+    first. SQLAlchemy's map equates each table's column to its parent's and children's
+    only: a grandchild's key column is two steps from the base's."""
+    found = [column]
+    for near in found:  # grows as it goes: a walk breadth first
+        found.extend(other for other in equated.get(near, ()) if other not in found)
     return found
 
 
@@ -1045,6 +1055,9 @@ class ChangeListener:
 _SESSION = (
     ("DateStyle", "ISO,YMD"),
     ("bytea_output", "hex"),
+    # Floats in their shortest exact text: at 0 or less (a server's or a role's default
+    # may say so), a float8 key prints rounded and names another row.
+    ("extra_float_digits", "3"),
     ("IntervalStyle", "postgres"),
     # The decoded changes come in the session's encoding: UTF-8 from any database's.
     ("client_encoding", "UTF8"),

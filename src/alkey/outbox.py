@@ -70,7 +70,9 @@ def _install_statements(schema: str) -> tuple[str, ...]:
 
     The function runs with its owner's rights (``SECURITY DEFINER``) and a fixed
     ``search_path``: a writer needs no privilege on the outbox, and no ``search_path``
-    of a writer's can send its rows elsewhere."""
+    of a writer's can send its rows elsewhere. It also fixes how it prints key values,
+    which would otherwise follow the writer's session: ``extra_float_digits`` (at 0 or
+    less a ``float8`` key prints rounded, naming another row) and ``bytea_output``."""
     outbox = f"{schema}.{OUTBOX}"
     return (
         f"""
@@ -81,7 +83,11 @@ CREATE TABLE IF NOT EXISTS {outbox} (
 )""",
         f"""
 CREATE OR REPLACE FUNCTION {schema}.{_FUNCTION}() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET extra_float_digits = 3
+SET bytea_output = hex
+AS $$
 DECLARE
     old_key text[];
     new_key text[];
