@@ -221,7 +221,7 @@ class _Encoder:
         if isinstance(inspected, AliasedInsp):
             # aliased(User) stands for the table, as User does; its text is the same for
             # every alias of every class of that name.
-            self.chunks.append(identity.table_identifier(inspected.mapper.local_table))
+            self.chunks.append(identity.mapper_identifier(inspected.mapper))
             return
         if isinstance(value, QueryableAttribute):
             # User.name: a column of a class, by the class's import path and its key (its

@@ -39,7 +39,7 @@ from sqlalchemy.orm.exc import UnmappedClassError
 from sqlalchemy.orm.interfaces import MANYTOMANY, ONETOMANY
 from sqlalchemy.schema import ForeignKeyConstraint, Table
 
-from alkey.identity import encode_table
+from alkey.identity import encode_table, mapped_part
 
 __all__ = [
     "Reference",
@@ -125,7 +125,7 @@ def _table_part(target: object, role: str) -> str:
             raise ValueError(f"declare_writes(): {role} {error}") from None
     mapper = inspect(target, raiseerr=False)
     if isinstance(mapper, Mapper):
-        return encode_table(mapper.local_table)
+        return mapped_part(mapper)
     raise TypeError(
         f"declare_writes(): the {role} {target!r} is not a table; pass a Table, a mapped "
         "class or a table name ('table' or 'schema.table')"

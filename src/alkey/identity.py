@@ -471,6 +471,27 @@ def _part(table: Any, schemas: SchemaMap | None) -> str:
     return table_part(translated(table.schema, schemas), table.name)
 
 
+def mapped_part(mapper: Mapper[Any], schemas: SchemaMap | None = None) -> str:
+    """The encoded table part that names ``mapper``'s rows: its table's, translated by
+    ``schemas``.
+
+    A mapper over a join or a select has no table of its own: its rows are named after
+    the tables it reads, as ``(a+b)`` quoted, which no table of its own can be mistaken
+    for, and the keys that name them depend on each of those tables' tokens, so that a
+    write to any of them changes them however it names rows.
+    """
+    table = mapper.local_table
+    if isinstance(table, Table):
+        return _part(table, schemas)
+    parts = sorted({_part(member, schemas) for member in mapper.tables})
+    return _quote_name("(" + "+".join(parts) + ")")
+
+
+def _is_view(mapper: Mapper[Any]) -> bool:
+    """Whether ``mapper`` maps a join or a select rather than a table."""
+    return not isinstance(mapper.local_table, Table)
+
+
 # Mappers live as long as their classes, normally the whole process: a plain dict is the
 # fastest cache for this hot path.
 _row_prefixes: dict[Mapper[Any], str] = {}
@@ -483,13 +504,13 @@ def _row_prefix(mapper: Mapper[Any], schemas: SchemaMap | None = None) -> str:
     if schemas is None:
         prefix = _row_prefixes.get(mapper)
         if prefix is None:
-            part = encode_table(mapper.local_table)
+            part = mapped_part(mapper)
             prefix = _row_prefixes[mapper] = f"{_PREFIX}{part}{ROW_SEPARATOR}"
         return prefix
     prefix = _translated_prefixes.get((mapper, schemas))
     if prefix is None:
         _learn(mapper, schemas=schemas)
-        part = _part(mapper.local_table, schemas)
+        part = mapped_part(mapper, schemas)
         prefix = _translated_prefixes[(mapper, schemas)] = f"{_PREFIX}{part}{ROW_SEPARATOR}"
     return prefix
 
@@ -504,7 +525,10 @@ def _learn(
     depend on each of their unknown-rows tokens, and a write to a base table that does not
     name its rows changes the subclasses' table keys too. A table seen translated is a
     tenant's copy of the mapped one: a write to it changes the mapped table's key too,
-    which stands for the table in every schema.
+    which stands for the table in every schema. An instance or the class of a mapper over
+    a join or a select depends on the table token of every table it reads: its key does
+    not follow any one table's, so only those tokens, which every write to a table bumps,
+    are sure to change with its data.
     """
     with _learn_lock:  # a read-modify-write of shared maps: one learner at a time
         _learn_locked(mapper, schemas)
@@ -514,11 +538,20 @@ _learn_lock = threading.Lock()
 
 
 def _learn_locked(mapper: Mapper[Any], schemas: SchemaMap | None) -> None:
-    own = _part(mapper.local_table, schemas)
+    global _view_prefixes
+    own = mapped_part(mapper, schemas)
     parts = sorted({_part(table, schemas) for table in mapper.tables})
-    _unknown_rows_of_prefix[f"{_PREFIX}{own}{ROW_SEPARATOR}"] = tuple(
-        f"{_PREFIX}{part}{ROW_SEPARATOR}{UNKNOWN_ROWS}" for part in parts
-    )
+    prefix = f"{_PREFIX}{own}{ROW_SEPARATOR}"
+    if _is_view(mapper):
+        _unknown_rows_of_prefix[prefix] = (
+            prefix + UNKNOWN_ROWS,
+            *(f"{_PREFIX}{part}{ROW_SEPARATOR}{ALL_ROWS}" for part in parts),
+        )
+        _view_prefixes = _view_prefixes | {prefix}
+    else:
+        _unknown_rows_of_prefix[prefix] = tuple(
+            f"{_PREFIX}{part}{ROW_SEPARATOR}{UNKNOWN_ROWS}" for part in parts
+        )
     for part in parts:
         # Replaced, never changed in place: other threads iterate these without a lock.
         _family_tables[part] = _family_tables.get(part, frozenset()) | {own}
@@ -537,6 +570,9 @@ UNKNOWN_ROWS: Final = constants.UNKNOWN_ROWS
 UNKNOWN_WRITES: Final = constants.UNKNOWN_WRITES
 
 _unknown_rows_of_prefix: dict[str, tuple[str, ...]] = {}
+# Row prefixes of mappers over a join or a select, whose table identifiers (the class in
+# a key) have dependencies too (replaced, never changed in place).
+_view_prefixes: frozenset[str] = frozenset()
 # Table part -> the own tables of every mapper whose row lives (partly) in that table.
 _family_tables: dict[str, frozenset[str]] = {}
 # The schema maps seen so far in this process (replaced, never changed in place).
@@ -613,6 +649,9 @@ def dependencies(identifiers: Iterable[str]) -> list[str]:
     """
     identifiers = list(identifiers)
     prefixes = {i[: i.rindex(ROW_SEPARATOR) + 1] for i in identifiers if i[-1] != ALL_ROWS}
+    if _view_prefixes:
+        # The class of a mapper over a join or a select: it reads its tables.
+        prefixes.update(i[:-1] for i in identifiers if i[:-1] in _view_prefixes)
     # A row of a shard also depends on the row without its shard: the token that writes
     # bump when they name the row but cannot know its shard (Core and raw SQL).
     unsharded = {i[: i.rindex(TOKEN_SEPARATOR)] for i in identifiers if TOKEN_SEPARATOR in i}
@@ -668,6 +707,12 @@ def instance_identifiers(states: Iterable[InstanceState[Any]]) -> list[str]:
     return identifiers
 
 
+def mapper_identifier(mapper: Mapper[Any]) -> str:
+    """The identifier a mapped class stands for in a key: its table's token (for a mapper
+    over a join or a select, see :func:`mapped_part`)."""
+    return _row_prefix(mapper) + ALL_ROWS
+
+
 def identifier_for(obj: object) -> str:
     """The identifier that ``obj`` stands for in a cache key.
 
@@ -691,7 +736,7 @@ def identifier_for(obj: object) -> str:
     if isinstance(insp, InstanceState):
         return instance_identifier(insp)
     if isinstance(insp, Mapper):
-        return table_identifier(insp.local_table)
+        return mapper_identifier(insp)
     raise TypeError(f"{type(obj).__qualname__} is neither a mapped class, an instance nor a table")
 
 
@@ -714,6 +759,15 @@ def _write_plan(mapper: Mapper[Any], schemas: SchemaMap | None) -> _WritePlan:
             _row_prefix(mapper, schemas)  # learns the translated tables
         parts = sorted({_part(table, schemas) for table in mapper.tables})
         tables = {f"{_PREFIX}{part}{ROW_SEPARATOR}{ALL_ROWS}" for part in parts}
+        prefixes = [f"{_PREFIX}{part}{ROW_SEPARATOR}" for part in parts]
+        if _is_view(mapper):
+            # A mapper over a join or a select: its key need not be any table's, so its
+            # tables' rows are not named by it -- every row of each changes -- and its
+            # own rows are.
+            tables.update(f"{prefix}{UNKNOWN_ROWS}" for prefix in prefixes)
+            own = _row_prefix(mapper, schemas)
+            tables.add(own + ALL_ROWS)
+            prefixes = [own]
         if schemas is not None:
             # A tenant's write changes the mapped table's key too: a class or Table in a
             # key stands for the table in every schema.
@@ -722,7 +776,7 @@ def _write_plan(mapper: Mapper[Any], schemas: SchemaMap | None) -> _WritePlan:
             key_attributes=tuple(
                 mapper.get_property_by_column(column).key for column in mapper.primary_key
             ),
-            row_prefixes=tuple(f"{_PREFIX}{part}{ROW_SEPARATOR}" for part in parts),
+            row_prefixes=tuple(prefixes),
             table_identifiers=frozenset(tables),
         )
     return plan
@@ -804,6 +858,10 @@ def bulk_identifiers(
     statement's schema translate map, ``identity_token`` the shard of the rows, if known.
     """
     prefixes = _family_prefixes(mapper, schemas)
+    if any(_is_view(member) for member in mapper.self_and_descendants):
+        # Over a join or a select: its key need not be any of its tables' (see _write_plan).
+        prefixes += tuple(_row_prefix(member, schemas) for member in mapper.self_and_descendants)
+        keys = None
     identifiers = {GLOBAL_WRITE_TOKEN, *(prefix + ALL_ROWS for prefix in prefixes)}
     if schemas is not None:
         identifiers.update(

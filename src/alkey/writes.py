@@ -36,6 +36,7 @@ from alkey.identity import (
     bulk_identifiers,
     encode_table,
     family_identifiers,
+    mapped_part,
     parse_identifier,
     row_identifiers,
     schemas_of,
@@ -272,14 +273,14 @@ def _parents_of_table(
     for mapper in catalog.mappers_of(part):
         for relationship in _touched_parents(mapper):
             path = (
-                encode_table(relationship.mapper.local_table),
+                mapped_part(relationship.mapper),
                 frozenset(column.name.lower() for column in relationship.local_columns),
             )
             if along and along == {path}:
                 continue
             identifiers |= bulk_identifiers(relationship.mapper, None)
     for mapper in catalog.association_sides(part) if sides else ():
-        side = encode_table(mapper.local_table)
+        side = mapped_part(mapper)
         onto_side = {
             (side, reference.columns)
             for reference in catalog.references_to(side)
