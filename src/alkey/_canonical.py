@@ -165,6 +165,7 @@ class _Encoder:
                 identity.parse_identifier(value)
             except ValueError as error:
                 raise self._fail(ValueError, str(error)) from None
+            identity.learn_dependencies(value)
             self.chunks.append(value)
         else:
             self.chunks.append(_framed(b"s", _text(value)))

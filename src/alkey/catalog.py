@@ -39,7 +39,7 @@ from sqlalchemy.orm.exc import UnmappedClassError
 from sqlalchemy.orm.interfaces import MANYTOMANY, ONETOMANY
 from sqlalchemy.schema import ForeignKeyConstraint, Table
 
-from alkey.identity import encode_table, mapped_part
+from alkey.identity import encode_table
 
 __all__ = [
     "Reference",
@@ -53,6 +53,7 @@ __all__ = [
     "tables_named",
     "undeclare_writes",
     "unregister_metadata",
+    "views_of",
 ]
 
 
@@ -77,6 +78,7 @@ class _Index:
     references: dict[str, list[Reference]] = field(default_factory=dict)
     passive: dict[str, set[str]] = field(default_factory=dict)
     mappers: dict[str, list[Mapper[Any]]] = field(default_factory=dict)
+    views: dict[str, list[Mapper[Any]]] = field(default_factory=dict)
     secondaries: dict[str, set[Mapper[Any]]] = field(default_factory=dict)
 
 
@@ -125,7 +127,13 @@ def _table_part(target: object, role: str) -> str:
             raise ValueError(f"declare_writes(): {role} {error}") from None
     mapper = inspect(target, raiseerr=False)
     if isinstance(mapper, Mapper):
-        return mapped_part(mapper)
+        if not isinstance(mapper.local_table, Table):
+            tables = ", ".join(sorted(encode_table(table) for table in mapper.tables))
+            raise TypeError(
+                f"declare_writes(): the {role} {target!r} is mapped to a join or a select, "
+                f"not to one table: name each of its tables instead ({tables})"
+            )
+        return encode_table(mapper.local_table)
     raise TypeError(
         f"declare_writes(): the {role} {target!r} is not a table; pass a Table, a mapped "
         "class or a table name ('table' or 'schema.table')"
@@ -226,6 +234,11 @@ def mappers_of(part: str) -> tuple[Mapper[Any], ...]:
     return tuple(_current().mappers.get(part, ()))
 
 
+def views_of(part: str) -> tuple[Mapper[Any], ...]:
+    """The configured mappers over a join or a select that read table ``part``."""
+    return tuple(_current().views.get(part, ()))
+
+
 def association_sides(part: str) -> frozenset[Mapper[Any]]:
     """The mappers whose many-to-many relationships go through table ``part`` (an
     association table): a write to its rows changes their collections."""
@@ -249,10 +262,22 @@ def _mappers(registries: Iterable[Any]) -> list[Mapper[Any]]:
     registries = list(registries)
     for attempt in range(100):
         try:
-            return [mapper for registry in registries for mapper in registry.mappers]
+            return [mapper for registry in registries for mapper in _mapped(registry)]
         except (RuntimeError, UnmappedClassError):  # changed meanwhile: read it again
             time.sleep(0.001 * attempt)
-    return [mapper for registry in registries for mapper in registry.mappers]
+    return [mapper for registry in registries for mapper in _mapped(registry)]
+
+
+def _mapped(registry: Any) -> Iterable[Mapper[Any]]:
+    """``registry.mappers``, less the classes whose mapping waits for the mappers to
+    configure (the base of ``AbstractConcreteBase``), for which SQLAlchemy's collection
+    raises ``UnmappedClassError`` until then."""
+    try:
+        mappers: Iterable[Mapper[Any]] = registry.mappers
+    except UnmappedClassError:
+        managers = list(getattr(registry, "_managers", ()))
+        return [manager.mapper for manager in managers if getattr(manager, "is_mapped", False)]
+    return mappers
 
 
 def _metadatas(registries: Iterable[Any]) -> list[MetaData]:
@@ -311,6 +336,9 @@ def _build(metadatas: list[MetaData], registries: list[Any]) -> _Index:
             continue  # configured before the first write that could need it
         if isinstance(mapper.local_table, Table):
             index.mappers.setdefault(encode_table(mapper.local_table), []).append(mapper)
+        else:
+            for read in mapper.tables:
+                index.views.setdefault(encode_table(read), []).append(mapper)
         for relationship in mapper.relationships:
             if isinstance(relationship.secondary, Table):
                 secondary = encode_table(relationship.secondary)

@@ -453,6 +453,11 @@ class Naming:
                             if all(read):
                                 found = (at, read)  # type: ignore[assignment]
                     parents.append(_Parent(parent, found))
+            # A class mapped to a join or a select that reads this table: every row of
+            # its parents (their foreign key may be in another of its tables).
+            for mapper in catalog.views_of(part):
+                for relationship in _touched_parents(mapper):
+                    parents.append(_Parent(relationship.mapper, None))
             plan = _Plan(
                 target,
                 key,

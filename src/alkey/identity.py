@@ -69,6 +69,8 @@ __all__ = [
 ]
 
 _PREFIX = NAMESPACE + ":"
+# How the identifiers of a mapper over a join or a select start: "alkey:(" quoted.
+_VIEW_START: Final = _PREFIX + "%28"
 _EMPTY_VALUE = "~"
 _ESCAPED = r"(?:%[0-9A-F]{2})"
 _NAME = rf"(?:[A-Za-z0-9_-]|{_ESCAPED})+"
@@ -651,7 +653,9 @@ def dependencies(identifiers: Iterable[str]) -> list[str]:
     prefixes = {i[: i.rindex(ROW_SEPARATOR) + 1] for i in identifiers if i[-1] != ALL_ROWS}
     if _view_prefixes:
         # The class of a mapper over a join or a select: it reads its tables.
-        prefixes.update(i[:-1] for i in identifiers if i[:-1] in _view_prefixes)
+        prefixes.update(
+            i[:-1] for i in identifiers if i[-1] == ALL_ROWS and i[:-1] in _view_prefixes
+        )
     # A row of a shard also depends on the row without its shard: the token that writes
     # bump when they name the row but cannot know its shard (Core and raw SQL).
     unsharded = {i[: i.rindex(TOKEN_SEPARATOR)] for i in identifiers if TOKEN_SEPARATOR in i}
@@ -707,9 +711,21 @@ def instance_identifiers(states: Iterable[InstanceState[Any]]) -> list[str]:
     return identifiers
 
 
+def learn_dependencies(identifier: str) -> None:
+    """Configure the mappers before a key names ``identifier`` of a mapper over a join or
+    a select (see :func:`mapper_identifier`), given as a string."""
+    if identifier.startswith(_VIEW_START):
+        configure_mappers()
+
+
 def mapper_identifier(mapper: Mapper[Any]) -> str:
     """The identifier a mapped class stands for in a key: its table's token (for a mapper
     over a join or a select, see :func:`mapped_part`)."""
+    if not mapper.configured:
+        # A class is a key's argument before any of its instances exists (the mappers
+        # configure then): the dependencies of one over a join or a select are learnt
+        # as it configures, and a key built without them would never change.
+        configure_mappers()
     return _row_prefix(mapper) + ALL_ROWS
 
 
@@ -728,6 +744,7 @@ def identifier_for(obj: object) -> str:
     if isinstance(obj, str):
         if is_identifier(obj):
             parse_identifier(obj)
+            learn_dependencies(obj)
             return obj
         raise TypeError(f"{obj!r} is not an alkey identifier")
     if isinstance(obj, Table):
@@ -834,12 +851,19 @@ _naive_datetimes: dict[Mapper[Any], tuple[int, ...]] = {}
 
 
 def _family_prefixes(mapper: Mapper[Any], schemas: SchemaMap | None) -> tuple[str, ...]:
-    """Row prefixes of every table of ``mapper`` and of all its subclasses' mappers."""
+    """Row prefixes of every table of ``mapper`` and of all its subclasses' mappers; of a
+    mapper over a join or a select, its own: its key need not be its tables' (a write
+    through it is also a write of its tables' rows unknown, which its caller adds)."""
     if schemas is not None:
         for member in mapper.self_and_descendants:
             _row_prefix(member, schemas)  # learns the translated tables
-    parts = {_part(t, schemas) for m in mapper.self_and_descendants for t in m.tables}
-    return tuple(sorted(f"{_PREFIX}{part}{ROW_SEPARATOR}" for part in parts))
+    prefixes = set()
+    for member in mapper.self_and_descendants:
+        if _is_view(member):
+            prefixes.add(_row_prefix(member, schemas))
+        else:
+            prefixes.update(f"{_PREFIX}{_part(t, schemas)}{ROW_SEPARATOR}" for t in member.tables)
+    return tuple(sorted(prefixes))
 
 
 def bulk_identifiers(
@@ -858,10 +882,6 @@ def bulk_identifiers(
     statement's schema translate map, ``identity_token`` the shard of the rows, if known.
     """
     prefixes = _family_prefixes(mapper, schemas)
-    if any(_is_view(member) for member in mapper.self_and_descendants):
-        # Over a join or a select: its key need not be any of its tables' (see _write_plan).
-        prefixes += tuple(_row_prefix(member, schemas) for member in mapper.self_and_descendants)
-        keys = None
     identifiers = {GLOBAL_WRITE_TOKEN, *(prefix + ALL_ROWS for prefix in prefixes)}
     if schemas is not None:
         identifiers.update(

@@ -279,6 +279,11 @@ def _parents_of_table(
             if along and along == {path}:
                 continue
             identifiers |= bulk_identifiers(relationship.mapper, None)
+    # A class mapped to a join or a select that reads this table: its row's parents are
+    # named by columns that may be in another of its tables, so every row of them.
+    for mapper in catalog.views_of(part):
+        for relationship in _touched_parents(mapper):
+            identifiers |= bulk_identifiers(relationship.mapper, None)
     for mapper in catalog.association_sides(part) if sides else ():
         side = mapped_part(mapper)
         onto_side = {
@@ -472,6 +477,9 @@ def statement_writes(state: ORMExecuteState, result: Any, touch_parents: bool) -
     written = bulk_identifiers(
         mapper, _known_keys(state, result, mapper), schemas=schemas, identity_token=token
     )
+    if any(not isinstance(member.local_table, Table) for member in mapper.self_and_descendants):
+        # Through a class mapped to a join or a select: rows of its tables, unknown.
+        written |= table_write_identifiers(encode_table(table) for table in mapper.tables)
     if touch_parents:
         for relationship in _touched_parents(mapper):
             written |= bulk_identifiers(relationship.mapper, None, schemas=schemas)
@@ -626,7 +634,7 @@ def _inserted_parents(context: Any, part: str) -> set[str] | None:
         return None
     if encode_table(table) != part or statement.select is not None or statement._multi_values:
         return None
-    if catalog.association_sides(part):
+    if catalog.association_sides(part) or catalog.views_of(part):
         return None
     identifiers: set[str] = set()
     for mapper in catalog.mappers_of(part):
