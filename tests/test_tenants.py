@@ -18,6 +18,7 @@ from sqlalchemy import (
     String,
     create_engine,
     delete,
+    event,
     select,
     text,
     update,
@@ -330,3 +331,113 @@ def test_keying_an_expired_shard_row_loads_it_without_flushing_pending_changes(
         assert key_generator(east) == key
         assert draft in session.new, "building a key wrote nothing"
         session.rollback()
+
+
+class Precedence(DeclarativeBase):
+    metadata = MetaData()
+
+
+class Versioned(Precedence):
+    """One row, id 1, in the main database and in two attached ones: ``v`` says which
+    copy was loaded (0: main, 1: ``t1``, 2: ``t2``)."""
+
+    __tablename__ = "tenant_versioned"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    v: Mapped[int]
+
+
+T1 = {"schema_translate_map": {None: "t1"}}
+T2 = {"schema_translate_map": {None: "t2"}}
+NAMED = {
+    0: "alkey:tenant_versioned#1",
+    1: "alkey:t1.tenant_versioned#1",
+    2: "alkey:t2.tenant_versioned#1",
+}
+
+
+@pytest.fixture
+def copies(tmp_path: Path) -> Iterator[Engine]:
+    """A SQLite database with two attached ones, ``t1`` and ``t2``, each with its copy."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'main.db'}")
+
+    @event.listens_for(engine, "connect")
+    def attach(connection: Any, record: Any) -> None:
+        for name in ("t1", "t2"):
+            connection.execute(f"ATTACH DATABASE '{tmp_path / name}.db' AS {name}")
+
+    with engine.begin() as connection:
+        for v, options in enumerate(({}, T1, T2)):
+            translated = connection.execution_options(**options)
+            Precedence.metadata.create_all(translated)
+            translated.execute(Versioned.__table__.insert().values(id=1, v=v))
+    yield engine
+    engine.dispose()
+
+
+def _loads(engine: Engine, case: str) -> Versioned:
+    plain = select(Versioned)
+    if case == "connection t1, statement t2":
+        session = Session(engine)
+        session.connection(execution_options=T1)
+        return session.scalars(plain.execution_options(**T2)).one()
+    if case == "connection t1, execute t2":
+        session = Session(engine)
+        session.connection(execution_options=T1)
+        return session.scalars(plain, execution_options=T2).one()
+    if case == "connection t1, get":
+        session = Session(engine)
+        session.connection(execution_options=T1)
+        return session.get_one(Versioned, 1)
+    if case == "engine t1, statement t2":
+        return Session(engine.execution_options(**T1)).scalars(plain.execution_options(**T2)).one()
+    if case == "engine t1, execute t2":
+        return Session(engine.execution_options(**T1)).scalars(plain, execution_options=T2).one()
+    assert case == "bound to t1, bind argument main"
+    session = Session(binds={Versioned: engine.execution_options(**T1)})
+    return session.scalars(plain, bind_arguments={"bind": engine}).one()
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "connection t1, statement t2",
+        "connection t1, execute t2",
+        "connection t1, get",
+        "engine t1, statement t2",
+        "engine t1, execute t2",
+        "bound to t1, bind argument main",
+    ],
+)
+def test_a_row_is_named_after_the_copy_sqlalchemy_loaded_it_from_whichever_level_set_the_map(
+    copies: Engine, case: str
+) -> None:
+    """SQLAlchemy's order: a map given to ``execute()``, then the connection's (its
+    engine's, or given to ``Session.connection()``), then the statement's own; and the
+    bind a statement's ``bind_arguments`` chose. The name follows the copy loaded (it
+    followed the statement's own map over the connection's, and the session's bind for the
+    class over the bind the statement chose)."""
+    row = _loads(copies, case)
+    assert identifier_for(row) == NAMED[row.v]
+    assert row.v != 0 or case == "bound to t1, bind argument main"
+
+
+def test_a_row_inserted_through_a_sessions_translated_connection_is_named_in_its_copy(
+    copies: Engine, redis_client: RedisClient
+) -> None:
+    made = sessionmaker(copies)
+    alkey.bind(made, redis_client=redis_client)
+    try:
+        with made() as session:
+            session.connection(execution_options=T1)
+            row = Versioned(id=5, v=1)
+            session.add(row)
+            session.flush()
+            assert identifier_for(row) == "alkey:t1.tenant_versioned#5"
+            session.commit()
+    finally:
+        alkey.unbind(made)
+    with copies.connect() as connection:
+        assert (
+            connection.execution_options(**T1).scalar(select(Versioned.v).where(Versioned.id == 5))
+            == 1
+        )

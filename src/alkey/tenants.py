@@ -36,8 +36,29 @@ _QUERY_KEY: Final = "alkey.schemas"
 _UNSET: Final = object()
 
 
+def _connection_schemas(
+    session: Session | None, mapper: Mapper[Any] | None, bind_arguments: Any = None
+) -> SchemaMap | None:
+    """The schema map of the connection ``session``'s transaction runs ``mapper``'s
+    statements on, chosen as the statement chose it (``bind_arguments``): its engine's
+    options and any given to ``Session.connection(execution_options=...)``, which
+    SQLAlchemy applies over a statement's own. Called once that connection is in use (a
+    query loading rows, a flush, a statement run): asking for it procures nothing new."""
+    if session is None:
+        return None
+    arguments = dict(bind_arguments) if bind_arguments else {}
+    if mapper is not None:
+        arguments.setdefault("mapper", mapper)
+    try:
+        connection = session.connection(bind_arguments=arguments)
+    except Exception:  # no transaction to ask (not expected here): its bind's, then
+        return _bind_schemas(session, mapper)
+    translate = connection.get_execution_options().get("schema_translate_map")
+    return None if translate is None else freeze_schema_map(translate)
+
+
 def _bind_schemas(session: Session | None, mapper: Mapper[Any] | None) -> SchemaMap | None:
-    """The schema map of the engine or connection ``session`` uses for ``mapper``."""
+    """The schema map of the engine or connection ``session`` binds ``mapper`` to."""
     if session is None:
         return None
     bind = session.bind
@@ -63,17 +84,24 @@ _OWN_GET_BIND: Final = (
 
 
 def _statement_schemas(
-    options: Any, statement: Any, session: Session | None, mapper: Mapper[Any] | None
+    options: Any,
+    statement: Any,
+    session: Session | None,
+    mapper: Mapper[Any] | None,
+    bind_arguments: Any = None,
 ) -> SchemaMap | None:
-    """The schema map a statement runs with: given to ``execute()``, which wins over the
-    statement's own, as in SQLAlchemy; else the statement's; else its bind's."""
-    translate = options.get("schema_translate_map")
-    if translate is None:
-        own = getattr(statement, "_execution_options", None) or {}
-        translate = own.get("schema_translate_map")
-    if translate is not None:
-        return freeze_schema_map(translate)
-    return _bind_schemas(session, mapper)
+    """The schema map a statement ran with, in SQLAlchemy's order: one given to
+    ``execute()``; else its connection's (its engine's, or given to
+    ``Session.connection()``), which wins over the statement's own; else the
+    statement's own. (``options`` may hold the statement's own too, as the same object.)"""
+    own = (getattr(statement, "_execution_options", None) or {}).get("schema_translate_map")
+    given = options.get("schema_translate_map")
+    if given is not None and given is not own:
+        return freeze_schema_map(given)
+    connection = _connection_schemas(session, mapper, bind_arguments)
+    if connection is not None:
+        return connection
+    return None if own is None else freeze_schema_map(own)
 
 
 def _loaded(state: InstanceState[Any], context: QueryContext | None, *args: Any) -> None:
@@ -87,7 +115,11 @@ def _loaded(state: InstanceState[Any], context: QueryContext | None, *args: Any)
     if schemas is _UNSET:
         # One query runs on one connection: the first instance's mapper finds its bind.
         schemas = attributes[_QUERY_KEY] = _statement_schemas(
-            context.execution_options, context.query, context.session, state.mapper
+            context.execution_options,
+            context.query,
+            context.session,
+            state.mapper,
+            getattr(context, "bind_arguments", None),
         )
     if schemas is not None or schemas_of(state) is not None:
         record_schemas(state, schemas)
@@ -98,7 +130,7 @@ def record_flushed(session: Session, states: list[InstanceState[Any]]) -> None:
     (call before working out what the flush wrote)."""
     for state in states:
         if state.key is None or schemas_of(state) is None:
-            schemas = _bind_schemas(session, state.mapper)
+            schemas = _connection_schemas(session, state.mapper)
             if schemas is not None:
                 record_schemas(state, schemas)
 
@@ -110,6 +142,7 @@ def statement_schemas(orm_state: ORMExecuteState) -> SchemaMap | None:
         orm_state.statement,
         orm_state.session,
         orm_state.bind_mapper,
+        orm_state.bind_arguments,
     )
 
 
