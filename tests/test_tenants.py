@@ -19,6 +19,7 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    insert,
     select,
     text,
     update,
@@ -369,7 +370,7 @@ def copies(tmp_path: Path) -> Iterator[Engine]:
         for v, options in enumerate(({}, T1, T2)):
             translated = connection.execution_options(**options)
             Precedence.metadata.create_all(translated)
-            translated.execute(Versioned.__table__.insert().values(id=1, v=v))
+            translated.execute(insert(Versioned).values(id=1, v=v))
     yield engine
     engine.dispose()
 

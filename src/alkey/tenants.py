@@ -39,22 +39,36 @@ _UNSET: Final = object()
 def _connection_schemas(
     session: Session | None, mapper: Mapper[Any] | None, bind_arguments: Any = None
 ) -> SchemaMap | None:
-    """The schema map of the connection ``session``'s transaction runs ``mapper``'s
-    statements on, chosen as the statement chose it (``bind_arguments``): its engine's
-    options and any given to ``Session.connection(execution_options=...)``, which
-    SQLAlchemy applies over a statement's own. Called once that connection is in use (a
-    query loading rows, a flush, a statement run): asking for it procures nothing new."""
+    """The schema map of the connection ``session``'s transaction holds for the bind a
+    statement of ``mapper`` chose (``bind_arguments``): its engine's options and any given
+    to ``Session.connection(execution_options=...)``, which SQLAlchemy applies over a
+    statement's own. The bind's own options when the transaction holds none for it (rows
+    read after a commit). Procures nothing: no connection, no transaction."""
     if session is None:
         return None
     arguments = dict(bind_arguments) if bind_arguments else {}
-    if mapper is not None:
-        arguments.setdefault("mapper", mapper)
-    try:
-        connection = session.connection(bind_arguments=arguments)
-    except Exception:  # no transaction to ask (not expected here): its bind's, then
-        return _bind_schemas(session, mapper)
-    translate = connection.get_execution_options().get("schema_translate_map")
+    bind = arguments.pop("bind", None)
+    if bind is None:
+        if mapper is not None:
+            arguments.setdefault("mapper", mapper)
+        try:
+            bind = session.get_bind(**arguments)
+        except Exception:  # no bind at all: nothing was translated
+            return None
+    held = _held_connection(session, bind)
+    options = (held if held is not None else bind).get_execution_options()
+    translate = options.get("schema_translate_map")
     return None if translate is None else freeze_schema_map(translate)
+
+
+def _held_connection(session: Session, bind: Any) -> Any:
+    """The connection the session's transaction holds for ``bind``, if any (what
+    SQLAlchemy 2.1.7's ``SessionTransaction.bound_connection`` answers, read the way
+    every 2.x keeps it: by bind, in the root transaction)."""
+    root = session.get_transaction()
+    held = getattr(root, "_connections", None) if root is not None else None
+    entry = held.get(bind) if isinstance(held, dict) else None
+    return None if entry is None else entry[0]
 
 
 def _bind_schemas(session: Session | None, mapper: Mapper[Any] | None) -> SchemaMap | None:
@@ -93,10 +107,10 @@ def _statement_schemas(
     """The schema map a statement ran with, in SQLAlchemy's order: one given to
     ``execute()``; else its connection's (its engine's, or given to
     ``Session.connection()``), which wins over the statement's own; else the
-    statement's own. (``options`` may hold the statement's own too, as the same object.)"""
+    statement's own. ``options``: those given to ``execute()`` alone."""
     own = (getattr(statement, "_execution_options", None) or {}).get("schema_translate_map")
     given = options.get("schema_translate_map")
-    if given is not None and given is not own:
+    if given is not None:
         return freeze_schema_map(given)
     connection = _connection_schemas(session, mapper, bind_arguments)
     if connection is not None:
@@ -128,9 +142,18 @@ def _loaded(state: InstanceState[Any], context: QueryContext | None, *args: Any)
 def record_flushed(session: Session, states: list[InstanceState[Any]]) -> None:
     """Give the instances a flush inserts the schema map of the bind they were written to
     (call before working out what the flush wrote)."""
+    # Which connection a mapper's rows went to depends on the mapper alone, unless the
+    # session chooses binds of its own (horizontal sharding: by instance).
+    by_mapper = type(session).get_bind is _OWN_GET_BIND
+    found: dict[Mapper[Any], SchemaMap | None] = {}
     for state in states:
         if state.key is None or schemas_of(state) is None:
-            schemas = _connection_schemas(session, state.mapper)
+            mapper = state.mapper
+            if by_mapper and mapper in found:
+                schemas = found[mapper]
+            else:
+                arguments = None if by_mapper else {"instance": state.obj()}
+                schemas = found[mapper] = _connection_schemas(session, mapper, arguments)
             if schemas is not None:
                 record_schemas(state, schemas)
 
@@ -138,7 +161,7 @@ def record_flushed(session: Session, states: list[InstanceState[Any]]) -> None:
 def statement_schemas(orm_state: ORMExecuteState) -> SchemaMap | None:
     """The schema map a statement run through ``Session.execute`` is translated with."""
     return _statement_schemas(
-        orm_state.execution_options,
+        orm_state.local_execution_options,
         orm_state.statement,
         orm_state.session,
         orm_state.bind_mapper,
