@@ -721,7 +721,7 @@ def learn_dependencies(identifier: str) -> None:
 def mapper_identifier(mapper: Mapper[Any]) -> str:
     """The identifier a mapped class stands for in a key: its table's token (for a mapper
     over a join or a select, see :func:`mapped_part`)."""
-    if not mapper.configured:
+    if not mapper.configured and _is_view(mapper):
         # A class is a key's argument before any of its instances exists (the mappers
         # configure then): the dependencies of one over a join or a select are learnt
         # as it configures, and a key built without them would never change.

@@ -71,27 +71,8 @@ def _held_connection(session: Session, bind: Any) -> Any:
     return None if entry is None else entry[0]
 
 
-def _bind_schemas(session: Session | None, mapper: Mapper[Any] | None) -> SchemaMap | None:
-    """The schema map of the engine or connection ``session`` binds ``mapper`` to."""
-    if session is None:
-        return None
-    bind = session.bind
-    # Its binds by mapper or table: "binds" since SQLAlchemy 2.1, "__binds" before.
-    binds = vars(session).get("binds", vars(session).get("_Session__binds", True))
-    if bind is None or binds or type(session).get_bind is not _OWN_GET_BIND:
-        # Several binds, or a get_bind of its own (horizontal sharding): ask it. Else
-        # its one bind, as Session.get_bind answers, without its argument checks (this
-        # runs for every query that loads instances).
-        try:
-            bind = session.get_bind(mapper=mapper)
-        except Exception:  # no bind at all: nothing was translated
-            return None
-    translate = bind.get_execution_options().get("schema_translate_map")
-    return None if translate is None else freeze_schema_map(translate)
-
-
-#: SQLAlchemy's own Session.get_bind, whose answer for one bind the fast path gives (None
-#: if something replaced it before alkey was imported: then it is always asked).
+#: SQLAlchemy's own Session.get_bind, which chooses a bind by mapper alone (None if
+#: something replaced it before alkey was imported: then it is asked for each instance).
 _OWN_GET_BIND: Final = (
     Session.get_bind if Session.get_bind.__module__ == "sqlalchemy.orm.session" else None
 )
