@@ -375,26 +375,35 @@ def copies(tmp_path: Path) -> Iterator[Engine]:
     engine.dispose()
 
 
-def _loads(engine: Engine, case: str) -> Versioned:
+def _loads(engine: Engine, case: str, opened: list[Session]) -> Versioned:
+    """The row as ``case`` loads it, in a session added to ``opened``."""
     plain = select(Versioned)
     if case == "connection t1, statement t2":
         session = Session(engine)
+        opened.append(session)
         session.connection(execution_options=T1)
         return session.scalars(plain.execution_options(**T2)).one()
     if case == "connection t1, execute t2":
         session = Session(engine)
+        opened.append(session)
         session.connection(execution_options=T1)
         return session.scalars(plain, execution_options=T2).one()
     if case == "connection t1, get":
         session = Session(engine)
+        opened.append(session)
         session.connection(execution_options=T1)
         return session.get_one(Versioned, 1)
     if case == "engine t1, statement t2":
-        return Session(engine.execution_options(**T1)).scalars(plain.execution_options(**T2)).one()
+        session = Session(engine.execution_options(**T1))
+        opened.append(session)
+        return session.scalars(plain.execution_options(**T2)).one()
     if case == "engine t1, execute t2":
-        return Session(engine.execution_options(**T1)).scalars(plain, execution_options=T2).one()
+        session = Session(engine.execution_options(**T1))
+        opened.append(session)
+        return session.scalars(plain, execution_options=T2).one()
     assert case == "bound to t1, bind argument main"
     session = Session(binds={Versioned: engine.execution_options(**T1)})
+    opened.append(session)
     return session.scalars(plain, bind_arguments={"bind": engine}).one()
 
 
@@ -417,9 +426,14 @@ def test_a_row_is_named_after_the_copy_sqlalchemy_loaded_it_from_whichever_level
     bind a statement's ``bind_arguments`` chose. The name follows the copy loaded (it
     followed the statement's own map over the connection's, and the session's bind for the
     class over the bind the statement chose)."""
-    row = _loads(copies, case)
-    assert identifier_for(row) == NAMED[row.v]
-    assert row.v != 0 or case == "bound to t1, bind argument main"
+    opened: list[Session] = []
+    try:
+        row = _loads(copies, case, opened)
+        assert identifier_for(row) == NAMED[row.v]
+        assert row.v != 0 or case == "bound to t1, bind argument main"
+    finally:
+        for session in opened:
+            session.close()
 
 
 def test_a_row_inserted_through_a_sessions_translated_connection_is_named_in_its_copy(

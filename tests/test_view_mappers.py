@@ -17,6 +17,7 @@ from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
     Session,
+    class_mapper,
     column_property,
     configure_mappers,
     mapped_column,
@@ -28,7 +29,7 @@ from sqlalchemy.orm import (
 import alkey
 from alkey import catalog
 from alkey.cache import CacheKeyGenerator
-from alkey.identity import identifier_for, parse_identifier
+from alkey.identity import freeze_schema_map, identifier_for, parse_identifier, view_writes
 from alkey.tokens import RedisClient
 
 metadata = MetaData()
@@ -130,6 +131,16 @@ mapper_registry.map_imperatively(
     properties={"id": column_property(people.c.id, bios.c.id), "org": relationship(Org)},
 )
 mapper_registry.map_imperatively(Note, notes, properties={"profile": relationship(Profile)})
+
+
+class Texty:
+    """A read model over textual SQL: SQLAlchemy knows no table it reads."""
+
+
+texty = sql_text("SELECT id, name FROM view_people").columns(people.c.id, people.c.name)
+mapper_registry.map_imperatively(
+    Texty, texty.subquery("texty"), primary_key=[texty.subquery("texty").c.id]
+)
 mapper_registry.map_imperatively(Name, select(people.c.id, people.c.name).subquery("names"))
 
 
@@ -188,7 +199,7 @@ def test_instances_and_classes_of_mappers_over_a_join_or_a_select_have_identifie
         "raw sql: the bio's table",
     ],
 )
-def test_a_write_to_a_table_a_view_mapper_reads_changes_its_keys_and_only_the_written_rows_own(
+def test_a_write_to_a_table_a_view_mapper_reads_changes_its_keys_and_plain_rows_only_when_named(
     factory: sessionmaker[Session], redis_client: RedisClient, write: str
 ) -> None:
     generate = CacheKeyGenerator(redis_client)
@@ -207,7 +218,9 @@ def test_a_write_to_a_table_a_view_mapper_reads_changes_its_keys_and_only_the_wr
     changed = {name for name in before if before[name] != after[name]}
     # The views read both tables: any write to either changes all their keys.
     assert {"profile 1", "profile 2", "Profile"} <= changed
-    if write != "orm: the join mapper" and "bio" not in write:
+    if "bio" in write:
+        assert not changed & {"name 1", "Name"}, "Name reads view_people alone"
+    else:
         assert {"name 1", "Name"} <= changed
     # A plain mapper's rows change with their own row alone, or with every row when the
     # write could not say which: a write through the join mapper names rows by its key,
@@ -262,7 +275,7 @@ def test_declaring_writes_of_a_class_mapped_to_a_join_asks_for_its_tables() -> N
         catalog.declare_writes("view_orgs", Profile)
 
 
-@pytest.mark.parametrize("write", ["orm", "raw sql"])
+@pytest.mark.parametrize("write", ["orm", "core", "raw sql"])
 def test_a_write_of_a_view_classs_reference_changes_the_keys_of_its_old_and_new_parent(
     factory: sessionmaker[Session], redis_client: RedisClient, write: str
 ) -> None:
@@ -271,6 +284,8 @@ def test_a_write_of_a_view_classs_reference_changes_the_keys_of_its_old_and_new_
         before = [generate(session.get_one(Org, number)) for number in (1, 2)]
         if write == "orm":
             session.get_one(Profile, 1).org = session.get_one(Org, 2)  # type: ignore[attr-defined]
+        elif write == "core":
+            session.execute(bios.update().where(bios.c.id == 1).values(org_id=2))
         else:
             session.execute(sql_text("UPDATE view_bios SET org_id = 2 WHERE id = 1"))
         session.commit()
@@ -332,3 +347,40 @@ def test_a_write_is_named_while_an_abstract_concrete_base_waits_for_the_mappers(
     ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert ran.returncode == 0, ran.stderr
     assert "'alkey:view_circles#*'" in ran.stdout
+
+
+@pytest.mark.parametrize("target", ["the class", "its identifier"])
+def test_invalidating_a_view_class_changes_the_keys_of_every_row_of_its_tables(
+    factory: sessionmaker[Session], redis_client: RedisClient, target: str
+) -> None:
+    generate = CacheKeyGenerator(redis_client)
+    before = keys_of(factory, generate)
+    alkey.invalidate(Profile if target == "the class" else identifier_for(Profile))
+    after = keys_of(factory, generate)
+    changed = {name for name in before if before[name] != after[name]}
+    assert {"profile 1", "profile 2", "Profile", "person 1", "person 2", "name 1"} <= changed
+
+
+def test_a_class_over_textual_sql_changes_with_every_write_as_its_tables_are_unknown(
+    factory: sessionmaker[Session], redis_client: RedisClient
+) -> None:
+    generate = CacheKeyGenerator(redis_client)
+    with factory() as session:
+        key = generate(session.get_one(Texty, 1))
+        session.add(Org(3))  # a table no SQL of Texty's names
+        session.commit()
+    with factory() as session:
+        assert generate(session.get_one(Texty, 1)) != key
+
+
+def test_a_tenants_write_through_a_view_class_changes_the_tenants_tables() -> None:
+    """What a bulk statement or an invalidation through a class mapped to a join adds to
+    its own rows: every row of each table it reads, in the tenant's schema when translated."""
+    tenant = freeze_schema_map({None: "t1"})
+    assert view_writes(class_mapper(Profile), tenant) >= {
+        "alkey:t1.view_people#?",
+        "alkey:t1.view_bios#?",
+        "alkey:view_people#*",  # the mapped table, in every schema
+    }
+    assert "alkey:view_people#?" not in view_writes(class_mapper(Profile), tenant)
+    assert view_writes(class_mapper(Person)) == set()

@@ -39,7 +39,7 @@ from sqlalchemy.orm.exc import UnmappedClassError
 from sqlalchemy.orm.interfaces import MANYTOMANY, ONETOMANY
 from sqlalchemy.schema import ForeignKeyConstraint, Table
 
-from alkey.identity import encode_table
+from alkey.identity import encode_table, maps_view
 
 __all__ = [
     "Reference",
@@ -127,7 +127,7 @@ def _table_part(target: object, role: str) -> str:
             raise ValueError(f"declare_writes(): {role} {error}") from None
     mapper = inspect(target, raiseerr=False)
     if isinstance(mapper, Mapper):
-        if not isinstance(mapper.local_table, Table):
+        if maps_view(mapper):
             tables = ", ".join(sorted(encode_table(table) for table in mapper.tables))
             raise TypeError(
                 f"declare_writes(): the {role} {target!r} is mapped to a join or a select, "
@@ -334,7 +334,7 @@ def _build(metadatas: list[MetaData], registries: list[Any]) -> _Index:
     for mapper in _mappers(registries):
         if not mapper.configured:
             continue  # configured before the first write that could need it
-        if isinstance(mapper.local_table, Table):
+        if not maps_view(mapper):
             index.mappers.setdefault(encode_table(mapper.local_table), []).append(mapper)
         else:
             for read in mapper.tables:

@@ -85,7 +85,7 @@ from alkey.identity import (
     table_write_identifiers,
 )
 from alkey.tokens import TokenStore
-from alkey.writes import _parents_of_table, _touched_parents
+from alkey.writes import _parents_of_table, _touched_parents, view_parents
 
 __all__ = [
     "ROWS_PER_TABLE",
@@ -455,9 +455,7 @@ class Naming:
                     parents.append(_Parent(parent, found))
             # A class mapped to a join or a select that reads this table: every row of
             # its parents (their foreign key may be in another of its tables).
-            for mapper in catalog.views_of(part):
-                for relationship in _touched_parents(mapper):
-                    parents.append(_Parent(relationship.mapper, None))
+            parents.extend(_Parent(parent, None) for parent in view_parents(part))
             plan = _Plan(
                 target,
                 key,
@@ -582,8 +580,12 @@ def _equal_to(column: Any, equated: dict[Any, set[Any]]) -> list[Any]:
     first. SQLAlchemy's map equates each table's column to its parent's and children's
     only: a grandchild's key column is two steps from the base's."""
     found = [column]
+    seen = {column}  # by identity: a Column's == builds an expression
     for near in found:  # grows as it goes: a walk breadth first
-        found.extend(other for other in equated.get(near, ()) if other not in found)
+        for other in equated.get(near, ()):
+            if other not in seen:
+                seen.add(other)
+                found.append(other)
     return found
 
 

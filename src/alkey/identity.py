@@ -489,9 +489,33 @@ def mapped_part(mapper: Mapper[Any], schemas: SchemaMap | None = None) -> str:
     return _quote_name("(" + "+".join(parts) + ")")
 
 
-def _is_view(mapper: Mapper[Any]) -> bool:
+def maps_view(mapper: Mapper[Any]) -> bool:
     """Whether ``mapper`` maps a join or a select rather than a table."""
     return not isinstance(mapper.local_table, Table)
+
+
+def view_writes(mapper: Mapper[Any], schemas: SchemaMap | None = None) -> set[str]:
+    """What a write through ``mapper``, or an invalidation of it, changes besides its own
+    rows when it or a subclass maps a join or a select: every row of every table it reads
+    (its key need not be theirs), translated by ``schemas``. Empty for table mappers."""
+    parts = {
+        _part(table, schemas)
+        for member in mapper.self_and_descendants
+        if maps_view(member)
+        for table in member.tables
+    }
+    if not parts:
+        return set()
+    identifiers = table_write_identifiers(sorted(parts))
+    if schemas is not None:
+        # A tenant's write changes the mapped table's key too (see _write_plan).
+        identifiers.update(
+            table_identifier(table)
+            for member in mapper.self_and_descendants
+            if maps_view(member)
+            for table in member.tables
+        )
+    return identifiers
 
 
 # Mappers live as long as their classes, normally the whole process: a plain dict is the
@@ -544,12 +568,13 @@ def _learn_locked(mapper: Mapper[Any], schemas: SchemaMap | None) -> None:
     own = mapped_part(mapper, schemas)
     parts = sorted({_part(table, schemas) for table in mapper.tables})
     prefix = f"{_PREFIX}{own}{ROW_SEPARATOR}"
-    if _is_view(mapper):
-        _unknown_rows_of_prefix[prefix] = (
-            prefix + UNKNOWN_ROWS,
-            *(f"{_PREFIX}{part}{ROW_SEPARATOR}{ALL_ROWS}" for part in parts),
-        )
+    if maps_view(mapper):
+        # Every write to a table bumps its table token; a select of no table (textual
+        # SQL) could read any, so the token every write bumps.
+        reads = [f"{_PREFIX}{part}{ROW_SEPARATOR}{ALL_ROWS}" for part in parts]
+        _unknown_rows_of_prefix[prefix] = (prefix + UNKNOWN_ROWS, *(reads or [GLOBAL_WRITE_TOKEN]))
         _view_prefixes = _view_prefixes | {prefix}
+        _view_parts[own] = tuple(parts)
     else:
         _unknown_rows_of_prefix[prefix] = tuple(
             f"{_PREFIX}{part}{ROW_SEPARATOR}{UNKNOWN_ROWS}" for part in parts
@@ -575,6 +600,8 @@ _unknown_rows_of_prefix: dict[str, tuple[str, ...]] = {}
 # Row prefixes of mappers over a join or a select, whose table identifiers (the class in
 # a key) have dependencies too (replaced, never changed in place).
 _view_prefixes: frozenset[str] = frozenset()
+# The encoded part of each mapper over a join or a select -> the tables it reads.
+_view_parts: dict[str, tuple[str, ...]] = {}
 # Table part -> the own tables of every mapper whose row lives (partly) in that table.
 _family_tables: dict[str, frozenset[str]] = {}
 # The schema maps seen so far in this process (replaced, never changed in place).
@@ -721,7 +748,7 @@ def learn_dependencies(identifier: str) -> None:
 def mapper_identifier(mapper: Mapper[Any]) -> str:
     """The identifier a mapped class stands for in a key: its table's token (for a mapper
     over a join or a select, see :func:`mapped_part`)."""
-    if not mapper.configured and _is_view(mapper):
+    if not mapper.configured and maps_view(mapper):
         # A class is a key's argument before any of its instances exists (the mappers
         # configure then): the dependencies of one over a join or a select are learnt
         # as it configures, and a key built without them would never change.
@@ -777,11 +804,11 @@ def _write_plan(mapper: Mapper[Any], schemas: SchemaMap | None) -> _WritePlan:
         parts = sorted({_part(table, schemas) for table in mapper.tables})
         tables = {f"{_PREFIX}{part}{ROW_SEPARATOR}{ALL_ROWS}" for part in parts}
         prefixes = [f"{_PREFIX}{part}{ROW_SEPARATOR}" for part in parts]
-        if _is_view(mapper):
+        if maps_view(mapper):
             # A mapper over a join or a select: its key need not be any table's, so its
             # tables' rows are not named by it -- every row of each changes -- and its
             # own rows are.
-            tables.update(f"{prefix}{UNKNOWN_ROWS}" for prefix in prefixes)
+            tables.update(view_writes(mapper, schemas))
             own = _row_prefix(mapper, schemas)
             tables.add(own + ALL_ROWS)
             prefixes = [own]
@@ -859,7 +886,7 @@ def _family_prefixes(mapper: Mapper[Any], schemas: SchemaMap | None) -> tuple[st
             _row_prefix(member, schemas)  # learns the translated tables
     prefixes = set()
     for member in mapper.self_and_descendants:
-        if _is_view(member):
+        if maps_view(member):
             prefixes.add(_row_prefix(member, schemas))
         else:
             prefixes.update(f"{_PREFIX}{_part(t, schemas)}{ROW_SEPARATOR}" for t in member.tables)
@@ -908,6 +935,15 @@ def table_write_identifiers(table_parts: Iterable[str] | None) -> set[str]:
     for part in table_parts:
         prefix = f"{_PREFIX}{part}{ROW_SEPARATOR}"
         identifiers.update((prefix + ALL_ROWS, prefix + UNKNOWN_ROWS))
+        # A class mapped to a join or a select (its identifier, given as a string):
+        # every row of the tables it reads.
+        for read in _view_parts.get(part, ()):
+            identifiers.update(
+                (
+                    f"{_PREFIX}{read}{ROW_SEPARATOR}{ALL_ROWS}",
+                    f"{_PREFIX}{read}{ROW_SEPARATOR}{UNKNOWN_ROWS}",
+                )
+            )
         # Subclasses whose rows live partly in this table: their tables changed too.
         for member in _family_tables.get(part, ()):
             identifiers.add(f"{_PREFIX}{member}{ROW_SEPARATOR}{ALL_ROWS}")

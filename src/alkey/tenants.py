@@ -130,11 +130,12 @@ def record_flushed(session: Session, states: list[InstanceState[Any]]) -> None:
     for state in states:
         if state.key is None or schemas_of(state) is None:
             mapper = state.mapper
-            if by_mapper and mapper in found:
+            if not by_mapper:
+                schemas = _connection_schemas(session, mapper, {"instance": state.obj()})
+            elif mapper in found:
                 schemas = found[mapper]
             else:
-                arguments = None if by_mapper else {"instance": state.obj()}
-                schemas = found[mapper] = _connection_schemas(session, mapper, arguments)
+                schemas = found[mapper] = _connection_schemas(session, mapper)
             if schemas is not None:
                 record_schemas(state, schemas)
 

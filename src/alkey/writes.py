@@ -45,6 +45,7 @@ from alkey.identity import (
     table_write_identifiers,
     translate_identifiers,
     translations_of,
+    view_writes,
     write_identifiers,
     writes_of,
 )
@@ -258,6 +259,17 @@ def _touched_parents(mapper: Mapper[Any]) -> list[Any]:
     ]
 
 
+def view_parents(part: str) -> list[Mapper[Any]]:
+    """The parents' mappers of the classes mapped to a join or a select that read table
+    ``part``: a write to the table touches every row of them, as the foreign key that
+    names a row's parent may be in another of the class's tables."""
+    return [
+        relationship.mapper
+        for mapper in catalog.views_of(part)
+        for relationship in _touched_parents(mapper)
+    ]
+
+
 def _parents_of_table(
     part: str, arrivals: Iterable[Arrival] = (), *, sides: bool = True
 ) -> set[str]:
@@ -279,11 +291,8 @@ def _parents_of_table(
             if along and along == {path}:
                 continue
             identifiers |= bulk_identifiers(relationship.mapper, None)
-    # A class mapped to a join or a select that reads this table: its row's parents are
-    # named by columns that may be in another of its tables, so every row of them.
-    for mapper in catalog.views_of(part):
-        for relationship in _touched_parents(mapper):
-            identifiers |= bulk_identifiers(relationship.mapper, None)
+    for parent in view_parents(part):
+        identifiers |= bulk_identifiers(parent, None)
     for mapper in catalog.association_sides(part) if sides else ():
         side = mapped_part(mapper)
         onto_side = {
@@ -477,9 +486,8 @@ def statement_writes(state: ORMExecuteState, result: Any, touch_parents: bool) -
     written = bulk_identifiers(
         mapper, _known_keys(state, result, mapper), schemas=schemas, identity_token=token
     )
-    if any(not isinstance(member.local_table, Table) for member in mapper.self_and_descendants):
-        # Through a class mapped to a join or a select: rows of its tables, unknown.
-        written |= table_write_identifiers(encode_table(table) for table in mapper.tables)
+    # Through a class mapped to a join or a select: every row of the tables it reads.
+    written |= view_writes(mapper, schemas)
     if touch_parents:
         for relationship in _touched_parents(mapper):
             written |= bulk_identifiers(relationship.mapper, None, schemas=schemas)
@@ -776,7 +784,7 @@ def invalidation_identifiers(target: object) -> set[str]:
             return bulk_identifiers(insp.mapper, None)
         return write_identifiers([insp])
     if isinstance(insp, Mapper):
-        return bulk_identifiers(insp, None)
+        return bulk_identifiers(insp, None) | view_writes(insp)
     raise TypeError(
         f"cannot invalidate a {type(target).__qualname__}: pass model instances, mapped "
         "classes, Table objects or alkey identifiers"
