@@ -106,6 +106,24 @@ def test_a_unix_socket_url_reaches_the_server() -> None:
         client.close()
 
 
+def test_an_embedded_server_started_twice_refuses_and_leaves_no_second_process() -> None:
+    """``with EmbeddedRedis() as server`` starts it: a ``start()`` inside would run a
+    second redis-server and lose the first, which then outlived the tests."""
+    with EmbeddedRedis() as server:
+        first = server.pid
+        with pytest.raises(RuntimeError, match="running already"):
+            server.start()
+        assert server.pid == first
+        server.stop()
+        server.start()  # a stopped server starts again, on its port
+        client = redis.Redis.from_url(server.url)
+        try:
+            assert client.ping()
+        finally:
+            client.close()
+    assert server.pid is None
+
+
 def test_the_default_client_is_one_per_process_and_follows_the_environment(
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -98,7 +98,16 @@ class EmbeddedRedis:
         A server restarted in the same directory reads back what ``SAVE`` wrote there,
         answering ``LOADING`` meanwhile. ``loaded=False`` returns as soon as it answers at
         all, so that tests can watch clients meet a server that is still loading.
+
+        Raises :class:`RuntimeError` if the server runs already (a ``with`` block starts
+        it): a second process would take the port's place in :attr:`url` and leave the
+        first one running, unstopped, after the tests.
         """
+        if self._process is not None and self._process.poll() is None:
+            raise RuntimeError(
+                f"the redis-server on port {self.port} is running already "
+                "('with EmbeddedRedis() as server' starts it): stop() it before start()"
+            )
         command = [
             self.executable,
             "--port", str(self.port),
