@@ -156,7 +156,13 @@ def test_a_bump_the_promoted_replica_never_received_does_not_bring_the_pre_commi
             before, _ = settled_key(CacheKeyGenerator(tokens=store), ADA)
             group.wait_replicated()
             with group.client(group.primary) as primary, group.client(replica) as copy:
-                assert copy.get(ADA) == primary.get(ADA) is not None, "the token replicated"
+                # Until the replica has it: WAIT on a new connection, which has written
+                # nothing, does not wait for the store's writes.
+                wait_until(
+                    lambda: copy.get(ADA) == primary.get(ADA) is not None or None,
+                    5,
+                    "the token to replicate",
+                )
             group.cut_replication()
             rename(factory, 1, "ada lovelace")  # the primary acknowledges the bump
         finally:
