@@ -356,7 +356,9 @@ class ReplicationGroup:
         return info.get("master_link_status") == "up" and not info.get("master_sync_in_progress")
 
     def wait_replicated(self, timeout: float = 5.0) -> None:
-        """Wait until every replica has everything the current primary acknowledged."""
+        """``WAIT`` for every replica, on a new connection: it waits for that connection's
+        own writes alone, and it has made none, so it answers at once once the replicas
+        are linked. A test that needs a replica to hold a key polls for the key."""
         with self.client(self.current, timeout=timeout + 1) as client:
             reached = client.execute_command("WAIT", len(self.replicas), int(timeout * 1000))
         assert reached == len(self.replicas), (
